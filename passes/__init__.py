@@ -1,0 +1,1 @@
+"""FX graph passes of the ``qexport`` compile back-end (installed as ``qexport.passes``)."""

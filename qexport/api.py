@@ -1,0 +1,174 @@
+"""Eager quantization of a PyTorch model and its size accounting."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from qexport.config import Recipe, load_recipe
+from qexport.errors import InvalidConfig, QExportError
+from qexport.modules import QLinear
+
+__all__ = ["quantize", "LayerReport", "QuantizationReport", "SizeReport", "model_size"]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str  # module class name
+    status: str  # "quantized" | "float"
+    spec: str | None = None  # QuantSpec.describe() when quantized
+    reason: str = ""  # why it stayed float
+    shape: tuple[int, int] | None = None
+
+
+@dataclass
+class QuantizationReport:
+    recipe: dict[str, Any]
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.status == "quantized"]
+
+    @property
+    def kept_float(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.status == "float"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "layers": [asdict(layer) for layer in self.layers]}
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", *, progress: bool = False) -> nn.Module:
+    """Quantize the weights of ``model`` in place according to ``recipe``; returns ``model``.
+
+    Every ``nn.Linear`` whose name matches a rule of the recipe (and no ``exclude`` pattern) is replaced by
+    a :class:`~qexport.modules.QLinear` that stores packed integer weights. A layer that cannot be
+    quantized (NaN/inf weights, an unsupported shape) stays in float with a warning. What happened to
+    each layer is in ``model.qexport_report`` (a :class:`QuantizationReport`).
+
+    Args:
+        model: any ``nn.Module``.
+        recipe: a :class:`~qexport.config.Recipe`, a preset name (``"w4g128"``) or a path to a JSON recipe.
+        progress: show a progress bar.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidConfig(f"quantize() expects a torch.nn.Module, got {type(model).__name__}")
+    recipe = load_recipe(recipe)
+    report = QuantizationReport(recipe=recipe.to_dict())
+
+    candidates = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, QLinear):
+            report.layers.append(LayerReport(name, "QLinear", "quantized", mod.spec.describe(),
+                                             "already quantized", (mod.out_features, mod.in_features)))
+        elif isinstance(mod, nn.Linear):
+            rule = recipe.rule_for(name)
+            shape = tuple(mod.weight.shape)
+            if rule is None or rule.weight is None:
+                reason = "excluded by recipe" if rule is None and _excluded(recipe, name) else (
+                    "recipe keeps it float" if rule is not None else "no rule matches")
+                report.layers.append(LayerReport(name, type(mod).__name__, "float", None, reason, shape))
+            else:
+                candidates.append((name, mod, rule))
+
+    iterator = candidates
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(candidates, desc=f"quantize {recipe.name}", unit="layer", leave=False, disable=None)
+    for name, mod, rule in iterator:
+        shape = tuple(mod.weight.shape)
+        try:
+            qmod = QLinear.from_linear(mod, rule.weight, name=name)
+        except QExportError as e:
+            warnings.warn(f"qexport: {name} stays float: {e}", stacklevel=2)
+            report.layers.append(LayerReport(name, type(mod).__name__, "float", None, str(e), shape))
+            continue
+        _set_submodule(model, name, qmod)
+        report.layers.append(LayerReport(name, "Linear", "quantized", rule.weight.describe(), "", shape))
+    model.qexport_report = report
+    return model
+
+
+def _excluded(recipe: Recipe, name: str) -> bool:
+    from qexport.config import match_pattern
+
+    return any(match_pattern(p, name) for p in recipe.exclude)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Size accounting
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class SizeReport:
+    """Bytes actually held by a model, deduplicated across tied tensors.
+
+    ``total_bytes``: every parameter and buffer. ``quantized_bytes``: what the quantized linears store
+    (codes + scales + zero points + double-quant tensors + bias). ``quantized_fp16_bytes``: the same
+    linears' weights and biases at 2 bytes per element, the usual baseline for weight compression.
+    ``float_bytes``: everything else (embeddings, norms, layers kept float).
+    """
+
+    total_bytes: int
+    quantized_bytes: int
+    quantized_fp16_bytes: int
+    float_bytes: int
+    quantized_params: int  # number of weight elements held quantized
+
+    @property
+    def quantized_ratio_vs_fp16(self) -> float | None:
+        if not self.quantized_fp16_bytes:
+            return None
+        return self.quantized_bytes / self.quantized_fp16_bytes
+
+    @property
+    def bits_per_weight(self) -> float | None:
+        if not self.quantized_params:
+            return None
+        return 8.0 * self.quantized_bytes / self.quantized_params
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["quantized_ratio_vs_fp16"] = self.quantized_ratio_vs_fp16
+        d["bits_per_weight"] = self.bits_per_weight
+        return d
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+
+
+def model_size(model: nn.Module) -> SizeReport:
+    seen: set[tuple] = set()
+    quantized = fp16 = params = 0
+    qmods = [m for m in model.modules() if isinstance(m, QLinear)]
+    for m in qmods:
+        for t in list(m.buffers()) + list(m.parameters()):
+            key = _tensor_key(t)
+            if key in seen:
+                continue
+            seen.add(key)
+            quantized += t.numel() * t.element_size()
+        n_weights = m.out_features * m.in_features
+        params += n_weights
+        fp16 += 2 * (n_weights + (m.bias.numel() if m.bias is not None else 0))
+    other = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = _tensor_key(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        other += t.numel() * t.element_size()
+    return SizeReport(quantized + other, quantized, fp16, other, params)

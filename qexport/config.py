@@ -1,0 +1,373 @@
+"""What to quantize and how: :class:`QuantSpec`, :class:`Rule`, :class:`Recipe` and the presets.
+
+A :class:`QuantSpec` describes one number format (bits, integer or NF4, granularity, symmetry, observer).
+A :class:`Recipe` is an ordered list of rules, each mapping a module-name pattern to a weight spec (and,
+for the graph back-ends, an activation spec). The first rule whose pattern matches a module wins; modules
+that match no rule, or match an ``exclude`` pattern, stay in floating point. Everything is validated on
+construction and round-trips through JSON, so a quantized artifact can record exactly how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from qexport.errors import InvalidConfig, UnknownPreset
+
+__all__ = [
+    "NumberFormat",
+    "Granularity",
+    "Observer",
+    "QuantSpec",
+    "Rule",
+    "Recipe",
+    "PRESETS",
+    "get_preset",
+    "load_recipe",
+    "ALGORITHMS",
+]
+
+INT_BITS = (2, 4, 8)
+ALGORITHMS = ("rtn",)  # algorithms usable in a Recipe today
+
+
+class NumberFormat(str, Enum):
+    INT = "int"  # uniform integer grid (signed when symmetric, unsigned + zero point when asymmetric)
+    NF4 = "nf4"  # 4-bit NormalFloat code book, absmax scaled (QLoRA)
+
+
+class Granularity(str, Enum):
+    PER_TENSOR = "per_tensor"
+    PER_CHANNEL = "per_channel"  # one scale per output row of a weight
+    GROUP = "group"  # one scale per ``group_size`` consecutive input elements of each row
+
+
+class Observer(str, Enum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+
+
+def _enum(cls: type[Enum], value: Any, field_name: str) -> Enum:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in cls)
+        raise InvalidConfig(f"{field_name}={value!r} is not valid; allowed: {allowed}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """One quantization format.
+
+    Args:
+        bits: 8, 4 or 2 for ``format='int'``; 4 for ``format='nf4'``.
+        format: ``'int'`` (uniform grid) or ``'nf4'`` (NormalFloat-4 code book).
+        granularity: ``'per_tensor'``, ``'per_channel'`` or ``'group'``. Left out, it is ``'group'`` when
+            ``group_size`` is given and ``'per_channel'`` otherwise.
+        group_size: elements per group along the input dimension (any positive size; when it does not
+            divide the dimension the last group is partial).
+        symmetric: symmetric grids store signed integers and no zero point; the element of largest
+            magnitude in each group maps exactly to the most negative code (-8 for int4), as ONNX Runtime
+            does, so the scale carries the sign of that element. Asymmetric grids store unsigned integers
+            and an integer zero point per group. NF4 is always symmetric.
+        observer: how the range of each group is chosen: ``'minmax'``, ``'percentile'`` or ``'mse'``.
+        percentile: the percentile kept by the percentile observer, in (50, 100].
+        double_quant: NF4 only: store the per-group scales as int8 in blocks of ``double_quant_block``.
+        dynamic: for activations: scales computed at run time rather than calibrated.
+    """
+
+    bits: int = 8
+    format: NumberFormat = NumberFormat.INT
+    granularity: Granularity | None = None
+    group_size: int | None = None
+    symmetric: bool = True
+    observer: Observer = Observer.MINMAX
+    percentile: float = 99.99
+    double_quant: bool = False
+    double_quant_block: int = 256
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_("format", _enum(NumberFormat, self.format, "format"))
+        set_("observer", _enum(Observer, self.observer, "observer"))
+        if self.granularity is None:
+            set_("granularity", Granularity.GROUP if self.group_size is not None else Granularity.PER_CHANNEL)
+        set_("granularity", _enum(Granularity, self.granularity, "granularity"))
+        for name in ("symmetric", "double_quant", "dynamic"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidConfig(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+        if not _is_int(self.bits):
+            raise InvalidConfig(f"bits must be an integer, got {self.bits!r}")
+        if self.format is NumberFormat.NF4:
+            if self.bits != 4:
+                raise InvalidConfig(f"bits={self.bits} is not valid for format 'nf4': NF4 is a 4-bit format (bits=4)")
+            if not self.symmetric:
+                raise InvalidConfig("format 'nf4' is symmetric (absmax scaled): set symmetric=true")
+        elif self.bits not in INT_BITS:
+            raise InvalidConfig(f"bits={self.bits} is not valid for format 'int'; allowed: 8, 4, 2")
+
+        if self.granularity is Granularity.GROUP:
+            if not _is_int(self.group_size) or self.group_size <= 0:
+                raise InvalidConfig(f"group_size must be a positive integer, got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise InvalidConfig(
+                f"group_size={self.group_size!r} is only used with granularity 'group', "
+                f"not {self.granularity.value!r}"
+            )
+        if not isinstance(self.percentile, (int, float)) or not 50.0 < float(self.percentile) <= 100.0:
+            raise InvalidConfig(f"percentile must be in (50, 100], got {self.percentile!r}")
+        if self.double_quant and self.format is not NumberFormat.NF4:
+            raise InvalidConfig("double_quant is only supported with format 'nf4'")
+        if not _is_int(self.double_quant_block) or self.double_quant_block <= 0:
+            raise InvalidConfig(f"double_quant_block must be a positive integer, got {self.double_quant_block!r}")
+        if self.dynamic and self.observer is not Observer.MINMAX:
+            raise InvalidConfig("dynamic activation scales use the 'minmax' observer")
+
+    # ---- helpers -------------------------------------------------------------------------------
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def describe(self) -> str:
+        """A short human-readable name, e.g. ``int4 g128 asym`` or ``nf4 g64 dq``."""
+        fmt = "nf4" if self.format is NumberFormat.NF4 else f"int{self.bits}"
+        gran = {
+            Granularity.PER_TENSOR: "per-tensor",
+            Granularity.PER_CHANNEL: "per-channel",
+            Granularity.GROUP: f"g{self.group_size}",
+        }[self.granularity]
+        parts = [fmt, gran]
+        if self.format is NumberFormat.INT:
+            parts.append("sym" if self.symmetric else "asym")
+        if self.double_quant:
+            parts.append("dq")
+        if self.observer is not Observer.MINMAX:
+            parts.append(self.observer.value)
+        if self.dynamic:
+            parts.append("dynamic")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.value if isinstance(v, Enum) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantSpec":
+        if not isinstance(d, Mapping):
+            raise InvalidConfig(f"a QuantSpec must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InvalidConfig(f"unknown QuantSpec field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+def _check_pattern(pattern: Any, what: str) -> None:
+    if not isinstance(pattern, str) or not pattern:
+        raise InvalidConfig(f"{what} must be a non-empty string, got {pattern!r}")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise InvalidConfig(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def match_pattern(pattern: str, name: str) -> bool:
+    """Module-name matching: shell-style globs (``*`` also crosses dots) or ``re:<regex>`` (full match)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Modules whose name matches ``pattern`` get ``weight`` (None: keep float) and ``activation``."""
+
+    pattern: str
+    weight: QuantSpec | None
+    activation: QuantSpec | None = None
+
+    def __post_init__(self) -> None:
+        _check_pattern(self.pattern, "rule pattern")
+        for name in ("weight", "activation"):
+            v = getattr(self, name)
+            if isinstance(v, Mapping):
+                object.__setattr__(self, name, QuantSpec.from_dict(v))
+            elif v is not None and not isinstance(v, QuantSpec):
+                raise InvalidConfig(f"rule {self.pattern!r}: {name} must be a QuantSpec or null, got {v!r}")
+        if self.activation is not None and self.activation.format is not NumberFormat.INT:
+            raise InvalidConfig(f"rule {self.pattern!r}: activations must use format 'int'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pattern": self.pattern,
+            "weight": self.weight.to_dict() if self.weight else None,
+            "activation": self.activation.to_dict() if self.activation else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Rule":
+        if not isinstance(d, Mapping) or "pattern" not in d:
+            raise InvalidConfig(f"a rule must be an object with 'pattern' and 'weight', got {d!r}")
+        unknown = sorted(set(d) - {"pattern", "weight", "activation"})
+        if unknown:
+            raise InvalidConfig(f"unknown rule field(s) {unknown}; allowed: ['activation', 'pattern', 'weight']")
+        return cls(pattern=d["pattern"], weight=d.get("weight"), activation=d.get("activation"))
+
+
+DEFAULT_EXCLUDE = ("lm_head", "*embed*")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Ordered module-name rules; the first match wins; ``exclude`` patterns always stay float.
+
+    By default ``lm_head`` and embeddings stay float (they are tied in many small LLMs and dominate the
+    error budget); remove them from ``exclude`` and add a rule to quantize them.
+    """
+
+    name: str
+    rules: tuple[Rule, ...]
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    algorithm: str = "rtn"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise InvalidConfig(f"recipe name must be a non-empty string, got {self.name!r}")
+        if isinstance(self.rules, (str, bytes)) or not isinstance(self.rules, Iterable):
+            raise InvalidConfig(f"recipe {self.name!r}: rules must be a list of rules")
+        rules = tuple(Rule.from_dict(r) if isinstance(r, Mapping) else r for r in self.rules)
+        for r in rules:
+            if not isinstance(r, Rule):
+                raise InvalidConfig(f"recipe {self.name!r}: {r!r} is not a rule")
+        if not rules:
+            raise InvalidConfig(f"recipe {self.name!r} has no rules: add at least one, e.g. pattern '*'")
+        object.__setattr__(self, "rules", rules)
+        if isinstance(self.exclude, str) or not isinstance(self.exclude, Iterable):
+            raise InvalidConfig(f"recipe {self.name!r}: exclude must be a list of patterns")
+        exclude = tuple(self.exclude)
+        for p in exclude:
+            _check_pattern(p, "exclude pattern")
+        object.__setattr__(self, "exclude", exclude)
+        if self.algorithm not in ALGORITHMS:
+            raise InvalidConfig(f"recipe {self.name!r}: unknown algorithm {self.algorithm!r}; available: {list(ALGORITHMS)}")
+
+    def rule_for(self, module_name: str) -> Rule | None:
+        """The rule that applies to ``module_name``, or None when it stays float."""
+        if any(match_pattern(p, module_name) for p in self.exclude):
+            return None
+        for rule in self.rules:
+            if match_pattern(rule.pattern, module_name):
+                return rule
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "algorithm": self.algorithm,
+            "exclude": list(self.exclude),
+            "rules": [r.to_dict() for r in self.rules],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Recipe":
+        if not isinstance(d, Mapping):
+            raise InvalidConfig(f"a recipe must be a JSON object, got {type(d).__name__}")
+        allowed = {"name", "description", "algorithm", "exclude", "rules"}
+        unknown = sorted(set(d) - allowed)
+        if unknown:
+            raise InvalidConfig(f"unknown recipe field(s) {unknown}; allowed: {sorted(allowed)}")
+        if "rules" not in d or "name" not in d:
+            raise InvalidConfig("a recipe needs 'name' and 'rules'")
+        kwargs = dict(d)
+        if "exclude" in kwargs and isinstance(kwargs["exclude"], list):
+            kwargs["exclude"] = tuple(kwargs["exclude"])
+        return cls(**kwargs)
+
+    def to_json(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the recipe as JSON atomically; refuses to replace an existing file unless ``overwrite``."""
+        from qexport._io import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n", overwrite=overwrite)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "Recipe":
+        p = Path(path)
+        if not p.is_file():
+            raise InvalidConfig(f"recipe file {str(p)!r} does not exist")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidConfig(f"recipe file {str(p)!r} is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+
+def _single(name: str, spec: QuantSpec, description: str) -> Recipe:
+    return Recipe(name=name, rules=(Rule("*", spec),), description=description)
+
+
+PRESETS: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        _single("w8", QuantSpec(bits=8, granularity="per_channel", symmetric=True),
+                "int8 weights, per-channel symmetric"),
+        _single("w4g128", QuantSpec(bits=4, group_size=128, symmetric=False),
+                "int4 weights, groups of 128, asymmetric (uint4 + zero point)"),
+        _single("w4g128-sym", QuantSpec(bits=4, group_size=128, symmetric=True),
+                "int4 weights, groups of 128, symmetric"),
+        _single("w4g64", QuantSpec(bits=4, group_size=64, symmetric=False),
+                "int4 weights, groups of 64, asymmetric"),
+        _single("nf4-dq", QuantSpec(bits=4, format="nf4", group_size=64, double_quant=True),
+                "NF4 weights, blocks of 64, scales double-quantized to int8 in blocks of 256"),
+        _single("w2g64", QuantSpec(bits=2, group_size=64, symmetric=False),
+                "int2 weights, groups of 64, asymmetric (round-to-nearest)"),
+        _single("w2g64-mse", QuantSpec(bits=2, group_size=64, symmetric=False, observer="mse"),
+                "int2 weights, groups of 64, asymmetric, range chosen by MSE search"),
+    )
+}
+
+
+def get_preset(name: str) -> Recipe:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UnknownPreset(f"unknown recipe preset {name!r}; available: {', '.join(PRESETS)}") from None
+
+
+def load_recipe(recipe: "Recipe | str | os.PathLike") -> Recipe:
+    """A Recipe from a Recipe, a preset name, or a path to a JSON file."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, (str, os.PathLike)):
+        s = str(recipe)
+        if s in PRESETS:
+            return PRESETS[s]
+        if s.endswith(".json") or os.sep in s or Path(s).exists():
+            return Recipe.from_json(s)
+        return get_preset(s)
+    raise InvalidConfig(f"recipe must be a Recipe, a preset name or a JSON path, got {type(recipe).__name__}")
