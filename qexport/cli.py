@@ -85,7 +85,7 @@ def _table(rows: list[dict[str, Any]], fp_ppl: float) -> str:
         lines.append([
             r["variant"],
             f"{r['ppl']:.3f}" if r["ppl"] < 1e5 else f"{r['ppl']:.3g}",
-            f"{r['ppl'] / fp_ppl:.3f}" if r["ppl"] < 1e5 else f"{r['ppl'] / fp_ppl:.3g}",
+            f"{r['ppl'] / fp_ppl:.4f}" if r["ppl"] < 1e5 else f"{r['ppl'] / fp_ppl:.3g}",
             _mb(r["size_bytes"]),
             _mb(r["quantized_linear_bytes"]) if r["quantized_linear_bytes"] else "-",
             f"{ratio:.3f}" if ratio else "-",

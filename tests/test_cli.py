@@ -1,0 +1,113 @@
+"""The command line: end to end on a tiny local checkpoint, and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qexport.cli import main
+
+from tiny import EMMA, save_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+def run_cli(*args):
+    """The real console entry point in a subprocess: exit code, stdout, stderr."""
+    p = subprocess.run([sys.executable, "-m", "qexport", *args], capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_eval_end_to_end_writes_json(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", str(tiny_dir), "--recipe", "w4g128", "--text", str(EMMA), "--tokens", "1024",
+            "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "fp32" in printed and "w4g128" in printed
+    data = json.loads(out.read_text())
+    for key in ("ppl", "fp_ppl", "size_bytes", "fp_size_bytes", "fp16_size_bytes", "recipe", "tokens"):
+        assert key in data
+    assert data["tokens"] == 1024 and data["recipe"]["name"] == "w4g128"
+    assert data["size_bytes"] < data["fp_size_bytes"]
+    assert 0.25 < data["quantized_linear_bytes"] / data["fp16_size_bytes"] < 0.30
+    assert data["ppl"] != data["fp_ppl"]
+
+    # an existing output is not overwritten without --force, and the refusal comes before the work
+    before = out.read_text()
+    assert main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_text() == before
+    assert main(argv + ["--force"]) == 0
+
+
+def test_recipes_list_and_show(capsys):
+    assert main(["recipes"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("w8", "w4g128", "w4g128-sym", "nf4-dq", "w2g64"):
+        assert name in listed
+    assert main(["recipes", "--show", "nf4-dq"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["rules"][0]["weight"]["format"] == "nf4"
+
+
+def _bad_recipe(tmp_path, **weight):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"name": "bad", "rules": [{"pattern": "*", "weight": weight}]}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "case,expect",
+    [
+        ("unknown_preset", "unknown recipe preset 'w5'"),
+        ("group_size_0", "group_size must be a positive integer, got 0"),
+        ("group_size_negative", "group_size must be a positive integer, got -64"),
+        ("nf4_bits3", "bits=3 is not valid for format 'nf4'"),
+        ("missing_model", "not found"),
+        ("model_is_file", "is a file, not a checkpoint directory"),
+        ("short_text", "fewer than one window of 512"),
+        ("missing_text", "does not exist"),
+        ("tokens_0", "--tokens must be a positive integer"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(case, expect, tiny_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Emma Woodhouse, handsome, clever, and rich.")
+    args = {"--model": str(tiny_dir), "--recipe": "w8", "--text": str(EMMA)}
+    if case == "unknown_preset":
+        args["--recipe"] = "w5"
+    elif case == "group_size_0":
+        args["--recipe"] = _bad_recipe(tmp_path, bits=4, group_size=0)
+    elif case == "group_size_negative":
+        args["--recipe"] = _bad_recipe(tmp_path, bits=4, group_size=-64)
+    elif case == "nf4_bits3":
+        args["--recipe"] = _bad_recipe(tmp_path, bits=3, format="nf4", group_size=64)
+    elif case == "missing_model":
+        args["--model"] = str(tmp_path / "no-such-model")
+    elif case == "model_is_file":
+        args["--model"] = str(short)
+    elif case == "short_text":
+        args["--text"] = str(short)
+    elif case == "missing_text":
+        args["--text"] = str(tmp_path / "nope.txt")
+    elif case == "tokens_0":
+        args["--tokens"] = "0"
+    argv = ["eval"] + [x for kv in args.items() for x in kv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("qexport: error: ")
+    assert expect in err
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    code, out, err = run_cli("eval", "--model", str(tmp_path / "missing"), "--recipe", "w4g128", "--text", str(EMMA))
+    assert code == 2
+    assert "Traceback" not in err and err.strip().count("\n") == 0
+    assert "not found" in err
+    code, _, err = run_cli("eval", "--recipe", "w8")  # argparse errors are one line too
+    assert code == 2 and err.strip().count("\n") == 0 and "--text" in err

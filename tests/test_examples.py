@@ -1,0 +1,20 @@
+"""Every script in examples/ runs (on a tiny local checkpoint, to stay fast)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny import save_tiny_checkpoint
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+def test_example_runs(script, tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    p = subprocess.run([sys.executable, str(EXAMPLES / script), "--model", str(ckpt), "--tokens", "512"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "fp32" in p.stdout
