@@ -230,15 +230,15 @@ class Rule:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Rule":
-        if not isinstance(d, Mapping) or "pattern" not in d:
-            raise InvalidConfig(f"a rule must be an object with 'pattern' and 'weight', got {d!r}")
+        if not isinstance(d, Mapping) or "pattern" not in d or "weight" not in d:
+            raise InvalidConfig(f"a rule must be an object with 'pattern' and 'weight' (null keeps it float), got {d!r}")
         unknown = sorted(set(d) - {"pattern", "weight", "activation"})
         if unknown:
             raise InvalidConfig(f"unknown rule field(s) {unknown}; allowed: ['activation', 'pattern', 'weight']")
         return cls(pattern=d["pattern"], weight=d.get("weight"), activation=d.get("activation"))
 
 
-DEFAULT_EXCLUDE = ("lm_head", "*embed*")
+DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*embed*")
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,7 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric:
         return torch.where(scale == 0, one, scale), None
     qmax = 2**bits - 1
     scale = (hi - lo) / qmax
+    scale = torch.where(torch.isinf(scale), hi / qmax - lo / qmax, scale)  # span beyond float32 max
     scale = torch.where(scale == 0, one, scale)
     zero_point = torch.round(-lo / scale).clamp(0, qmax)
     return scale, zero_point
@@ -207,6 +208,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise InvalidTensor(f"pack() expects a 2-D tensor of codes, got shape {tuple(codes.shape)}")
     per_byte = 8 // bits
     r, c = codes.shape
+    if codes.numel() and (int(codes.min()) < -(1 << (bits - 1)) or int(codes.max()) >= (1 << bits)):
+        raise InvalidTensor(f"pack(): codes outside the {bits}-bit range [{-(1 << (bits - 1))}, {(1 << bits) - 1}]")
     fields = codes.to(torch.int16) & ((1 << bits) - 1)  # two's complement within the field
     pad = (-c) % per_byte
     if pad:
@@ -385,6 +388,8 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Q
         raise InvalidTensor(f"{name}: spec must be a QuantSpec, got {type(spec).__name__}")
     _check_weight(w, name)
     w = w.detach().to(torch.float32, copy=False)
+    if not torch.isfinite(w).all():
+        raise InvalidTensor(f"{name}: weight has values beyond the float32 range; rescale or exclude this layer")
     n, k = w.shape
     g = _group_size(spec, k)
     nf4 = spec.format is NumberFormat.NF4
