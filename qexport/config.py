@@ -47,6 +47,7 @@ class Granularity(str, Enum):
     PER_TENSOR = "per_tensor"
     PER_CHANNEL = "per_channel"  # one scale per output row of a weight
     GROUP = "group"  # one scale per ``group_size`` consecutive input elements of each row
+    PER_TOKEN = "per_token"  # activations only: one scale per row (token) of the input, at run time
 
 
 class Observer(str, Enum):
@@ -138,6 +139,8 @@ class QuantSpec:
             raise InvalidConfig(f"double_quant_block must be a positive integer, got {self.double_quant_block!r}")
         if self.dynamic and self.observer is not Observer.MINMAX:
             raise InvalidConfig("dynamic activation scales use the 'minmax' observer")
+        if self.granularity is Granularity.PER_TOKEN and not self.dynamic:
+            raise InvalidConfig("granularity 'per_token' is for activations with dynamic=true")
 
     # ---- helpers -------------------------------------------------------------------------------
     @property
@@ -155,6 +158,7 @@ class QuantSpec:
             Granularity.PER_TENSOR: "per-tensor",
             Granularity.PER_CHANNEL: "per-channel",
             Granularity.GROUP: f"g{self.group_size}",
+            Granularity.PER_TOKEN: "per-token",
         }[self.granularity]
         parts = [fmt, gran]
         if self.format is NumberFormat.INT:
@@ -218,8 +222,19 @@ class Rule:
                 object.__setattr__(self, name, QuantSpec.from_dict(v))
             elif v is not None and not isinstance(v, QuantSpec):
                 raise InvalidConfig(f"rule {self.pattern!r}: {name} must be a QuantSpec or null, got {v!r}")
-        if self.activation is not None and self.activation.format is not NumberFormat.INT:
-            raise InvalidConfig(f"rule {self.pattern!r}: activations must use format 'int'")
+        if self.weight is not None and self.weight.dynamic:
+            raise InvalidConfig(f"rule {self.pattern!r}: dynamic=true is for activations, not weights")
+        a = self.activation
+        if a is not None:
+            if a.format is not NumberFormat.INT or a.bits != 8:
+                raise InvalidConfig(f"rule {self.pattern!r}: activations must be 8-bit 'int' (got {a.describe()})")
+            if a.granularity not in (Granularity.PER_TENSOR, Granularity.PER_TOKEN):
+                raise InvalidConfig(
+                    f"rule {self.pattern!r}: activation granularity must be 'per_tensor' or 'per_token', "
+                    f"not {a.granularity.value!r}"
+                )
+            if self.weight is None or self.weight.format is not NumberFormat.INT or self.weight.bits != 8:
+                raise InvalidConfig(f"rule {self.pattern!r}: quantized activations need int8 weights")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -275,6 +290,11 @@ class Recipe:
         object.__setattr__(self, "exclude", exclude)
         if self.algorithm not in ALGORITHMS:
             raise InvalidConfig(f"recipe {self.name!r}: unknown algorithm {self.algorithm!r}; available: {list(ALGORITHMS)}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when some rule quantizes activations with calibrated (static) scales."""
+        return any(r.activation is not None and not r.activation.dynamic for r in self.rules)
 
     def rule_for(self, module_name: str) -> Rule | None:
         """The rule that applies to ``module_name``, or None when it stays float."""
@@ -348,6 +368,10 @@ PRESETS: dict[str, Recipe] = {
                 "int2 weights, groups of 64, asymmetric (round-to-nearest)"),
         _single("w2g64-mse", QuantSpec(bits=2, group_size=64, symmetric=False, observer="mse"),
                 "int2 weights, groups of 64, asymmetric, range chosen by MSE search"),
+        Recipe(name="w8a8-dynamic", description="int8 per-channel weights, int8 per-token dynamic activations",
+               rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_token", dynamic=True)),)),
+        Recipe(name="w8a8-static", description="int8 per-channel weights, int8 per-tensor calibrated activations",
+               rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_tensor")),)),
     )
 }
 

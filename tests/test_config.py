@@ -31,7 +31,8 @@ PRESET_NAMES = list(PRESETS)
 # Presets: validation and round-trips
 # ------------------------------------------------------------------------------------------------
 def test_preset_names():
-    assert set(PRESET_NAMES) == {"w8", "w4g128", "w4g128-sym", "w4g64", "nf4-dq", "w2g64", "w2g64-mse"}
+    assert set(PRESET_NAMES) == {"w8", "w4g128", "w4g128-sym", "w4g64", "nf4-dq", "w2g64", "w2g64-mse",
+                                 "w8a8-dynamic", "w8a8-static"}
     for name, recipe in PRESETS.items():
         assert recipe.name == name
         assert get_preset(name) is recipe
@@ -123,7 +124,8 @@ def test_preset_specs_are_as_documented():
     assert w["w2g64-mse"].observer is Observer.MSE
     for r in PRESETS.values():
         assert r.exclude == ("lm_head", "*.lm_head", "*embed*")
-        assert r.rules[0].pattern == "*" and r.rules[0].activation is None
+        assert r.rules[0].pattern == "*"
+        assert (r.rules[0].activation is None) == (not r.name.startswith("w8a8"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,10 +310,10 @@ def test_rule_validation():
         Rule(None, W8)  # type: ignore[arg-type]
     with pytest.raises(InvalidConfig, match="weight"):
         Rule("*", "int8")  # type: ignore[arg-type]
-    with pytest.raises(InvalidConfig, match="activations must use format 'int'"):
+    with pytest.raises(InvalidConfig, match="activations must be 8-bit 'int'"):
         Rule("*", W8, QuantSpec(bits=4, format="nf4"))
-    r = Rule("*", {"bits": 4, "group_size": 32}, {"bits": 8, "dynamic": True, "granularity": "per_tensor"})
-    assert r.weight == QuantSpec(bits=4, group_size=32)
+    r = Rule("*", {"bits": 8}, {"bits": 8, "dynamic": True, "granularity": "per_tensor"})
+    assert r.weight == QuantSpec(bits=8)
     assert r.activation.dynamic and r.activation.granularity is Granularity.PER_TENSOR
     assert Rule.from_dict(r.to_dict()) == r
 
@@ -319,7 +321,7 @@ def test_rule_validation():
 def test_recipe_with_activation_and_float_rule_roundtrips(tmp_path):
     r = Recipe(
         "mixed",
-        rules=[Rule("*.mlp.down_proj", None), Rule("re:.*\\.self_attn\\..*", W8, QuantSpec(bits=8, dynamic=True)),
+        rules=[Rule("*.mlp.down_proj", None), Rule("re:.*\\.self_attn\\..*", W8, QuantSpec(bits=8, granularity="per_token", dynamic=True)),
                Rule("*", W4)],
         exclude=["lm_head"],
         description="keep down_proj float",
@@ -442,3 +444,19 @@ def test_nested_lm_head_excluded_by_default():
 def test_rule_without_weight_key_is_an_error():
     with pytest.raises(InvalidConfig, match="'weight'"):
         Rule.from_dict({"pattern": "*"})
+
+
+def test_activation_specs_validated():
+    w8 = QuantSpec(bits=8)
+    assert PRESETS["w8a8-dynamic"].rules[0].activation.describe() == "int8 per-token sym dynamic"
+    assert PRESETS["w8a8-static"].needs_calibration and not PRESETS["w8a8-dynamic"].needs_calibration
+    with pytest.raises(InvalidConfig, match="per_token"):
+        QuantSpec(bits=8, granularity="per_token")  # per-token scales only exist at run time
+    with pytest.raises(InvalidConfig, match="8-bit"):
+        Rule("*", w8, QuantSpec(bits=4, granularity="per_tensor"))
+    with pytest.raises(InvalidConfig, match="int8 weights"):
+        Rule("*", QuantSpec(bits=4, group_size=32), QuantSpec(bits=8, granularity="per_tensor"))
+    with pytest.raises(InvalidConfig, match="activation granularity"):
+        Rule("*", w8, QuantSpec(bits=8, group_size=32))
+    with pytest.raises(InvalidConfig, match="not weights"):
+        Rule("*", QuantSpec(bits=8, granularity="per_tensor", dynamic=True))
