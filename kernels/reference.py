@@ -1,6 +1,7 @@
-"""Reference kernels: dequantize the stored weight to float, then an ordinary matmul.
+"""Reference kernels: plain PyTorch, exact with respect to :mod:`qexport.formats`.
 
-Slow but exact with respect to :mod:`qexport.formats`; the oracle for every faster implementation.
+Slow but simple; the CPU implementations of the ``qexport`` custom ops and the oracle for every faster
+kernel.
 """
 
 from __future__ import annotations
@@ -8,10 +9,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qexport.formats import QuantizedWeight
+from qexport.formats import dequantize_stored
 
 
-def linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ dequantize(weight).T + bias`` computed in the dtype of ``x``."""
-    w = weight.dequantize().to(x.dtype)
+def qlinear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+            bias: torch.Tensor | None, fmt: str, bits: int, group: int, in_features: int,
+            symmetric: bool) -> torch.Tensor:
+    """``x @ dequantize(weight).T + bias`` in the dtype of ``x``."""
+    w = dequantize_stored(qdata, scale, zero_point, fmt, bits, group, in_features, symmetric).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def qlinear_a8(xq: torch.Tensor, x_scale: torch.Tensor, x_zero_point: int, wq: torch.Tensor,
+               w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """int8 activations x int8 weights: exact int32 accumulation, then the scales (float32 result)."""
+    lead = xq.shape[:-1]
+    x2 = xq.reshape(-1, xq.shape[-1])
+    if x2.shape[0]:
+        acc = torch._int_mm(x2, wq.t()).to(torch.float32)
+    else:
+        acc = torch.zeros((0, wq.shape[0]), dtype=torch.float32, device=xq.device)
+    if x_zero_point:
+        acc = acc - float(x_zero_point) * wq.to(torch.float32).sum(dim=1)
+    xs = x_scale.reshape(-1, 1) if x_scale.numel() > 1 else x_scale.reshape(1, 1)
+    y = acc * xs * w_scale.reshape(1, -1)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.reshape(*lead, wq.shape[0])

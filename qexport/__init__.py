@@ -4,9 +4,10 @@ Importing qexport is light: it loads torch, but never transformers, onnx, triton
 initialises CUDA.
 """
 
-from qexport.api import QuantizationReport, SizeReport, model_size, quantize
+from qexport.api import QuantizationReport, SizeReport, calibrate, model_size, quantize
 from qexport.config import PRESETS, QuantSpec, Recipe, Rule, get_preset, load_recipe
 from qexport.errors import (
+    CalibrationError,
     DataError,
     InvalidConfig,
     InvalidTensor,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "quantize",
+    "calibrate",
     "model_size",
     "QuantizationReport",
     "SizeReport",
@@ -41,5 +43,6 @@ __all__ = [
     "InvalidTensor",
     "ModelLoadError",
     "DataError",
+    "CalibrationError",
     "UnsupportedOp",
 ]

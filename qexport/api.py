@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from qexport.config import Recipe, load_recipe
-from qexport.errors import InvalidConfig, QExportError
+from qexport.errors import CalibrationError, InvalidConfig, QExportError
 from qexport.modules import QLinear
 
-__all__ = ["quantize", "LayerReport", "QuantizationReport", "SizeReport", "model_size"]
+__all__ = ["quantize", "calibrate", "LayerReport", "QuantizationReport", "SizeReport", "model_size"]
 
 
 @dataclass
@@ -91,15 +91,74 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", *, progress
     for name, mod, rule in iterator:
         shape = tuple(mod.weight.shape)
         try:
-            qmod = QLinear.from_linear(mod, rule.weight, name=name)
+            qmod = QLinear.from_linear(mod, rule.weight, name=name, act_spec=rule.activation)
         except QExportError as e:
             warnings.warn(f"qexport: {name} stays float: {e}", stacklevel=2)
             report.layers.append(LayerReport(name, type(mod).__name__, "float", None, str(e), shape))
             continue
         _set_submodule(model, name, qmod)
-        report.layers.append(LayerReport(name, "Linear", "quantized", rule.weight.describe(), "", shape))
+        desc = rule.weight.describe() + (f", act {rule.activation.describe()}" if rule.activation else "")
+        report.layers.append(LayerReport(name, "Linear", "quantized", desc, "", shape))
     model.qexport_report = report
     return model
+
+
+def _run_batch(model, batch) -> None:
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    elif isinstance(batch, torch.Tensor):
+        if batch.numel() == 0:
+            raise CalibrationError("a calibration batch is empty")
+        model(batch)
+    else:
+        raise CalibrationError(
+            f"calibration batches must be tensors, tuples of tensors or dicts of keyword arguments, "
+            f"got {type(batch).__name__}"
+        )
+
+
+@torch.no_grad()
+def calibrate(model, batches: Iterable, *, progress: bool = False) -> int:
+    """Run ``batches`` through ``model`` to choose the static activation scales; returns the batch count.
+
+    ``model`` is a model quantized by :func:`quantize` with a static-activation recipe (``w8a8-static``),
+    or a model compiled with ``torch.compile(model, backend="qexport")`` and such a recipe. Each batch
+    is a tensor (``model(batch)``), a tuple (``model(*batch)``) or a dict (``model(**batch)``). Ranges are
+    observed with the min-max observer and frozen when the batches are exhausted.
+    """
+    from qexport import backend
+
+    qlinears = [m for m in model.modules() if isinstance(m, QLinear) and m.needs_calibration] \
+        if isinstance(model, nn.Module) else []
+    compiled = backend.is_compiled_with_qexport(model)
+    if not qlinears and not compiled:
+        raise CalibrationError(
+            "nothing to calibrate: quantize the model with a static-activation recipe (e.g. 'w8a8-static') "
+            "or compile it with backend='qexport' first"
+        )
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="calibrate", unit="batch", leave=False, disable=None)
+    for m in qlinears:
+        m.observing = True
+    count = 0
+    try:
+        with backend.calibrating():
+            for batch in iterator:
+                _run_batch(model, batch)
+                count += 1
+    finally:
+        for m in qlinears:
+            m.observing = False
+    if count == 0:
+        raise CalibrationError("the calibration set is empty: give at least one batch")
+    for m in qlinears:
+        m.freeze_calibration()
+    return count
 
 
 def _excluded(recipe: Recipe, name: str) -> bool:

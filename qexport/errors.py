@@ -36,3 +36,7 @@ class DataError(QExportError):
 
 class UnsupportedOp(QExportError):
     """An operation or layer that qexport cannot quantize."""
+
+
+class CalibrationError(QExportError):
+    """Calibration data is missing, empty or of the wrong kind, or a static model was used uncalibrated."""

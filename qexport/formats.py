@@ -340,14 +340,8 @@ class QuantizedWeight:
         return _load(self.zero_point, self.spec.bits, self.num_groups, signed=False)
 
     def dequantize(self) -> torch.Tensor:
-        n, k = self.shape
-        scale = expand_groups(self.scales(), self.group, k)
-        codes = self.codes()
-        if self.spec.format is NumberFormat.NF4:
-            return NF4_CODE[codes.long()] * scale
-        zp = self.zero_points()
-        zp = None if zp is None else expand_groups(zp.to(torch.float32), self.group, k)
-        return dequantize_codes(codes.to(torch.float32), scale, zp).expand(n, k)
+        return dequantize_stored(self.qdata, self.scales(), self.zero_point, self.spec.format.value,
+                                 self.spec.bits, self.group, self.shape[1], self.spec.symmetric)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor that is stored, by name (what a module registers as buffers)."""
@@ -363,6 +357,21 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def dequantize_stored(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: str,
+                      bits: int, group: int, k: int, symmetric: bool) -> torch.Tensor:
+    """Float32 ``[N, K]`` weight from its stored tensors (``scale`` already reconstructed if double-quantized)."""
+    n = qdata.shape[0]
+    num_groups = _num_groups(k, group)
+    scale = expand_groups(scale.to(torch.float32), group, k)
+    if fmt == NumberFormat.NF4.value:
+        return NF4_CODE.to(qdata.device)[unpack(qdata, 4, k, signed=False).long()] * scale
+    codes = _load(qdata, bits, k, symmetric).to(torch.float32)
+    zp = None
+    if zero_point is not None:
+        zp = expand_groups(_load(zero_point, bits, num_groups, False).to(torch.float32), group, k)
+    return dequantize_codes(codes, scale, zp).expand(n, k)
 
 
 def _check_weight(w: torch.Tensor, name: str) -> None:

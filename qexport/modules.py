@@ -5,8 +5,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qexport.config import QuantSpec
+from qexport import ops
+from qexport.config import Granularity, QuantSpec
+from qexport.errors import CalibrationError, InvalidTensor
 from qexport.formats import DoubleQuant, QuantizedWeight, quantize_weight
+
+
+def activation_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, int]:
+    """Static int8 activation scale (0-d tensor) and zero point from an observed range.
+
+    Symmetric: ``scale = max(|lo|, |hi|) / 127``, zero point 0 (what TensorRT requires). Asymmetric: the
+    range (widened to include 0) spread over the 256 int8 codes, with an integer zero point in [-128, 127].
+    """
+    lo = torch.clamp(lo.to(torch.float32), max=0.0)
+    hi = torch.clamp(hi.to(torch.float32), min=0.0)
+    tiny = torch.finfo(torch.float32).tiny
+    if spec.symmetric:
+        return torch.maximum(lo.abs(), hi.abs()).div(127.0).clamp_min(tiny).reshape(()), 0
+    scale = ((hi - lo) / 255.0).clamp_min(tiny).reshape(())
+    zero_point = int(torch.round(-128.0 - lo / scale).clamp(-128, 127))
+    return scale, zero_point
 
 
 class QLinear(nn.Module):
@@ -18,9 +36,12 @@ class QLinear(nn.Module):
     """
 
     def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None,
-                 weight_dtype: torch.dtype = torch.float32):
+                 weight_dtype: torch.dtype = torch.float32, act_spec: QuantSpec | None = None):
         super().__init__()
         self.spec = qweight.spec
+        self.act_spec = act_spec
+        if act_spec is not None and (qweight.spec.bits != 8 or qweight.double_quant is not None):
+            raise InvalidTensor("quantized activations need int8 weights")
         self.out_features, self.in_features = qweight.shape
         self.group = qweight.group
         self.weight_dtype = weight_dtype
@@ -28,11 +49,35 @@ class QLinear(nn.Module):
         for name, t in qweight.tensors().items():
             self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        # static activation quantization: calibrated scale / zero point, and the running range while observing
+        self.observing = False
+        self.act_zero_point = 0
+        if act_spec is not None and not act_spec.dynamic:
+            self.register_buffer("act_scale", torch.zeros(()))  # 0 until calibrated
+            self.register_buffer("obs_min", torch.full((), float("inf")), persistent=False)
+            self.register_buffer("obs_max", torch.full((), float("-inf")), persistent=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, name: str = "linear") -> "QLinear":
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, name: str = "linear",
+                    act_spec: QuantSpec | None = None) -> "QLinear":
         qw = quantize_weight(linear.weight, spec, name=name)
-        return cls(qw, linear.bias, weight_dtype=linear.weight.dtype)
+        return cls(qw, linear.bias, weight_dtype=linear.weight.dtype, act_spec=act_spec)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.act_spec is not None and not self.act_spec.dynamic
+
+    @property
+    def calibrated(self) -> bool:
+        return self.needs_calibration and bool(self.act_scale > 0)
+
+    def freeze_calibration(self) -> None:
+        """Turn the observed activation range into the static scale and stop observing."""
+        if not torch.isfinite(self.obs_min):
+            raise CalibrationError("no calibration data reached this layer")
+        self.act_scale.copy_(activation_qparams(self.obs_min, self.obs_max, self.act_spec)[0])
+        self.act_zero_point = activation_qparams(self.obs_min, self.obs_max, self.act_spec)[1]
+        self.observing = False
 
     def quantized_weight(self) -> QuantizedWeight:
         """The stored weight as a :class:`QuantizedWeight` view on this module's buffers."""
@@ -52,18 +97,34 @@ class QLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.quantized_weight().dequantize().to(self.weight_dtype)
 
-    @property
-    def weight_nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+    def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        qw = self.quantized_weight()
+        zp = qw.zero_point
+        return ops.qlinear(x, qw.qdata, qw.scales(), zp, self.bias, self.spec.format.value, self.spec.bits,
+                           self.group, self.in_features, self.spec.symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            from qexport.errors import InvalidTensor
-
             raise InvalidTensor(f"QLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
-        from qexport.kernels import reference
-
-        return reference.linear(x, self.quantized_weight(), self.bias)
+        a = self.act_spec
+        if a is None:
+            return self._weight_only(x)
+        if a.dynamic:
+            if a.granularity is Granularity.PER_TOKEN:
+                xq, xs = ops.quantize_per_token(x)
+            else:
+                xs = (x.detach().abs().amax().to(torch.float32) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+                xq = ops.quantize_per_tensor(x, xs, 0)
+            return ops.qlinear_a8(xq, xs, 0, self.qdata, self.scale, self.bias).to(x.dtype)
+        if self.observing:
+            self.obs_min = torch.minimum(self.obs_min, x.detach().amin().to(torch.float32))
+            self.obs_max = torch.maximum(self.obs_max, x.detach().amax().to(torch.float32))
+            return self._weight_only(x)
+        if not self.calibrated:
+            raise CalibrationError("this layer quantizes activations statically: run qexport.calibrate(model, batches) first")
+        xq = ops.quantize_per_tensor(x, self.act_scale, self.act_zero_point)
+        return ops.qlinear_a8(xq, self.act_scale, self.act_zero_point, self.qdata, self.scale, self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.describe()}"
+        act = f", act {self.act_spec.describe()}" if self.act_spec is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.describe()}{act}"

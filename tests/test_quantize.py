@@ -30,7 +30,10 @@ def fake_quant_reference(model, recipe):
     return ref
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+WEIGHT_ONLY = sorted(n for n, r in PRESETS.items() if all(rule.activation is None for rule in r.rules))
+
+
+@pytest.mark.parametrize("preset", WEIGHT_ONLY)
 def test_preset_replaces_linears_and_matches_fake_quant(preset):
     model = tiny_llama()
     ids = torch.randint(0, 512, (2, 33))
@@ -167,3 +170,72 @@ def test_quantize_is_idempotent():
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def fake_quant_activations(model, scales=None):
+    """Forward pre-hooks on every linear but lm_head: symmetric int8 fake-quant of the input, per token
+    (scale = max|row| / 127) or, when ``scales`` maps names to a scale, per tensor with that scale."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name != "lm_head":
+            def hook(m, args, name=name):
+                x = args[0]
+                s = (x.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-30) if scales is None else scales[name]
+                return (torch.round(x / s).clamp(-128, 127) * s,)
+            mod.register_forward_pre_hook(hook)
+    return model
+
+
+def sqnr_db(ref, got):
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - got).pow(2).sum()))
+
+
+def test_w8a8_dynamic_matches_fake_quant_reference():
+    model = tiny_llama(seed=2)
+    ids = torch.randint(0, 512, (2, 40))
+    ref = fake_quant_activations(fake_quant_reference(model, PRESETS["w8a8-dynamic"]))
+    q = qexport.quantize(copy.deepcopy(model), "w8a8-dynamic")
+    assert q.model.layers[0].mlp.up_proj.act_spec.dynamic
+    with torch.no_grad():
+        got, want = q(ids).logits, ref(ids).logits
+    # integer accumulation vs float sums of the same fake-quant values: equal up to float rounding
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_w8a8_static_needs_calibration_then_matches_reference():
+    from qexport.errors import CalibrationError
+
+    model = tiny_llama(seed=4)
+    calib = [torch.randint(0, 512, (1, 32)) for _ in range(3)]
+    q = qexport.quantize(copy.deepcopy(model), "w8a8-static")
+    with pytest.raises(CalibrationError, match="calibrate"):
+        q(calib[0])
+    with pytest.raises(CalibrationError, match="empty"):
+        qexport.calibrate(q, [])
+    assert qexport.calibrate(q, calib) == 3
+
+    # reference: the absmax of each linear's input over the calibration batches, on the fake-quant model
+    ref = fake_quant_reference(model, PRESETS["w8a8-static"])
+    absmax = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: absmax.__setitem__(n, max(absmax.get(n, 0.0),
+                                                                                      float(a[0].abs().max()))))
+             for n, m in ref.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        for b in calib:
+            ref(b)
+    for h in hooks:
+        h.remove()
+    for n, m in q.named_modules():
+        if isinstance(m, QLinear):
+            assert float(m.act_scale) == pytest.approx(absmax[n] / 127, rel=1e-6)
+    fake_quant_activations(ref, {n: v / 127 for n, v in absmax.items()})
+    ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(q(ids).logits, ref(ids).logits, atol=2e-4, rtol=1e-4)
+        assert sqnr_db(model(ids).logits, q(ids).logits) > 25
+
+
+def test_calibrate_rejects_models_without_static_layers():
+    from qexport.errors import CalibrationError
+
+    with pytest.raises(CalibrationError, match="nothing to calibrate"):
+        qexport.calibrate(qexport.quantize(tiny_llama(), "w8"), [torch.zeros(1, 4, dtype=torch.long)])

@@ -1,0 +1,105 @@
+"""The canonical quantized form: ``torch.library`` custom ops (namespace ``qexport``) with fake kernels.
+
+Every back-end lowers these same ops: the eager ``QLinear``, the graph passes of the compile back-end
+(which rewrite ``linear`` calls into them), and later ONNX / TensorRT lowering. Their CPU implementations
+are the reference numerics of :mod:`qexport.formats`; the fake implementations give shapes and dtypes
+so the ops trace through ``torch.compile`` / ``torch.export`` without running.
+
+Ops
+    ``dequantize_weight(qdata, scale, zero_point, fmt, bits, group, in_features, symmetric) -> W[N, K]``
+    ``qlinear(x, qdata, scale, zero_point, bias, fmt, bits, group, in_features, symmetric) -> y``
+        weight-only quantized linear: ``x @ dequantize_weight(...).T + bias``.
+    ``quantize_per_token(x) -> (xq int8, scale [..., 1])``: dynamic symmetric int8, one scale per row,
+        ``scale = max|x_row| / 127``.
+    ``quantize_per_tensor(x, scale, zero_point) -> xq int8``: int8 with one scale (a 0-d tensor) for the tensor.
+    ``dequantize_activation(xq, scale, zero_point) -> x``: float from int8 codes (per-token or per-tensor).
+    ``qlinear_a8(xq, x_scale, x_zero_point, wq, w_scale, bias) -> y``: int8 x int8 -> int32 matmul, then
+        ``(acc - x_zp * sum_k wq) * x_scale * w_scale + bias``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from qexport.formats import dequantize_stored
+from qexport.kernels import reference
+
+__all__ = [
+    "dequantize_weight",
+    "qlinear",
+    "quantize_per_token",
+    "quantize_per_tensor",
+    "dequantize_activation",
+    "qlinear_a8",
+]
+
+_EPS = torch.finfo(torch.float32).tiny
+
+
+@torch.library.custom_op("qexport::dequantize_weight", mutates_args=())
+def dequantize_weight(qdata: Tensor, scale: Tensor, zero_point: Optional[Tensor], fmt: str, bits: int, group: int,
+                      in_features: int, symmetric: bool) -> Tensor:
+    return dequantize_stored(qdata, scale, zero_point, fmt, bits, group, in_features, symmetric).contiguous()
+
+
+@dequantize_weight.register_fake
+def _(qdata, scale, zero_point, fmt, bits, group, in_features, symmetric):
+    return qdata.new_empty((qdata.shape[0], in_features), dtype=torch.float32)
+
+
+@torch.library.custom_op("qexport::qlinear", mutates_args=())
+def qlinear(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Optional[Tensor], bias: Optional[Tensor], fmt: str,
+            bits: int, group: int, in_features: int, symmetric: bool) -> Tensor:
+    return reference.qlinear(x, qdata, scale, zero_point, bias, fmt, bits, group, in_features, symmetric)
+
+
+@qlinear.register_fake
+def _(x, qdata, scale, zero_point, bias, fmt, bits, group, in_features, symmetric):
+    return x.new_empty((*x.shape[:-1], qdata.shape[0]))
+
+
+@torch.library.custom_op("qexport::quantize_per_token", mutates_args=())
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    xf = x.to(torch.float32)
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(_EPS)
+    q = torch.round(xf / scale).clamp(-128, 127).to(torch.int8)
+    return q, scale
+
+
+@quantize_per_token.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("qexport::quantize_per_tensor", mutates_args=())
+def quantize_per_tensor(x: Tensor, scale: Tensor, zero_point: int) -> Tensor:
+    return (torch.round(x.to(torch.float32) / scale) + zero_point).clamp(-128, 127).to(torch.int8)
+
+
+@quantize_per_tensor.register_fake
+def _(x, scale, zero_point):
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+@torch.library.custom_op("qexport::dequantize_activation", mutates_args=())
+def dequantize_activation(xq: Tensor, scale: Tensor, zero_point: int) -> Tensor:
+    return (xq.to(torch.float32) - zero_point) * scale
+
+
+@dequantize_activation.register_fake
+def _(xq, scale, zero_point):
+    return xq.new_empty(xq.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("qexport::qlinear_a8", mutates_args=())
+def qlinear_a8(xq: Tensor, x_scale: Tensor, x_zero_point: int, wq: Tensor, w_scale: Tensor,
+               bias: Optional[Tensor]) -> Tensor:
+    return reference.qlinear_a8(xq, x_scale, x_zero_point, wq, w_scale, bias)
+
+
+@qlinear_a8.register_fake
+def _(xq, x_scale, x_zero_point, wq, w_scale, bias):
+    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=torch.float32)
