@@ -22,13 +22,13 @@ def qlinear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, zero_poin
 
 def qlinear_a8(xq: torch.Tensor, x_scale: torch.Tensor, x_zero_point: int, wq: torch.Tensor,
                w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """int8 activations x int8 weights: exact int32 accumulation, then the scales (float32 result)."""
+    """int8 activations x int8 weights: exact integer accumulation, then the scales (float32 result)."""
     lead = xq.shape[:-1]
     x2 = xq.reshape(-1, xq.shape[-1])
-    if x2.shape[0]:
-        acc = torch._int_mm(x2, wq.t()).to(torch.float32)
-    else:
-        acc = torch.zeros((0, wq.shape[0]), dtype=torch.float32, device=xq.device)
+    # Integer dot products, computed exactly in floating point (torch._int_mm is ~17x slower than an fp32
+    # matmul on CPU): each product is at most 2^14, so fp32 sums are exact up to K = 1024, fp64 beyond.
+    exact = torch.float32 if xq.shape[-1] <= 1024 else torch.float64
+    acc = (x2.to(exact) @ wq.to(exact).t()).to(torch.float32)
     if x_zero_point:
         acc = acc - float(x_zero_point) * wq.to(torch.float32).sum(dim=1)
     xs = x_scale.reshape(-1, 1) if x_scale.numel() > 1 else x_scale.reshape(1, 1)

@@ -1,9 +1,191 @@
-"""Placeholder until the dynamo back-end lands (see calibrate)."""
-import contextlib
+"""The ``qexport`` dynamo back-end: ``torch.compile(model, backend="qexport", options={...})``.
 
-def is_compiled_with_qexport(model) -> bool:
-    return False
+Dynamo hands the back-end a torch-level FX graph whose parameters are placeholders named after their
+module path, with their real values. The back-end runs the qexport passes on it::
+
+    annotate -> prepare -> [calibrate, static mode only] -> convert -> fold -> fuse_attention
+
+and lowers the result to the chosen target: ``"inductor"`` (aot_autograd + inductor; the qexport
+custom ops run as extern kernels) or ``"eager"`` (the rewritten graph run as is, for debugging and fast
+tests). Options:
+
+    recipe          preset name, Recipe, or path to a JSON recipe (default "w8")
+    mode            None (as the recipe says), "dynamic", "static" or "weight_only": "dynamic"/"static" add
+                    int8 activation quantization (per-token at run time / per-tensor calibrated) to every
+                    int8-weight rule
+    target          "inductor" (default) or "eager"
+    fuse_attention  rewrite hand-written attention into scaled_dot_product_attention (default True)
+
+The passes run on the torch-level graph rather than on aot_autograd's aten graph because that is where
+module paths and real parameter values are at hand (the recipe's patterns name modules); the quantized
+ops are ``torch.library`` custom ops with fake kernels, so aot_autograd and inductor trace through them.
+Weights are read when a graph is compiled (as with inductor's freezing): changing them afterwards needs
+``torch._dynamo.reset()`` and a new compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from qexport.config import Recipe, load_recipe
+from qexport.errors import CalibrationError, InvalidConfig
+
+__all__ = ["qexport_backend", "BackendOptions", "GraphReport", "reports", "calibrating", "is_compiled_with_qexport"]
+
+TARGETS = ("inductor", "eager")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    recipe: Recipe
+    mode: str | None = None
+    target: str = "inductor"
+    fuse_attention: bool = True
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any] | None) -> "BackendOptions":
+        from qexport.passes.context import MODES
+
+        options = dict(options or {})
+        allowed = {"recipe", "mode", "target", "fuse_attention"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise InvalidConfig(f"unknown qexport backend option(s) {unknown}; allowed: {sorted(allowed)}")
+        recipe = load_recipe(options.get("recipe", "w8"))
+        mode = options.get("mode")
+        if mode is not None and mode not in MODES:
+            raise InvalidConfig(f"mode={mode!r} is not valid; allowed: None, {', '.join(repr(m) for m in MODES)}")
+        target = options.get("target", "inductor")
+        if target not in TARGETS:
+            raise InvalidConfig(f"target={target!r} is not valid; allowed: {', '.join(repr(t) for t in TARGETS)}")
+        fuse = options.get("fuse_attention", True)
+        if not isinstance(fuse, bool):
+            raise InvalidConfig(f"fuse_attention must be true or false, got {fuse!r}")
+        return cls(recipe, mode, target, fuse)
+
+
+@dataclass
+class GraphReport:
+    """What the passes did to one compiled graph."""
+
+    recipe: str
+    target: str
+    results: list = field(default_factory=list)  # PassResult, in order
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {r.name: dict(r.changed) for r in self.results}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "target": self.target, "passes": [r.to_dict() for r in self.results]}
+
+    def __str__(self) -> str:
+        return "\n".join(str(r) for r in self.results)
+
+
+_REPORTS: list[GraphReport] = []
+_LIVE: "weakref.WeakSet[QExportGraph]" = weakref.WeakSet()
+_STATE = threading.local()
+
+
+def reports() -> list[GraphReport]:
+    """Reports of the graphs compiled by the qexport back-end in this process, oldest first."""
+    return list(_REPORTS)
+
 
 @contextlib.contextmanager
 def calibrating():
-    yield
+    """While active, compiled graphs that need calibration run their observers instead of raising."""
+    prev = getattr(_STATE, "calibrating", False)
+    _STATE.calibrating = True
+    try:
+        yield
+    finally:
+        _STATE.calibrating = prev
+
+
+def _is_calibrating() -> bool:
+    return getattr(_STATE, "calibrating", False)
+
+
+def is_compiled_with_qexport(model) -> bool:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return isinstance(model, OptimizedModule)
+
+
+def _lower(gm: fx.GraphModule, example_inputs, target: str) -> Callable:
+    if target == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    # A fresh GraphModule without dynamo's metadata: the constants convert added are not dynamo sources.
+    return compile_fx(fx.GraphModule(gm, gm.graph, class_name="QExportGraphModule"), example_inputs)
+
+
+class QExportGraph:
+    """The callable dynamo runs for one graph: observes while calibrating, then runs the quantized graph."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs, opts: BackendOptions):
+        from qexport.passes import annotate, prepare
+        from qexport.passes.context import QuantContext
+        from qexport.passes.graph_utils import placeholder_values
+        from qexport.passes.pass_manager import PassManager
+
+        self.gm = gm
+        self.opts = opts
+        self.ctx = QuantContext(opts.recipe, opts.mode, placeholder_values(gm, example_inputs))
+        self.report = GraphReport(opts.recipe.name, opts.target)
+        _REPORTS.append(self.report)
+        self.report.results += PassManager([annotate, prepare]).run(gm, self.ctx)
+        self.needs_calibration = self.report.results[-1].changed.get("observers", 0) > 0
+        self.compiled: Callable | None = None
+        if not self.needs_calibration:
+            self._finalize(example_inputs)
+        _LIVE.add(self)
+
+    def _finalize(self, example_inputs) -> None:
+        from qexport.passes import convert, fold, fuse_attention
+        from qexport.passes.pass_manager import PassManager
+
+        passes = [convert, fold] + ([fuse_attention] if self.opts.fuse_attention else [])
+        self.report.results += PassManager(passes).run(self.gm, self.ctx)
+        self.ctx.placeholders = {}  # drop references to the float weights
+        self.compiled = _lower(self.gm, example_inputs, self.opts.target)
+
+    def _observed(self) -> bool:
+        from qexport.passes.prepare import ActObserver
+
+        obs = [m for m in self.gm.modules() if isinstance(m, ActObserver)]
+        return bool(obs) and any(o.act_range.observed for o in obs)
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            if _is_calibrating():
+                return self.gm(*args)
+            if not self._observed():
+                raise CalibrationError(
+                    "this model quantizes activations statically: run qexport.calibrate(compiled_model, batches) first"
+                )
+            self._finalize(list(args))
+        return self.compiled(*args)
+
+
+def qexport_backend(gm: fx.GraphModule, example_inputs, options: dict[str, Any] | None = None, **kwargs):
+    """Dynamo back-end entry point (registered as ``"qexport"`` through the ``torch_dynamo_backends`` group)."""
+    if kwargs.get("mode") not in (None, "default"):
+        raise InvalidConfig("torch.compile(mode=...) is not used by the qexport back-end: pass options={...}")
+    opts = BackendOptions.from_dict(options)
+    graph = QExportGraph(gm, example_inputs, opts)
+    skipped_errors = [m for m in graph.ctx.warnings]
+    if skipped_errors:
+        warnings.warn(f"qexport: {len(skipped_errors)} layer(s) stay float; see qexport.backend.reports()",
+                      stacklevel=2)
+    return graph

@@ -34,6 +34,7 @@ __all__ = [
     "quantize_per_tensor",
     "dequantize_activation",
     "qlinear_a8",
+    "double_dequantize",
 ]
 
 _EPS = torch.finfo(torch.float32).tiny
@@ -103,3 +104,16 @@ def qlinear_a8(xq: Tensor, x_scale: Tensor, x_zero_point: int, wq: Tensor, w_sca
 @qlinear_a8.register_fake
 def _(xq, x_scale, x_zero_point, wq, w_scale, bias):
     return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("qexport::double_dequantize", mutates_args=())
+def double_dequantize(qscale: Tensor, scale2: Tensor, offset: Tensor, block: int) -> Tensor:
+    """Per-group scales from their int8 double-quantized form: ``qscale * scale2[block] + offset``."""
+    from qexport.formats import DoubleQuant, double_dequantize as _dd
+
+    return _dd(DoubleQuant(qscale, scale2, offset, block))
+
+
+@double_dequantize.register_fake
+def _(qscale, scale2, offset, block):
+    return qscale.new_empty(qscale.shape, dtype=torch.float32)

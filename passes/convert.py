@@ -1,0 +1,144 @@
+"""convert: replace annotated float ops by the canonical quantized form.
+
+* weight-only linear / matmul -> ``qexport.qlinear(x, packed weight constants ...)``
+* dynamic W8A8 -> ``qexport.quantize_per_token(x)`` then ``qexport.qlinear_a8``
+* static W8A8 -> ``qexport.quantize_per_tensor(x, calibrated scale)`` then ``qexport.qlinear_a8``;
+  the observer inserted by ``prepare`` is removed
+* conv -> the same conv on ``qexport.dequantize_weight(...)`` (weights stored packed)
+
+Packed weights, scales and zero points become buffers of the GraphModule (``get_attr`` constants); a
+double-quantized NF4 scale becomes a ``qexport.double_dequantize`` node on constants, which ``fold``
+evaluates once. A layer whose weight cannot be quantized (NaN/inf) stays float, with a warning.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+import qexport.ops  # noqa: F401  (registers torch.ops.qexport.*)
+from qexport.config import Granularity
+from qexport.errors import QExportError
+from qexport.formats import quantize_weight
+from qexport.modules import activation_qparams
+from qexport.passes.context import QuantContext, act_range_for
+from qexport.passes.graph_utils import register_constant
+from qexport.passes.pass_manager import PassResult
+from qexport.passes.prepare import ActObserver
+
+Q = torch.ops.qexport
+
+
+def _const(gm: fx.GraphModule, graph: fx.Graph, prefix: str, tensor: torch.Tensor) -> fx.Node:
+    return graph.get_attr(register_constant(gm, prefix, tensor))
+
+
+def _unwrap_observer(gm: fx.GraphModule, x):
+    if isinstance(x, fx.Node) and x.op == "call_module" and isinstance(gm.get_submodule(x.target), ActObserver):
+        return x.args[0], x
+    return x, None
+
+
+def convert(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
+    result = PassResult("convert")
+    g = gm.graph
+    for node in list(g.nodes):
+        ann = node.meta.get("qexport")
+        if ann is None:
+            continue
+        x, observer = _unwrap_observer(gm, node.args[ann.input_index])
+        try:
+            qw = quantize_weight(ann.weight, ann.weight_spec, name=ann.module_path)
+        except QExportError as e:
+            msg = f"qexport: {ann.module_path} stays float: {e}"
+            warnings.warn(msg, stacklevel=2)
+            ctx.warnings.append(msg)
+            result.skip(ann.module_path, str(e))
+            if observer is not None:
+                observer.replace_all_uses_with(x)
+                g.erase_node(observer)
+            del node.meta["qexport"]
+            continue
+        spec = ann.weight_spec
+        prefix = f"qx_{ann.module_path or node.name}"
+        with g.inserting_before(node):
+            qdata = _const(gm, g, f"{prefix}_qdata", qw.qdata)
+            if qw.double_quant is not None:
+                dq = qw.double_quant
+                scale = g.call_function(Q.double_dequantize.default, (
+                    _const(gm, g, f"{prefix}_qscale", dq.qscale), _const(gm, g, f"{prefix}_scale2", dq.scale2),
+                    _const(gm, g, f"{prefix}_scale_offset", dq.offset), dq.block))
+            else:
+                scale = _const(gm, g, f"{prefix}_scale", qw.scale)
+            zp = _const(gm, g, f"{prefix}_zero_point", qw.zero_point) if qw.zero_point is not None else None
+            bias = ann.bias
+            if isinstance(bias, torch.Tensor):
+                bias = _const(gm, g, f"{prefix}_bias", bias.detach())
+            wargs = (spec.format.value, spec.bits, qw.group, qw.shape[1], spec.symmetric)
+
+            if ann.kind == "conv":
+                out = _convert_conv(gm, g, node, ann, qdata, scale, zp, wargs)
+                result.count("conv")
+            elif ann.act_spec is None:
+                out = g.call_function(Q.qlinear.default, (x, qdata, scale, zp, bias, *wargs))
+                result.count("qlinear")
+            else:
+                out = _convert_w8a8(gm, g, x, ann, qdata, scale, bias, prefix, result)
+        out.meta.update({k: v for k, v in node.meta.items() if k not in ("qexport", "val", "example_value")})
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+        if observer is not None:
+            observer.replace_all_uses_with(x)
+            g.erase_node(observer)
+        result.count("layers")
+    gm.delete_all_unused_submodules()
+    return result
+
+
+def _convert_w8a8(gm, g, x, ann, qdata, scale, bias, prefix, result):
+    a = ann.act_spec
+    if a.dynamic and a.granularity is Granularity.PER_TOKEN:
+        t = g.call_function(Q.quantize_per_token.default, (x,))
+        xq = g.call_function(operator.getitem, (t, 0))
+        xs = g.call_function(operator.getitem, (t, 1))
+        zp = 0
+        result.count("w8a8_dynamic")
+    elif a.dynamic:
+        amax = g.call_function(torch.amax, (g.call_function(torch.abs, (x,)),))
+        xs = g.call_function(torch.clamp_min, (g.call_function(operator.truediv, (amax, 127.0)),
+                                                torch.finfo(torch.float32).tiny))
+        xq = g.call_function(Q.quantize_per_tensor.default, (x, xs, 0))
+        zp = 0
+        result.count("w8a8_dynamic")
+    else:
+        rng = act_range_for(ann.weight_key)
+        if not rng.observed:
+            result.skip(ann.module_path, "no calibration data reached this layer: weights only")
+            return g.call_function(Q.qlinear.default, (x, qdata, scale, None, bias, "int", 8, ann.weight.shape[1],
+                                                       ann.weight.shape[1], ann.weight_spec.symmetric))
+        s, zp = activation_qparams(rng.lo, rng.hi, a)
+        xs = _const(gm, g, f"{prefix}_act_scale", s)
+        xq = g.call_function(Q.quantize_per_tensor.default, (x, xs, zp))
+        result.count("w8a8_static")
+    y = g.call_function(Q.qlinear_a8.default, (xq, xs, zp, qdata, scale, bias))
+    return g.call_method("type_as", (y, x))
+
+
+def _convert_conv(gm, g, node, ann, qdata, scale, zp, wargs):
+    w = g.call_function(Q.dequantize_weight.default, (qdata, scale, zp, *wargs))
+    w = g.call_method("reshape", (w, tuple(ann.weight_key.shape)))
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        fn = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
+        bias = _const(gm, g, f"qx_{ann.module_path}_bias", mod.bias.detach()) if mod.bias is not None else None
+        if mod.padding_mode != "zeros":
+            raise QExportError(f"{ann.module_path}: conv padding_mode {mod.padding_mode!r} is not supported")
+        return g.call_function(fn, (node.args[0], w, bias, mod.stride, mod.padding, mod.dilation, mod.groups))
+    args = list(node.args)
+    args[1] = w
+    return g.call_function(node.target, tuple(args), dict(node.kwargs))

@@ -1,0 +1,164 @@
+"""Helpers shared by the passes: recognising ops, finding the parameter behind a node, naming modules.
+
+The passes run on the torch-level FX graph that dynamo hands to a back-end (parameters are placeholders
+whose source names give the module path) and on graphs from ``torch.fx.symbolic_trace`` (parameters are
+``get_attr`` nodes or ``call_module`` nodes of ``nn.Linear`` / ``nn.Conv2d``).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+LINEAR_FUNCS = {torch._C._nn.linear, F.linear, torch.ops.aten.linear.default}
+MATMUL_FUNCS = {torch.matmul, operator.matmul, torch.bmm, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
+MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
+CONV_FUNCS = {torch.conv1d, torch.conv2d, F.conv1d, F.conv2d}
+SOFTMAX_FUNCS = {torch.softmax, F.softmax, torch.ops.aten.softmax.int}
+TRANSPOSE_FUNCS = {torch.transpose, torch.ops.aten.transpose.int}
+
+
+def is_call(node: fx.Node, funcs=(), methods=()) -> bool:
+    if node.op == "call_function":
+        return node.target in funcs
+    if node.op == "call_method":
+        return node.target in methods
+    return False
+
+
+def is_linear(node: fx.Node) -> bool:
+    return is_call(node, LINEAR_FUNCS)
+
+
+def is_matmul(node: fx.Node) -> bool:
+    return is_call(node, MATMUL_FUNCS, MATMUL_METHODS)
+
+
+def is_conv(node: fx.Node) -> bool:
+    return is_call(node, CONV_FUNCS)
+
+
+def is_softmax(node: fx.Node) -> bool:
+    return is_call(node, SOFTMAX_FUNCS, {"softmax"})
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+_MODULES_RE = re.compile(r"_modules\['([^']+)'\]")
+_ATTR_RE = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+
+
+def _source_name(node: fx.Node) -> str | None:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    name = source.name
+    return name() if callable(name) else name
+
+
+def module_path_of_param(node: fx.Node) -> tuple[str, str] | None:
+    """``(module path, attribute)`` of the parameter a placeholder / get_attr node stands for, or None."""
+    if node.op == "get_attr":
+        path, _, attr = str(node.target).rpartition(".")
+        return path, attr
+    if node.op != "placeholder":
+        return None
+    src = _source_name(node)
+    if src and ("_parameters[" in src or "_buffers[" in src):
+        parts = _MODULES_RE.findall(src)
+        attr = re.findall(r"_(?:parameters|buffers)\['([^']+)'\]", src)
+        return ".".join(parts), attr[-1] if attr else ""
+    if src and src.startswith("L['self']"):
+        parts = [a or b for a, b in _ATTR_RE.findall(src[len("L['self']"):])]
+        if len(parts) >= 1:
+            return ".".join(parts[:-1]), parts[-1]
+    # fall back to dynamo's placeholder naming: l_self_modules_a_modules_b_parameters_weight_
+    m = re.fullmatch(r"l_+self_+modules_(.*)_(parameters|buffers)_(.*?)_?", str(node.target).lower())
+    if m:
+        return m.group(1).replace("_modules_", "."), m.group(3)
+    return None
+
+
+@dataclass
+class ParamRef:
+    node: fx.Node
+    tensor: torch.Tensor
+    module_path: str
+    attr: str
+
+
+def resolve_param(gm: fx.GraphModule, node, placeholders: dict[fx.Node, torch.Tensor]) -> ParamRef | None:
+    """The real parameter tensor behind ``node`` (a placeholder with a known value, or a get_attr), or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    located = module_path_of_param(node)
+    if located is None:
+        return None
+    if node.op == "get_attr":
+        tensor = gm.get_parameter(node.target) if _is_param(gm, node.target) else _get_attr(gm, node.target)
+    else:
+        tensor = placeholders.get(node)
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        return None
+    return ParamRef(node, tensor, located[0], located[1])
+
+
+def _is_param(gm: nn.Module, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _get_attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def register_constant(gm: fx.GraphModule, prefix: str, tensor: torch.Tensor) -> str:
+    """Register ``tensor`` as a buffer of ``gm`` under a fresh name and return the name."""
+    base = re.sub(r"[^A-Za-z0-9_]", "_", prefix)
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, tensor)
+    return name
+
+
+def placeholder_values(gm: fx.GraphModule, example_inputs) -> dict[fx.Node, torch.Tensor]:
+    nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {n: v for n, v in zip(nodes, example_inputs) if isinstance(v, torch.Tensor)}
+
+
+def erase_unused(graph: fx.Graph, roots) -> int:
+    """Erase ``roots`` and, transitively, their inputs once nothing uses them; returns the count.
+
+    Unlike ``Graph.eliminate_dead_code`` this touches only the given chain, so side-effecting nodes
+    elsewhere in dynamo's graph (vmap plumbing, autocast enter/exit) are never removed.
+    """
+    erased = 0
+    stack = [n for n in roots if isinstance(n, fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node.graph is not graph or node.users or node.op in ("placeholder", "output"):
+            continue
+        inputs = [a for a in node.all_input_nodes]
+        graph.erase_node(node)
+        erased += 1
+        stack.extend(inputs)
+    return erased

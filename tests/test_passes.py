@@ -1,0 +1,296 @@
+"""Graph passes on small models traced with torch.fx: node counts, skip reasons and numerics."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+import torch.nn.functional as F
+from torch import nn
+
+import qexport
+from qexport import QuantSpec, Recipe, Rule
+from qexport.config import PRESETS
+from qexport.formats import fake_quantize
+from qexport.passes import PassManager, QuantContext, annotate, convert, fold, fuse_attention, prepare
+from qexport.passes.context import act_range_for
+
+Q = torch.ops.qexport
+
+
+def count(gm, target) -> int:
+    """Calls of ``target`` (an op overload also counts calls recorded as its packet)."""
+    packet = getattr(target, "overloadpacket", None)
+    return sum(1 for n in gm.graph.nodes if n.target == target or (packet is not None and n.target == packet))
+
+
+def run(model, recipe, mode=None, passes=(annotate, prepare, convert, fold)):
+    gm = fx.symbolic_trace(model)
+    ctx = QuantContext(qexport.load_recipe(recipe), mode)
+    results = {r.name: r for r in PassManager(list(passes)).run(gm, ctx)}
+    return gm, results
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(48, 96)
+        self.fc2 = nn.Linear(96, 40)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("preset", ["w8", "w4g64", "w2g64", "nf4-dq", "w4g128-sym"])
+def test_mlp_weight_only_matches_eager_qlinear(preset):
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randn(5, 48)
+    gm, res = run(copy.deepcopy(model), preset)
+    assert res["annotate"].changed == {"linear": 2}
+    assert res["convert"].changed == {"qlinear": 2, "layers": 2}
+    assert count(gm, Q.qlinear.default) == 2
+    assert not any(n.op == "call_module" for n in gm.graph.nodes)
+    if preset == "nf4-dq":
+        assert res["fold"].changed["scales_folded"] == 2 and count(gm, Q.double_dequantize.default) == 0
+    eager = qexport.quantize(copy.deepcopy(model), preset)
+    torch.testing.assert_close(gm(x), eager(x), atol=0, rtol=0)
+
+
+class FunctionalLayers(nn.Module):
+    """A linear through F.linear on a parameter, and a matmul with a [K, N] parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 24))  # F.linear layout [N, K]
+        self.proj = nn.Parameter(torch.randn(32, 16))  # x @ proj: [K, N]
+
+    def forward(self, x):
+        h = F.linear(x, self.w)
+        return torch.matmul(h, self.proj)
+
+
+def test_functional_linear_and_matmul_with_parameter():
+    torch.manual_seed(1)
+    model = FunctionalLayers()
+    x = torch.randn(3, 24)
+    spec = QuantSpec(bits=4, group_size=8, symmetric=False)
+    recipe = Recipe("r", rules=(Rule("*", spec),))
+    gm, res = run(copy.deepcopy(model), recipe)
+    assert res["annotate"].changed == {"linear": 1, "matmul": 1}
+    assert count(gm, Q.qlinear.default) == 2
+    want = F.linear(x, fake_quantize(model.w.data, spec)) @ fake_quantize(model.proj.data.t(), spec).t()
+    torch.testing.assert_close(gm(x), want, atol=1e-5, rtol=1e-5)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(F.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_conv_weights_quantized_per_output_channel():
+    torch.manual_seed(2)
+    model = ConvNet().eval()
+    x = torch.randn(2, 3, 10, 10)
+    gm, res = run(copy.deepcopy(model), "w8", mode="dynamic")
+    assert res["annotate"].changed["conv"] == 1 and res["annotate"].changed["linear"] == 1
+    assert ("conv", "activation quantization of conv is not supported; weights only") in res["annotate"].skipped
+    assert count(gm, Q.dequantize_weight.default) == 1 and count(gm, Q.qlinear_a8.default) == 1
+    w = fake_quantize(model.conv.weight.data.reshape(8, -1), QuantSpec(bits=8)).reshape(8, 3, 3, 3)
+    h = F.relu(F.conv2d(x, w, model.conv.bias, padding=1)).mean(dim=(2, 3))
+    ref = copy.deepcopy(model.head)
+    ref = qexport.quantize(nn.Sequential(ref), PRESETS["w8a8-dynamic"])
+    torch.testing.assert_close(gm(x), ref(h), atol=1e-5, rtol=1e-5)
+
+
+class TwoActivations(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.q(x)
+        return torch.matmul(h, h.transpose(-2, -1))
+
+
+def test_skips_are_reported_with_reasons():
+    recipe = Recipe("r", rules=(Rule("*", QuantSpec(bits=8)),), exclude=("q",))
+    gm, res = run(TwoActivations(), recipe)
+    reasons = dict(res["annotate"].skipped)
+    assert reasons["q"] == "excluded or no rule matches"
+    assert reasons["matmul"] == "matmul of two activations (attention scores); not quantized"
+    assert res["convert"].total == 0 and count(gm, Q.qlinear.default) == 0
+
+
+def test_nan_weight_stays_float_with_warning():
+    model = MLP()
+    model.fc1.weight.data[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="fc1 stays float"):
+        gm, res = run(model, "w8")
+    assert res["convert"].changed == {"qlinear": 1, "layers": 1}
+    assert res["convert"].skipped[0][0] == "fc1"
+    assert sum(1 for n in gm.graph.nodes if n.op == "call_module") == 1  # fc1 kept as nn.Linear
+
+
+def test_static_prepare_calibrate_convert():
+    torch.manual_seed(3)
+    model = MLP().eval()
+    gm = fx.symbolic_trace(copy.deepcopy(model))
+    ctx = QuantContext(PRESETS["w8a8-static"])
+    res = PassManager([annotate, prepare]).run(gm, ctx)
+    assert res[1].changed == {"observers": 2}
+    batches = [torch.randn(4, 48) * (i + 1) for i in range(3)]
+    for b in batches:
+        gm(b)
+    assert act_range_for(gm.fc1.weight).batches == 3  # observers are keyed by the layer's weight
+    res = PassManager([convert, fold]).run(gm, ctx)
+    assert res[0].changed == {"w8a8_static": 2, "layers": 2}
+    assert count(gm, Q.quantize_per_tensor.default) == 2
+    assert not any("observer" in str(n.target) for n in gm.graph.nodes)
+
+    # The graph observes the float model's activations; eager QLinears observe their weight-quantized
+    # predecessors. The first layer's input is the same for both; the second differs slightly.
+    eager = qexport.quantize(copy.deepcopy(model), "w8a8-static")
+    qexport.calibrate(eager, batches)
+    absmax = max(float(b.abs().max()) for b in batches)
+    assert float(eager.fc1.act_scale) == pytest.approx(absmax / 127, rel=1e-6)
+    assert float(gm.qx_fc1_act_scale) == pytest.approx(absmax / 127, rel=1e-6)
+    assert float(gm.qx_fc2_act_scale) == pytest.approx(float(eager.fc2.act_scale), rel=0.02)
+    x = torch.randn(6, 48)
+    torch.testing.assert_close(gm(x), eager(x), atol=1e-3, rtol=0.02)
+
+
+class QDQChain(nn.Module):
+    def __init__(self, s1, s2):
+        super().__init__()
+        self.register_buffer("s1", torch.tensor(s1))
+        self.register_buffer("s2", torch.tensor(s2))
+
+    def forward(self, x):
+        q = Q.quantize_per_tensor(x, self.s1, 0)
+        q2 = Q.quantize_per_tensor(Q.dequantize_activation(q, self.s1, 0), self.s2, 0)
+        return Q.dequantize_activation(q2, self.s2, 0)
+
+
+def test_fold_removes_identity_qdq_pairs_only():
+    x = torch.randn(4, 8)
+    same = fx.symbolic_trace(QDQChain(0.02, 0.02))
+    want = same(x)
+    res = fold(same)
+    same.recompile()
+    assert res.changed["qdq_pairs_removed"] == 1
+    assert count(same, Q.quantize_per_tensor.default) == 1
+    torch.testing.assert_close(same(x), want, atol=0, rtol=0)
+
+    requant = fx.symbolic_trace(QDQChain(0.02, 0.05))
+    res = fold(requant)
+    assert "qdq_pairs_removed" not in res.changed and res.skipped
+    assert fold(same).total == 0  # idempotent
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention fusion
+# ----------------------------------------------------------------------------------------------------
+class HandAttention(nn.Module):
+    """Attention written out by hand, in the variants seen in real model code."""
+
+    def __init__(self, variant="mul", n_rep=1):
+        super().__init__()
+        self.variant = variant
+        self.n_rep = n_rep
+
+    def forward(self, q, k, v, mask):
+        if self.n_rep > 1:  # grouped-query attention: repeat K/V heads
+            b, h, s, d = k.shape
+            k = k[:, :, None].expand(b, h, self.n_rep, s, d).reshape(b, h * self.n_rep, s, d)
+            v = v[:, :, None].expand(b, h, self.n_rep, s, d).reshape(b, h * self.n_rep, s, d)
+        if self.variant == "div":
+            scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(8)  # head_dim
+        elif self.variant == "nomask":
+            scores = q @ k.transpose(2, 3) * 0.125
+            return F.softmax(scores, dim=-1) @ v
+        else:
+            scores = torch.matmul(q, k.transpose(2, 3)) * 0.125
+        scores = scores + mask
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.dropout(probs, p=0.1, training=self.training)
+        return torch.matmul(probs, v)
+
+
+def _attn_inputs(kv_heads=4):
+    torch.manual_seed(5)
+    q = torch.randn(2, 4, 10, 8)
+    k = torch.randn(2, kv_heads, 10, 8)
+    v = torch.randn(2, kv_heads, 10, 8)
+    mask = torch.triu(torch.full((10, 10), float("-inf")), 1)[None, None]
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("variant,n_rep", [("mul", 1), ("div", 1), ("nomask", 1), ("mul", 2)])
+def test_fuse_attention_rewrites_to_sdpa(variant, n_rep):
+    model = HandAttention(variant, n_rep).eval()
+    inputs = _attn_inputs(kv_heads=4 // n_rep)
+    gm = fx.symbolic_trace(model)
+    ShapeProp(gm).propagate(*inputs)  # ranks, as dynamo's example values give them
+    want = gm(*inputs)
+    res = fuse_attention(gm)
+    gm.recompile()
+    assert res.changed == {"sdpa": 1}
+    assert count(gm, F.scaled_dot_product_attention) == 1
+    assert count(gm, F.softmax) == 0 and count(gm, torch.matmul) == 0
+    torch.testing.assert_close(gm(*inputs), want, atol=1e-5, rtol=1e-5)
+    assert fuse_attention(gm).total == 0  # idempotent
+
+
+class SoftmaxOverQueries(HandAttention):
+    def forward(self, q, k, v, mask):
+        return torch.matmul(F.softmax(torch.matmul(q, k.transpose(-2, -1)) * 0.125, dim=-2), v)
+
+
+class ReturnsWeights(HandAttention):
+    def forward(self, q, k, v, mask):
+        probs = F.softmax(torch.matmul(q, k.transpose(-2, -1)) * 0.125 + mask, dim=-1)
+        return torch.matmul(probs, v), probs
+
+
+class NoTranspose(HandAttention):
+    def forward(self, q, k, v, mask):
+        return torch.matmul(F.softmax(torch.matmul(q, k) * 0.125, dim=-1), v)
+
+
+class TensorScale(HandAttention):
+    def forward(self, q, k, v, mask):
+        return torch.matmul(F.softmax(torch.matmul(q, k.transpose(-2, -1)) * mask, dim=-1), v)
+
+
+class TrainingDropout(HandAttention):
+    def forward(self, q, k, v, mask):
+        probs = F.softmax(torch.matmul(q, k.transpose(-2, -1)) * 0.125, dim=-1)
+        return torch.matmul(F.dropout(probs, p=0.1, training=True), v)
+
+
+@pytest.mark.parametrize("cls,reason", [
+    (SoftmaxOverQueries, "softmax is not over the last dimension"),
+    (ReturnsWeights, "attention weights have other users (returned or reused)"),
+    (NoTranspose, "keys are not transposed over the last two dimensions"),
+    (TensorScale, "scale is not a constant number"),
+    (TrainingDropout, "dropout is active (training) between softmax and matmul"),
+])
+def test_fuse_attention_leaves_look_alikes(cls, reason):
+    gm = fx.symbolic_trace(cls())
+    inputs = _attn_inputs()
+    if cls is NoTranspose:
+        inputs = (inputs[0], inputs[1].transpose(-2, -1), inputs[2], inputs[3])
+    ShapeProp(gm).propagate(*inputs)
+    res = fuse_attention(gm)
+    assert res.total == 0
+    assert [r for _, r in res.skipped] == [reason]
+    assert count(gm, F.scaled_dot_product_attention) == 0
