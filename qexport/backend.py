@@ -10,10 +10,13 @@ custom ops run as extern kernels) or ``"eager"`` (the rewritten graph run as is,
 tests). Options:
 
     recipe          preset name, Recipe, or path to a JSON recipe (default "w8")
+    ort_accuracy_level  onnxruntime target: MatMulNBits accuracy level, 0 = fp32 activations (default, the
+                    reference numerics), 4 = int8 activations (faster, slightly different numbers)
     mode            None (as the recipe says), "dynamic", "static" or "weight_only": "dynamic"/"static" add
                     int8 activation quantization (per-token at run time / per-tensor calibrated) to every
                     int8-weight rule
-    target          "inductor" (default) or "eager"
+    target          "inductor" (default), "onnxruntime" (the graph lowered to ONNX and run by an ORT
+                    session; weight-only int8/int4/int2 as MatMulNBits, W8A8 as MatMulInteger) or "eager"
     fuse_attention  rewrite hand-written attention into scaled_dot_product_attention (default True)
 
 The passes run on the torch-level graph rather than on aot_autograd's aten graph because that is where
@@ -40,7 +43,7 @@ from qexport.errors import CalibrationError, InvalidConfig
 
 __all__ = ["qexport_backend", "BackendOptions", "GraphReport", "reports", "calibrating", "is_compiled_with_qexport"]
 
-TARGETS = ("inductor", "eager")
+TARGETS = ("inductor", "eager", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,14 @@ class BackendOptions:
     mode: str | None = None
     target: str = "inductor"
     fuse_attention: bool = True
+    ort_accuracy_level: int = 0
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> "BackendOptions":
         from qexport.passes.context import MODES
 
         options = dict(options or {})
-        allowed = {"recipe", "mode", "target", "fuse_attention"}
+        allowed = {"recipe", "mode", "target", "fuse_attention", "ort_accuracy_level"}
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise InvalidConfig(f"unknown qexport backend option(s) {unknown}; allowed: {sorted(allowed)}")
@@ -69,7 +73,16 @@ class BackendOptions:
         fuse = options.get("fuse_attention", True)
         if not isinstance(fuse, bool):
             raise InvalidConfig(f"fuse_attention must be true or false, got {fuse!r}")
-        return cls(recipe, mode, target, fuse)
+        acc = options.get("ort_accuracy_level", 0)
+        if acc not in (0, 1, 2, 3, 4):
+            raise InvalidConfig(f"ort_accuracy_level must be 0 (fp32), 1, 2, 3 or 4 (int8 activations), got {acc!r}")
+        if target == "onnxruntime":
+            try:
+                import onnxruntime  # noqa: F401
+                import onnxscript  # noqa: F401
+            except ImportError:
+                raise InvalidConfig("target 'onnxruntime' needs onnxruntime and onnxscript: pip install 'qexport[onnx]'") from None
+        return cls(recipe, mode, target, fuse, acc)
 
 
 @dataclass
@@ -121,9 +134,13 @@ def is_compiled_with_qexport(model) -> bool:
     return isinstance(model, OptimizedModule)
 
 
-def _lower(gm: fx.GraphModule, example_inputs, target: str) -> Callable:
+def _lower(gm: fx.GraphModule, example_inputs, target: str, opts: "BackendOptions | None" = None) -> Callable:
     if target == "eager":
         return gm.forward
+    if target == "onnxruntime":
+        from qexport.lowering.onnx_ort import OrtGraph
+
+        return OrtGraph(gm, accuracy_level=opts.ort_accuracy_level if opts else 0)
     from torch._inductor.compile_fx import compile_fx
 
     # A fresh GraphModule without dynamo's metadata: the constants convert added are not dynamo sources.
@@ -158,7 +175,7 @@ class QExportGraph:
         passes = [convert, fold] + ([fuse_attention] if self.opts.fuse_attention else [])
         self.report.results += PassManager(passes).run(self.gm, self.ctx)
         self.ctx.placeholders = {}  # drop references to the float weights
-        self.compiled = _lower(self.gm, example_inputs, self.opts.target)
+        self.compiled = _lower(self.gm, example_inputs, self.opts.target, self.opts)
 
     def _observed(self) -> bool:
         from qexport.passes.prepare import ActObserver

@@ -47,21 +47,53 @@ def _mb(n: int) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Measuring one variant
 # ----------------------------------------------------------------------------------------------------
+def _calibration_batches(tok, path: str | None, count: int = 8, length: int = 512):
+    """``count`` windows of ``length`` tokens from the calibration text (default: bundled Sense and Sensibility)."""
+    from qexport.errors import CalibrationError
+    from qexport.eval import tokenize
+    from qexport.models import bundled_text, read_text
+
+    ids = tokenize(tok, read_text(path or bundled_text("sensesensibility")))
+    if ids.numel() < length:
+        raise CalibrationError(f"the calibration text has {ids.numel()} tokens, fewer than one window of {length}")
+    return [c[None] for c in ids[: count * length].split(length) if c.numel() == length]
+
+
 def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=None,
-             prompt: str | None = None, max_new_tokens: int = 0) -> dict[str, Any]:
+             prompt: str | None = None, max_new_tokens: int = 0, backend: str = "eager",
+             target: str = "inductor", calib_text: str | None = None) -> dict[str, Any]:
     import qexport
     from qexport.eval import generate, perplexity
 
     row: dict[str, Any] = {"variant": name}
     t0 = time.perf_counter()
-    if recipe is not None:
+    if recipe is not None and backend == "compile":
+        import torch
+
+        torch._dynamo.reset()
+        fp_size = qexport.model_size(model)
+        qmodel = copy.deepcopy(model)
+        qmodel.forward = torch.compile(qmodel.forward, backend="qexport",
+                                       options={"recipe": recipe, "target": target})
+        row["recipe"] = recipe.to_dict()
+        row["backend"] = f"compile/{target}"
+        if recipe.needs_calibration:
+            qexport.calibrate(qmodel, _calibration_batches(tok, calib_text), progress=True)
+        # sizes of what the compiled graphs hold are those of the same recipe applied eagerly
+        size = qexport.model_size(qexport.quantize(copy.deepcopy(model), _weights_only(recipe)))
+        model = qmodel
+    elif recipe is not None:
         model = qexport.quantize(copy.deepcopy(model), recipe, progress=True)
         report = model.qexport_report
         row["recipe"] = report.recipe
         row["layers_quantized"] = len(report.quantized)
         row["layers_float"] = len(report.kept_float)
+        if recipe.needs_calibration:
+            qexport.calibrate(model, _calibration_batches(tok, calib_text), progress=True)
         row["quantize_s"] = round(time.perf_counter() - t0, 2)
-    size = qexport.model_size(model)
+        size = qexport.model_size(model)
+    else:
+        size = qexport.model_size(model)
     t1 = time.perf_counter()
     res = perplexity(model, tok, text, tokens=tokens, window=window, progress=True, desc=f"ppl {name}")
     row.update(ppl=res.ppl, nll=res.nll, tokens=res.tokens, windows=res.windows, window=res.window,
@@ -74,6 +106,13 @@ def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=
         row["generation"] = generate(model, tok, prompt, max_new_tokens=max_new_tokens)
         row["generate_s"] = round(time.perf_counter() - t2, 2)
     return row
+
+
+def _weights_only(recipe):
+    from qexport.config import Recipe, Rule
+
+    return Recipe(name=recipe.name, rules=tuple(Rule(r.pattern, r.weight) for r in recipe.rules),
+                  exclude=recipe.exclude)
 
 
 def _table(rows: list[dict[str, Any]], fp_ppl: float) -> str:
@@ -126,7 +165,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _threads()
     model, tok = load_model(args.model)
     fp = _measure("fp32", model, tok, text, tokens, window)
-    q = _measure(recipe.name, model, tok, text, tokens, window, recipe=recipe)
+    q = _measure(recipe.name, model, tok, text, tokens, window, recipe=recipe, backend=args.backend,
+                 target=args.target, calib_text=args.calib_text)
     print(f"model {args.model}  text {args.text}  {q['tokens']} tokens in {q['windows']} windows of {window}")
     print(_table([fp, q], fp["ppl"]))
     if args.json:
@@ -146,8 +186,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "tokens": q["tokens"],
             "window": window,
             "windows": q["windows"],
-            "layers_quantized": q["layers_quantized"],
-            "layers_float": q["layers_float"],
+            "layers_quantized": q.get("layers_quantized"),
+            "layers_float": q.get("layers_float"),
+            "backend": q.get("backend", "eager"),
         }
         _write_json(args.json, out, args.force)
     return 0
@@ -212,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", required=True, help="UTF-8 text file to evaluate on")
     e.add_argument("--tokens", type=int, default=8192, help="tokens evaluated (default 8192)")
     e.add_argument("--window", type=int, default=512, help="window length (default 512)")
+    e.add_argument("--backend", choices=("eager", "compile"), default="eager",
+                   help="eager quantized modules (default) or torch.compile(backend='qexport')")
+    e.add_argument("--target", choices=("inductor", "eager"), default="inductor",
+                   help="with --backend compile: where the quantized graph runs (default inductor)")
+    e.add_argument("--calib-text", help="calibration text for static recipes (default: bundled Sense and Sensibility)")
     e.add_argument("--json", help="also write the results as JSON to this file")
     e.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
     e.set_defaults(func=cmd_eval)

@@ -10,7 +10,7 @@ import torch
 EMMA = Path(__file__).resolve().parent.parent / "qexport" / "data" / "austen" / "emma.txt"
 
 
-def tiny_llama(seed: int = 0, tie: bool = False, vocab: int = 512):
+def tiny_llama(seed: int = 0, tie: bool = False, vocab: int = 512, attn_implementation: str = "sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -19,6 +19,7 @@ def tiny_llama(seed: int = 0, tie: bool = False, vocab: int = 512):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
+    cfg._attn_implementation = attn_implementation
     model = LlamaForCausalLM(cfg)
     model.eval()
     return model

@@ -1,0 +1,1 @@
+"""Lowering of the canonical quantized form to other runtimes (ONNX Runtime first)."""

@@ -1,0 +1,280 @@
+"""Lower a converted (canonical quantized) FX graph to ONNX and run it in ONNX Runtime.
+
+Two steps:
+
+1. ``torch.onnx.export(dynamo=True)`` with a translation for each ``qexport`` op. Weight-consuming ops
+   become nodes of the ``qexport`` ONNX domain that carry their packed-weight initializers; activation
+   quantization becomes standard ONNX (per-token scales: ReduceMax / Div / Round / Clip / Cast; int8 x
+   int8 products: ``MatMulInteger``).
+2. A rewrite of every ``qexport``-domain node into what ONNX Runtime runs fast: weight-only int8 / int4 /
+   int2 linears into ``com.microsoft.MatMulNBits`` (see :mod:`qexport.lowering.ort_matmul`); int8 weights of
+   W8A8 layers into ``[K, N]`` initializers for ``MatMulInteger``; anything without an ORT kernel (NF4,
+   group sizes that are not multiples of 16, conv weights) into a float initializer, recorded in the
+   report.
+
+The graph runs at the shapes it was exported with; :class:`OrtGraph` exports once per input shape
+signature and caches the sessions.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from qexport.errors import UnsupportedOp
+
+__all__ = ["OrtGraph", "export_graph"]
+
+DOMAIN = "qexport"
+_F32, _I8 = 1, 3  # onnx.TensorProto.FLOAT, INT8
+MS_DOMAIN = "com.microsoft"
+
+
+def _translations():
+    import onnxscript
+    from onnxscript import opset18 as op
+    from onnxscript.values import Opset
+
+    _register_schemas()
+    qx = Opset(DOMAIN, 1)
+    Q = torch.ops.qexport
+
+    def qlinear(x, qdata, scale, zero_point, bias, fmt: str, bits: int, group: int, in_features: int,
+                symmetric: bool):
+        return qx.QLinear(x, qdata, scale, zero_point, bias, fmt=fmt, bits=bits, group=group,
+                          in_features=in_features, symmetric=int(symmetric))
+
+    def dequantize_weight(qdata, scale, zero_point, fmt: str, bits: int, group: int, in_features: int,
+                          symmetric: bool):
+        return qx.DequantizeWeight(qdata, scale, zero_point, fmt=fmt, bits=bits, group=group,
+                                   in_features=in_features, symmetric=int(symmetric))
+
+    def quantize_per_token(x):
+        xf = op.Cast(x, to=_F32)
+        amax = op.ReduceMax(op.Abs(xf), op.Constant(value_ints=[-1]), keepdims=1)
+        scale = op.Max(op.Div(amax, op.Constant(value_float=127.0)),
+                       op.Constant(value_float=float(torch.finfo(torch.float32).tiny)))
+        q = op.Clip(op.Round(op.Div(xf, scale)), op.Constant(value_float=-128.0), op.Constant(value_float=127.0))
+        return op.Cast(q, to=_I8), scale
+
+    def quantize_per_tensor(x, scale, zero_point: int):
+        q = op.Add(op.Round(op.Div(op.Cast(x, to=_F32), scale)), op.Constant(value_float=float(zero_point)))
+        return op.Cast(op.Clip(q, op.Constant(value_float=-128.0), op.Constant(value_float=127.0)), to=_I8)
+
+    def qlinear_a8(xq, x_scale, x_zero_point: int, wq, w_scale, bias):
+        return qx.QLinearA8(xq, x_scale, wq, w_scale, bias, x_zero_point=x_zero_point)
+
+    return {
+        Q.qlinear.default: qlinear,
+        Q.dequantize_weight.default: dequantize_weight,
+        Q.quantize_per_token.default: quantize_per_token,
+        Q.quantize_per_tensor.default: quantize_per_tensor,
+        Q.qlinear_a8.default: qlinear_a8,
+    }
+
+
+_SCHEMAS = {  # op -> (inputs as (name, type, optional), attributes as (name, type))
+    "QLinear": ([("x", "T", False), ("qdata", "Q", False), ("scale", "T", False), ("zero_point", "Q", True),
+                 ("bias", "T", True)],
+                [("fmt", "STRING"), ("bits", "INT"), ("group", "INT"), ("in_features", "INT"), ("symmetric", "INT")]),
+    "DequantizeWeight": ([("qdata", "Q", False), ("scale", "T", False), ("zero_point", "Q", True)],
+                         [("fmt", "STRING"), ("bits", "INT"), ("group", "INT"), ("in_features", "INT"),
+                          ("symmetric", "INT")]),
+    "QLinearA8": ([("xq", "Q", False), ("x_scale", "T", False), ("wq", "Q", False), ("w_scale", "T", False),
+                   ("bias", "T", True)], [("x_zero_point", "INT")]),
+}
+
+
+def _register_schemas() -> None:
+    """ONNX schemas for the qexport domain, so onnxscript can record these ops (they never reach a runtime)."""
+    from onnx import defs
+
+    OpSchema = defs.OpSchema
+    for name, (inputs, attrs) in _SCHEMAS.items():
+        try:
+            defs.get_schema(name, 1, DOMAIN)
+            continue
+        except Exception:  # not registered yet
+            pass
+        opt = OpSchema.FormalParameterOption
+        schema = OpSchema(
+            name, DOMAIN, 1,
+            inputs=[OpSchema.FormalParameter(n, t, param_option=opt.Optional if o else opt.Single)
+                    for n, t, o in inputs],
+            outputs=[OpSchema.FormalParameter("y", "T")],
+            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float"),
+                              ("Q", ["tensor(uint8)", "tensor(int8)"], "stored codes")],
+            attributes=[OpSchema.Attribute(n, getattr(OpSchema.AttrType, t), "") for n, t in attrs],
+        )
+        defs.register_schema(schema)
+
+
+@dataclass
+class LoweringReport:
+    matmulnbits: int = 0
+    matmulinteger: int = 0
+    float_fallback: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"matmulnbits": self.matmulnbits, "matmulinteger": self.matmulinteger,
+                "float_fallback": [{"node": n, "reason": r} for n, r in self.float_fallback]}
+
+
+def _attrs(node) -> dict[str, Any]:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _rewrite(model, report: LoweringReport):
+    """Replace every qexport-domain node by standard / ORT contrib ops (see the module docstring)."""
+    from onnx import helper, numpy_helper
+
+    from qexport.formats import dequantize_stored
+    from qexport.lowering.ort_matmul import matmulnbits_tensors
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+
+    def value(name):
+        if not name:
+            return None
+        if name not in inits:
+            raise UnsupportedOp(f"input {name!r} of a quantized node is not a constant")
+        return torch.from_numpy(numpy_helper.to_array(inits[name]).copy())
+
+    def add_init(name, array):
+        t = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        g.initializer.append(t)
+        inits[name] = t
+        return name
+
+    new_nodes = []
+    for node in g.node:
+        if node.domain != DOMAIN:
+            new_nodes.append(node)
+            continue
+        a = _attrs(node)
+        name = node.name or node.output[0]
+        ins = list(node.input) + [""] * (5 - len(node.input))
+        if node.op_type in ("QLinear", "DequantizeWeight"):
+            fmt = a["fmt"].decode() if isinstance(a["fmt"], bytes) else a["fmt"]
+            bits, group, k, sym = a["bits"], a["group"], a["in_features"], bool(a["symmetric"])
+            qdata, scale, zp = value(ins[1]), value(ins[2]), value(ins[3])
+            if node.op_type == "QLinear":
+                try:
+                    b, s, z, bs = matmulnbits_tensors(qdata, scale, zp, fmt, bits, group, k, sym)
+                    n = qdata.shape[0]
+                    mm_in = [ins[0], add_init(f"{name}_B", b), add_init(f"{name}_scales", s)]
+                    if z is not None:
+                        mm_in.append(add_init(f"{name}_zp", z))
+                    out = node.output[0] if not ins[4] else f"{name}_mm"
+                    new_nodes.append(helper.make_node("MatMulNBits", mm_in, [out], name=f"{name}_MatMulNBits",
+                                                      domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=bs,
+                                                      accuracy_level=_STATE.accuracy_level))
+                    report.matmulnbits += 1
+                except UnsupportedOp as e:
+                    w = dequantize_stored(qdata, scale, zp, fmt, bits, group, k, sym)
+                    out = node.output[0] if not ins[4] else f"{name}_mm"
+                    new_nodes.append(helper.make_node("MatMul", [ins[0], add_init(f"{name}_WT", w.t().numpy())],
+                                                      [out], name=f"{name}_MatMul"))
+                    report.float_fallback.append((name, str(e)))
+                if ins[4]:
+                    new_nodes.append(helper.make_node("Add", [out, ins[4]], [node.output[0]], name=f"{name}_bias"))
+            else:  # conv weights: no ORT kernel takes packed ones
+                w = dequantize_stored(qdata, scale, zp, fmt, bits, group, k, sym)
+                new_nodes.append(helper.make_node("Identity", [add_init(f"{name}_W", w.numpy())], [node.output[0]]))
+                report.float_fallback.append((name, "conv weights are dequantized at lowering"))
+        elif node.op_type == "QLinearA8":
+            xq, xs, wq, ws, bias = ins
+            wt = value(wq).t().contiguous().numpy()
+            zp = int(a.get("x_zero_point", 0))
+            mm_in = [xq, add_init(f"{name}_WT", wt)]
+            if zp:
+                mm_in.append(add_init(f"{name}_xzp", np.array(zp, dtype=np.int8)))
+            acc = f"{name}_acc"
+            new_nodes.append(helper.make_node("MatMulInteger", mm_in, [acc], name=f"{name}_MatMulInteger"))
+            accf = f"{name}_accf"
+            new_nodes.append(helper.make_node("Cast", [acc], [accf], to=1))
+            y1 = f"{name}_y1"
+            new_nodes.append(helper.make_node("Mul", [accf, xs], [y1]))
+            wsv = add_init(f"{name}_ws", value(ws).reshape(-1).numpy().astype(np.float32))
+            out = node.output[0] if not bias else f"{name}_y2"
+            new_nodes.append(helper.make_node("Mul", [y1, wsv], [out]))
+            if bias:
+                new_nodes.append(helper.make_node("Add", [out, bias], [node.output[0]]))
+            report.matmulinteger += 1
+        else:
+            raise UnsupportedOp(f"no ONNX lowering for qexport op {node.op_type}")
+    del g.node[:]
+    g.node.extend(new_nodes)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    model.opset_import.extend([helper.make_opsetid(MS_DOMAIN, 1)])
+    for i, imp in enumerate(list(model.opset_import)):
+        if imp.domain == DOMAIN:
+            del model.opset_import[i]
+    return model
+
+
+class _State:
+    accuracy_level = 0
+
+
+_STATE = _State()
+
+
+def export_graph(gm: fx.GraphModule, example_inputs, accuracy_level: int = 0):
+    """ONNX model (with ORT contrib ops) of ``gm`` at the shapes of ``example_inputs``, and its report."""
+    _STATE.accuracy_level = accuracy_level
+    report = LoweringReport()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(gm, tuple(example_inputs), dynamo=True, custom_translation_table=_translations(),
+                                 optimize=True, verbose=False, report=False)
+    return _rewrite(prog.model_proto, report), report
+
+
+class OrtGraph:
+    """Runs a converted graph in ONNX Runtime, one session per input shape signature."""
+
+    def __init__(self, gm: fx.GraphModule, accuracy_level: int = 0, threads: int | None = None):
+        self.gm = gm
+        self.accuracy_level = accuracy_level
+        self.threads = threads or torch.get_num_threads()
+        self.sessions: dict[tuple, Any] = {}
+        self.reports: list[LoweringReport] = []
+
+    def _session(self, args):
+        import onnxruntime as ort
+
+        model, report = export_graph(self.gm, args, self.accuracy_level)
+        self.reports.append(report)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        placeholders = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
+        index = {name: i for i, name in enumerate(placeholders)}
+        feeds = []
+        for pos, inp in enumerate(sess.get_inputs()):
+            feeds.append((inp.name, index.get(inp.name, pos)))
+        return sess, feeds
+
+    def __call__(self, *args):
+        if any(not isinstance(a, torch.Tensor) for a in args):
+            raise UnsupportedOp("ONNX Runtime target: graphs with symbolic sizes are not supported")
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        if key not in self.sessions:
+            self.sessions[key] = self._session(args)
+        sess, feeds = self.sessions[key]
+        outs = sess.run(None, {name: args[i].detach().contiguous().numpy() for name, i in feeds})
+        return tuple(torch.from_numpy(o) for o in outs)

@@ -1,0 +1,177 @@
+"""torch.compile(backend="qexport"): registration, options, numerics against the eager reference, calibration,
+fallbacks and attention fusion on a real (tiny) Llama graph. Most tests use target="eager" (the rewritten graph
+run as is) to avoid inductor's cold-compile cost; a few go through inductor."""
+
+import copy
+import importlib.metadata
+
+import pytest
+import torch
+from torch import nn
+
+import qexport
+import qexport.backend as B
+from qexport.errors import CalibrationError, InvalidConfig
+
+from tiny import tiny_llama
+
+IDS = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled(model, **options):
+    return torch.compile(model, backend="qexport", options=options)
+
+
+def last_counts():
+    return B.reports()[-1].counts()
+
+
+def test_backend_is_registered_through_entry_point():
+    eps = importlib.metadata.entry_points(group="torch_dynamo_backends")
+    assert any(ep.name == "qexport" and ep.value == "qexport.backend:qexport_backend" for ep in eps)
+    assert "qexport" in torch._dynamo.list_backends()
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"recipe": "w4g128", "colour": "red"}, "unknown qexport backend option"),
+    ({"recipe": "nope"}, "unknown recipe preset 'nope'"),
+    ({"mode": "fast"}, "mode='fast' is not valid"),
+    ({"target": "tpu"}, "target='tpu' is not valid"),
+    ({"fuse_attention": "yes"}, "fuse_attention must be true or false"),
+])
+def test_bad_options_are_clear_errors(options, match):
+    with pytest.raises(InvalidConfig, match=match):
+        B.BackendOptions.from_dict(options)
+    with pytest.raises(Exception, match=match):  # through torch.compile, wrapped by dynamo
+        with torch.no_grad():
+            compiled(nn.Linear(4, 4), **options)(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("preset", ["w8", "w4g128", "nf4-dq", "w8a8-dynamic"])
+def test_compiled_matches_eager_quantized_model(preset):
+    model = tiny_llama(seed=7)
+    eager = qexport.quantize(copy.deepcopy(model), preset)
+    c = compiled(copy.deepcopy(model), recipe=preset, target="eager")
+    with torch.no_grad():
+        got, want = c(IDS).logits, eager(IDS).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    counts = last_counts()
+    assert counts["annotate"]["linear"] == 14  # lm_head excluded
+    assert counts["convert"]["layers"] == 14
+    if preset == "w8a8-dynamic":
+        assert counts["convert"]["w8a8_dynamic"] == 14
+
+
+def test_mode_option_adds_dynamic_activations_to_int8_rules():
+    model = tiny_llama(seed=7)
+    eager = qexport.quantize(copy.deepcopy(model), "w8a8-dynamic")
+    c = compiled(copy.deepcopy(model), recipe="w8", mode="dynamic", target="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(c(IDS).logits, eager(IDS).logits, atol=1e-5, rtol=1e-5)
+    assert last_counts()["convert"]["w8a8_dynamic"] == 14
+
+
+def test_static_mode_requires_calibration_then_matches_reference():
+    model = tiny_llama(seed=8)
+    calib = [torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    c = compiled(copy.deepcopy(model), recipe="w8a8-static", target="eager")
+    with pytest.raises(CalibrationError, match="qexport.calibrate"):
+        with torch.no_grad():
+            c(IDS)
+    torch._dynamo.reset()
+    c = compiled(copy.deepcopy(model), recipe="w8a8-static", target="eager")
+    with pytest.raises(CalibrationError, match="empty"):
+        qexport.calibrate(c, [])
+    assert qexport.calibrate(c, calib) == 3
+    with torch.no_grad():
+        got = c(IDS).logits
+    assert last_counts()["convert"]["w8a8_static"] == 14
+    # the reference: the same model quantized eagerly, calibrated on the same data
+    eager = qexport.quantize(copy.deepcopy(model), "w8a8-static")
+    qexport.calibrate(eager, calib)
+    with torch.no_grad():
+        want = eager(IDS).logits
+        fp = model(IDS).logits
+    sqnr = lambda a, b: float(10 * torch.log10(a.pow(2).sum() / (a - b).pow(2).sum()))  # noqa: E731
+    assert sqnr(want, got) > 30  # observers see float (graph) vs weight-quantized (eager) inputs
+    assert sqnr(fp, got) > 20
+    # calibration changed the output: an uncalibrated-looking weight-only model differs
+    wo = qexport.quantize(copy.deepcopy(model), "w8")
+    with torch.no_grad():
+        assert not torch.allclose(wo(IDS).logits, got, atol=1e-4)
+
+
+class WithOddOps(nn.Module):
+    """A NaN-weight layer, an activation x activation matmul and a graph break."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.bad = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 8)
+        with torch.no_grad():
+            self.bad.weight[0, 0] = float("nan")
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.matmul(h, h.transpose(-1, -2)) @ h
+        torch._dynamo.graph_break()
+        return self.b(torch.nan_to_num(self.bad(h)))
+
+
+def test_unquantizable_layers_and_graph_breaks_fall_back_to_float():
+    torch.manual_seed(0)
+    model = WithOddOps()
+    x = torch.randn(3, 16)
+    with pytest.warns(UserWarning, match="bad stays float"):
+        with torch.no_grad():
+            got = compiled(copy.deepcopy(model), recipe="w8", target="eager")(x)
+    graphs = B.reports()[-2:]
+    assert len(graphs) == 2  # the graph break splits the model
+    skipped = [reason for g in graphs for r in g.results for _, reason in r.skipped]
+    assert "matmul of two activations (attention scores); not quantized" in skipped
+    assert any("NaN" in s for s in skipped)
+    eager = qexport.quantize(copy.deepcopy(model), "w8")
+    with torch.no_grad():
+        torch.testing.assert_close(got, eager(x), atol=1e-5, rtol=1e-5)
+
+
+def test_hand_written_llama_attention_is_fused():
+    model = tiny_llama(seed=9, attn_implementation="eager")
+    eager = qexport.quantize(copy.deepcopy(model), "w4g128")
+    c = compiled(copy.deepcopy(model), recipe="w4g128", target="eager")
+    with torch.no_grad():
+        got = c(IDS).logits
+        want = eager(IDS).logits
+    assert last_counts()["fuse_attention"] == {"sdpa": 2}
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch._dynamo.reset()
+    compiled(copy.deepcopy(model), recipe="w4g128", target="eager", fuse_attention=False)(IDS)
+    assert "fuse_attention" not in last_counts()
+
+
+def test_generate_with_kv_cache_matches_eager():
+    model = tiny_llama(seed=10)
+    eager = qexport.quantize(copy.deepcopy(model), "w4g128")
+    c = copy.deepcopy(model)
+    c.forward = torch.compile(c.forward, backend="qexport", options={"recipe": "w4g128", "target": "eager"})
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(c.generate(IDS[:1], **kw), eager.generate(IDS[:1], **kw), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["w4g128", "w8a8-dynamic"])
+def test_inductor_target(preset):
+    model = tiny_llama(seed=11)
+    eager = qexport.quantize(copy.deepcopy(model), preset)
+    c = compiled(copy.deepcopy(model), recipe=preset)  # target="inductor" is the default
+    with torch.no_grad():
+        torch.testing.assert_close(c(IDS).logits, eager(IDS).logits, atol=1e-4, rtol=1e-4)
+    assert B.reports()[-1].target == "inductor"
