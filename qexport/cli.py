@@ -243,6 +243,25 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from qexport.bench import parse_variant, run_bench, to_markdown, write_results
+
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        parse_variant(v)
+    if args.out:
+        for name in ("bench.json", "bench.csv", "bench.md"):
+            _check_json_target(str(Path(args.out) / name), args.force)
+    _threads()
+    result = run_bench(args.model, variants, _positive_int("--prompt-tokens", args.prompt_tokens),
+                       _positive_int("--new-tokens", args.new_tokens))
+    print(to_markdown(result))
+    if args.out:
+        for path in write_results(result, args.out, args.force):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qexport", description="Quantize PyTorch LLMs to 8, 4 and 2 bits and measure them.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -255,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=512, help="window length (default 512)")
     e.add_argument("--backend", choices=("eager", "compile"), default="eager",
                    help="eager quantized modules (default) or torch.compile(backend='qexport')")
-    e.add_argument("--target", choices=("inductor", "eager"), default="inductor",
+    e.add_argument("--target", choices=("inductor", "onnxruntime", "eager"), default="inductor",
                    help="with --backend compile: where the quantized graph runs (default inductor)")
     e.add_argument("--calib-text", help="calibration text for static recipes (default: bundled Sense and Sensibility)")
     e.add_argument("--json", help="also write the results as JSON to this file")
@@ -272,6 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", help="also write the results as JSON to this file")
     d.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
     d.set_defaults(func=cmd_demo)
+
+    from qexport.bench import DEFAULT_VARIANTS
+
+    b = sub.add_parser("bench", help="speed of variants side by side: compile time, prefill, decode tokens/s")
+    b.add_argument("--model", default="smollm2")
+    b.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help="comma-separated: eager-fp32, inductor-fp32, eager:RECIPE, qexport:RECIPE:TARGET")
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--out", help="folder for bench.json, bench.csv and bench.md")
+    b.add_argument("--force", action="store_true", help="overwrite existing result files")
+    b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("recipes", help="list the preset recipes, or print one as JSON")
     r.add_argument("--show", metavar="NAME", help="print this recipe as JSON")

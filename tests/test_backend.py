@@ -175,3 +175,39 @@ def test_inductor_target(preset):
     with torch.no_grad():
         torch.testing.assert_close(c(IDS).logits, eager(IDS).logits, atol=1e-4, rtol=1e-4)
     assert B.reports()[-1].target == "inductor"
+
+
+@pytest.mark.parametrize("preset", ["w4g128", "w2g64", "nf4-dq", "w8a8-dynamic"])
+def test_onnxruntime_target_matches_eager(preset):
+    pytest.importorskip("onnxruntime")
+    model = tiny_llama(seed=12)
+    eager = qexport.quantize(copy.deepcopy(model), preset)
+    c = compiled(copy.deepcopy(model), recipe=preset, target="onnxruntime")
+    with torch.no_grad():
+        got = c(IDS).logits
+        torch.testing.assert_close(got, eager(IDS).logits, atol=1e-4, rtol=1e-4)
+        c(IDS)  # same shapes: the cached session runs again
+    ort_graph = [g for g in B._LIVE if g.report is B.reports()[-1]][0].compiled
+    assert len(ort_graph.sessions) == 1
+    report = ort_graph.reports[-1]
+    if preset == "nf4-dq":  # ORT has no NF4 matmul: lowered to float, and said so
+        assert report.matmulnbits == 0 and len(report.float_fallback) == 14
+    elif preset == "w8a8-dynamic":
+        assert report.matmulinteger == 14
+    else:
+        assert report.matmulnbits == 14 and not report.float_fallback
+
+
+def test_onnxruntime_target_static_w8a8():
+    pytest.importorskip("onnxruntime")
+    model = tiny_llama(seed=13)
+    calib = [torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    ref = compiled(copy.deepcopy(model), recipe="w8a8-static", target="eager")
+    qexport.calibrate(ref, calib)
+    with torch.no_grad():
+        want = ref(IDS).logits
+    torch._dynamo.reset()
+    c = compiled(copy.deepcopy(model), recipe="w8a8-static", target="onnxruntime")
+    qexport.calibrate(c, calib)
+    with torch.no_grad():
+        torch.testing.assert_close(c(IDS).logits, want, atol=1e-4, rtol=1e-4)

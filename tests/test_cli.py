@@ -111,3 +111,19 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert "not found" in err
     code, _, err = run_cli("eval", "--recipe", "w8")  # argparse errors are one line too
     assert code == 2 and err.strip().count("\n") == 0 and "--text" in err
+
+
+def test_bench_on_tiny_checkpoint_writes_results(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", str(tiny_dir), "--variants", "eager-fp32,eager:w4g128,qexport:w8:eager",
+            "--prompt-tokens", "16", "--new-tokens", "4", "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert [r["variant"] for r in data["results"]] == ["eager-fp32", "eager:w4g128", "qexport:w8:eager"]
+    for r in data["results"]:
+        assert r["prefill_s"] > 0 and r["decode_tok_s"] > 0
+    assert "| variant |" in (out / "bench.md").read_text()
+    assert (out / "bench.csv").read_text().startswith("variant,")
+    assert main(argv) == 2  # results exist: not overwritten without --force
+    assert main(["bench", "--variants", "qexport:w8:gpu"]) == 2
+    assert "target must be one of" in capsys.readouterr().err
