@@ -211,3 +211,19 @@ def test_onnxruntime_target_static_w8a8():
     qexport.calibrate(c, calib)
     with torch.no_grad():
         torch.testing.assert_close(c(IDS).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_onnxruntime_target_generate_with_dynamic_shapes():
+    """Decode steps change the cache length: dynamo's symbolic graph is exported once with dynamic axes."""
+    pytest.importorskip("onnxruntime")
+    model = tiny_llama(seed=14)
+    eager = qexport.quantize(copy.deepcopy(model), "w4g128")
+    c = copy.deepcopy(model)
+    c.forward = torch.compile(c.forward, backend="qexport", options={"recipe": "w4g128", "target": "onnxruntime"})
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(c.generate(IDS[:1], **kw), eager.generate(IDS[:1], **kw), atol=0, rtol=0)
+    ort_graphs = [g.compiled for g in B._LIVE if g.opts.target == "onnxruntime" and g.compiled is not None]
+    dynamic = [o for o in ort_graphs if o.dynamic_shapes]
+    assert dynamic and all(len(o.sessions) == 1 for o in dynamic)  # one session serves every later step
+    assert sum(len(o.sessions) for o in ort_graphs) <= 4  # not one export per generated token

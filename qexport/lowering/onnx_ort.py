@@ -12,12 +12,13 @@ Two steps:
    group sizes that are not multiples of 16, conv weights) into a float initializer, recorded in the
    report.
 
-The graph runs at the shapes it was exported with; :class:`OrtGraph` exports once per input shape
-signature and caches the sessions.
+:class:`OrtGraph` exports a graph traced with symbolic sizes once, with dynamic axes, and a static graph
+once per input shape signature, and caches the sessions.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -231,50 +232,101 @@ class _State:
 _STATE = _State()
 
 
-def export_graph(gm: fx.GraphModule, example_inputs, accuracy_level: int = 0):
+def _symbolic_dims(v) -> dict[int, Any]:
+    return {d: s for d, s in enumerate(v.shape) if not isinstance(s, int)} if isinstance(v, torch.Tensor) else {}
+
+
+def tensor_only(gm: fx.GraphModule) -> tuple[list[int], tuple | None]:
+    """Make ``gm`` take tensors only: each symbolic-size (SymInt) input is re-derived from the tensor input
+    that carries it (``aten.sym_size``). Returns the indices of the kept inputs and ``dynamic_shapes`` for
+    export (None when the graph has static shapes). Raises UnsupportedOp when a size cannot be re-derived.
+    """
+    from torch.export import Dim
+
+    ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = [n.meta.get("example_value") for n in ph]
+    sym_inputs = [i for i, v in enumerate(values) if isinstance(v, torch.SymInt)]
+    dynamic = bool(sym_inputs) or any(_symbolic_dims(v) for v in values)
+    if not dynamic:
+        return list(range(len(ph))), None
+    where = {}
+    for i, v in enumerate(values):
+        for d, s in _symbolic_dims(v).items():
+            where.setdefault(str(s), (ph[i], d))
+    last = ph[-1]
+    for i in sym_inputs:
+        sym = str(values[i].node.expr)
+        if sym not in where:
+            raise UnsupportedOp(f"size {sym} of the graph is not the size of any tensor input")
+        src, d = where[sym]
+        with gm.graph.inserting_after(last):
+            size = gm.graph.call_function(torch.ops.aten.sym_size.int, (src, d))
+        ph[i].replace_all_uses_with(size)
+        gm.graph.erase_node(ph[i])
+    gm.recompile()
+    keep = [i for i in range(len(ph)) if i not in sym_inputs]
+    dyn = tuple({d: Dim.DYNAMIC for d in _symbolic_dims(values[i])} or None for i in keep)
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(gm.forward).parameters.values())
+    return keep, ((dyn,) if varargs else dyn)
+
+
+def export_graph(gm: fx.GraphModule, example_inputs, accuracy_level: int = 0, dynamic_shapes=None):
     """ONNX model (with ORT contrib ops) of ``gm`` at the shapes of ``example_inputs``, and its report."""
     _STATE.accuracy_level = accuracy_level
     report = LoweringReport()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(gm, tuple(example_inputs), dynamo=True, custom_translation_table=_translations(),
-                                 optimize=True, verbose=False, report=False)
+        prog = torch.onnx.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes, dynamo=True,
+                                 custom_translation_table=_translations(), optimize=True, verbose=False,
+                                 report=False)
     return _rewrite(prog.model_proto, report), report
 
 
 class OrtGraph:
-    """Runs a converted graph in ONNX Runtime, one session per input shape signature."""
+    """Runs a converted graph in ONNX Runtime.
+
+    A graph that dynamo traced with symbolic sizes is exported once with dynamic axes (its SymInt inputs
+    re-derived from tensor shapes); a static graph is exported once per input shape signature. Sessions
+    are cached.
+    """
 
     def __init__(self, gm: fx.GraphModule, accuracy_level: int = 0, threads: int | None = None):
-        self.gm = gm
+        # A copy of the graph: dynamo reads the placeholders of the GraphModule it handed over to decide
+        # what to pass at run time, so that one must keep its SymInt inputs.
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(gm.graph, {}))
+        self.gm = fx.GraphModule(gm, graph)
         self.accuracy_level = accuracy_level
         self.threads = threads or torch.get_num_threads()
         self.sessions: dict[tuple, Any] = {}
         self.reports: list[LoweringReport] = []
+        self.keep, self.dynamic_shapes = tensor_only(self.gm)
 
     def _session(self, args):
+        import re
+
         import onnxruntime as ort
 
-        model, report = export_graph(self.gm, args, self.accuracy_level)
+        model, report = export_graph(self.gm, args, self.accuracy_level, self.dynamic_shapes)
         self.reports.append(report)
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        placeholders = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
-        index = {name: i for i, name in enumerate(placeholders)}
         feeds = []
         for pos, inp in enumerate(sess.get_inputs()):
-            feeds.append((inp.name, index.get(inp.name, pos)))
+            m = re.fullmatch(r"args_(\d+)", inp.name)
+            feeds.append((inp.name, int(m.group(1)) if m else pos))
         return sess, feeds
 
     def __call__(self, *args):
-        if any(not isinstance(a, torch.Tensor) for a in args):
-            raise UnsupportedOp("ONNX Runtime target: graphs with symbolic sizes are not supported")
-        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        targs = [args[i] for i in self.keep]
+        if any(not isinstance(a, torch.Tensor) for a in targs):
+            raise UnsupportedOp("ONNX Runtime target: a non-tensor graph input that is not a size")
+        key = ("dynamic",) if self.dynamic_shapes else tuple((tuple(a.shape), a.dtype) for a in targs)
         if key not in self.sessions:
-            self.sessions[key] = self._session(args)
+            self.sessions[key] = self._session(targs)
         sess, feeds = self.sessions[key]
-        outs = sess.run(None, {name: args[i].detach().contiguous().numpy() for name, i in feeds})
+        outs = sess.run(None, {name: targs[i].detach().contiguous().numpy() for name, i in feeds})
         return tuple(torch.from_numpy(o) for o in outs)
