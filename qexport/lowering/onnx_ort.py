@@ -277,7 +277,7 @@ def export_graph(gm: fx.GraphModule, example_inputs, accuracy_level: int = 0, dy
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes, dynamo=True,
-                                 custom_translation_table=_translations(), optimize=True, verbose=False,
+                                 custom_translation_table=_translations(), optimize=False, verbose=False,
                                  report=False)
     return _rewrite(prog.model_proto, report), report
 
