@@ -15,8 +15,9 @@ tests). Options:
     mode            None (as the recipe says), "dynamic", "static" or "weight_only": "dynamic"/"static" add
                     int8 activation quantization (per-token at run time / per-tensor calibrated) to every
                     int8-weight rule
-    target          "inductor" (default), "onnxruntime" (the graph lowered to ONNX and run by an ORT
-                    session; weight-only int8/int4/int2 as MatMulNBits, W8A8 as MatMulInteger) or "eager"
+    target          "onnxruntime" (the graph lowered to ONNX and run by an ORT session; weight-only
+                    int8/int4/int2 as MatMulNBits, W8A8 as MatMulInteger; the default on CPU when onnxruntime
+                    is installed), "inductor" (the default otherwise) or "eager"
     fuse_attention  rewrite hand-written attention into scaled_dot_product_attention (default True)
 
 The passes run on the torch-level graph rather than on aot_autograd's aten graph because that is where
@@ -67,7 +68,7 @@ class BackendOptions:
         mode = options.get("mode")
         if mode is not None and mode not in MODES:
             raise InvalidConfig(f"mode={mode!r} is not valid; allowed: None, {', '.join(repr(m) for m in MODES)}")
-        target = options.get("target", "inductor")
+        target = options.get("target") or default_target()
         if target not in TARGETS:
             raise InvalidConfig(f"target={target!r} is not valid; allowed: {', '.join(repr(t) for t in TARGETS)}")
         fuse = options.get("fuse_attention", True)
@@ -106,6 +107,17 @@ class GraphReport:
 _REPORTS: list[GraphReport] = []
 _LIVE: "weakref.WeakSet[QExportGraph]" = weakref.WeakSet()
 _STATE = threading.local()
+
+
+def default_target() -> str:
+    """``"onnxruntime"`` on a CPU-only machine where onnxruntime and onnxscript are installed (it is the
+    fast path there, see ``qexport bench``), else ``"inductor"``."""
+    import importlib.util
+
+    if torch.cuda.is_available():
+        return "inductor"
+    have = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript"))
+    return "onnxruntime" if have else "inductor"
 
 
 def reports() -> list[GraphReport]:

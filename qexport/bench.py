@@ -11,8 +11,7 @@ and is measured with the same protocol (batch 1): a prompt of ``prompt_tokens`` 
 evaluation text; ``first_call_s`` is the first forward pass over the prompt (compilation included for
 compiled variants); ``prefill_s`` is the median of three later forward passes; ``decode_tok_s`` is
 ``new_tokens`` greedy tokens with the KV cache (HF ``generate``) divided by the time generate() takes beyond
-one prefill, measured after a warm-up generate(). The onnxruntime target runs each graph at the static
-shapes it was exported with, so its decode (a new shape every step) is not measured.
+one prefill, measured after a warm-up generate() (which compiles, or exports, the decode graphs).
 """
 
 from __future__ import annotations
@@ -91,9 +90,6 @@ def measure(model, prompt: torch.Tensor, spec: dict[str, str], new_tokens: int) 
     prefill = statistics.median(times)
     row: dict[str, Any] = {"first_call_s": first, "prefill_s": prefill,
                            "prefill_tok_s": prompt.shape[1] / prefill, "decode_tok_s": None}
-    if spec.get("target") == "onnxruntime":
-        row["note"] = "decode not measured: the onnxruntime target runs static shapes"
-        return row
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     m.generate(prompt, **kw)  # warm-up: compiles the decode graphs
     t0 = time.perf_counter()

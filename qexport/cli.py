@@ -61,7 +61,7 @@ def _calibration_batches(tok, path: str | None, count: int = 8, length: int = 51
 
 def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=None,
              prompt: str | None = None, max_new_tokens: int = 0, backend: str = "eager",
-             target: str = "inductor", calib_text: str | None = None) -> dict[str, Any]:
+             target: str | None = None, calib_text: str | None = None) -> dict[str, Any]:
     import qexport
     from qexport.eval import generate, perplexity
 
@@ -76,7 +76,9 @@ def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=
         qmodel.forward = torch.compile(qmodel.forward, backend="qexport",
                                        options={"recipe": recipe, "target": target})
         row["recipe"] = recipe.to_dict()
-        row["backend"] = f"compile/{target}"
+        from qexport.backend import default_target
+
+        row["backend"] = f"compile/{target or default_target()}"
         if recipe.needs_calibration:
             qexport.calibrate(qmodel, _calibration_batches(tok, calib_text), progress=True)
         # sizes of what the compiled graphs hold are those of the same recipe applied eagerly
@@ -274,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--window", type=int, default=512, help="window length (default 512)")
     e.add_argument("--backend", choices=("eager", "compile"), default="eager",
                    help="eager quantized modules (default) or torch.compile(backend='qexport')")
-    e.add_argument("--target", choices=("inductor", "onnxruntime", "eager"), default="inductor",
-                   help="with --backend compile: where the quantized graph runs (default inductor)")
+    e.add_argument("--target", choices=("inductor", "onnxruntime", "eager"), default=None,
+                   help="with --backend compile: where the quantized graph runs (default: onnxruntime on CPU "
+                        "when installed, else inductor)")
     e.add_argument("--calib-text", help="calibration text for static recipes (default: bundled Sense and Sensibility)")
     e.add_argument("--json", help="also write the results as JSON to this file")
     e.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")

@@ -75,8 +75,8 @@ class QLinear(nn.Module):
         """Turn the observed activation range into the static scale and stop observing."""
         if not torch.isfinite(self.obs_min):
             raise CalibrationError("no calibration data reached this layer")
-        self.act_scale.copy_(activation_qparams(self.obs_min, self.obs_max, self.act_spec)[0])
-        self.act_zero_point = activation_qparams(self.obs_min, self.obs_max, self.act_spec)[1]
+        scale, self.act_zero_point = activation_qparams(self.obs_min, self.obs_max, self.act_spec)
+        self.act_scale.copy_(scale)
         self.observing = False
 
     def quantized_weight(self) -> QuantizedWeight:

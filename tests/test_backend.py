@@ -54,7 +54,7 @@ def test_bad_options_are_clear_errors(options, match):
             compiled(nn.Linear(4, 4), **options)(torch.randn(2, 4))
 
 
-@pytest.mark.parametrize("preset", ["w8", "w4g128", "nf4-dq", "w8a8-dynamic"])
+@pytest.mark.parametrize("preset", sorted(n for n in qexport.PRESETS if n != "w8a8-static"))
 def test_compiled_matches_eager_quantized_model(preset):
     model = tiny_llama(seed=7)
     eager = qexport.quantize(copy.deepcopy(model), preset)
@@ -171,10 +171,22 @@ def test_generate_with_kv_cache_matches_eager():
 def test_inductor_target(preset):
     model = tiny_llama(seed=11)
     eager = qexport.quantize(copy.deepcopy(model), preset)
-    c = compiled(copy.deepcopy(model), recipe=preset)  # target="inductor" is the default
+    c = compiled(copy.deepcopy(model), recipe=preset, target="inductor")
     with torch.no_grad():
         torch.testing.assert_close(c(IDS).logits, eager(IDS).logits, atol=1e-4, rtol=1e-4)
     assert B.reports()[-1].target == "inductor"
+
+
+def test_default_target_follows_the_machine(monkeypatch):
+    import importlib.util
+
+    assert B.BackendOptions.from_dict({}).target == B.default_target()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxruntime" else real(n, *a))
+    assert B.default_target() == "inductor"
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert B.default_target() == "inductor"
 
 
 @pytest.mark.parametrize("preset", ["w4g128", "w2g64", "nf4-dq", "w8a8-dynamic"])

@@ -37,7 +37,6 @@ MS_DOMAIN = "com.microsoft"
 
 
 def _translations():
-    import onnxscript
     from onnxscript import opset18 as op
     from onnxscript.values import Opset
 
@@ -132,7 +131,7 @@ def _attrs(node) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _rewrite(model, report: LoweringReport):
+def _rewrite(model, report: LoweringReport, accuracy_level: int = 0):
     """Replace every qexport-domain node by standard / ORT contrib ops (see the module docstring)."""
     from onnx import helper, numpy_helper
 
@@ -177,7 +176,7 @@ def _rewrite(model, report: LoweringReport):
                     out = node.output[0] if not ins[4] else f"{name}_mm"
                     new_nodes.append(helper.make_node("MatMulNBits", mm_in, [out], name=f"{name}_MatMulNBits",
                                                       domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=bs,
-                                                      accuracy_level=_STATE.accuracy_level))
+                                                      accuracy_level=accuracy_level))
                     report.matmulnbits += 1
                 except UnsupportedOp as e:
                     w = dequantize_stored(qdata, scale, zp, fmt, bits, group, k, sym)
@@ -225,13 +224,6 @@ def _rewrite(model, report: LoweringReport):
     return model
 
 
-class _State:
-    accuracy_level = 0
-
-
-_STATE = _State()
-
-
 def _symbolic_dims(v) -> dict[int, Any]:
     return {d: s for d, s in enumerate(v.shape) if not isinstance(s, int)} if isinstance(v, torch.Tensor) else {}
 
@@ -272,14 +264,13 @@ def tensor_only(gm: fx.GraphModule) -> tuple[list[int], tuple | None]:
 
 def export_graph(gm: fx.GraphModule, example_inputs, accuracy_level: int = 0, dynamic_shapes=None):
     """ONNX model (with ORT contrib ops) of ``gm`` at the shapes of ``example_inputs``, and its report."""
-    _STATE.accuracy_level = accuracy_level
     report = LoweringReport()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes, dynamo=True,
                                  custom_translation_table=_translations(), optimize=False, verbose=False,
                                  report=False)
-    return _rewrite(prog.model_proto, report), report
+    return _rewrite(prog.model_proto, report, accuracy_level), report
 
 
 class OrtGraph:
@@ -313,6 +304,7 @@ class OrtGraph:
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3  # errors only: ORT warns about ops it merely could not constant-fold
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         feeds = []
         for pos, inp in enumerate(sess.get_inputs()):
