@@ -157,14 +157,19 @@ def test_hand_written_llama_attention_is_fused():
     assert "fuse_attention" not in last_counts()
 
 
-def test_generate_with_kv_cache_matches_eager():
-    model = tiny_llama(seed=10)
+def assert_generate_matches_eager(seed: int, target: str) -> None:
+    """Greedy generate() with the KV cache through the compiled forward gives the eager model's tokens."""
+    model = tiny_llama(seed=seed)
     eager = qexport.quantize(copy.deepcopy(model), "w4g128")
     c = copy.deepcopy(model)
-    c.forward = torch.compile(c.forward, backend="qexport", options={"recipe": "w4g128", "target": "eager"})
+    c.forward = torch.compile(c.forward, backend="qexport", options={"recipe": "w4g128", "target": target})
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         torch.testing.assert_close(c.generate(IDS[:1], **kw), eager.generate(IDS[:1], **kw), atol=0, rtol=0)
+
+
+def test_generate_with_kv_cache_matches_eager():
+    assert_generate_matches_eager(10, "eager")
 
 
 @pytest.mark.parametrize("preset", ["w4g128", "w8a8-dynamic"])
@@ -228,13 +233,7 @@ def test_onnxruntime_target_static_w8a8():
 def test_onnxruntime_target_generate_with_dynamic_shapes():
     """Decode steps change the cache length: dynamo's symbolic graph is exported once with dynamic axes."""
     pytest.importorskip("onnxruntime")
-    model = tiny_llama(seed=14)
-    eager = qexport.quantize(copy.deepcopy(model), "w4g128")
-    c = copy.deepcopy(model)
-    c.forward = torch.compile(c.forward, backend="qexport", options={"recipe": "w4g128", "target": "onnxruntime"})
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        torch.testing.assert_close(c.generate(IDS[:1], **kw), eager.generate(IDS[:1], **kw), atol=0, rtol=0)
+    assert_generate_matches_eager(14, "onnxruntime")
     ort_graphs = [g.compiled for g in B._LIVE if g.opts.target == "onnxruntime" and g.compiled is not None]
     dynamic = [o for o in ort_graphs if o.dynamic_shapes]
     assert dynamic and all(len(o.sessions) == 1 for o in dynamic)  # one session serves every later step
