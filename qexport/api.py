@@ -156,6 +156,10 @@ def calibrate(model, batches: Iterable, *, progress: bool = False) -> int:
             m.observing = False
     if count == 0:
         raise CalibrationError("the calibration set is empty: give at least one batch")
+    if compiled and not qlinears and not backend.has_static_graphs():
+        raise CalibrationError(
+            "nothing to calibrate: this compiled model has no static-activation layers (recipe e.g. 'w8a8-static')"
+        )
     for m in qlinears:
         m.freeze_calibration()
     return count

@@ -140,6 +140,11 @@ def _is_calibrating() -> bool:
     return getattr(_STATE, "calibrating", False)
 
 
+def has_static_graphs() -> bool:
+    """Whether any live qexport graph quantizes activations statically (observes while calibrating)."""
+    return any(g.needs_calibration for g in list(_LIVE))
+
+
 def is_compiled_with_qexport(model) -> bool:
     from torch._dynamo.eval_frame import OptimizedModule
 

@@ -108,6 +108,12 @@ def test_static_mode_requires_calibration_then_matches_reference():
         assert not torch.allclose(wo(IDS).logits, got, atol=1e-4)
 
 
+def test_calibrating_a_compiled_model_without_static_layers_is_an_error():
+    c = compiled(tiny_llama(seed=8), recipe="w8", target="eager")
+    with pytest.raises(CalibrationError, match="no static-activation layers"):
+        qexport.calibrate(c, [IDS])
+
+
 class WithOddOps(nn.Module):
     """A NaN-weight layer, an activation x activation matmul and a graph break."""
 
