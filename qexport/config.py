@@ -233,8 +233,14 @@ class Rule:
                     f"rule {self.pattern!r}: activation granularity must be 'per_tensor' or 'per_token', "
                     f"not {a.granularity.value!r}"
                 )
-            if self.weight is None or self.weight.format is not NumberFormat.INT or self.weight.bits != 8:
-                raise InvalidConfig(f"rule {self.pattern!r}: quantized activations need int8 weights")
+            w = self.weight
+            if (w is None or w.format is not NumberFormat.INT or w.bits != 8 or not w.symmetric
+                    or w.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_TENSOR)):
+                # the int8 x int8 kernels apply one weight scale per output channel and no weight zero point
+                raise InvalidConfig(
+                    f"rule {self.pattern!r}: quantized activations need symmetric per-channel or per-tensor int8 "
+                    f"weights, got {w.describe() if w else 'float weights'}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {

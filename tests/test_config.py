@@ -460,3 +460,10 @@ def test_activation_specs_validated():
         Rule("*", w8, QuantSpec(bits=8, group_size=32))
     with pytest.raises(InvalidConfig, match="not weights"):
         Rule("*", QuantSpec(bits=8, granularity="per_tensor", dynamic=True))
+
+
+@pytest.mark.parametrize("weight", [QuantSpec(bits=8, symmetric=False), QuantSpec(bits=8, group_size=64)])
+def test_activation_rules_reject_weights_the_int8_kernels_cannot_apply(weight):
+    # qlinear_a8 applies one scale per output channel and no weight zero point: anything else would be wrong
+    with pytest.raises(InvalidConfig, match="symmetric per-channel or per-tensor int8 weights"):
+        Rule("*", weight, QuantSpec(bits=8, granularity="per_token", dynamic=True))
