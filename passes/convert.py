@@ -88,7 +88,7 @@ def convert(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
                 out = g.call_function(Q.qlinear.default, (x, qdata, scale, zp, bias, *wargs))
                 result.count("qlinear")
             else:
-                out = _convert_w8a8(gm, g, x, ann, qdata, scale, bias, prefix, result)
+                out = _convert_w8a8(gm, g, x, ann, qdata, scale, bias, wargs, prefix, result)
         out.meta.update({k: v for k, v in node.meta.items() if k not in ("qexport", "val", "example_value")})
         node.replace_all_uses_with(out)
         g.erase_node(node)
@@ -100,27 +100,20 @@ def convert(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
     return result
 
 
-def _convert_w8a8(gm, g, x, ann, qdata, scale, bias, prefix, result):
+def _convert_w8a8(gm, g, x, ann, qdata, scale, bias, wargs, prefix, result):
     a = ann.act_spec
-    if a.dynamic and a.granularity is Granularity.PER_TOKEN:
-        t = g.call_function(Q.quantize_per_token.default, (x,))
+    if a.dynamic:
+        quant = Q.quantize_per_token if a.granularity is Granularity.PER_TOKEN else Q.quantize_per_tensor_dynamic
+        t = g.call_function(quant.default, (x,))
         xq = g.call_function(operator.getitem, (t, 0))
         xs = g.call_function(operator.getitem, (t, 1))
-        zp = 0
-        result.count("w8a8_dynamic")
-    elif a.dynamic:
-        amax = g.call_function(torch.amax, (g.call_function(torch.abs, (x,)),))
-        xs = g.call_function(torch.clamp_min, (g.call_function(operator.truediv, (amax, 127.0)),
-                                                torch.finfo(torch.float32).tiny))
-        xq = g.call_function(Q.quantize_per_tensor.default, (x, xs, 0))
         zp = 0
         result.count("w8a8_dynamic")
     else:
         rng = act_range_for(ann.weight_key)
         if not rng.observed:
             result.skip(ann.module_path, "no calibration data reached this layer: weights only")
-            return g.call_function(Q.qlinear.default, (x, qdata, scale, None, bias, "int", 8, ann.weight.shape[1],
-                                                       ann.weight.shape[1], ann.weight_spec.symmetric))
+            return g.call_function(Q.qlinear.default, (x, qdata, scale, None, bias, *wargs))
         s, zp = activation_qparams(rng.lo, rng.hi, a)
         xs = _const(gm, g, f"{prefix}_act_scale", s)
         xq = g.call_function(Q.quantize_per_tensor.default, (x, xs, zp))

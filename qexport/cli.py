@@ -71,7 +71,6 @@ def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=
         import torch
 
         torch._dynamo.reset()
-        fp_size = qexport.model_size(model)
         qmodel = copy.deepcopy(model)
         qmodel.forward = torch.compile(qmodel.forward, backend="qexport",
                                        options={"recipe": recipe, "target": target})

@@ -362,7 +362,6 @@ class QuantizedWeight:
 def dequantize_stored(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: str,
                       bits: int, group: int, k: int, symmetric: bool) -> torch.Tensor:
     """Float32 ``[N, K]`` weight from its stored tensors (``scale`` already reconstructed if double-quantized)."""
-    n = qdata.shape[0]
     num_groups = _num_groups(k, group)
     scale = expand_groups(scale.to(torch.float32), group, k)
     if fmt == NumberFormat.NF4.value:
@@ -371,10 +370,11 @@ def dequantize_stored(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torc
     zp = None
     if zero_point is not None:
         zp = expand_groups(_load(zero_point, bits, num_groups, False).to(torch.float32), group, k)
-    return dequantize_codes(codes, scale, zp).expand(n, k)
+    return dequantize_codes(codes, scale, zp)
 
 
-def _check_weight(w: torch.Tensor, name: str) -> None:
+def _check_weight(w: torch.Tensor, name: str) -> torch.Tensor:
+    """The weight as float32, after checking it is a finite, non-empty 2-D float tensor."""
     if not isinstance(w, torch.Tensor):
         raise InvalidTensor(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
     if w.dim() != 2:
@@ -383,9 +383,11 @@ def _check_weight(w: torch.Tensor, name: str) -> None:
         raise InvalidTensor(f"{name}: expected a floating-point weight, got {w.dtype}")
     if w.numel() == 0:
         raise InvalidTensor(f"{name}: weight is empty (shape {tuple(w.shape)})")
+    w = w.detach().to(torch.float32, copy=False)  # checked after the cast: float64 values can overflow it
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
-        raise InvalidTensor(f"{name}: weight has {bad} NaN/inf value(s); fix or exclude this layer")
+        raise InvalidTensor(f"{name}: weight has {bad} NaN/inf value(s) in float32; fix, rescale or exclude this layer")
+    return w
 
 
 _ROW_CHUNK_ELEMS = 1 << 22  # rows are processed in chunks of about this many elements to bound memory
@@ -395,10 +397,7 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Q
     """Round-to-nearest quantization of a ``[N, K]`` weight to ``spec`` (the reference)."""
     if not isinstance(spec, QuantSpec):
         raise InvalidTensor(f"{name}: spec must be a QuantSpec, got {type(spec).__name__}")
-    _check_weight(w, name)
-    w = w.detach().to(torch.float32, copy=False)
-    if not torch.isfinite(w).all():
-        raise InvalidTensor(f"{name}: weight has values beyond the float32 range; rescale or exclude this layer")
+    w = _check_weight(w, name)
     n, k = w.shape
     g = _group_size(spec, k)
     nf4 = spec.format is NumberFormat.NF4

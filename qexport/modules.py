@@ -99,8 +99,7 @@ class QLinear(nn.Module):
 
     def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
         qw = self.quantized_weight()
-        zp = qw.zero_point
-        return ops.qlinear(x, qw.qdata, qw.scales(), zp, self.bias, self.spec.format.value, self.spec.bits,
+        return ops.qlinear(x, qw.qdata, qw.scales(), qw.zero_point, self.bias, self.spec.format.value, self.spec.bits,
                            self.group, self.in_features, self.spec.symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,11 +109,8 @@ class QLinear(nn.Module):
         if a is None:
             return self._weight_only(x)
         if a.dynamic:
-            if a.granularity is Granularity.PER_TOKEN:
-                xq, xs = ops.quantize_per_token(x)
-            else:
-                xs = (x.detach().abs().amax().to(torch.float32) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
-                xq = ops.quantize_per_tensor(x, xs, 0)
+            quant = ops.quantize_per_token if a.granularity is Granularity.PER_TOKEN else ops.quantize_per_tensor_dynamic
+            xq, xs = quant(x)
             return ops.qlinear_a8(xq, xs, 0, self.qdata, self.scale, self.bias).to(x.dtype)
         if self.observing:
             self.obs_min = torch.minimum(self.obs_min, x.detach().amin().to(torch.float32))

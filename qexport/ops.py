@@ -11,6 +11,7 @@ Ops
         weight-only quantized linear: ``x @ dequantize_weight(...).T + bias``.
     ``quantize_per_token(x) -> (xq int8, scale [..., 1])``: dynamic symmetric int8, one scale per row,
         ``scale = max|x_row| / 127``.
+    ``quantize_per_tensor_dynamic(x) -> (xq int8, scale 0-d)``: the same with one scale for the tensor.
     ``quantize_per_tensor(x, scale, zero_point) -> xq int8``: int8 with one scale (a 0-d tensor) for the tensor.
     ``dequantize_activation(xq, scale, zero_point) -> x``: float from int8 codes (per-token or per-tensor).
     ``qlinear_a8(xq, x_scale, x_zero_point, wq, w_scale, bias) -> y``: int8 x int8 -> int32 matmul, then
@@ -31,6 +32,7 @@ __all__ = [
     "dequantize_weight",
     "qlinear",
     "quantize_per_token",
+    "quantize_per_tensor_dynamic",
     "quantize_per_tensor",
     "dequantize_activation",
     "qlinear_a8",
@@ -73,6 +75,19 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
 @quantize_per_token.register_fake
 def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("qexport::quantize_per_tensor_dynamic", mutates_args=())
+def quantize_per_tensor_dynamic(x: Tensor) -> tuple[Tensor, Tensor]:
+    xf = x.to(torch.float32)
+    scale = (xf.abs().amax() / 127.0).clamp_min(_EPS)
+    q = torch.round(xf / scale).clamp(-128, 127).to(torch.int8)
+    return q, scale
+
+
+@quantize_per_tensor_dynamic.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((), dtype=torch.float32)
 
 
 @torch.library.custom_op("qexport::quantize_per_tensor", mutates_args=())

@@ -244,3 +244,19 @@ def test_onnxruntime_target_generate_with_dynamic_shapes():
     dynamic = [o for o in ort_graphs if o.dynamic_shapes]
     assert dynamic and all(len(o.sessions) == 1 for o in dynamic)  # one session serves every later step
     assert sum(len(o.sessions) for o in ort_graphs) <= 4  # not one export per generated token
+
+
+@pytest.mark.parametrize("target", ["eager", "onnxruntime"])
+def test_dynamic_per_tensor_activations_match_eager(target):
+    if target == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    recipe = qexport.Recipe("w8a8-dyn-tensor", rules=(qexport.Rule(
+        "*", qexport.QuantSpec(bits=8), qexport.QuantSpec(bits=8, granularity="per_tensor", dynamic=True)),))
+    model = tiny_llama(seed=15)
+    eager = qexport.quantize(copy.deepcopy(model), recipe)
+    c = compiled(copy.deepcopy(model), recipe=recipe, target=target)
+    with torch.no_grad():
+        torch.testing.assert_close(c(IDS).logits, eager(IDS).logits, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(eager(IDS).logits, qexport.quantize(copy.deepcopy(model), "w8")(IDS).logits,
+                                  atol=1e-4)  # activations really are quantized
+    assert last_counts()["convert"]["w8a8_dynamic"] == 14

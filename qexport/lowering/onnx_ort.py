@@ -62,6 +62,13 @@ def _translations():
         q = op.Clip(op.Round(op.Div(xf, scale)), op.Constant(value_float=-128.0), op.Constant(value_float=127.0))
         return op.Cast(q, to=_I8), scale
 
+    def quantize_per_tensor_dynamic(x):
+        xf = op.Cast(x, to=_F32)
+        scale = op.Max(op.Div(op.ReduceMax(op.Abs(xf), keepdims=0), op.Constant(value_float=127.0)),
+                       op.Constant(value_float=float(torch.finfo(torch.float32).tiny)))
+        q = op.Clip(op.Round(op.Div(xf, scale)), op.Constant(value_float=-128.0), op.Constant(value_float=127.0))
+        return op.Cast(q, to=_I8), scale
+
     def quantize_per_tensor(x, scale, zero_point: int):
         q = op.Add(op.Round(op.Div(op.Cast(x, to=_F32), scale)), op.Constant(value_float=float(zero_point)))
         return op.Cast(op.Clip(q, op.Constant(value_float=-128.0), op.Constant(value_float=127.0)), to=_I8)
@@ -73,6 +80,7 @@ def _translations():
         Q.qlinear.default: qlinear,
         Q.dequantize_weight.default: dequantize_weight,
         Q.quantize_per_token.default: quantize_per_token,
+        Q.quantize_per_tensor_dynamic.default: quantize_per_tensor_dynamic,
         Q.quantize_per_tensor.default: quantize_per_tensor,
         Q.qlinear_a8.default: qlinear_a8,
     }
