@@ -16,7 +16,6 @@ Symmetric codes ``q`` in [-2^(b-1), 2^(b-1)-1] become ``q + 2^(b-1)`` with the d
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from qexport.errors import UnsupportedOp
@@ -40,34 +39,21 @@ def matmulnbits_tensors(qdata: torch.Tensor, scale: torch.Tensor, zero_point: to
         raise UnsupportedOp(f"MatMulNBits has no {fmt}{bits} weights")
     n = qdata.shape[0]
     bs = block_size_for(group)
-    groups = -(-k // group)
-    per = group // bs  # blocks per group
-    kp = -(-k // bs) * bs
-    nb = kp // bs
+    nb = -(-k // bs)  # blocks per row; the last one may be padded
+    block_group = torch.arange(nb) // (group // bs)  # the qexport group of each block
     codes = _load(qdata, bits, k, symmetric)  # int16 [N, K]
-    offset = 2 ** (bits - 1)
-    if symmetric:
-        codes = codes + offset
-        pad_code = offset
-    zp_groups = None
-    if zero_point is not None:
-        zp_groups = _load(zero_point, bits, groups, False)  # [R, G]
-    block_group = torch.arange(nb) // per  # group of each block
-    if not symmetric:
-        zp_blocks = zp_groups[:, block_group] if zp_groups is not None else torch.zeros(n, nb, dtype=torch.int16)
-        zp_elem = zp_blocks.repeat_interleave(bs, dim=1)[:, k:kp] if kp > k else None
-    full = torch.empty(n, kp, dtype=torch.int16)
+    if symmetric:  # signed codes -> unsigned with MatMulNBits' default zero point 2^(b-1)
+        codes = codes + 2 ** (bits - 1)
+        zp_blocks, pad = None, 2 ** (bits - 1)
+    else:  # per-tensor parameters have one row: give every row its copy
+        zp_blocks = _load(zero_point, bits, -(-k // group), False).expand(n, -1)[:, block_group]
+        pad = zp_blocks[:, -1:]
+    full = torch.empty(n, nb * bs, dtype=torch.int16)
     full[:, :k] = codes
-    if kp > k:
-        full[:, k:] = pad_code if symmetric else zp_elem
-    b = pack(full, bits) if bits < 8 else full.to(torch.uint8)
-    b = b.reshape(n, nb, bs * bits // 8)
-    scales = scale.to(torch.float32)
-    if scales.shape[0] == 1 and n > 1:
-        scales = scales.expand(n, -1)
-    scales = scales[:, block_group].contiguous().reshape(-1)
+    full[:, k:] = pad  # padding dequantizes to exactly 0
+    b = (pack(full, bits) if bits < 8 else full.to(torch.uint8)).reshape(n, nb, bs * bits // 8)
+    scales = scale.to(torch.float32).expand(n, -1)[:, block_group].contiguous().reshape(-1)
     zps = None
-    if not symmetric:
-        zps = zp_blocks if bits == 8 else pack(zp_blocks, bits)
-        zps = zps.to(torch.uint8).contiguous()
+    if zp_blocks is not None:
+        zps = (zp_blocks if bits == 8 else pack(zp_blocks, bits)).to(torch.uint8).contiguous()
     return b.numpy(), scales.numpy(), (None if zps is None else zps.numpy()), bs
