@@ -8,7 +8,6 @@ passes and reports can name the layer.
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 from torch import nn
 

@@ -65,7 +65,6 @@ class QuantContext:
     recipe: Recipe
     mode: str | None = None
     placeholders: dict[fx.Node, torch.Tensor] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
 
     def effective_rule(self, rule: Rule) -> tuple[QuantSpec, QuantSpec | None]:
         """The (weight, activation) specs of ``rule`` after the ``mode`` option is applied."""

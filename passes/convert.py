@@ -55,9 +55,7 @@ def convert(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         try:
             qw = quantize_weight(ann.weight, ann.weight_spec, name=ann.module_path)
         except QExportError as e:
-            msg = f"qexport: {ann.module_path} stays float: {e}"
-            warnings.warn(msg, stacklevel=2)
-            ctx.warnings.append(msg)
+            warnings.warn(f"qexport: {ann.module_path} stays float: {e}", stacklevel=2)
             result.skip(ann.module_path, str(e))
             if observer is not None:
                 observer.replace_all_uses_with(x)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -77,12 +76,8 @@ class BackendOptions:
         acc = options.get("ort_accuracy_level", 0)
         if acc not in (0, 1, 2, 3, 4):
             raise InvalidConfig(f"ort_accuracy_level must be 0 (fp32), 1, 2, 3 or 4 (int8 activations), got {acc!r}")
-        if target == "onnxruntime":
-            try:
-                import onnxruntime  # noqa: F401
-                import onnxscript  # noqa: F401
-            except ImportError:
-                raise InvalidConfig("target 'onnxruntime' needs onnxruntime and onnxscript: pip install 'qexport[onnx]'") from None
+        if target == "onnxruntime" and not _onnx_available():
+            raise InvalidConfig("target 'onnxruntime' needs onnxruntime and onnxscript: pip install 'qexport[onnx]'")
         return cls(recipe, mode, target, fuse, acc)
 
 
@@ -109,15 +104,18 @@ _LIVE: "weakref.WeakSet[QExportGraph]" = weakref.WeakSet()
 _STATE = threading.local()
 
 
+def _onnx_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript"))
+
+
 def default_target() -> str:
     """``"onnxruntime"`` on a CPU-only machine where onnxruntime and onnxscript are installed (it is the
     fast path there, see ``qexport bench``), else ``"inductor"``."""
-    import importlib.util
-
     if torch.cuda.is_available():
         return "inductor"
-    have = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnxscript"))
-    return "onnxruntime" if have else "inductor"
+    return "onnxruntime" if _onnx_available() else "inductor"
 
 
 def reports() -> list[GraphReport]:
@@ -217,9 +215,4 @@ def qexport_backend(gm: fx.GraphModule, example_inputs, options: dict[str, Any] 
     if kwargs.get("mode") not in (None, "default"):
         raise InvalidConfig("torch.compile(mode=...) is not used by the qexport back-end: pass options={...}")
     opts = BackendOptions.from_dict(options)
-    graph = QExportGraph(gm, example_inputs, opts)
-    skipped_errors = [m for m in graph.ctx.warnings]
-    if skipped_errors:
-        warnings.warn(f"qexport: {len(skipped_errors)} layer(s) stay float; see qexport.backend.reports()",
-                      stacklevel=2)
-    return graph
+    return QExportGraph(gm, example_inputs, opts)

@@ -34,7 +34,7 @@ NF4 (QLoRA)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
