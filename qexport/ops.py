@@ -16,6 +16,9 @@ Ops
     ``dequantize_activation(xq, scale, zero_point) -> x``: float from int8 codes (per-token or per-tensor).
     ``qlinear_a8(xq, x_scale, x_zero_point, wq, w_scale, bias) -> y``: int8 x int8 -> int32 matmul, then
         ``(acc - x_zp * sum_k wq) * x_scale * w_scale + bias``.
+
+``qlinear`` and ``qlinear_a8`` run what :mod:`qexport.kernels.dispatch` picks, on every device: the Triton
+kernels for CUDA inputs when ``triton`` is installed, the reference otherwise (``QEXPORT_KERNEL`` forces one).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor
 
 from qexport.formats import dequantize_stored
-from qexport.kernels import reference
+from qexport.kernels import dispatch
 
 __all__ = [
     "dequantize_weight",
@@ -56,7 +59,7 @@ def _(qdata, scale, zero_point, fmt, bits, group, in_features, symmetric):
 @torch.library.custom_op("qexport::qlinear", mutates_args=())
 def qlinear(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Optional[Tensor], bias: Optional[Tensor], fmt: str,
             bits: int, group: int, in_features: int, symmetric: bool) -> Tensor:
-    return reference.qlinear(x, qdata, scale, zero_point, bias, fmt, bits, group, in_features, symmetric)
+    return dispatch.qlinear(x, qdata, scale, zero_point, bias, fmt, bits, group, in_features, symmetric)
 
 
 @qlinear.register_fake
@@ -113,7 +116,7 @@ def _(xq, scale, zero_point):
 @torch.library.custom_op("qexport::qlinear_a8", mutates_args=())
 def qlinear_a8(xq: Tensor, x_scale: Tensor, x_zero_point: int, wq: Tensor, w_scale: Tensor,
                bias: Optional[Tensor]) -> Tensor:
-    return reference.qlinear_a8(xq, x_scale, x_zero_point, wq, w_scale, bias)
+    return dispatch.qlinear_a8(xq, x_scale, x_zero_point, wq, w_scale, bias)
 
 
 @qlinear_a8.register_fake
