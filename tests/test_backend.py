@@ -260,3 +260,30 @@ def test_dynamic_per_tensor_activations_match_eager(target):
         assert not torch.allclose(eager(IDS).logits, qexport.quantize(copy.deepcopy(model), "w8")(IDS).logits,
                                   atol=1e-4)  # activations really are quantized
     assert last_counts()["convert"]["w8a8_dynamic"] == 14
+
+
+def test_onnxruntime_target_freezes_parameters_and_picks_accuracy_per_bits():
+    """Parameters become initializers (the session takes the token ids only); 8-bit weights run MatMulNBits
+    with int8 activations by default (accuracy level 4: close to, not equal to, the reference), and
+    ``ort_accuracy_level=0`` gives back the reference numerics."""
+    pytest.importorskip("onnxruntime")
+    from qexport.lowering.onnx_ort import matmulnbits_accuracy
+
+    assert [matmulnbits_accuracy(b, None) for b in (8, 4, 2)] == [4, 0, 0]
+    assert matmulnbits_accuracy(4, 4) == 4 and matmulnbits_accuracy(8, 0) == 0
+    model = tiny_llama(seed=15)
+    eager = qexport.quantize(copy.deepcopy(model), "w8")
+    with torch.no_grad():
+        want = eager(IDS).logits
+        for level, bound in ((None, 30.0), (0, 80.0)):
+            torch._dynamo.reset()
+            options = {} if level is None else {"ort_accuracy_level": level}
+            got = compiled(copy.deepcopy(model), recipe="w8", target="onnxruntime", **options)(IDS).logits
+            err = (got - want).pow(2).mean() / want.pow(2).mean()
+            sqnr = -10 * torch.log10(err.clamp_min(1e-30)).item()
+            assert sqnr > bound, (level, sqnr)
+            if level is None:
+                assert sqnr < 80.0  # int8 activations really are used
+            graph = [g for g in B._LIVE if g.report is B.reports()[-1]][0].compiled
+            (sess, feeds), = graph.sessions.values()
+            assert len(feeds) == 1, [n for n, _ in feeds]  # input_ids only: no parameter is a graph input
