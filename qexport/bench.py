@@ -10,8 +10,9 @@ A variant is one of
 and is measured with the same protocol (batch 1): a prompt of ``prompt_tokens`` tokens from the bundled
 evaluation text; ``first_call_s`` is the first forward pass over the prompt (compilation included for
 compiled variants); ``prefill_s`` is the median of three later forward passes; ``decode_tok_s`` is
-``new_tokens`` greedy tokens with the KV cache (HF ``generate``) divided by the time generate() takes beyond
-one prefill, measured after a warm-up generate() (which compiles, or exports, the decode graphs).
+the number of decode steps divided by the time from the first to the last generated token within one greedy
+generate() call (KV cache; timestamps from a logits processor; median of three calls, after a warm-up
+generate() that compiles or exports the decode graphs).
 """
 
 from __future__ import annotations
@@ -90,14 +91,28 @@ def measure(model, prompt: torch.Tensor, spec: dict[str, str], new_tokens: int) 
     prefill = statistics.median(times)
     row: dict[str, Any] = {"first_call_s": first, "prefill_s": prefill,
                            "prefill_tok_s": prompt.shape[1] / prefill, "decode_tok_s": None}
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    stamps: list[float] = []
+
+    def stamp(input_ids, scores):  # a logits processor: called once per generated token, after its forward
+        stamps.append(time.perf_counter())
+        return scores
+
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+              logits_processor=[stamp])
     m.generate(prompt, **kw)  # warm-up: compiles the decode graphs
-    t0 = time.perf_counter()
-    out = m.generate(prompt, **kw)
-    total = time.perf_counter() - t0
-    generated = out.shape[1] - prompt.shape[1]
-    row["decode_tok_s"] = generated / max(total - prefill, 1e-9)
-    row["generate_s"] = total
+    # Decode time: from the first generated token to the last, within one generate() call, so prefill and
+    # generate()'s set-up are not counted; the median of three calls, to resist interference.
+    rates, totals = [], []
+    for _ in range(3):
+        stamps.clear()
+        t0 = time.perf_counter()
+        m.generate(prompt, **kw)
+        totals.append(time.perf_counter() - t0)
+        if len(stamps) > 1 and stamps[-1] > stamps[0]:
+            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    row["generate_s"] = statistics.median(totals)
+    row["decode_tok_s"] = statistics.median(rates) if rates else None
     return row
 
 
