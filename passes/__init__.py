@@ -2,7 +2,8 @@
 
 Each pass is ``pass_fn(gm, ctx) -> PassResult`` and is run by :class:`PassManager`, which lints and
 recompiles after each one. In order: :func:`annotate`, :func:`prepare`, :func:`convert`, :func:`fold`,
-:func:`fuse_attention`.
+:func:`fuse_attention`. The ONNX Runtime target then runs :func:`fuse_rmsnorm` and :func:`static_sizes` on
+its own copy of the graph (``qexport.lowering.onnx_ort``).
 """
 
 from qexport.passes.annotate import annotate
@@ -10,7 +11,9 @@ from qexport.passes.context import QuantContext
 from qexport.passes.convert import convert
 from qexport.passes.fold import fold
 from qexport.passes.fuse_attention import fuse_attention
+from qexport.passes.fuse_rmsnorm import fuse_rmsnorm
 from qexport.passes.pass_manager import PassManager, PassResult
 from qexport.passes.prepare import prepare
+from qexport.passes.static_sizes import static_sizes
 
-__all__ = ["annotate", "prepare", "convert", "fold", "fuse_attention", "PassManager", "PassResult", "QuantContext"]
+__all__ = ["annotate", "prepare", "convert", "fold", "fuse_attention", "fuse_rmsnorm", "static_sizes", "PassManager", "PassResult", "QuantContext"]

@@ -135,3 +135,19 @@ def double_dequantize(qscale: Tensor, scale2: Tensor, offset: Tensor, block: int
 @double_dequantize.register_fake
 def _(qscale, scale2, offset, block):
     return qscale.new_empty(qscale.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("qexport::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``weight * x / sqrt(mean(x^2 over the last dim) + eps)`` in float32: LlamaRMSNorm's arithmetic.
+
+    Produced by the ``fuse_rmsnorm`` pass for the ONNX Runtime target, which lowers it to one
+    ``SimplifiedLayerNormalization`` node instead of seven elementwise ones.
+    """
+    xf = x.to(torch.float32)
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.float32)

@@ -294,3 +294,91 @@ def test_fuse_attention_leaves_look_alikes(cls, reason):
     assert res.total == 0
     assert [r for _, r in res.skipped] == [reason]
     assert count(gm, F.scaled_dot_product_attention) == 0
+
+
+# ------------------------------------------------------------------------------------------------------
+# ONNX Runtime target rewrites: fuse_rmsnorm, static_sizes
+# ------------------------------------------------------------------------------------------------------
+class RMSNormBlock(nn.Module):
+    """LlamaRMSNorm written out, then a linear; ``variant`` plants a look-alike."""
+
+    def __init__(self, variant="llama"):
+        super().__init__()
+        self.variant = variant
+        self.weight = nn.Parameter(torch.rand(32) + 0.5)
+        self.fc = nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        sq = h * h if self.variant == "square_by_mul" else h.pow(2)
+        var = sq.mean(0 if self.variant == "mean_dim0" else -1, keepdim=True)
+        y = h * torch.rsqrt(var + 1e-6)
+        out = self.fc(y.to(x.dtype) * self.weight)
+        return (out, var) if self.variant == "var_returned" else out
+
+
+def _traced(model, x):
+    gm = fx.symbolic_trace(model)
+    ShapeProp(gm).propagate(x)
+    return gm
+
+
+@pytest.mark.parametrize("variant", ["llama", "square_by_mul"])
+def test_fuse_rmsnorm_rewrites_to_one_op(variant):
+    from qexport.passes.fuse_rmsnorm import fuse_rmsnorm
+
+    torch.manual_seed(0)
+    model, x = RMSNormBlock(variant).eval(), torch.randn(3, 5, 32) * 4
+    gm = _traced(copy.deepcopy(model), x)
+    res = fuse_rmsnorm(gm)
+    assert res.changed == {"rms_norm": 1} and not res.skipped
+    assert count(gm, Q.rms_norm.default) == 1
+    assert count(gm, torch.rsqrt) == 0 and sum(n.target in ("pow", "mean") for n in gm.graph.nodes) == 0
+    torch.testing.assert_close(gm(x), model(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant, reason", [("mean_dim0", None), ("var_returned", "other users")])
+def test_fuse_rmsnorm_leaves_look_alikes(variant, reason):
+    from qexport.passes.fuse_rmsnorm import fuse_rmsnorm
+
+    model, x = RMSNormBlock(variant).eval(), torch.randn(3, 5, 32)
+    gm = _traced(model, x)
+    res = fuse_rmsnorm(gm)
+    assert res.changed == {} and count(gm, Q.rms_norm.default) == 0
+    assert (reason is None and not res.skipped) or (reason in res.skipped[0][1])
+
+
+def test_fuse_rmsnorm_skips_half_precision():
+    from qexport.passes.fuse_rmsnorm import fuse_rmsnorm
+
+    model = RMSNormBlock().half()
+    x = torch.randn(2, 32, dtype=torch.float16)
+    res = fuse_rmsnorm(_traced(model, x))
+    assert res.changed == {} and res.skipped[0][1] == "not float32"
+
+
+def test_static_sizes_makes_repeat_kv_shapes_constant():
+    import torch._dynamo
+
+    from qexport.passes.static_sizes import static_sizes
+
+    def repeat_kv(k):
+        b, kv, length, d = k.shape
+        return k[:, :, None].expand(b, kv, 2, length, d).reshape(b, kv * 2, length, d) * 2
+
+    results = []
+
+    def backend(gm, example_inputs):
+        results.append(static_sizes(gm))
+        for n in gm.graph.nodes:
+            if n.op == "call_method" and n.target in ("expand", "reshape"):
+                assert not any(isinstance(a, fx.Node) for a in n.args[1:]), n.format_node()
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = torch.compile(repeat_kv, backend=backend)
+    for length in (3, 7, 11):
+        k = torch.randn(1, 2, length, 4)
+        torch._dynamo.mark_dynamic(k, 2)  # the KV length
+        torch.testing.assert_close(f(k), repeat_kv(k), atol=0, rtol=0)
+    assert results and results[0].changed == {"expand": 1, "reshape": 1}
