@@ -50,7 +50,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", *, progress: bool = False) -> nn.Module:
+def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", calibration=None, *,
+             progress: bool = False) -> nn.Module:
     """Quantize the weights of ``model`` in place according to ``recipe``; returns ``model``.
 
     Every ``nn.Linear`` whose name matches a rule of the recipe (and no ``exclude`` pattern) is replaced by
@@ -61,11 +62,16 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", *, progress
     Args:
         model: any ``nn.Module``.
         recipe: a :class:`~qexport.config.Recipe`, a preset name (``"w4g128"``) or a path to a JSON recipe.
+        calibration: for the algorithms that need data (``'gptq'``, ``'awq'``): token ids ``[N, L]`` or a
+            list of 1-D token tensors (from a text: ``qexport.algorithms.calibration_tokens``); for a model
+            that takes float inputs, a float tensor ``[N, ...]``. Not used by ``'rtn'`` (static activation
+            scales are calibrated afterwards with :func:`calibrate`).
         progress: show a progress bar.
     """
     if not isinstance(model, nn.Module):
         raise InvalidConfig(f"quantize() expects a torch.nn.Module, got {type(model).__name__}")
     recipe = load_recipe(recipe)
+    batches = _algorithm_batches(recipe, calibration)
     report = QuantizationReport(recipe=recipe.to_dict())
 
     candidates = []
@@ -83,15 +89,31 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", *, progress
             else:
                 candidates.append((name, mod, rule))
 
+    computed = None
+    if recipe.algorithm != "rtn":
+        from qexport.algorithms import get_algorithm
+        from qexport.algorithms.common import LayerTask
+
+        tasks = [LayerTask(name, mod, rule.weight) for name, mod, rule in candidates]
+        was_training = model.training
+        model.eval()  # no dropout while calibrating
+        try:
+            computed = get_algorithm(recipe.algorithm)(model, tasks, batches, recipe.options, progress=progress)
+        finally:
+            model.train(was_training)
+
     iterator = candidates
-    if progress:
+    if progress and computed is None:
         from tqdm.auto import tqdm
 
         iterator = tqdm(candidates, desc=f"quantize {recipe.name}", unit="layer", leave=False, disable=None)
     for name, mod, rule in iterator:
         shape = tuple(mod.weight.shape)
         try:
-            qmod = QLinear.from_linear(mod, rule.weight, name=name, act_spec=rule.activation)
+            if computed is None:
+                qmod = QLinear.from_linear(mod, rule.weight, name=name, act_spec=rule.activation)
+            else:
+                qmod = _qlinear_from_result(computed.get(name), mod, name, rule)
         except QExportError as e:
             warnings.warn(f"qexport: {name} stays float: {e}", stacklevel=2)
             report.layers.append(LayerReport(name, type(mod).__name__, "float", None, str(e), shape))
@@ -101,6 +123,35 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", *, progress
         report.layers.append(LayerReport(name, "Linear", "quantized", desc, "", shape))
     model.qexport_report = report
     return model
+
+
+def _algorithm_batches(recipe: Recipe, calibration) -> list | None:
+    """The calibration batches of an algorithm that needs data (checked before the model is touched)."""
+    if recipe.algorithm == "rtn":
+        if calibration is not None:
+            raise InvalidConfig(
+                f"recipe {recipe.name!r} uses algorithm 'rtn', which takes no calibration data: leave calibration "
+                "out (static activation scales are calibrated after quantize() with qexport.calibrate)"
+            )
+        return None
+    if calibration is None:
+        raise CalibrationError(
+            f"recipe {recipe.name!r} uses algorithm {recipe.algorithm!r}, which needs calibration data: pass "
+            "calibration=token ids [N, L] or a list of 1-D token tensors, e.g. "
+            "qexport.algorithms.calibration_tokens(text, tokenizer, samples=128, seq_len=512)"
+        )
+    from qexport.algorithms.calibration import calibration_batches
+
+    return calibration_batches(calibration)
+
+
+def _qlinear_from_result(result, linear: nn.Linear, name: str, rule) -> QLinear:
+    """The QLinear of an algorithm's stored weight (an error it reported is raised here)."""
+    if isinstance(result, QExportError):
+        raise result
+    if result is None:
+        raise QExportError(f"{name}: the algorithm did not quantize this layer")
+    return QLinear(result, linear.bias, weight_dtype=linear.weight.dtype, act_spec=rule.activation)
 
 
 def _run_batch(model, batch) -> None:

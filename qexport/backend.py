@@ -66,6 +66,11 @@ class BackendOptions:
         if unknown:
             raise InvalidConfig(f"unknown qexport backend option(s) {unknown}; allowed: {sorted(allowed)}")
         recipe = load_recipe(options.get("recipe", "w8"))
+        if recipe.algorithm != "rtn":
+            raise InvalidConfig(
+                f"recipe {recipe.name!r} uses algorithm {recipe.algorithm!r}, which needs calibration data before "
+                "compiling: run qexport.quantize(model, recipe, calibration=...) first (the compile back-end "
+                "applies round-to-nearest recipes)")
         mode = options.get("mode")
         if mode is not None and mode not in MODES:
             raise InvalidConfig(f"mode={mode!r} is not valid; allowed: None, {', '.join(repr(m) for m in MODES)}")

@@ -32,10 +32,12 @@ __all__ = [
     "get_preset",
     "load_recipe",
     "ALGORITHMS",
+    "ALGORITHM_OPTIONS",
+    "CALIBRATED_PRESETS",
 ]
 
 INT_BITS = (2, 4, 8)
-ALGORITHMS = ("rtn",)  # algorithms usable in a Recipe today
+ALGORITHMS = ("rtn", "gptq", "awq")  # algorithms usable in a Recipe; gptq and awq need calibration data
 
 
 class NumberFormat(str, Enum):
@@ -68,6 +70,99 @@ def _enum(cls: type[Enum], value: Any, field_name: str) -> Enum:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One algorithm option: its default, its type (bool, int or float) and its allowed interval."""
+
+    default: Any
+    kind: type
+    lo: float | None = None  # inclusive bounds; None: unbounded
+    hi: float | None = None
+    doc: str = ""
+
+    def check(self, where: str, value: Any) -> Any:
+        """``value`` validated (ints accepted for floats); ``where`` names the option in error messages."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise InvalidConfig(f"{where} must be true or false, got {value!r}")
+            return value
+        if self.kind is int and not _is_int(value):
+            raise InvalidConfig(f"{where} must be an integer, got {value!r}")
+        if self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidConfig(f"{where} must be a number, got {value!r}")
+            value = float(value)
+        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            bounds = f">= {self.lo}" if self.hi is None else f"in [{self.lo}, {self.hi}]"
+            raise InvalidConfig(f"{where} must be {bounds}, got {value!r}")
+        return value
+
+
+# Options of each algorithm, with their defaults; a Recipe stores all of them, filled in, so that its JSON
+# records exactly how a model was made. The algorithms themselves live in qexport.algorithms.
+ALGORITHM_OPTIONS: dict[str, dict[str, _Option]] = {
+    "rtn": {},
+    "gptq": {
+        "percdamp": _Option(0.01, float, 0.0, 1.0, "damping added to the Hessian diagonal, as a fraction of its mean"),
+        "act_order": _Option(True, bool, doc="quantize columns by decreasing Hessian diagonal (group ranges "
+                                              "are then fixed from the weights beforehand: static groups)"),
+        "static_groups": _Option(False, bool, doc="fix every group's range from the weights before any update "
+                                                  "(always so with act_order)"),
+        "block_size": _Option(128, int, 1, None, "columns per lazy-update block"),
+        "true_sequential": _Option(True, bool, doc="within a decoder block, quantize the linears in the order they "
+                                                   "run, each seeing the inputs of the already quantized ones"),
+    },
+    "awq": {
+        "n_grid": _Option(20, int, 1, 1000, "points of the alpha grid (alpha = i / n_grid, i = 0 .. n_grid-1)"),
+        "duo_scaling": _Option(False, bool, doc="s = mean|x|^alpha / mean|w|^(1-alpha) instead of mean|x|^alpha"),
+        "clip": _Option(True, bool, doc="search a clipping ratio of each group's range (not for q_proj / k_proj)"),
+        "clip_grid": _Option(20, int, 1, 1000, "clip ratios tried: 1 - i / clip_grid"),
+        "max_shrink": _Option(0.5, float, 0.0, 0.95, "the smallest clip ratio tried is 1 - max_shrink"),
+        "search_tokens": _Option(4096, int, 1, None, "calibration tokens (whole sequences) on which the scale and "
+                                                     "clip searches measure output error"),
+    },
+}
+
+
+class AlgorithmOptions(Mapping):
+    """A read-only mapping of option name -> value (picklable and copyable, unlike ``MappingProxyType``)."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any]):
+        self._values = dict(values)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return repr(self._values)
+
+
+def _resolve_options(algorithm: str, options: Any, recipe_name: str) -> AlgorithmOptions:
+    schema = ALGORITHM_OPTIONS[algorithm]
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise InvalidConfig(f"recipe {recipe_name!r}: options must be an object, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(schema))
+    if unknown:
+        allowed = sorted(schema) if schema else "none"
+        raise InvalidConfig(
+            f"recipe {recipe_name!r}: unknown option(s) {unknown} for algorithm {algorithm!r}; allowed: {allowed}"
+        )
+    return AlgorithmOptions({
+        k: opt.check(f"recipe {recipe_name!r}: option {k!r} of algorithm {algorithm!r}", options.get(k, opt.default))
+        for k, opt in schema.items()
+    })
 
 
 @dataclass(frozen=True)
@@ -268,6 +363,11 @@ class Recipe:
 
     By default ``lm_head`` and embeddings stay float (they are tied in many small LLMs and dominate the
     error budget); remove them from ``exclude`` and add a rule to quantize them.
+
+    ``algorithm`` chooses how the integer codes are found: ``'rtn'`` (round to nearest, no data),
+    ``'gptq'`` or ``'awq'`` (both need calibration data, ``quantize(model, recipe, calibration=...)``, and
+    integer formats). ``options`` are that algorithm's settings (``ALGORITHM_OPTIONS``); the ones left out
+    take their defaults. Every algorithm stores the same format, the one the rules describe.
     """
 
     name: str
@@ -275,6 +375,9 @@ class Recipe:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     algorithm: str = "rtn"
     description: str = ""
+    # Options of the algorithm (see ALGORITHM_OPTIONS), stored with every default filled in, as a read-only
+    # mapping. Left out of the hash (a mapping is not hashable); equality compares it.
+    options: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -296,6 +399,20 @@ class Recipe:
         object.__setattr__(self, "exclude", exclude)
         if self.algorithm not in ALGORITHMS:
             raise InvalidConfig(f"recipe {self.name!r}: unknown algorithm {self.algorithm!r}; available: {list(ALGORITHMS)}")
+        object.__setattr__(self, "options", _resolve_options(self.algorithm, self.options, self.name))
+        if self.algorithm != "rtn":
+            for r in rules:
+                w = r.weight
+                if w is not None and w.format is not NumberFormat.INT:
+                    raise InvalidConfig(
+                        f"recipe {self.name!r}: algorithm {self.algorithm!r} quantizes to integer grids, but rule "
+                        f"{r.pattern!r} asks for {w.describe()}: use algorithm 'rtn' for NF4"
+                    )
+
+    @property
+    def algorithm_needs_data(self) -> bool:
+        """True when the algorithm (gptq, awq) needs calibration data at ``quantize()`` time."""
+        return self.algorithm != "rtn"
 
     @property
     def needs_calibration(self) -> bool:
@@ -312,19 +429,22 @@ class Recipe:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "name": self.name,
             "description": self.description,
             "algorithm": self.algorithm,
             "exclude": list(self.exclude),
             "rules": [r.to_dict() for r in self.rules],
         }
+        if self.options:  # rtn has no options: its JSON is unchanged
+            d["options"] = dict(self.options)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Recipe":
         if not isinstance(d, Mapping):
             raise InvalidConfig(f"a recipe must be a JSON object, got {type(d).__name__}")
-        allowed = {"name", "description", "algorithm", "exclude", "rules"}
+        allowed = {"name", "description", "algorithm", "exclude", "rules", "options"}
         unknown = sorted(set(d) - allowed)
         if unknown:
             raise InvalidConfig(f"unknown recipe field(s) {unknown}; allowed: {sorted(allowed)}")
@@ -382,11 +502,34 @@ PRESETS: dict[str, Recipe] = {
 }
 
 
+# Presets whose algorithm needs calibration data: ``quantize(model, name, calibration=tokens)``. They are kept
+# apart from PRESETS, which holds the presets that quantize a model on their own (the CLI, the compile
+# back-end and the tests apply every one of those without data); get_preset and load_recipe know both.
+_GPTQ_SPEC = dict(bits=4, symmetric=False, observer="mse")  # GPTQ's group ranges: MSE search (README)
+
+CALIBRATED_PRESETS: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(name="w4g128-gptq", algorithm="gptq", rules=(Rule("*", QuantSpec(group_size=128, **_GPTQ_SPEC)),),
+               description="int4 weights, groups of 128, asymmetric, GPTQ with act-order and MSE group ranges "
+                           "(needs calibration data)"),
+        Recipe(name="w4g64-gptq", algorithm="gptq", rules=(Rule("*", QuantSpec(group_size=64, **_GPTQ_SPEC)),),
+               description="int4 weights, groups of 64, asymmetric, GPTQ with act-order and MSE group ranges "
+                           "(needs calibration data)"),
+        Recipe(name="w4g128-awq", algorithm="awq",
+               rules=(Rule("*", QuantSpec(bits=4, group_size=128, symmetric=False)),),
+               description="int4 weights, groups of 128, asymmetric, AWQ scales and clipping (needs calibration data)"),
+    )
+}
+
+
 def get_preset(name: str) -> Recipe:
-    try:
+    if name in PRESETS:
         return PRESETS[name]
-    except KeyError:
-        raise UnknownPreset(f"unknown recipe preset {name!r}; available: {', '.join(PRESETS)}") from None
+    if name in CALIBRATED_PRESETS:
+        return CALIBRATED_PRESETS[name]
+    available = ", ".join([*PRESETS, *CALIBRATED_PRESETS])
+    raise UnknownPreset(f"unknown recipe preset {name!r}; available: {available}")
 
 
 def load_recipe(recipe: "Recipe | str | os.PathLike") -> Recipe:
@@ -395,8 +538,8 @@ def load_recipe(recipe: "Recipe | str | os.PathLike") -> Recipe:
         return recipe
     if isinstance(recipe, (str, os.PathLike)):
         s = str(recipe)
-        if s in PRESETS:
-            return PRESETS[s]
+        if s in PRESETS or s in CALIBRATED_PRESETS:
+            return get_preset(s)
         if s.endswith(".json") or os.sep in s or Path(s).exists():
             return Recipe.from_json(s)
         return get_preset(s)

@@ -1,0 +1,481 @@
+"""AWQ (Lin et al., 2023): activation-aware per-input-channel scales, folded into the preceding operation,
+and a per-group clipping search; the weights are then rounded to nearest in qexport's format.
+
+For the linears that share one input x, scaling input channel c of their weights by ``s_c`` and dividing
+x_c by ``s_c`` leaves the float function unchanged, but channels with large activations get a finer
+grid. Per decoder block (Llama layout), four groups are scaled:
+
+=================  ==========================  =====================================  ======================
+group              linears                     1/s folded into                        error measured on
+=================  ==========================  =====================================  ======================
+attention input    q_proj, k_proj, v_proj      input_layernorm weight (and bias)      self_attn output
+attention output   o_proj                      v_proj output rows (see below)         o_proj output
+MLP input          gate_proj, up_proj          post_attention_layernorm weight        mlp output
+MLP output         down_proj                   up_proj output rows                    down_proj output
+=================  ==========================  =====================================  ======================
+
+Scale search: ``s = mean|x|^alpha`` over the calibration tokens (``duo_scaling``: divided by
+``mean|w|^(1-alpha)``, w normalised per group), normalised by ``sqrt(max(s) min(s))``, for
+``alpha = i / n_grid, i = 0 .. n_grid-1``; the alpha whose round-to-nearest weights give the least mean
+squared error of the group's output on the search tokens wins (alpha = 0 is plain RTN, so the search
+never picks something worse than RTN on those tokens). The search tokens are the first calibration
+batches (of 8 sequences) that hold at least ``search_tokens`` tokens; the four groups are searched on the
+float block, then all folded, as in the reference implementation.
+
+Folding o_proj's scales into v_proj: o_proj's input channel ``(head h, d)`` is the attention-weighted sum
+of v_proj channel ``(kv head h // n_rep, d)``; scaling that v channel by ``1/s`` scales every query head
+that reads it. So o_proj's scales are tied across the ``n_rep`` query heads of each kv head (the statistic
+is their mean) and folded exactly, with or without grouped-query attention. When the head layout cannot
+be read from the attention module, o_proj gets no scales (a warning says so). No explicit multiply is
+ever inserted: the model keeps its structure, so the compile back-end and the ONNX lowering see ordinary
+linears. Every fold is checked numerically (the folded operation's output on calibration data must be
+unchanged up to float rounding); one that is not is undone, with a warning.
+
+Clipping (``clip``, on by default; not for q_proj and k_proj, whose errors the softmax amplifies, as in
+the reference): for each weight group, the range of the spec's observer is shrunk by ``f`` in
+``1, 1 - 1/clip_grid, ..., 1 - max_shrink``; the f with the least output error of that group on the
+search tokens (exact, through the group's block of X^T X) is kept. Scales and zero points come from the
+clipped range and the codes are rounded (and clamped) to it, which is exactly qexport's stored layout.
+
+Blocks are processed in order; each block's inputs are the outputs of the previous blocks, quantized.
+AWQ needs the Llama block layout (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``,
+``input_layernorm``, ``post_attention_layernorm``); for other models use GPTQ. Layers to quantize outside
+the blocks (a quantized ``lm_head``) are rounded to nearest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from qexport.algorithms.common import (
+    BlockInput,
+    LayerTask,
+    build_quantized_weight,
+    check_weight,
+    fake_quantize_fast,
+    find_blocks,
+    finite_tasks,
+    for_each_block,
+    group_ranges,
+    group_size,
+    quantize_with_qparams,
+    run_block,
+    set_weight,
+    split_by_block,
+)
+from qexport.config import Granularity, QuantSpec
+from qexport.errors import QExportError, UnsupportedOp
+from qexport.formats import QuantizedWeight, qparams_from_range, quantize_weight
+
+__all__ = ["quantize_model_awq", "llama_scale_groups", "fold_scales", "search_clip", "ScaleGroup"]
+
+log = logging.getLogger(__name__)
+
+FOLD_RTOL = 1e-4  # a fold may change the folded operation's output by this much (relative), float rounding
+
+
+# ----------------------------------------------------------------------------------------------------
+# The groups of a Llama block
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class ScaleGroup:
+    """Linears that share one input, and where the inverse of their input scales is folded.
+
+    ``prev_kind``: ``'norm'`` (divide a norm's weight and bias) or ``'rows'`` (divide output rows of the
+    linear ``prev``). ``tie`` maps a scale per ``prev`` channel to a scale per input channel of the
+    linears (identity when None); ``untie`` reduces a per-input-channel statistic to ``prev`` channels.
+    ``inspect`` names the module whose output error the search measures.
+    """
+
+    key: str
+    linears: list[nn.Linear]
+    prev: nn.Module
+    prev_kind: str
+    inspect: str
+    tie: Callable[[torch.Tensor], torch.Tensor] | None = None
+    untie: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def full(self, s: torch.Tensor) -> torch.Tensor:
+        return s if self.tie is None else self.tie(s)
+
+
+def _is_llama_block(block: nn.Module) -> bool:
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    return (attn is not None and mlp is not None
+            and all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
+            and all(isinstance(getattr(getattr(block, n, None), "weight", None), torch.Tensor)
+                    for n in ("input_layernorm", "post_attention_layernorm")))
+
+
+def _head_layout(attn: nn.Module) -> tuple[int, int, int] | None:
+    """``(kv_heads, n_rep, head_dim)`` of an attention module, or None when it cannot be read."""
+    cfg = getattr(attn, "config", None)
+    head_dim = getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    n_rep = getattr(attn, "num_key_value_groups", None) or (heads // kv if heads and kv else None)
+    if not head_dim or not n_rep:
+        return None
+    v_out, o_in = attn.v_proj.out_features, attn.o_proj.in_features
+    if v_out % head_dim or o_in != v_out * n_rep:
+        return None
+    return v_out // head_dim, n_rep, head_dim
+
+
+def llama_scale_groups(block: nn.Module) -> tuple[list[ScaleGroup], list[str]]:
+    """The four scale groups of a Llama decoder block, and notes on groups left out."""
+    attn, mlp = block.self_attn, block.mlp
+    groups = [ScaleGroup("attn_in", [attn.q_proj, attn.k_proj, attn.v_proj], block.input_layernorm, "norm", "attn")]
+    notes = []
+    layout = _head_layout(attn)
+    if layout is None:
+        notes.append("o_proj: the attention head layout is unknown, so its scales cannot be folded into v_proj")
+    else:
+        kv, n_rep, hd = layout
+        groups.append(ScaleGroup(
+            "attn_out", [attn.o_proj], attn.v_proj, "rows", "o",
+            tie=lambda s: s.view(kv, 1, hd).expand(kv, n_rep, hd).reshape(-1),
+            untie=lambda x: x.view(kv, n_rep, hd).mean(1).reshape(-1),
+        ))
+    groups.append(ScaleGroup("mlp_in", [mlp.gate_proj, mlp.up_proj], block.post_attention_layernorm, "norm", "mlp"))
+    if mlp.up_proj.out_features == mlp.down_proj.in_features:
+        groups.append(ScaleGroup("mlp_out", [mlp.down_proj], mlp.up_proj, "rows", "down"))
+    return groups, notes
+
+
+# ----------------------------------------------------------------------------------------------------
+# Calibration data of one block
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class _BlockData:
+    abs_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # sum over tokens of |x| per channel
+    tokens: dict[str, int] = field(default_factory=dict)
+    search: list[dict[str, Any]] = field(default_factory=list)  # per search batch: inputs of each group
+
+    def mean_abs(self, key: str) -> torch.Tensor:
+        return self.abs_sum[key] / max(self.tokens[key], 1)
+
+
+_INPUT_OF = {"attn_in": ("self_attn", "q_proj"), "attn_out": ("self_attn", "o_proj"),
+             "mlp_in": ("mlp", "gate_proj"), "mlp_out": ("mlp", "down_proj")}
+
+
+@torch.no_grad()
+def _collect(block: nn.Module, inputs: list[BlockInput], search_batches: int) -> _BlockData:
+    data = _BlockData()
+    state = {"batch": 0}
+    hooks = []
+
+    def stat_hook(key):
+        def fn(mod, args):
+            x = args[0].detach()
+            x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            data.abs_sum[key] = data.abs_sum.get(key, 0) + x2.abs().sum(0)
+            data.tokens[key] = data.tokens.get(key, 0) + x2.shape[0]
+            if state["batch"] < search_batches:
+                data.search[state["batch"]][key] = x
+        return fn
+
+    def attn_hook(mod, args, kwargs):
+        if state["batch"] < search_batches:
+            data.search[state["batch"]]["attn_call"] = (args, kwargs)
+
+    for key, (parent, child) in _INPUT_OF.items():
+        hooks.append(getattr(getattr(block, parent), child).register_forward_pre_hook(stat_hook(key)))
+    hooks.append(block.self_attn.register_forward_pre_hook(attn_hook, with_kwargs=True))
+    try:
+        for i, inp in enumerate(inputs):
+            state["batch"] = i
+            if i < search_batches:
+                data.search.append({"block_in": inp.hidden})
+            run_block(block, inp)
+    finally:
+        for h in hooks:
+            h.remove()
+    return data
+
+
+def _inspect(block: nn.Module, what: str, batch: dict[str, Any]) -> torch.Tensor:
+    if what == "attn":
+        args, kwargs = batch["attn_call"]
+        out = block.self_attn(*args, **kwargs)
+        return (out[0] if isinstance(out, (tuple, list)) else out).to(torch.float32)
+    if what == "o":
+        return block.self_attn.o_proj(batch["attn_out"]).to(torch.float32)
+    if what == "mlp":
+        return block.mlp(batch["mlp_in"]).to(torch.float32)
+    return block.mlp.down_proj(batch["mlp_out"]).to(torch.float32)
+
+
+_SINGLE_LINEAR = {"o": "attn_out", "down": "mlp_out"}  # inspected modules that are one linear: their input
+
+
+def _output_error(block: nn.Module, what: str, data: _BlockData, refs: list[torch.Tensor]) -> float:
+    total, count = 0.0, 0
+    for batch, ref in zip(data.search, refs):
+        diff = _inspect(block, what, batch) - ref
+        total += float(diff.pow(2).sum())
+        count += diff.numel()
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scale search and folding
+# ----------------------------------------------------------------------------------------------------
+def _weight_mean(linears: list[nn.Linear], specs: list[QuantSpec]) -> torch.Tensor:
+    """Mean over the rows of all linears of |w| / (max |w| of its group): per input channel."""
+    parts = []
+    for lin, spec in zip(linears, specs):
+        w = lin.weight.detach().to(torch.float32)
+        lo, hi = group_ranges(w, spec)
+        absmax = torch.maximum(lo.abs(), hi.abs())
+        k = w.shape[1]
+        full = absmax.expand(w.shape[0], -1) if absmax.shape[0] == 1 else absmax
+        parts.append(w.abs() / (full.repeat_interleave(group_size(spec, k), dim=1)[:, :k] + 1e-6))
+    return torch.cat(parts).mean(0)
+
+
+@torch.no_grad()
+def _search_scale(block: nn.Module, group: ScaleGroup, specs: list[QuantSpec | None], data: _BlockData,
+                  options: Mapping[str, Any]) -> tuple[torch.Tensor, float, float]:
+    """Best per-``prev``-channel scale, its alpha, and the search's error ratio (best / alpha=0)."""
+    x_mean = data.mean_abs(group.key)
+    if group.untie is not None:
+        x_mean = group.untie(x_mean)
+    quantized = [(lin, spec) for lin, spec in zip(group.linears, specs) if spec is not None]
+    w_mean = None
+    if options["duo_scaling"]:
+        w_mean = _weight_mean([lin for lin, _ in quantized], [sp for _, sp in quantized])
+        if group.untie is not None:
+            w_mean = group.untie(w_mean)
+    originals = [lin.weight.data for lin, _ in quantized]
+    single = group.inspect in _SINGLE_LINEAR and len(quantized) == 1
+    if single:
+        # one linear: the mean squared output error is sum((dW G) * dW) / (tokens * rows), G = X^T X, which
+        # is much cheaper per candidate than running the layer again
+        x = torch.cat([b[_SINGLE_LINEAR[group.inspect]].reshape(-1, originals[0].shape[1]) for b in data.search])
+        x = x.to(torch.float32)
+        gram, denom = x.T @ x, x.shape[0] * originals[0].shape[0]
+    else:
+        refs = [_inspect(block, group.inspect, b) for b in data.search]
+    best = (math.inf, None, 0.0)
+    base = None
+    try:
+        for i in range(options["n_grid"]):
+            alpha = i / options["n_grid"]
+            s = x_mean.pow(alpha)
+            if w_mean is not None:
+                s = s / (w_mean.pow(1 - alpha) + 1e-4)
+            s = s.clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            full = group.full(s)
+            for (lin, spec), w0 in zip(quantized, originals):
+                w = w0.to(torch.float32) * full[None, :]
+                lin.weight.data = (fake_quantize_fast(w, spec) / full[None, :]).to(w0.dtype)
+            if single:
+                d = originals[0].to(torch.float32) - quantized[0][0].weight.data.to(torch.float32)
+                err = float(((d @ gram) * d).sum()) / denom
+            else:
+                err = _output_error(block, group.inspect, data, refs)
+            if base is None:
+                base = err
+            if err < best[0]:
+                best = (err, s, alpha)
+    finally:
+        for (lin, _), w0 in zip(quantized, originals):
+            lin.weight.data = w0
+    ratio = best[0] / base if base else 1.0
+    return best[1], best[2], ratio
+
+
+@torch.no_grad()
+def fold_scales(group: ScaleGroup, s: torch.Tensor) -> None:
+    """Divide the output of ``group.prev`` by ``s`` and multiply the linears' input columns by it (exact in float)."""
+    full = group.full(s)
+    prev = group.prev
+    if group.prev_kind == "norm":
+        prev.weight.div_(s.to(prev.weight.dtype))
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+    else:
+        prev.weight.div_(s.to(prev.weight.dtype)[:, None])
+        if prev.bias is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+    for lin in group.linears:
+        lin.weight.mul_(full.to(lin.weight.dtype)[None, :])
+
+
+def _relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def _fold_checked(block: nn.Module, group: ScaleGroup, s: torch.Tensor, data: _BlockData) -> bool:
+    """Fold, then check that the folded operation still computes the same; undo it when it does not."""
+    touched = [group.prev.weight] + ([group.prev.bias] if getattr(group.prev, "bias", None) is not None else [])
+    touched += [lin.weight for lin in group.linears]
+    saved = [t.detach().clone() for t in touched]
+    probe = data.search[0]
+    if group.prev_kind == "norm":
+        x = probe["block_in"]  # the identity norm'(x) * s = norm(x) holds for any x; a real hidden state will do
+        before = group.prev(x).to(torch.float32)
+        fold_scales(group, s)
+        after = group.prev(x).to(torch.float32) * s
+    else:
+        what = "attn" if group.key == "attn_out" else "mlp"
+        before = _inspect(block, what, probe)
+        fold_scales(group, s)
+        after = _inspect(block, what, probe)
+    change = _relative_change(after, before)
+    if change <= FOLD_RTOL:
+        return True
+    for t, v in zip(touched, saved):
+        t.copy_(v)
+    warnings.warn(f"qexport: awq: folding the {group.key} scales changed the output by {change:.2g} (relative); "
+                  "left unscaled", stacklevel=4)
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Clipping search
+# ----------------------------------------------------------------------------------------------------
+def _gram_blocks(x: torch.Tensor, g: int) -> list[torch.Tensor]:
+    """``X_j^T X_j`` for each group j of columns of ``x`` ``[T, K]`` (float64 accumulation)."""
+    k = x.shape[1]
+    return [(x[:, a : a + g].T @ x[:, a : a + g]) for a in range(0, k, g)]
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, clip_grid: int = 20, max_shrink: float = 0.5
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-group scale and zero point from the shrink ratio of each group's range with least output error.
+
+    ``w``: float32 ``[N, K]``; ``x``: float32 inputs ``[T, K]``. The error of group j of row n for a
+    candidate is ``d G_j d^T`` with ``d`` the rounding error of that group and ``G_j = X_j^T X_j``.
+    """
+    n, k = w.shape
+    g = group_size(spec, k)
+    lo, hi = group_ranges(w, spec)
+    grams = _gram_blocks(x, g)
+    best_err = torch.full(lo.shape, math.inf)
+    best_f = torch.ones(lo.shape)
+    for i in range(int(round(max_shrink * clip_grid)) + 1):
+        f = 1.0 - i / clip_grid
+        scale, zero = qparams_from_range(lo * f, hi * f, spec.bits, spec.symmetric)
+        _, deq = quantize_with_qparams(w, spec, scale, zero)
+        d = w - deq
+        err = torch.stack([((d[:, j * g : (j + 1) * g] @ gram) * d[:, j * g : (j + 1) * g]).sum(1)
+                           for j, gram in enumerate(grams)], 1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_f = torch.where(better, torch.full_like(best_f, f), best_f)
+    return qparams_from_range(lo * best_f, hi * best_f, spec.bits, spec.symmetric)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole models
+# ----------------------------------------------------------------------------------------------------
+def _rtn(task: LayerTask, results: dict) -> None:
+    try:
+        qw = quantize_weight(task.module.weight, task.spec, name=task.name)
+    except QExportError as e:
+        results[task.name] = e
+        return
+    set_weight(task.module, qw.dequantize())
+    results[task.name] = qw
+
+
+@torch.no_grad()
+def _awq_block(block: nn.Module, tasks: list[LayerTask], inputs: list[BlockInput], options: Mapping[str, Any],
+               results: dict, notes: set[str]) -> None:
+    spec_of = {id(t.module): t for t in tasks}
+    groups, group_notes = llama_scale_groups(block)
+    notes.update(group_notes)
+    tokens_per_batch = inputs[0].hidden.shape[:-1].numel()
+    search_batches = min(len(inputs), max(1, math.ceil(options["search_tokens"] / tokens_per_batch)))
+    data = _collect(block, inputs, search_batches)
+
+    # 1. scales, searched on the float block; 2. folded (each fold checked)
+    input_scale: dict[int, torch.Tensor] = {}  # id(linear) -> per-input-channel scale applied to its weight
+    chosen = []
+    for group in groups:
+        specs = [spec_of[id(lin)].spec if id(lin) in spec_of else None for lin in group.linears]
+        if all(sp is None for sp in specs) or group.key not in data.abs_sum:
+            continue
+        s, alpha, ratio = _search_scale(block, group, specs, data, options)
+        log.debug("awq %s: alpha %.2f, output error x%.3f of RTN's", group.key, alpha, ratio)
+        chosen.append((group, s))
+    for group, s in chosen:
+        if _fold_checked(block, group, s, data):
+            for lin in group.linears:
+                input_scale[id(lin)] = group.full(s)
+
+    # 3. clipping and rounding, layer by layer; inputs are those the search saw, divided by the folded scales
+    key_of = {}
+    for key, (parent, child) in _INPUT_OF.items():
+        key_of[id(getattr(getattr(block, parent), child))] = key
+    for lin in (block.self_attn.k_proj, block.self_attn.v_proj):
+        key_of[id(lin)] = "attn_in"
+    key_of[id(block.mlp.up_proj)] = "mlp_in"
+    no_clip = {id(block.self_attn.q_proj), id(block.self_attn.k_proj)}
+    for t in tasks:
+        lin, spec = t.module, t.spec
+        key = key_of.get(id(lin))
+        if (not options["clip"] or key is None or id(lin) in no_clip
+                or spec.granularity is Granularity.PER_TENSOR):
+            _rtn(t, results)
+            continue
+        x = torch.cat([b[key].reshape(-1, b[key].shape[-1]) for b in data.search]).float()
+        if id(lin) in input_scale:
+            x = x / input_scale[id(lin)][None, :]
+        try:
+            w = check_weight(lin.weight, t.name)
+        except QExportError as e:
+            results[t.name] = e
+            continue
+        scale, zero = search_clip(w, x, spec, options["clip_grid"], options["max_shrink"])
+        codes, deq = quantize_with_qparams(w, spec, scale, zero)
+        results[t.name] = build_quantized_weight(spec, codes, scale, zero)
+        set_weight(lin, deq)
+
+
+@torch.no_grad()
+def quantize_model_awq(model: nn.Module, tasks: list[LayerTask], batches: list[torch.Tensor],
+                       options: Mapping[str, Any], progress: bool = False) -> dict[str, QuantizedWeight | QExportError]:
+    """AWQ of every task's weight; returns name -> stored weight (or the error that keeps it float).
+
+    Changes the float model on the way: norm weights and the rows of v_proj / up_proj absorb the inverse
+    scales, and the weights of quantized layers are replaced by their dequantized values.
+    """
+    results: dict[str, QuantizedWeight | QExportError] = {}
+    todo = finite_tasks(tasks, results)
+    if not todo:
+        return results
+    blocks = find_blocks(model, [t.name for t in todo], batches[0][:1])
+    if blocks is None or not all(_is_llama_block(b) for b in blocks.modules):
+        raise UnsupportedOp(
+            "algorithm 'awq' needs Llama-style decoder blocks (self_attn.q/k/v/o_proj, mlp.gate/up/down_proj, "
+            "input_layernorm, post_attention_layernorm) in a list that the model runs in order; "
+            "use algorithm 'gptq' for this model"
+        )
+    by_block, rest = split_by_block(blocks, todo)
+    notes: set[str] = set()
+    for_each_block(model, blocks, by_block, batches,
+                   lambda block, block_tasks, inputs: _awq_block(block, block_tasks, inputs, options, results, notes),
+                   "awq", progress)
+    for note in sorted(notes):
+        warnings.warn(f"qexport: awq: {note}", stacklevel=3)
+    if rest:
+        warnings.warn(f"qexport: awq: {len(rest)} layer(s) outside the decoder blocks ({rest[0].name}, ...) are "
+                      "rounded to nearest", stacklevel=3)
+        for t in rest:
+            _rtn(t, results)
+    return results
