@@ -244,6 +244,11 @@ def test_onnxruntime_target_generate_with_dynamic_shapes():
     dynamic = [o for o in ort_graphs if o.dynamic_shapes]
     assert dynamic and all(len(o.sessions) == 1 for o in dynamic)  # one session serves every later step
     assert sum(len(o.sessions) for o in ort_graphs) <= 4  # not one export per generated token
+    # the target's own rewrites ran on the decode graph: 2 norms per layer + the final one, q and k rotations,
+    # repeat_kv's expand + reshape for k and v (tiny_llama: 2 layers, grouped-query attention)
+    fused = {name: n for f in dynamic[0].fusions for name, n in f.changed.items()}
+    assert fused == {"rms_norm": 5, "rotate_half": 4, "expand": 4, "reshape": 4}
+    assert dynamic[0].reports[0].rms_norm == 5
 
 
 @pytest.mark.parametrize("target", ["eager", "onnxruntime"])

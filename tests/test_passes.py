@@ -382,3 +382,37 @@ def test_static_sizes_makes_repeat_kv_shapes_constant():
         torch._dynamo.mark_dynamic(k, 2)  # the KV length
         torch.testing.assert_close(f(k), repeat_kv(k), atol=0, rtol=0)
     assert results and results[0].changed == {"expand": 1, "reshape": 1}
+
+
+class Rotary(nn.Module):
+    """``q * cos + rotate_half(q) * sin``; ``swapped`` plants a look-alike (halves not negated the same way)."""
+
+    def __init__(self, swapped=False):
+        super().__init__()
+        self.swapped = swapped
+
+    def forward(self, q, cos, sin):
+        x1, x2 = q[..., : q.shape[-1] // 2], q[..., q.shape[-1] // 2 :]
+        rot = torch.cat((x1, -x2), dim=-1) if self.swapped else torch.cat((-x2, x1), dim=-1)
+        return q * cos + rot * sin
+
+
+@pytest.mark.parametrize("swapped", [False, True])
+def test_fuse_rotate_half(swapped):
+    import torch._dynamo
+
+    from qexport.passes.fuse_rotate_half import fuse_rotate_half
+
+    results = []
+
+    def backend(gm, example_inputs):
+        results.append(fuse_rotate_half(gm))
+        results.append(count(gm, Q.rotate_half.default))
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = Rotary(swapped)
+    q, cos, sin = torch.randn(2, 3, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
+    out = torch.compile(model, backend=backend)(q, cos, sin)
+    torch.testing.assert_close(out, model(q, cos, sin), atol=0, rtol=0)
+    assert results[0].changed == ({} if swapped else {"rotate_half": 1}) and results[1] == (0 if swapped else 1)

@@ -14,8 +14,8 @@ Two steps:
 
 Before export, :class:`OrtGraph` rewrites its copy of the graph for this target (fewer, larger ONNX
 nodes: ORT pays a few microseconds per node, and a SmolLM2 decode step has ~2600 of them):
-``fuse_rmsnorm`` (hand-written RMSNorm -> ``qexport::rms_norm`` -> one ``SimplifiedLayerNormalization``)
-and ``static_sizes`` (symbolic reshape / expand sizes -> ``-1``, so shapes are constants).
+``fuse_rmsnorm`` (hand-written RMSNorm -> ``qexport::rms_norm`` -> one ``SimplifiedLayerNormalization``),
+``fuse_rotate_half`` (rotary embeddings' slice / neg / concat -> one ``MatMul``) and ``static_sizes`` (symbolic reshape / expand sizes -> ``-1``, so shapes are constants).
 
 :class:`OrtGraph` exports a graph traced with symbolic sizes once, with dynamic axes, and a static graph
 once per input shape signature, and caches the sessions.
@@ -34,6 +34,7 @@ import torch.fx as fx
 
 from qexport.errors import UnsupportedOp
 from qexport.passes.fuse_rmsnorm import fuse_rmsnorm
+from qexport.passes.fuse_rotate_half import fuse_rotate_half
 from qexport.passes.static_sizes import static_sizes
 
 __all__ = ["OrtGraph", "export_graph", "freeze_parameters"]
@@ -86,6 +87,9 @@ def _translations():
     def rms_norm(x, weight, eps: float):
         return qx.RMSNorm(x, weight, epsilon=eps)
 
+    def rotate_half(x):
+        return qx.RotateHalf(x)
+
     return {
         Q.qlinear.default: qlinear,
         Q.dequantize_weight.default: dequantize_weight,
@@ -94,6 +98,7 @@ def _translations():
         Q.quantize_per_tensor.default: quantize_per_tensor,
         Q.qlinear_a8.default: qlinear_a8,
         Q.rms_norm.default: rms_norm,
+        Q.rotate_half.default: rotate_half,
     }
 
 
@@ -107,6 +112,7 @@ _SCHEMAS = {  # op -> (inputs as (name, type, optional), attributes as (name, ty
     "QLinearA8": ([("xq", "Q", False), ("x_scale", "T", False), ("wq", "Q", False), ("w_scale", "T", False),
                    ("bias", "T", True)], [("x_zero_point", "INT")]),
     "RMSNorm": ([("x", "T", False), ("weight", "T", False)], [("epsilon", "FLOAT")]),
+    "RotateHalf": ([("x", "T", False)], []),
 }
 
 
@@ -160,6 +166,16 @@ def matmulnbits_accuracy(bits: int, accuracy_level: int | None) -> int:
     if accuracy_level is not None:
         return accuracy_level
     return 4 if bits == 8 else 0
+
+
+def _last_dim(graph, name: str) -> int:
+    """The static last dimension of value ``name`` (from the exporter's shape annotations)."""
+    for v in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if v.name == name:
+            dims = v.type.tensor_type.shape.dim
+            if dims and dims[-1].HasField("dim_value"):
+                return dims[-1].dim_value
+    raise UnsupportedOp(f"the last dimension of {name!r} is not known statically")
 
 
 def _rewrite(model, report: LoweringReport, accuracy_level: int | None = None):
@@ -245,6 +261,16 @@ def _rewrite(model, report: LoweringReport, accuracy_level: int | None = None):
                                               name=f"{name}_SimplifiedLayerNormalization", axis=-1,
                                               epsilon=a["epsilon"], stash_type=1))
             report.rms_norm += 1
+        elif node.op_type == "RotateHalf":  # x @ P, P the signed permutation [x1, x2] -> [-x2, x1]
+            d = _last_dim(g, ins[0])
+            h = d // 2
+            perm = np.zeros((d, d), dtype=np.float32)
+            perm[np.arange(h) + h, np.arange(h)] = -1.0
+            perm[np.arange(h), np.arange(h) + h] = 1.0
+            p_name = f"rotate_half_{d}"
+            if p_name not in inits:
+                add_init(p_name, perm)
+            new_nodes.append(helper.make_node("MatMul", [ins[0], p_name], [node.output[0]], name=f"{name}_MatMul"))
         else:
             raise UnsupportedOp(f"no ONNX lowering for qexport op {node.op_type}")
     del g.node[:]
@@ -354,7 +380,7 @@ class OrtGraph:
         self.sessions: dict[tuple, Any] = {}
         self.reports: list[LoweringReport] = []
         frozen = freeze_parameters(self.gm, example_inputs)
-        self.fusions = [fuse_rmsnorm(self.gm), static_sizes(self.gm)]
+        self.fusions = [fuse_rmsnorm(self.gm), fuse_rotate_half(self.gm), static_sizes(self.gm)]
         live = [i for i in range(len(example_inputs)) if i not in frozen]
         keep, self.dynamic_shapes = tensor_only(self.gm)
         self.keep = [live[i] for i in keep]  # positions in the arguments dynamo passes
