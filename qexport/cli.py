@@ -61,7 +61,7 @@ def _calibration_batches(tok, path: str | None, count: int = 8, length: int = 51
 
 def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=None,
              prompt: str | None = None, max_new_tokens: int = 0, backend: str = "eager",
-             target: str | None = None, calib_text: str | None = None) -> dict[str, Any]:
+             target: str | None = None, calib_text: str | None = None, calib_samples: int = 16) -> dict[str, Any]:
     import qexport
     from qexport.eval import generate, perplexity
 
@@ -84,7 +84,12 @@ def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=
         size = qexport.model_size(qexport.quantize(copy.deepcopy(model), _weights_only(recipe)))
         model = qmodel
     elif recipe is not None:
-        model = qexport.quantize(copy.deepcopy(model), recipe, progress=True)
+        calibration = None
+        if recipe.algorithm != "rtn":  # GPTQ / AWQ: windows of the calibration text
+            import torch
+
+            calibration = torch.cat(_calibration_batches(tok, calib_text, count=calib_samples))
+        model = qexport.quantize(copy.deepcopy(model), recipe, calibration=calibration, progress=True)
         report = model.qexport_report
         row["recipe"] = report.recipe
         row["layers_quantized"] = len(report.quantized)
@@ -167,7 +172,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model)
     fp = _measure("fp32", model, tok, text, tokens, window)
     q = _measure(recipe.name, model, tok, text, tokens, window, recipe=recipe, backend=args.backend,
-                 target=args.target, calib_text=args.calib_text)
+                 target=args.target, calib_text=args.calib_text,
+                 calib_samples=_positive_int("--calib-samples", args.calib_samples))
     print(f"model {args.model}  text {args.text}  {q['tokens']} tokens in {q['windows']} windows of {window}")
     print(_table([fp, q], fp["ppl"]))
     if args.json:
@@ -279,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --backend compile: where the quantized graph runs (default: onnxruntime on CPU "
                         "when installed, else inductor)")
     e.add_argument("--calib-text", help="calibration text for static recipes (default: bundled Sense and Sensibility)")
+    e.add_argument("--calib-samples", type=int, default=16,
+                   help="windows of 512 calibration tokens for GPTQ / AWQ recipes (default 16)")
     e.add_argument("--json", help="also write the results as JSON to this file")
     e.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
     e.set_defaults(func=cmd_eval)

@@ -127,3 +127,15 @@ def test_bench_on_tiny_checkpoint_writes_results(tiny_dir, tmp_path, capsys):
     assert main(argv) == 2  # results exist: not overwritten without --force
     assert main(["bench", "--variants", "qexport:w8:gpu"]) == 2
     assert "target must be one of" in capsys.readouterr().err
+
+
+def test_eval_calibrated_recipe_uses_calibration_windows(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "g.json"
+    assert main(["eval", "--model", str(tiny_dir), "--recipe", "w4g128-gptq", "--text", str(EMMA), "--tokens", "512",
+                 "--calib-samples", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["recipe"]["algorithm"] == "gptq" and data["recipe"]["options"]["act_order"] is True
+    assert data["layers_quantized"] == 14 and data["ppl"] != data["fp_ppl"]
+    assert main(["eval", "--model", str(tiny_dir), "--recipe", "w4g128-gptq", "--text", str(EMMA),
+                 "--calib-samples", "0"]) == 2
+    assert "--calib-samples" in capsys.readouterr().err
