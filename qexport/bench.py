@@ -13,6 +13,14 @@ compiled variants); ``prefill_s`` is the median of three later forward passes; `
 the number of decode steps divided by the time from the first to the last generated token within one greedy
 generate() call (KV cache; timestamps from a logits processor; median of three calls, after a warm-up
 generate() that compiles or exports the decode graphs).
+
+With ``ppl_tokens > 0`` each variant also gets its quality and size, measured on the same built model
+after the speed runs: ``ppl`` (perplexity on the first ``ppl_tokens`` tokens of the bundled *Emma* slice,
+windows of 512, as ``qexport eval``), ``size_bytes`` (every parameter and buffer of the quantized model)
+and ``bits_per_weight`` (of the quantized linears; codes, scales and zero points); compiled variants are
+sized by the same recipe applied eagerly. Recipes whose algorithm needs data (GPTQ, AWQ) are calibrated on
+``calib_samples`` windows of 512 tokens of the bundled *Sense and Sensibility* slice (seed 0), as eager
+variants only. :func:`write_results` then also draws perplexity against size (``bench.png``).
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ def parse_variant(text: str) -> dict[str, str]:
     )
 
 
-def _build(model, spec: dict[str, str]):
+def _build(model, spec: dict[str, str], calibration: torch.Tensor | None = None):
     import qexport
 
     m = copy.deepcopy(model)
@@ -69,7 +77,8 @@ def _build(model, spec: dict[str, str]):
     if kind == "inductor-fp32":
         m.forward = torch.compile(m.forward, backend="inductor")
     elif kind == "eager":
-        qexport.quantize(m, spec["recipe"])
+        recipe = qexport.load_recipe(spec["recipe"])
+        qexport.quantize(m, recipe, calibration=calibration if recipe.algorithm_needs_data else None)
     elif kind == "qexport":
         m.forward = torch.compile(m.forward, backend="qexport",
                                   options={"recipe": spec["recipe"], "target": spec["target"]})
@@ -77,9 +86,11 @@ def _build(model, spec: dict[str, str]):
 
 
 @torch.no_grad()
-def measure(model, prompt: torch.Tensor, spec: dict[str, str], new_tokens: int) -> dict[str, Any]:
+def measure(model, prompt: torch.Tensor, spec: dict[str, str], new_tokens: int,
+            calibration: torch.Tensor | None = None, quality=None) -> dict[str, Any]:
+    """Speed of one variant; ``quality(built_model) -> dict`` adds its columns after the speed runs."""
     torch._dynamo.reset()
-    m = _build(model, spec)
+    m = _build(model, spec, calibration)
     t0 = time.perf_counter()
     m(prompt, use_cache=False)
     first = time.perf_counter() - t0
@@ -113,24 +124,58 @@ def measure(model, prompt: torch.Tensor, spec: dict[str, str], new_tokens: int) 
             rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     row["generate_s"] = statistics.median(totals)
     row["decode_tok_s"] = statistics.median(rates) if rates else None
+    if quality is not None:
+        row.update(quality(m, spec))
     return row
 
 
+def _quality(model, tok, text: str, tokens: int):
+    """The ``quality`` callback of :func:`measure`: perplexity of the built model, size of the recipe."""
+    import qexport
+    from qexport.eval import perplexity
+
+    def quality(built, spec: dict[str, str]) -> dict[str, Any]:
+        if spec["kind"] == "eager":
+            size = qexport.model_size(built)
+        elif spec["kind"] == "qexport":  # what the recipe stores, whatever runs it
+            size = qexport.model_size(qexport.quantize(copy.deepcopy(model), spec["recipe"]))
+        else:
+            size = qexport.model_size(model)
+        ppl = perplexity(built, tok, text, tokens=tokens).ppl
+        return {"ppl": ppl, "size_bytes": size.total_bytes, "bits_per_weight": size.bits_per_weight}
+
+    return quality
+
+
 def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tokens: int = 128,
-              new_tokens: int = 64, progress: bool = True) -> dict[str, Any]:
+              new_tokens: int = 64, progress: bool = True, ppl_tokens: int = 0,
+              calib_samples: int = 16) -> dict[str, Any]:
+    from qexport.config import load_recipe
     from qexport.eval import tokenize
     from qexport.models import bundled_text, load_model, read_text
 
     specs = [(v, parse_variant(v)) for v in variants]
-    if prompt_tokens < 1 or new_tokens < 1:
-        raise InvalidConfig("prompt and new token counts must be positive")
+    if prompt_tokens < 1 or new_tokens < 1 or ppl_tokens < 0 or calib_samples < 1:
+        raise InvalidConfig("prompt, new-token and calibration-sample counts must be positive, ppl tokens >= 0")
+    for name, spec in specs:
+        if spec["kind"] == "qexport" and load_recipe(spec["recipe"]).algorithm_needs_data:
+            raise InvalidConfig(f"variant {name!r}: a calibrated recipe runs as eager:{spec['recipe']} in the bench "
+                                "(the compile back-end takes round-to-nearest recipes)")
     model, tok = load_model(model_name)
-    prompt = tokenize(tok, read_text(bundled_text("emma")))[:prompt_tokens][None]
+    text = read_text(bundled_text("emma"))
+    prompt = tokenize(tok, text)[:prompt_tokens][None]
+    calibration = None
+    if any(s.get("recipe") and load_recipe(s["recipe"]).algorithm_needs_data for _, s in specs):
+        from qexport.algorithms import calibration_tokens
+
+        calibration = calibration_tokens(read_text(bundled_text("sensesensibility")), tok, samples=calib_samples,
+                                         seq_len=512, seed=0)
+    quality = _quality(model, tok, text, ppl_tokens) if ppl_tokens else None
     rows = []
     for name, spec in specs:
         if progress:
             print(f"bench: {name}", flush=True)
-        row = {"variant": name, **measure(model, prompt, spec, new_tokens)}
+        row = {"variant": name, **measure(model, prompt, spec, new_tokens, calibration, quality)}
         rows.append(row)
     base = next((r for r in rows if r["variant"] == "inductor-fp32"), None)
     for r in rows:
@@ -139,18 +184,52 @@ def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tok
         if base:
             r["prefill_vs_inductor_fp32"] = base["prefill_s"] / r["prefill_s"]
     return {"model": model_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "results": rows}
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "ppl_tokens": ppl_tokens, "results": rows}
 
 
 def to_markdown(result: dict[str, Any]) -> str:
     cols = ["variant", "first_call_s", "prefill_s", "prefill_tok_s", "decode_tok_s", "decode_vs_inductor_fp32"]
+    if result.get("ppl_tokens"):
+        cols += ["ppl", "size_mb", "bits_per_weight"]
+    rows = [{**r, "size_mb": r["size_bytes"] / 1e6 if r.get("size_bytes") else None} for r in result["results"]]
     fmt = lambda v: "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [f"{result['model']}, {result['threads']} threads, torch {result['torch']}, prompt "
              f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, batch 1", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in result["results"]:
+    for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_png(result: dict[str, Any]) -> bytes | None:
+    """Perplexity against model size, one labelled point per variant (PNG bytes); None without the data
+    or without matplotlib (the ``plot`` extra)."""
+    rows = [r for r in result["results"] if r.get("ppl") and r.get("size_bytes")]
+    if not rows:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for r in rows:
+        ax.scatter(r["size_bytes"] / 1e6, r["ppl"])
+        ax.annotate(r["variant"], (r["size_bytes"] / 1e6, r["ppl"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("model size (MB)")
+    ax.set_ylabel(f"perplexity ({result['ppl_tokens']} tokens)")
+    if max(r["ppl"] for r in rows) > 10 * min(r["ppl"] for r in rows):
+        ax.set_yscale("log")
+    ax.set_title(f"{result['model']}: perplexity vs size")
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def to_csv(result: dict[str, Any]) -> str:
@@ -164,9 +243,13 @@ def to_csv(result: dict[str, Any]) -> str:
 
 
 def write_results(result: dict[str, Any], out_dir: str | Path, force: bool = False) -> list[Path]:
-    from qexport._io import atomic_write_text
+    from qexport._io import atomic_write_bytes, atomic_write_text
 
     out = Path(out_dir)
     files = {"bench.json": json.dumps(result, indent=2) + "\n", "bench.csv": to_csv(result),
              "bench.md": to_markdown(result)}
-    return [atomic_write_text(out / name, text, overwrite=force) for name, text in files.items()]
+    written = [atomic_write_text(out / name, text, overwrite=force) for name, text in files.items()]
+    png = plot_png(result)
+    if png is not None:
+        written.append(atomic_write_bytes(out / "bench.png", png, overwrite=force))
+    return written

@@ -256,12 +256,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         parse_variant(v)
+    if args.ppl_tokens < 0:
+        raise InvalidConfig(f"--ppl-tokens must be 0 (off) or positive, got {args.ppl_tokens}")
     if args.out:
-        for name in ("bench.json", "bench.csv", "bench.md"):
+        for name in ("bench.json", "bench.csv", "bench.md", "bench.png"):
             _check_json_target(str(Path(args.out) / name), args.force)
     _threads()
     result = run_bench(args.model, variants, _positive_int("--prompt-tokens", args.prompt_tokens),
-                       _positive_int("--new-tokens", args.new_tokens))
+                       _positive_int("--new-tokens", args.new_tokens), ppl_tokens=args.ppl_tokens,
+                       calib_samples=_positive_int("--calib-samples", args.calib_samples))
     print(to_markdown(result))
     if args.out:
         for path in write_results(result, args.out, args.force):
@@ -310,7 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: eager-fp32, inductor-fp32, eager:RECIPE, qexport:RECIPE:TARGET")
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)
-    b.add_argument("--out", help="folder for bench.json, bench.csv and bench.md")
+    b.add_argument("--ppl-tokens", type=int, default=0,
+                   help="also measure perplexity on this many Emma tokens, size and bits per weight of every "
+                        "variant, and plot perplexity against size (default 0: speed only)")
+    b.add_argument("--calib-samples", type=int, default=16,
+                   help="windows of 512 calibration tokens for eager:RECIPE variants of GPTQ / AWQ recipes")
+    b.add_argument("--out", help="folder for bench.json, bench.csv, bench.md (and bench.png with --ppl-tokens)")
     b.add_argument("--force", action="store_true", help="overwrite existing result files")
     b.set_defaults(func=cmd_bench)
 

@@ -139,3 +139,21 @@ def test_eval_calibrated_recipe_uses_calibration_windows(tiny_dir, tmp_path, cap
     assert main(["eval", "--model", str(tiny_dir), "--recipe", "w4g128-gptq", "--text", str(EMMA),
                  "--calib-samples", "0"]) == 2
     assert "--calib-samples" in capsys.readouterr().err
+
+
+def test_bench_quality_columns_and_plot(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tiny_dir), "--variants", "eager-fp32,eager:w4g128,eager:w4g128-gptq",
+                 "--prompt-tokens", "8", "--new-tokens", "2", "--ppl-tokens", "512", "--calib-samples", "2",
+                 "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads((out / "bench.json").read_text())["results"]}
+    assert rows["eager-fp32"]["bits_per_weight"] is None
+    for name in ("eager:w4g128", "eager:w4g128-gptq"):
+        assert 4.0 < rows[name]["bits_per_weight"] < 5.0
+        assert rows[name]["size_bytes"] < rows["eager-fp32"]["size_bytes"]
+        assert rows[name]["ppl"] > 0 and rows[name]["ppl"] != rows["eager-fp32"]["ppl"]
+    assert rows["eager:w4g128"]["ppl"] != rows["eager:w4g128-gptq"]["ppl"]
+    assert "| ppl | size_mb | bits_per_weight |" in (out / "bench.md").read_text()
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["bench", "--model", str(tiny_dir), "--variants", "qexport:w4g128-gptq:eager"]) == 2
+    assert "eager:w4g128-gptq" in capsys.readouterr().err
