@@ -21,9 +21,19 @@ from qexport.modules import QLinear
 
 __version__ = "0.1.0"
 
+
+def export_onnx(model, out, recipe=None, tokenizer=None, **options):
+    """Export a causal LM quantized by ``recipe`` as an ONNX QDQ folder with KV cache: see
+    :func:`qexport.export.onnx.export_onnx` (imported on first use, so ``import qexport`` stays light)."""
+    from qexport.export.onnx import export_onnx as _export_onnx
+
+    return _export_onnx(model, out, recipe, tokenizer, **options)
+
+
 __all__ = [
     "quantize",
     "calibrate",
+    "export_onnx",
     "model_size",
     "QuantizationReport",
     "SizeReport",

@@ -1,4 +1,5 @@
-"""The ``qexport`` command line: ``eval``, ``demo``, ``recipes``.
+"""The ``qexport`` command line: ``eval``, ``demo``, ``recipes``, ``bench``, ``export``, ``verify``, ``lint-trt``,
+``build-engine``.
 
 Errors in what the user gave (a bad recipe, a missing model or text) print one line and exit with
 status 2; no traceback.
@@ -85,10 +86,12 @@ def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=
         model = qmodel
     elif recipe is not None:
         calibration = None
-        if recipe.algorithm != "rtn":  # GPTQ / AWQ: windows of the calibration text
-            import torch
+        if recipe.algorithm_needs_data:  # GPTQ / AWQ: windows of the calibration text, drawn with seed 0
+            from qexport.algorithms import calibration_tokens
+            from qexport.models import bundled_text, read_text
 
-            calibration = torch.cat(_calibration_batches(tok, calib_text, count=calib_samples))
+            calibration = calibration_tokens(read_text(calib_text or bundled_text("sensesensibility")), tok,
+                                             samples=calib_samples, seq_len=512, seed=0)
         model = qexport.quantize(copy.deepcopy(model), recipe, calibration=calibration, progress=True)
         report = model.qexport_report
         row["recipe"] = report.recipe
@@ -163,6 +166,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from qexport.config import load_recipe
     from qexport.models import load_model, read_text
 
+    if args.backend == "onnxruntime":
+        return _eval_onnxruntime(args)
+    if args.folder:
+        raise InvalidConfig(f"an export folder ({args.folder}) is evaluated with --backend onnxruntime")
+    if not args.recipe:
+        raise InvalidConfig("--recipe is required (a preset name or a recipe JSON file)")
     tokens = _positive_int("--tokens", args.tokens)
     window = _positive_int("--window", args.window)
     recipe = load_recipe(args.recipe)
@@ -198,6 +207,151 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "backend": q.get("backend", "eager"),
         }
         _write_json(args.json, out, args.force)
+    return 0
+
+
+def _export_calibration(recipe_name: str | None, model_name: str, calib_text: str | None, calib_samples: int):
+    """Calibration batches for a recipe that needs them (static activations, GPTQ / AWQ), else None."""
+    from qexport.config import load_recipe
+
+    if not recipe_name:
+        return None
+    recipe = load_recipe(recipe_name)
+    if recipe.algorithm == "rtn" and not recipe.needs_calibration:
+        return None
+    from qexport.models import load_model
+
+    _, tok = load_model(model_name)
+    count = calib_samples if recipe.algorithm != "rtn" else 8
+    return _calibration_batches(tok, calib_text, count=count)
+
+
+def _eval_onnxruntime(args: argparse.Namespace) -> int:
+    """Perplexity of an export folder in ONNX Runtime (the protocol of qexport.eval), with --reference also
+    the PyTorch perplexity of the same quantized model."""
+    from transformers import AutoTokenizer
+
+    from qexport.eval import perplexity
+    from qexport.export import OnnxCausalLM
+    from qexport.models import read_text
+
+    if not args.folder:
+        raise InvalidConfig("--backend onnxruntime evaluates an export folder: qexport eval --backend onnxruntime DIR")
+    tokens = _positive_int("--tokens", args.tokens)
+    window = _positive_int("--window", args.window)
+    text = read_text(args.text)
+    _check_json_target(args.json, args.force)
+    _threads()
+    import torch
+
+    lm = OnnxCausalLM(args.folder, threads=torch.get_num_threads())
+    try:
+        tok = AutoTokenizer.from_pretrained(lm.path, local_files_only=True)
+    except Exception as e:
+        raise InvalidConfig(f"{args.folder!r} has no tokenizer to evaluate text with: {str(e).splitlines()[0]}") from e
+    t0 = time.perf_counter()
+    res = perplexity(lm, tok, text, tokens=tokens, window=window, progress=True, desc="ppl onnxruntime")
+    out = {"folder": str(args.folder), "recipe": lm.report.get("recipe"), "backend": "onnxruntime",
+           "ppl": res.ppl, "nll": res.nll, "tokens": res.tokens, "window": window, "windows": res.windows,
+           "eval_s": round(time.perf_counter() - t0, 2), "onnx_bytes": lm.report.get("onnx_bytes"),
+           "ort_session_config": lm.session_config}
+    print(f"{args.folder}: recipe {out['recipe']}, onnxruntime perplexity {res.ppl:.4f} on {res.tokens} tokens "
+          f"({res.windows} windows of {window})")
+    if args.reference:
+        from qexport.export.runtime import reference_model
+
+        source = lm.report.get("source_model")
+        recipe_file = lm.path / "recipe.json"
+        calib = _export_calibration(str(recipe_file), source, args.calib_text,
+                                    args.calib_samples) if source and recipe_file.is_file() else None
+        ref = perplexity(reference_model(lm.report, lm.path, calib), tok, text, tokens=tokens, window=window,
+                         progress=True, desc="ppl pytorch")
+        out.update(torch_ppl=ref.ppl, ppl_ratio=res.ppl / ref.ppl)
+        print(f"pytorch perplexity of the same model {ref.ppl:.4f}; onnxruntime / pytorch = "
+              f"{res.ppl / ref.ppl:.5f}")
+    if args.json:
+        _write_json(args.json, out, args.force)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from qexport.export import export_onnx
+
+    recipe = None if args.recipe == "fp32" else args.recipe
+    if recipe is not None:
+        from qexport.config import load_recipe
+
+        load_recipe(recipe)  # a bad recipe fails before the model loads
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        from qexport._io import OutputExists
+
+        raise OutputExists(f"{args.out!r} already exists; pass --force to replace it")
+    _threads()
+    calibration = _export_calibration(recipe, args.model, args.calib_text,
+                                      _positive_int("--calib-samples", args.calib_samples))
+    res = export_onnx(args.model, out, recipe, target=args.target, force=args.force, calibration=calibration)
+    r = res.report
+    quantized = sum(1 for layer in r["layers"] if layer["status"] == "quantized")
+    print(f"wrote {res.path}: {', '.join(f'{f} {_mb(n)} MB' for f, n in r['files'].items())}; opset {r['opset']}, "
+          f"target {r['target']}; {quantized} layers quantized, {len(r['layers']) - quantized} float "
+          f"(see {res.path / 'export_report.json'})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from qexport.export import verify
+    from qexport.export.runtime import load_export_report
+
+    _check_json_target(args.json, args.force)
+    _threads()
+    report = load_export_report(args.folder)
+    calibration = None
+    if report.get("source_model") and (Path(args.folder) / "recipe.json").is_file():
+        calibration = _export_calibration(str(Path(args.folder) / "recipe.json"), report["source_model"],
+                                          args.calib_text, args.calib_samples)
+    res = verify(args.folder, decode_steps=_positive_int("--decode-steps", args.decode_steps),
+                 calibration=calibration)
+    print(f"{args.folder}: onnxruntime vs pytorch on {res['positions']} positions ({res['prefill_tokens']} prefill "
+          f"+ {res['decode_steps']} KV-cache steps, batch 2): max abs {res['max_abs']:.3g}, max rel "
+          f"{res['max_rel']:.3g}, mean abs {res['mean_abs']:.3g}, top-1 agreement {res['top1_agreement']:.4f}")
+    if args.prompt:
+        from transformers import AutoTokenizer
+
+        from qexport.export import OnnxCausalLM
+
+        lm = OnnxCausalLM(args.folder)
+        tok = AutoTokenizer.from_pretrained(lm.path, local_files_only=True)
+        ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+        new = lm.generate(ids, max_new_tokens=_positive_int("--max-new-tokens", args.max_new_tokens),
+                          eos_token_id=tok.eos_token_id)
+        res["generation"] = tok.decode(new, skip_special_tokens=True)
+        print(f"greedy generation: {res['generation']!r}")
+    if args.json:
+        _write_json(args.json, res, args.force)
+    return 0
+
+
+def cmd_lint_trt(args: argparse.Namespace) -> int:
+    from qexport.export import lint_tensorrt
+
+    problems = lint_tensorrt(args.model)
+    for p in problems:
+        print(p)
+    print(f"{args.model}: {len(problems)} TensorRT QDQ rule violation(s)" if problems else
+          f"{args.model}: follows TensorRT's QDQ rules", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from qexport.export import build_engine
+
+    path = build_engine(args.model, args.out, int8=args.int8, int4=args.int4,
+                        max_batch=_positive_int("--max-batch", args.max_batch),
+                        max_seq=_positive_int("--max-seq", args.max_seq),
+                        max_past=_positive_int("--max-past", args.max_past),
+                        timing_cache=args.timing_cache, force=args.force)
+    print(f"wrote {path}")
     return 0
 
 
@@ -278,16 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity and size of one recipe against fp32")
     e.add_argument("--model", default="smollm2", help="'smollm2' or a local Hugging Face checkpoint directory")
-    e.add_argument("--recipe", required=True, help="preset name (see `qexport recipes`) or recipe JSON file")
+    e.add_argument("folder", nargs="?", help="with --backend onnxruntime: an export folder (`qexport export`)")
+    e.add_argument("--recipe", help="preset name (see `qexport recipes`) or recipe JSON file")
     e.add_argument("--text", required=True, help="UTF-8 text file to evaluate on")
     e.add_argument("--tokens", type=int, default=8192, help="tokens evaluated (default 8192)")
     e.add_argument("--window", type=int, default=512, help="window length (default 512)")
-    e.add_argument("--backend", choices=("eager", "compile"), default="eager",
-                   help="eager quantized modules (default) or torch.compile(backend='qexport')")
+    e.add_argument("--backend", choices=("eager", "compile", "onnxruntime"), default="eager",
+                   help="eager quantized modules (default), torch.compile(backend='qexport'), or an export folder "
+                        "in ONNX Runtime")
+    e.add_argument("--reference", action="store_true",
+                   help="with --backend onnxruntime: also the PyTorch perplexity of the same quantized model")
     e.add_argument("--target", choices=("inductor", "onnxruntime", "eager"), default=None,
                    help="with --backend compile: where the quantized graph runs (default: onnxruntime on CPU "
                         "when installed, else inductor)")
-    e.add_argument("--calib-text", help="calibration text for static recipes (default: bundled Sense and Sensibility)")
+    e.add_argument("--calib-text", help="calibration text for static, GPTQ and AWQ recipes (default: bundled Sense "
+                                        "and Sensibility)")
     e.add_argument("--calib-samples", type=int, default=16,
                    help="windows of 512 calibration tokens for GPTQ / AWQ recipes (default 16)")
     e.add_argument("--json", help="also write the results as JSON to this file")
@@ -321,6 +480,45 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="folder for bench.json, bench.csv, bench.md (and bench.png with --ppl-tokens)")
     b.add_argument("--force", action="store_true", help="overwrite existing result files")
     b.set_defaults(func=cmd_bench)
+
+    x = sub.add_parser("export", help="export a quantized causal LM with KV cache as an ONNX QDQ folder")
+    x.add_argument("--model", default="smollm2", help="'smollm2' or a local Hugging Face checkpoint directory")
+    x.add_argument("--recipe", required=True, help="preset name or recipe JSON file; 'fp32' for the float baseline")
+    x.add_argument("--format", choices=("onnx",), default="onnx")
+    x.add_argument("--out", required=True, help="folder to write (model.onnx, config, tokenizer, recipe, report)")
+    x.add_argument("--target", choices=("ort", "tensorrt"), default="ort",
+                   help="ort: ONNX Runtime (default); tensorrt: TensorRT's QDQ rules")
+    x.add_argument("--calib-text", help="calibration text for static / GPTQ / AWQ recipes (default: bundled)")
+    x.add_argument("--calib-samples", type=int, default=16, help="calibration windows for GPTQ / AWQ (default 16)")
+    x.add_argument("--force", action="store_true", help="replace the --out folder if it exists")
+    x.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("verify", help="an export folder in ONNX Runtime against the PyTorch reference")
+    v.add_argument("folder", help="export folder")
+    v.add_argument("--decode-steps", type=int, default=8, help="KV-cache steps after the prefill (default 8)")
+    v.add_argument("--prompt", help="also print a greedy generation from the folder for this prompt")
+    v.add_argument("--max-new-tokens", type=int, default=24)
+    v.add_argument("--calib-text", help="the calibration text the export used (static recipes)")
+    v.add_argument("--calib-samples", type=int, default=16)
+    v.add_argument("--json", help="also write the results as JSON to this file")
+    v.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
+    v.set_defaults(func=cmd_verify)
+
+    lt = sub.add_parser("lint-trt", help="check an ONNX model against TensorRT's QDQ rules (exit 1 on violations)")
+    lt.add_argument("model", help="model.onnx or an export folder")
+    lt.set_defaults(func=cmd_lint_trt)
+
+    be = sub.add_parser("build-engine", help="build a strongly typed TensorRT engine (needs TensorRT)")
+    be.add_argument("model", help="model.onnx or an export folder")
+    be.add_argument("--out", required=True, help="engine file to write (model.plan)")
+    be.add_argument("--int8", action="store_true", help="require INT8 Q/DQ in the graph")
+    be.add_argument("--int4", action="store_true", help="require INT4 weights in the graph")
+    be.add_argument("--max-batch", type=int, default=1)
+    be.add_argument("--max-seq", type=int, default=512, help="most new tokens in one call")
+    be.add_argument("--max-past", type=int, default=1024, help="longest KV cache")
+    be.add_argument("--timing-cache", help="timing cache file (default: <out>.timing.cache)")
+    be.add_argument("--force", action="store_true", help="replace --out if it exists")
+    be.set_defaults(func=cmd_build_engine)
 
     r = sub.add_parser("recipes", help="list the preset recipes, or print one as JSON")
     r.add_argument("--show", metavar="NAME", help="print this recipe as JSON")

@@ -116,7 +116,8 @@ class QLinear(nn.Module):
             self.obs_min = torch.minimum(self.obs_min, x.detach().amin().to(torch.float32))
             self.obs_max = torch.maximum(self.obs_max, x.detach().amax().to(torch.float32))
             return self._weight_only(x)
-        if not self.calibrated:
+        # torch.export cannot branch on a buffer's value; qexport.export checks calibration before exporting
+        if not torch.compiler.is_exporting() and not self.calibrated:
             raise CalibrationError("this layer quantizes activations statically: run qexport.calibrate(model, batches) first")
         xq = ops.quantize_per_tensor(x, self.act_scale, self.act_zero_point)
         return ops.qlinear_a8(xq, self.act_scale, self.act_zero_point, self.qdata, self.scale, self.bias).to(x.dtype)

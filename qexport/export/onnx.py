@@ -1,0 +1,333 @@
+"""``export_onnx``: a quantized causal LM with KV cache as a standard ONNX (QDQ) model in a folder.
+
+The folder (written atomically: built under a temporary name, then renamed)::
+
+    model.onnx            the graph; weights inside, or in model.onnx.data when they pass EXTERNAL_DATA_BYTES
+    model.onnx.data       (large models only) external tensor data
+    config.json           the Hugging Face config (+ generation_config.json when the model has one)
+    tokenizer files       when a tokenizer was given
+    recipe.json           the recipe, as ``qexport recipes --show`` prints it
+    export_report.json    which layers were quantized how, which stayed float and why, ORT session
+                          settings, inputs / outputs, sizes
+
+Graph interface (optimum's names, so ``ORTModelForCausalLM``-style callers find what they expect):
+inputs ``input_ids`` [batch, seq] int64, ``attention_mask`` [batch, past + seq] int64, ``position_ids``
+[batch, seq] int64, ``past_key_values.{i}.key`` / ``.value`` [batch, kv_heads, past, head_dim] float32;
+outputs ``logits`` [batch, seq, vocab] and ``present.{i}.key`` / ``.value`` [batch, kv_heads, past + seq,
+head_dim]. Batch, sequence and past lengths are dynamic (past may be 0 for the first step).
+
+The graph is the canonical quantized form (``qexport`` custom ops, as every back-end sees it) exported by
+``torch.onnx.export`` and lowered by :func:`qexport.lowering.qdq.lower_qdq`: no second quantizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qexport._io import OutputExists
+from qexport.errors import CalibrationError, InvalidConfig, ModelLoadError, UnsupportedOp
+
+__all__ = ["export_onnx", "ExportResult", "EXTERNAL_DATA_BYTES", "MODEL_FILE", "DATA_FILE", "REPORT_FILE",
+           "RECIPE_FILE", "input_names", "output_names"]
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+REPORT_FILE = "export_report.json"
+RECIPE_FILE = "recipe.json"
+# Tensors go to an external data file past this total: far below protobuf's 2 GiB limit on one message.
+EXTERNAL_DATA_BYTES = 1 << 30
+_EXAMPLE = dict(batch=2, seq=6, past=5)  # distinct sizes, none 0 or 1, so that no axis is specialized
+
+
+@dataclass
+class ExportResult:
+    """Where the folder was written and what the export report says."""
+
+    path: Path
+    report: dict[str, Any]
+
+
+def input_names(layers: int) -> list[str]:
+    return ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def output_names(layers: int) -> list[str]:
+    return ["logits"] + [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def kv_geometry(config) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of a decoder config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+
+class _KVCacheLM(nn.Module):
+    """Flat-tensor interface of a Hugging Face causal LM with a KV cache: (ids, mask, positions, past k/v per
+    layer) -> (logits, present k/v per layer). The past is given to the model as a ``DynamicCache``."""
+
+    def __init__(self, model: nn.Module, layers: int):
+        super().__init__()
+        self.m = model
+        self.layers = layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=cache, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def _prepare(model, recipe, tokenizer, calibration):
+    """(quantized model, tokenizer, source model name or None) from a name / folder / module and a recipe."""
+    import qexport
+    from qexport.config import load_recipe
+    from qexport.modules import QLinear
+
+    source = None
+    if isinstance(model, (str, os.PathLike)):
+        from qexport.models import load_model
+
+        source = str(model)
+        model, loaded_tok = load_model(model)
+        tokenizer = tokenizer or loaded_tok
+    elif not isinstance(model, nn.Module):
+        raise InvalidConfig(f"export_onnx() expects a model name, a checkpoint folder or a torch.nn.Module, "
+                            f"got {type(model).__name__}")
+    if not hasattr(model, "config") or not hasattr(model.config, "num_hidden_layers"):
+        raise ModelLoadError("export_onnx() needs a Hugging Face causal LM (a model with a decoder config)")
+    already = any(isinstance(m, QLinear) for m in model.modules())
+    if recipe is None:  # as it is: quantized already, or the float reference export
+        return model, tokenizer, source
+    recipe = load_recipe(recipe)
+    if already:
+        raise InvalidConfig("export_onnx(): this model is already quantized; pass recipe=None to export it as is")
+    if source is None:
+        model = copy.deepcopy(model)
+    model.eval()
+    tokens = None
+    if recipe.algorithm != "rtn":
+        if not calibration:
+            raise CalibrationError(f"recipe {recipe.name!r} ({recipe.algorithm}) needs calibration token batches")
+        tokens = torch.cat(list(calibration))
+    model = qexport.quantize(model, recipe, calibration=tokens)
+    if recipe.needs_calibration:
+        if not calibration:
+            raise CalibrationError(f"recipe {recipe.name!r} quantizes activations statically: pass calibration "
+                                   "token batches")
+        qexport.calibrate(model, calibration)
+    return model, tokenizer, source
+
+
+def check_tensorrt_modules(model: nn.Module) -> None:
+    """TensorRT's QDQ rules applied to the quantized layers before exporting (the same rules the lowering
+    enforces, :func:`qexport.lowering.qdq.lower_qdq`), so that a refusal comes before the slow export."""
+    from qexport.lowering.qdq import check_tensorrt_weight
+    from qexport.modules import QLinear
+
+    for name, mod in model.named_modules():
+        if not isinstance(mod, QLinear):
+            continue
+        spec = mod.spec
+        per_tensor = spec.granularity.value == "per_tensor"
+        check_tensorrt_weight(name, spec.format.value, spec.bits, spec.symmetric, mod.group, mod.in_features,
+                              per_tensor)
+        act = mod.act_spec
+        if act is not None and act.dynamic:
+            raise UnsupportedOp(f"{name}: dynamic activation quantization has no TensorRT QDQ form; use a static "
+                                "recipe (w8a8-static) or a weight-only one (w8, w4g128-sym)")
+        if act is not None and not act.symmetric:
+            raise UnsupportedOp(f"{name}: TensorRT needs a symmetric activation scale (zero point 0); use a "
+                                "symmetric activation spec")
+
+
+def _export_proto(model: nn.Module, target: str):
+    """The lowered ``onnx.ModelProto`` of ``model`` with the KV-cache interface, and its QdqReport."""
+    from torch.export import Dim
+
+    from qexport.lowering.qdq import BLOCKED_OPSET, lower_qdq, translations
+
+    from qexport.modules import QLinear
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, QLinear) and mod.needs_calibration and not mod.calibrated:
+            raise CalibrationError(f"{name} quantizes activations statically but is not calibrated: run "
+                                   "qexport.calibrate(model, batches) first, or pass calibration= to export_onnx()")
+    layers, kv_heads, head_dim = kv_geometry(model.config)
+    b, s, p = _EXAMPLE["batch"], _EXAMPLE["seq"], _EXAMPLE["past"]
+    vocab = model.config.vocab_size
+    args = (torch.randint(0, vocab, (b, s)), torch.ones(b, p + s, dtype=torch.long),
+            torch.arange(p, p + s).expand(b, s).contiguous(),
+            *[torch.zeros(b, kv_heads, p, head_dim) for _ in range(2 * layers)])
+    dyn = Dim.DYNAMIC
+    shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, tuple({0: dyn, 2: dyn} for _ in range(2 * layers)))
+    wrapper = _KVCacheLM(model, layers).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            prog = torch.onnx.export(wrapper, args, dynamic_shapes=shapes, dynamo=True, opset_version=BLOCKED_OPSET,
+                                     custom_translation_table=translations(), optimize=False, verbose=False,
+                                     report=False, input_names=input_names(layers),
+                                     output_names=output_names(layers))
+        except Exception as e:  # the exporter raises many types; the first line names the failing op
+            raise UnsupportedOp(f"torch.onnx.export failed on this model: {str(e).strip().splitlines()[0]}") from e
+    double_quantized = {name: mod.dequantized_weight().float() for name, mod in model.named_modules()
+                        if isinstance(mod, QLinear) and mod._dq_block is not None}
+    proto, report = lower_qdq(prog.model_proto, target, double_quantized)
+    for node in proto.graph.node:  # the exporter's debug records (FX node, stack trace): 7% of a w4g128 file
+        del node.metadata_props[:]
+    return proto, report
+
+
+def _tensor_bytes(proto) -> int:
+    return sum(len(t.raw_data) or t.ByteSize() for t in proto.graph.initializer)
+
+
+def _save_model(proto, folder: Path, external_data: bool | None) -> list[str]:
+    import onnx
+
+    external = _tensor_bytes(proto) > EXTERNAL_DATA_BYTES if external_data is None else external_data
+    if external:
+        onnx.save_model(proto, folder / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+        return [MODEL_FILE, DATA_FILE]
+    onnx.save_model(proto, folder / MODEL_FILE)
+    return [MODEL_FILE]
+
+
+def _layer_table(model: nn.Module, qdq) -> list[dict[str, Any]]:
+    """One row per linear layer: how the recipe treated it and how the export lowered it."""
+    rows = []
+    report = getattr(model, "qexport_report", None)
+    for layer in (report.layers if report is not None else []):
+        row = {"name": layer.name, "shape": list(layer.shape) if layer.shape else None}
+        if layer.status == "quantized" and layer.name in qdq.layers:
+            fallback = dict(qdq.float_fallback).get(layer.name)
+            row.update(status="float" if fallback else "quantized", spec=layer.spec, onnx=qdq.layers[layer.name])
+            if fallback:
+                row["reason"] = f"quantized by the recipe ({layer.spec}), but {fallback}: dequantized at export"
+        elif layer.status == "quantized":
+            row.update(status="float", spec=layer.spec, reason="not reached by the exported forward pass")
+        else:
+            row.update(status="float", reason=layer.reason)
+        rows.append(row)
+    return rows
+
+
+def _replace_folder(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished ``tmp`` folder to ``out``; an existing ``out`` is replaced only with ``force``."""
+    if out.exists():
+        if not force:
+            raise OutputExists(f"{str(out)!r} already exists; pass force=True / --force to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, target: str = "ort",
+                force: bool = False, calibration=None, external_data: bool | None = None) -> ExportResult:
+    """Export a causal LM, quantized by ``recipe``, as an ONNX QDQ folder (see the module docstring).
+
+    Args:
+        model: ``'smollm2'``, a local Hugging Face checkpoint folder, or a causal LM module (quantized
+            already by :func:`qexport.quantize` when ``recipe`` is None; a module is copied, never changed).
+        out: the folder to write. An existing one is replaced only with ``force``.
+        recipe: preset name, JSON path or Recipe; None to export the module as it is (quantized already by
+            :func:`qexport.quantize`, or float: the fp32 baseline).
+        tokenizer: saved into the folder (loaded with the model when ``model`` is a name or folder).
+        target: ``'ort'`` (ONNX Runtime) or ``'tensorrt'`` (TensorRT's QDQ rules: symmetric weights, no dynamic
+            activations, int4 blocked; checked again by :func:`qexport.export.lint_tensorrt`).
+        calibration: token batches ``[1, L]`` for static-activation recipes and GPTQ / AWQ.
+        external_data: force (True) or forbid (False) ``model.onnx.data``; default: only past 1 GiB of weights.
+
+    Raises:
+        OutputExists, UnsupportedOp (a layer or op the target cannot run), CalibrationError, ModelLoadError.
+    """
+    from qexport.lowering.qdq import TARGETS, ort_session_config
+
+    if target not in TARGETS:
+        raise InvalidConfig(f"target={target!r} is not valid; allowed: {', '.join(TARGETS)}")
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise OutputExists(f"{str(out)!r} already exists; pass force=True / --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputExists(f"{str(out)!r} is a file, not an export folder; remove it or choose another --out")
+    t0 = time.perf_counter()
+    qmodel, tokenizer, source = _prepare(model, recipe, tokenizer, calibration)
+    if target == "tensorrt":
+        check_tensorrt_modules(qmodel)
+    proto, qdq = _export_proto(qmodel, target)
+    if target == "tensorrt":
+        from qexport.export.tensorrt import lint_tensorrt
+
+        problems = lint_tensorrt(proto)
+        if problems:
+            raise UnsupportedOp("the TensorRT export breaks TensorRT's QDQ rules: "
+                                + "; ".join(str(p) for p in problems[:5]))
+    layers, kv_heads, head_dim = kv_geometry(qmodel.config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        files = _save_model(proto, tmp, external_data)
+        qmodel.config.save_pretrained(tmp)
+        if getattr(qmodel, "generation_config", None) is not None:
+            qmodel.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        recipe_dict = qmodel.qexport_report.recipe if hasattr(qmodel, "qexport_report") else None
+        if recipe_dict is not None:
+            (tmp / RECIPE_FILE).write_text(json.dumps(recipe_dict, indent=2) + "\n")
+        import qexport
+
+        report = {
+            "qexport": qexport.__version__,
+            "source_model": source,
+            "recipe": recipe_dict.get("name") if recipe_dict else None,
+            "target": target,
+            "opset": qdq.opset,
+            "files": {f: (tmp / f).stat().st_size for f in files},
+            "onnx_bytes": sum((tmp / f).stat().st_size for f in files),
+            "inputs": input_names(layers),
+            "outputs": output_names(layers),
+            "kv_cache": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim},
+            "ort_session_config": ort_session_config(qdq.weight_bits),
+            "layers": _layer_table(qmodel, qdq),
+            "float_fallback": qdq.to_dict()["float_fallback"],
+            "notes": qdq.notes,
+            "tied_embeddings": bool(getattr(qmodel.config, "tie_word_embeddings", False)),
+            "not_linear": "embeddings and norms stay float32; a tied embedding / lm_head is written once",
+            "export_s": round(time.perf_counter() - t0, 2),
+        }
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        _replace_folder(tmp, out, force)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(out, report)

@@ -1,0 +1,230 @@
+"""Run an exported folder in ONNX Runtime: logits with a KV cache, perplexity, greedy generation, and
+``verify`` against the PyTorch reference of the same quantized model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from qexport.errors import InvalidConfig, ModelLoadError
+
+__all__ = ["OnnxCausalLM", "verify", "load_export_report", "reference_model"]
+
+
+def _folder(path: str | os.PathLike) -> Path:
+    from qexport.export.onnx import MODEL_FILE
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"export folder {str(p)!r} does not exist: give a folder written by `qexport export`")
+    if not p.is_dir():
+        raise ModelLoadError(f"{str(p)!r} is a file, not an export folder (a folder with {MODEL_FILE})")
+    if not (p / MODEL_FILE).is_file():
+        raise ModelLoadError(f"{str(p)!r} has no {MODEL_FILE}: it is not a folder written by `qexport export`")
+    return p
+
+
+def load_export_report(path: str | os.PathLike) -> dict[str, Any]:
+    """The folder's export report (an empty dict when the folder has none)."""
+    from qexport.export.onnx import REPORT_FILE
+
+    f = _folder(path) / REPORT_FILE
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{str(f)!r} is not valid JSON: {e}") from None
+
+
+class OnnxCausalLM:
+    """An exported folder as a causal LM in ONNX Runtime (CPU).
+
+    ``step(ids, mask, past)`` runs the graph once; calling the object like a Hugging Face model
+    (``model(input_ids=ids).logits``) runs it with an empty cache, which is what
+    :func:`qexport.eval.perplexity` needs, so perplexity uses the very same protocol as the other back-ends.
+    ``generate`` is a greedy loop that feeds back the KV cache.
+
+    Args:
+        path: the export folder.
+        threads: ONNX Runtime intra-op threads (default: torch's thread count).
+        session_config: extra ``SessionOptions`` config entries, over the folder's ``ort_session_config``.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None,
+                 session_config: dict[str, str] | None = None):
+        from qexport.export.onnx import MODEL_FILE
+
+        self.path = _folder(path)
+        self.report = load_export_report(self.path)
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ModelLoadError("onnxruntime is not installed: pip install 'qexport[onnx]'") from None
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads or torch.get_num_threads()
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session_config = {**self.report.get("ort_session_config", {}), **(session_config or {})}
+        for key, value in self.session_config.items():
+            so.add_session_config_entry(key, value)
+        self.session_options = so
+        try:
+            self.session = ort.InferenceSession(str(self.path / MODEL_FILE), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ModelLoadError(f"ONNX Runtime cannot load {str(self.path / MODEL_FILE)!r}: "
+                                 f"{str(e).strip().splitlines()[0]}") from None
+        names = [i.name for i in self.session.get_inputs()]
+        missing = {"input_ids", "attention_mask", "position_ids"} - set(names)
+        if missing:
+            raise ModelLoadError(f"{str(self.path / MODEL_FILE)!r} lacks the KV-cache inputs {sorted(missing)}: "
+                                 "it was not written by `qexport export`")
+        self.past_names = [n for n in names if n.startswith("past_key_values.")]
+        self.layers = len(self.past_names) // 2
+        shape = self.session.get_inputs()[names.index(self.past_names[0])].shape if self.past_names else []
+        self.kv_heads, self.head_dim = (shape[1], shape[3]) if len(shape) == 4 else (0, 0)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past_names]
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]):
+        """One forward pass: ``(logits [B, S, V], present k/v list)``; positions follow the attention mask."""
+        seq = input_ids.shape[1]
+        positions = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)[:, -seq:].astype(np.int64)
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                 "position_ids": positions, **dict(zip(self.past_names, past))}
+        outs = self.session.run(None, feeds)
+        return outs[0], outs[1:]
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any):
+        ids = input_ids.cpu().numpy()
+        mask = np.ones_like(ids) if attention_mask is None else attention_mask.cpu().numpy()
+        logits, _ = self.step(ids, mask, self.empty_past(ids.shape[0]))
+        return SimpleNamespace(logits=torch.from_numpy(logits))
+
+    def parameters(self):
+        """A single empty CPU tensor: where :func:`qexport.eval.perplexity` looks for the model's device."""
+        return iter([torch.empty(0)])
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: int | None = None) -> torch.Tensor:
+        """Greedy continuation of ``input_ids`` ``[1, L]`` with the KV cache; returns the new ids ``[n]``."""
+        if max_new_tokens < 1:
+            raise InvalidConfig(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        ids = input_ids.cpu().numpy().reshape(1, -1).astype(np.int64)
+        mask = np.ones_like(ids)
+        past = self.empty_past(1)
+        new = []
+        for _ in range(max_new_tokens):
+            logits, past = self.step(ids, mask, past)
+            token = int(logits[0, -1].argmax())
+            new.append(token)
+            if eos_token_id is not None and token == eos_token_id:
+                break
+            ids = np.array([[token]], np.int64)
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+        return torch.tensor(new, dtype=torch.long)
+
+
+def reference_model(report: dict[str, Any], path: Path, calibration):
+    """The PyTorch reference of an export: its source model quantized again with the folder's recipe (the
+    float model for a float export)."""
+    import qexport
+    from qexport.config import Recipe
+    from qexport.export.onnx import RECIPE_FILE
+    from qexport.models import load_model
+
+    source = report.get("source_model")
+    if not source:
+        raise InvalidConfig(f"{str(path)!r} was exported from an in-memory model: pass reference=<the quantized "
+                            "torch model> to verify()")
+    model, _ = load_model(source)
+    if not (path / RECIPE_FILE).is_file():  # a float export: the reference is the float model
+        return model
+    recipe = Recipe.from_json(path / RECIPE_FILE)
+    tokens = torch.cat(list(calibration)) if calibration and recipe.algorithm != "rtn" else None
+    model = qexport.quantize(model, recipe, calibration=tokens)
+    if recipe.needs_calibration:
+        if not calibration:
+            raise InvalidConfig(f"recipe {recipe.name!r} is static: verify needs the export's calibration batches")
+        qexport.calibrate(model, calibration)
+    return model
+
+
+@torch.no_grad()
+def verify(path: str | os.PathLike, reference=None, input_ids: torch.Tensor | None = None, decode_steps: int = 8,
+           threads: int | None = None, calibration=None, session_config: dict[str, str] | None = None
+           ) -> dict[str, Any]:
+    """Compare an exported folder in ONNX Runtime with the PyTorch reference of the same quantized model.
+
+    Runs a prefill of ``input_ids`` ``[B, L]`` (default: 2 x 32 tokens of the bundled Emma text, or random ids
+    when the folder has no tokenizer) and then ``decode_steps`` single-token steps through the KV cache
+    (teacher-forced with the same next tokens in both), and reports over all those logits: ``max_abs``,
+    ``max_rel`` (max abs error / max |reference logit|) and ``top1_agreement`` (fraction of positions whose
+    argmax token agrees). ``reference``: the quantized torch model (default: the folder's source model,
+    quantized again with its recipe).
+    """
+    from transformers import DynamicCache
+
+    lm = OnnxCausalLM(path, threads=threads, session_config=session_config)
+    if reference is None:
+        reference = reference_model(lm.report, lm.path, calibration)
+    reference.eval()
+    total = 32 + decode_steps
+    if input_ids is None:
+        input_ids = _sample_ids(lm.path, reference.config.vocab_size, total)
+    if input_ids.shape[1] <= decode_steps:
+        raise InvalidConfig(f"input_ids need more than decode_steps={decode_steps} tokens")
+    prefill = input_ids.shape[1] - decode_steps
+    ids = input_ids[:, :prefill]
+    cache = DynamicCache()
+    ref_steps = [reference(input_ids=ids, past_key_values=cache, use_cache=True).logits]
+    mask = np.ones(ids.shape, np.int64)
+    logits, past = lm.step(ids.numpy(), mask, lm.empty_past(ids.shape[0]))
+    ort_steps = [logits]
+    for t in range(prefill, input_ids.shape[1]):
+        tok = input_ids[:, t:t + 1]
+        ref_steps.append(reference(input_ids=tok, past_key_values=cache, use_cache=True).logits)
+        mask = np.concatenate([mask, np.ones((tok.shape[0], 1), np.int64)], axis=1)
+        logits, past = lm.step(tok.numpy(), mask, past)
+        ort_steps.append(logits)
+    ref = torch.cat(ref_steps, dim=1).float()
+    got = torch.from_numpy(np.concatenate(ort_steps, axis=1))
+    err = (got - ref).abs()
+    return {
+        "path": str(lm.path),
+        "recipe": lm.report.get("recipe"),
+        "positions": int(ref.shape[0] * ref.shape[1]),
+        "prefill_tokens": prefill,
+        "decode_steps": decode_steps,
+        "max_abs": float(err.max()),
+        "max_rel": float(err.max() / ref.abs().max().clamp_min(1e-30)),
+        "mean_abs": float(err.mean()),
+        "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+        "ort_session_config": lm.session_config,
+    }
+
+
+def _sample_ids(path: Path, vocab: int, total: int) -> torch.Tensor:
+    """Two rows of ``total`` token ids: from the bundled Emma text with the folder's tokenizer, else random."""
+    from qexport.eval import tokenize
+    from qexport.models import bundled_text, read_text
+
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # no tokenizer saved in the folder
+        tok = None
+    if tok is not None:
+        ids = tokenize(tok, read_text(bundled_text("emma"))[:20000])
+        if ids.numel() >= 2 * total:
+            return ids[: 2 * total].reshape(2, total)
+    return torch.randint(0, vocab, (2, total), generator=torch.Generator().manual_seed(0))

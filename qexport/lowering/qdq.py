@@ -1,0 +1,351 @@
+"""Lower the canonical quantized form to standard ONNX QDQ (DequantizeLinear / QuantizeLinear + MatMul).
+
+This is the export counterpart of :mod:`qexport.lowering.onnx_ort`: the same ``torch.onnx.export`` with the
+same translation of each ``qexport`` op into a ``qexport``-domain node (:func:`translations`), then a
+rewrite of those nodes into standard ONNX that any runtime reads and that ONNX Runtime and TensorRT fuse
+themselves:
+
+* weight-only int8 / int4 / int2 linear (``QLinear`` node): the integer codes become a ``[K, N]``
+  initializer of ONNX type INT8 / UINT8 / INT4 / UINT4 / INT2 / UINT2 (signed when symmetric, unsigned with
+  a zero point otherwise) and a ``DequantizeLinear`` feeds a plain ``MatMul``:
+
+  - per-channel: ``axis=1`` (the output channel of ``[K, N]``), scale ``[N]``;
+  - groups along K: blocked, ``axis=0, block_size=g`` (opset 21), scale ``[ceil(K/g), N]``;
+  - per-tensor: one scale.
+
+  ONNX Runtime 1.32 fuses ``DequantizeLinear -> MatMul`` into ``com.microsoft.MatMulNBits`` for every one of
+  these (its accuracy level comes from the session option ``session.qdq_matmulnbits_accuracy_level``, see
+  :func:`ort_session_config`). 2-bit types need opset 25; the graph's opset is raised only then.
+* W8A8 with a static (calibrated) per-tensor activation scale (``QLinearA8`` fed by ``QuantizeLinear``),
+  TensorRT target: ``QuantizeLinear -> DequantizeLinear`` on the activation (int8, zero point 0),
+  ``DequantizeLinear`` (per-channel) on the weight, ``MatMul``. ONNX Runtime target: ``QuantizeLinear`` and
+  then the ``MatMulInteger`` form below. (Given QDQ on both inputs, ORT converts the int8 activation to
+  uint8 for a u8s8 kernel that, on AVX2 CPUs without VNNI, saturates int16 pair sums with full-range int8
+  weights: logits were off by 6% on a tiny model; the s8s8 ``MatMulIntegerToFloat`` is exact.)
+* W8A8, ONNX Runtime target: a dynamic activation is quantized exactly as ``qexport::quantize_per_token``
+  / ``quantize_per_tensor_dynamic`` do (standard ops, symmetric int8), a static one by ``QuantizeLinear``;
+  ``MatMulInteger`` with the int8 weight, ``Cast``, times ``x_scale * w_scale``; ONNX Runtime fuses that
+  into ``MatMulIntegerToFloat``. (ONNX's ``DynamicQuantizeLinear`` is per-tensor asymmetric uint8: a different
+  quantizer than the recipe's, so it is not used; a TensorRT-target graph never has dynamic activations.)
+* TensorRT needs positive scales: symmetric weight groups with a negative scale are negated
+  (:func:`positive_scales`).
+* everything without a QDQ form (NF4, double-quantized scales, conv weights; for TensorRT also asymmetric
+  and 2-bit weights, which :func:`lower_qdq` refuses) stays float: its weight is dequantized once into a
+  float initializer and the layer is listed, with the reason, in the report.
+
+Numerics equal the reference of :mod:`qexport.formats` up to float rounding (a DequantizeLinear computes
+``(q - zp) * scale`` exactly as :func:`qexport.formats.dequantize_stored`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from qexport.errors import UnsupportedOp
+from qexport.lowering.onnx_ort import DOMAIN, _attrs, _translations
+
+__all__ = ["QdqReport", "translations", "lower_qdq", "ort_session_config", "check_tensorrt_weight", "positive_scales",
+           "TARGETS"]
+
+TARGETS = ("ort", "tensorrt")
+BLOCKED_OPSET = 21  # blocked DequantizeLinear, INT4 / UINT4 initializers
+INT2_OPSET = 25  # INT2 / UINT2
+
+
+@dataclass
+class QdqReport:
+    """How each quantized layer was lowered: ``layers`` maps a module name to a one-line description;
+    ``float_fallback`` lists ``(module name, reason)`` for the layers whose weight was dequantized."""
+
+    target: str = "ort"
+    opset: int = BLOCKED_OPSET
+    layers: dict[str, str] = field(default_factory=dict)
+    float_fallback: list[tuple[str, str]] = field(default_factory=list)
+    weight_bits: set[int] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "opset": self.opset, "layers": dict(self.layers),
+                "float_fallback": [{"layer": n, "reason": r} for n, r in self.float_fallback], "notes": self.notes}
+
+
+def translations():
+    """The translation table of :mod:`qexport.lowering.onnx_ort`, except that a static activation
+    quantization (``qexport::quantize_per_tensor``) becomes a standard ``QuantizeLinear`` (int8 zero point),
+    so that the QDQ rewrite can pair it with a ``DequantizeLinear``."""
+    from onnx import numpy_helper
+    from onnxscript import opset18 as op
+
+    table = dict(_translations())
+
+    def quantize_per_tensor(x, scale, zero_point: int):
+        zp = op.Constant(value=numpy_helper.from_array(np.array(zero_point, dtype=np.int8), "zp"))
+        return op.QuantizeLinear(op.Cast(x, to=1), scale, zp)
+
+    table[torch.ops.qexport.quantize_per_tensor.default] = quantize_per_tensor
+    return table
+
+
+def ort_session_config(weight_bits: set[int] | list[int]) -> dict[str, str]:
+    """ONNX Runtime session config entries for a QDQ model with these weight bit widths.
+
+    ``session.qdq_matmulnbits_accuracy_level`` sets the accuracy level of the MatMulNBits nodes that ORT fuses
+    from ``DequantizeLinear -> MatMul`` (default 4: int8 activations). The same choice as the compile
+    back-end (:func:`qexport.lowering.onnx_ort.matmulnbits_accuracy`): 4 when every weight is 8-bit (the
+    fp32-activation 8-bit kernel is far slower), else 0 (fp32 activations, the reference numerics).
+    """
+    from qexport.lowering.onnx_ort import matmulnbits_accuracy
+
+    bits = set(weight_bits)
+    level = matmulnbits_accuracy(8, None) if bits == {8} else matmulnbits_accuracy(min(bits or {4}), None)
+    return {"session.qdq_matmulnbits_accuracy_level": str(level)}
+
+
+def _format_name(fmt: str, bits: int) -> str:
+    return f"int{bits}" if fmt == "int" else fmt
+
+
+def _onnx_type(bits: int, signed: bool) -> int:
+    from onnx import TensorProto as T
+
+    return {(8, True): T.INT8, (8, False): T.UINT8, (4, True): T.INT4, (4, False): T.UINT4,
+            (2, True): T.INT2, (2, False): T.UINT2}[(bits, signed)]
+
+
+def _int_tensor(name: str, codes: torch.Tensor, bits: int, signed: bool):
+    """A TensorProto of ONNX type int/uint ``bits`` holding integer ``codes`` (any shape), packed as ONNX packs
+    sub-byte types: consecutive elements of the flat order, the first one in the low bits."""
+    from onnx import TensorProto
+
+    from qexport.formats import pack
+
+    t = TensorProto()
+    t.name = name
+    t.dims.extend(codes.shape)
+    t.data_type = _onnx_type(bits, signed)
+    flat = codes.reshape(1, -1)
+    if bits == 8:
+        t.raw_data = flat.to(torch.int8 if signed else torch.uint8).numpy().tobytes()
+    else:
+        t.raw_data = pack(flat, bits).numpy().tobytes()
+    return t
+
+
+def positive_scales(codes: torch.Tensor, scale: torch.Tensor, bits: int, group: int, k: int, layer: str,
+                    report: QdqReport) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric codes ``[N, K]`` and scales ``[R, G]`` re-expressed with scales > 0, for TensorRT.
+
+    qexport's symmetric grid maps each group's extreme to the most negative code, so the scale of a group
+    whose extreme is positive is negative (see :mod:`qexport.formats`). Negating such a group's scale and
+    codes is exact except for that one code, ``-2^(b-1)``, which becomes ``2^(b-1)`` and saturates to
+    ``2^(b-1) - 1``: one quantization step on one element per such group. The count goes in the report.
+    """
+    from qexport.formats import expand_groups
+
+    sign = torch.where(scale < 0, -1, 1).to(torch.int16)
+    flipped = codes * expand_groups(sign, group, k).expand(codes.shape[0], -1)
+    top = 2 ** (bits - 1) - 1
+    saturated = int((flipped > top).sum())
+    report.notes.append(f"{layer}: {int((sign < 0).sum())} negative weight scales negated for TensorRT; "
+                        f"{saturated} codes saturated from {top + 1} to {top}")
+    return flipped.clamp(max=top), scale.abs()
+
+
+def _module_name(qdata_input: str) -> str:
+    """``m.model.layers.0.mlp.up_proj.qdata`` -> ``model.layers.0.mlp.up_proj`` (the exporter names
+    initializers after the module path, under the wrapper's attribute)."""
+    name = qdata_input.rsplit(".", 1)[0] if qdata_input.endswith(".qdata") else qdata_input
+    return name.split(".", 1)[1] if name.startswith("m.") else name
+
+
+def check_tensorrt_weight(layer: str, fmt: str, bits: int, symmetric: bool, group: int, k: int,
+                           per_tensor: bool) -> None:
+    """TensorRT's QDQ rules for a weight; raises UnsupportedOp naming the layer and what to use instead."""
+    if fmt != "int":
+        raise UnsupportedOp(f"{layer}: {fmt} weights have no TensorRT QDQ form; use an int recipe (w8, w4g128-sym)")
+    if bits == 2:
+        raise UnsupportedOp(f"{layer}: TensorRT has no 2-bit weights; use w8 or w4g128-sym")
+    if not symmetric:
+        raise UnsupportedOp(f"{layer}: TensorRT needs symmetric weights (zero point 0), this recipe is asymmetric; "
+                            "use a symmetric recipe (w8, w4g128-sym)")
+    if bits == 4 and (per_tensor or group >= k):
+        raise UnsupportedOp(f"{layer}: TensorRT runs int4 weights only blocked (groups along K); "
+                            "use a grouped recipe (w4g128-sym)")
+
+
+def lower_qdq(model, target: str = "ort", float_weights: dict[str, torch.Tensor] | None = None):
+    """Rewrite every ``qexport``-domain node of ``model`` (an ``onnx.ModelProto`` exported with
+    :func:`translations`) into standard QDQ ONNX for ``target`` (``'ort'`` or ``'tensorrt'``), in place.
+
+    ``float_weights`` maps a layer (module name) to its dequantized float weight ``[N, K]``: used for the
+    layers whose stored tensors are not graph constants (double-quantized scales are computed in the graph),
+    which then stay float. The nodes left without a consumer are removed.
+
+    Returns ``(model, QdqReport)``. Raises UnsupportedOp for a layer that the target cannot run
+    (TensorRT: dynamic activations, asymmetric or 2-bit weights, NF4).
+    """
+    from onnx import helper, numpy_helper
+
+    from qexport.formats import _load, dequantize_stored
+
+    if target not in TARGETS:
+        raise UnsupportedOp(f"unknown ONNX target {target!r}; choose one of {', '.join(TARGETS)}")
+    report = QdqReport(target=target)
+    float_weights = float_weights or {}
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+
+    def value(name: str):
+        if not name:
+            return None
+        if name not in inits:
+            raise UnsupportedOp(f"input {name!r} of a quantized node is not a constant")
+        return torch.from_numpy(numpy_helper.to_array(inits[name]).copy())
+
+    def add(tensor):
+        g.initializer.append(tensor)
+        inits[tensor.name] = tensor
+        return tensor.name
+
+    def add_array(name: str, array):
+        return add(numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+    new_nodes = []
+
+    def matmul(x: str, w: str, bias: str, out: str, name: str) -> None:
+        mm_out = out if not bias else f"{name}_mm"
+        new_nodes.append(helper.make_node("MatMul", [x, w], [mm_out], name=f"{name}_MatMul"))
+        if bias:
+            new_nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=f"{name}_bias"))
+
+    def weight_dq(name: str, layer: str, codes, scale, zp_codes, bits: int, signed: bool, group: int, k: int) -> str:
+        """DequantizeLinear of a ``[K, N]`` weight from codes ``[N, K]`` and per-group ``scale`` ``[R, G]``."""
+        n = codes.shape[0]
+        if target == "tensorrt" and signed and bool((scale < 0).any()):
+            codes, scale = positive_scales(codes, scale, bits, group, k, layer, report)
+        wq = add(_int_tensor(f"{name}_Wq", codes.t().contiguous(), bits, signed))
+        if scale.numel() == 1:  # per-tensor
+            s, z, attrs = scale.reshape(()), None if zp_codes is None else zp_codes.reshape(()), {}
+        elif group >= k:  # per-channel: one scale per output channel, axis 1 of [K, N]
+            s, z, attrs = scale.reshape(n), None if zp_codes is None else zp_codes.reshape(n), {"axis": 1}
+        else:  # blocked along K
+            s, z = scale.t().contiguous(), None if zp_codes is None else zp_codes.t().contiguous()
+            attrs = {"axis": 0, "block_size": group}
+        dq_in = [wq, add_array(f"{name}_Ws", s.to(torch.float32).numpy())]
+        if z is not None:
+            dq_in.append(add(_int_tensor(f"{name}_Wzp", z, bits, False)))
+        out = f"{name}_W"
+        new_nodes.append(helper.make_node("DequantizeLinear", dq_in, [out], name=f"{name}_DequantizeLinear", **attrs))
+        return out
+
+    def float_weight(name: str, layer: str, w: torch.Tensor, reason: str) -> str:
+        report.float_fallback.append((layer, reason))
+        report.layers[layer] = f"float MatMul ({reason})"
+        return add_array(f"{name}_WT", w.t().contiguous().numpy())
+
+    for node in g.node:
+        if node.domain != DOMAIN:
+            new_nodes.append(node)
+            continue
+        a = _attrs(node)
+        name = node.name or node.output[0]
+        ins = list(node.input) + [""] * (5 - len(node.input))
+        if node.op_type in ("QLinear", "DequantizeWeight"):
+            layer = _module_name(ins[1] if node.op_type == "QLinear" else ins[0])
+            q_ins = ins[1:4] if node.op_type == "QLinear" else ins[0:3]
+            fmt = a["fmt"].decode() if isinstance(a["fmt"], bytes) else a["fmt"]
+            bits, group, k, sym = a["bits"], a["group"], a["in_features"], bool(a["symmetric"])
+            try:
+                qdata, scale, zp = (value(i) for i in q_ins)
+            except UnsupportedOp:  # scales computed in the graph (double quantization)
+                if layer not in float_weights:
+                    raise
+                qdata = scale = zp = None
+            if node.op_type == "DequantizeWeight":  # conv weights: no QDQ MatMul form
+                w = dequantize_stored(qdata, scale, zp, fmt, bits, group, k, sym)
+                report.float_fallback.append((layer, "conv weights are dequantized at export"))
+                report.layers[layer] = "float (conv weights are dequantized at export)"
+                new_nodes.append(helper.make_node("Identity", [add_array(f"{name}_W", w.numpy())], [node.output[0]]))
+                continue
+            per_tensor = scale is not None and scale.numel() == 1 and qdata.shape[0] > 1
+            if target == "tensorrt":
+                check_tensorrt_weight(layer, fmt, bits, sym, group, k, per_tensor)
+            if qdata is None:
+                w = float_weight(name, layer, float_weights[layer], f"{_format_name(fmt, bits)} weights with "
+                                 "double-quantized scales have no ONNX QDQ form")
+            elif fmt == "int" and bits in (2, 4, 8):
+                codes = _load(qdata, bits, k, sym)
+                zcodes = None if zp is None else _load(zp, bits, -(-k // group), False)
+                w = weight_dq(name, layer, codes, scale, zcodes, bits, sym, group, k)
+                how = "per-tensor" if per_tensor else ("per-channel" if group >= k else f"block {group}")
+                report.layers[layer] = (f"DequantizeLinear {'int' if sym else 'uint'}{bits} {how}"
+                                        f"{'' if sym else ' + zero point'} -> MatMul")
+                report.weight_bits.add(bits)
+            else:
+                w = float_weight(name, layer, dequantize_stored(qdata, scale, zp, fmt, bits, group, k, sym),
+                                 f"{_format_name(fmt, bits)} weights have no ONNX QDQ form")
+            matmul(ins[0], w, ins[4], node.output[0], name)
+        elif node.op_type == "QLinearA8":
+            xq, xs, wq, ws, bias = ins
+            layer = _module_name(wq)
+            zp = int(a.get("x_zero_point", 0))
+            w_int = value(wq)  # int8 [N, K], symmetric per-channel
+            w_scale = value(ws).reshape(-1).to(torch.float32)
+            static = xq in producers and producers[xq].op_type == "QuantizeLinear"
+            if target == "tensorrt":
+                if not static:
+                    raise UnsupportedOp(f"{layer}: dynamic activation quantization has no TensorRT QDQ form; use a "
+                                        "static recipe (w8a8-static) or a weight-only one (w8, w4g128-sym)")
+                if zp:
+                    raise UnsupportedOp(f"{layer}: TensorRT needs a symmetric activation scale (zero point 0); "
+                                        "calibrate with a symmetric activation spec")
+                x_dq = f"{name}_x"
+                new_nodes.append(helper.make_node(
+                    "DequantizeLinear", [xq, xs, add_array(f"{name}_xzp", np.array(0, dtype=np.int8))], [x_dq],
+                    name=f"{name}_x_DequantizeLinear"))
+                w = weight_dq(name, layer, w_int.to(torch.int16), w_scale[:, None], None, 8, True, w_int.shape[1],
+                              w_int.shape[1])
+                matmul(x_dq, w, bias, node.output[0], name)
+                report.layers[layer] = ("QuantizeLinear/DequantizeLinear int8 activation (static scale), "
+                                        "DequantizeLinear int8 per-channel weight -> MatMul")
+            else:
+                wt = add_array(f"{name}_WT", w_int.t().contiguous().numpy())
+                mm_in = [xq, wt] + ([add_array(f"{name}_xzp", np.array(zp, dtype=np.int8))] if zp else [])
+                acc, accf, scales = f"{name}_acc", f"{name}_accf", f"{name}_scales"
+                new_nodes.append(helper.make_node("MatMulInteger", mm_in, [acc], name=f"{name}_MatMulInteger"))
+                new_nodes.append(helper.make_node("Cast", [acc], [accf], to=1, name=f"{name}_Cast"))
+                # acc * (x_scale * w_scale): the form ORT fuses into MatMulIntegerToFloat
+                new_nodes.append(helper.make_node("Mul", [xs, add_array(f"{name}_ws", w_scale.numpy())], [scales],
+                                                  name=f"{name}_scale_product"))
+                out = node.output[0] if not bias else f"{name}_y2"
+                new_nodes.append(helper.make_node("Mul", [accf, scales], [out], name=f"{name}_rescale"))
+                if bias:
+                    new_nodes.append(helper.make_node("Add", [out, bias], [node.output[0]], name=f"{name}_bias"))
+                how = "QuantizeLinear (static scale)" if static else "in-graph symmetric scale (dynamic)"
+                report.layers[layer] = f"int8 activation, {how} x int8 weight -> MatMulInteger"
+            report.weight_bits.add(8)
+        else:
+            raise UnsupportedOp(f"no ONNX QDQ lowering for qexport op {node.op_type}")
+    needed = {o.name for o in g.output}
+    live = []
+    for n in reversed(new_nodes):  # drop what feeds nothing (e.g. the double dequantization of a float layer)
+        if any(o in needed for o in n.output):
+            live.append(n)
+            needed.update(n.input)
+    del g.node[:]
+    g.node.extend(reversed(live))
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    report.opset = INT2_OPSET if 2 in report.weight_bits else BLOCKED_OPSET
+    imports = [imp for imp in model.opset_import if imp.domain not in (DOMAIN, "", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend([helper.make_opsetid("", report.opset), *imports])
+    model.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(model.opset_import)))
+    return model, report

@@ -1,0 +1,361 @@
+"""ONNX export of quantized causal LMs with KV cache (qexport.export): every preset runs in ONNX Runtime and
+matches the PyTorch reference; ORT fuses the QDQ pattern it should; the TensorRT lint catches planted
+violations; bad input gives clear errors.
+
+Tolerances: ORT runs the same integer codes and scales as the reference, in fp32, so logits agree to
+1e-4 absolute (they are O(1); observed ~3e-7) with MatMulNBits accuracy level 0. An export takes seconds, so
+one export with a different format per layer covers every lowering; the per-preset test is opt-in.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import qexport
+from qexport.cli import main
+from qexport.config import PRESETS, QuantSpec, Recipe, Rule
+from qexport.errors import CalibrationError, ModelLoadError, QExportError, UnsupportedOp
+
+from tiny import EMMA, tiny_llama, word_tokenizer
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from qexport.export import OnnxCausalLM, export_onnx, lint_tensorrt, verify  # noqa: E402
+from qexport.export.tensorrt import quantized_types  # noqa: E402
+
+EXACT = {"session.qdq_matmulnbits_accuracy_level": "0"}  # fp32 activations in the fused MatMulNBits
+W8 = QuantSpec(bits=8)
+PER_TOKEN = QuantSpec(bits=8, granularity="per_token", dynamic=True)
+PER_TENSOR = QuantSpec(bits=8, granularity="per_tensor")
+# One export covers every lowering: a different format per linear of the (2-layer) tiny Llama. Groups of 32
+# give blocked weights on K = 64 and K = 160 (5 groups).
+MIXED = Recipe(name="mixed", rules=(
+    Rule("*.q_proj", W8),                                                   # int8 per-channel
+    Rule("*.k_proj", QuantSpec(bits=4, group_size=32)),                     # int4 blocked, symmetric
+    Rule("*.v_proj", QuantSpec(bits=4, group_size=32, symmetric=False)),    # uint4 blocked + zero point
+    Rule("*.o_proj", QuantSpec(bits=2, group_size=32, symmetric=False)),    # uint2 blocked (opset 25)
+    Rule("*.gate_proj", QuantSpec(bits=4, format="nf4", group_size=32, double_quant=True)),  # stays float
+    Rule("*.up_proj", W8, PER_TOKEN),                                       # W8A8 dynamic
+    Rule("*.down_proj", W8, PER_TENSOR),                                    # W8A8 static
+))
+MIXED_TRT = Recipe(name="mixed-trt", rules=(
+    Rule("*.down_proj", W8, PER_TENSOR),
+    Rule("*.up_proj", W8),
+    Rule("*", QuantSpec(bits=4, group_size=32)),
+))
+ORT_FUSED = {"MatMulNBits": 8, "MatMulIntegerToFloat": 2, "MatMulInteger": 2}  # per op type, 2 layers
+
+
+def one_layer_llama():
+    model = tiny_llama()
+    model.model.layers = model.model.layers[:1]
+    model.config.num_hidden_layers = 1
+    return model
+
+
+def calibration():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 512, (1, 48), generator=g) for _ in range(2)]
+
+
+def reference(recipe, layers=2):
+    model = qexport.quantize(tiny_llama() if layers == 2 else one_layer_llama(), recipe)
+    if qexport.load_recipe(recipe).needs_calibration:
+        qexport.calibrate(model, calibration())
+    return model
+
+
+def optimized_ops(folder, tmp_path) -> Counter:
+    """Op types of the graph ONNX Runtime runs after its optimizations (saved with optimized_model_filepath)."""
+    lm = OnnxCausalLM(folder)
+    so = lm.session_options
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tok):
+    """Export folders, made once per (recipe, target); TensorRT-target ones from a one-layer model."""
+    cache = {}
+
+    def get(recipe, target="ort"):
+        key = (getattr(recipe, "name", recipe), target)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("export") / key[0]
+            model = tiny_llama() if target == "ort" else one_layer_llama()
+            cache[key] = export_onnx(model, out, recipe, tok, target=target, calibration=calibration()).path
+        return cache[key]
+
+    return get
+
+
+def test_mixed_export_matches_torch_with_kv_cache(exported):
+    folder = exported(MIXED)
+    res = verify(folder, reference=reference(MIXED), session_config=EXACT, decode_steps=4)
+    assert res["max_abs"] < 1e-4 and res["top1_agreement"] == 1.0, res
+    report = json.loads((folder / "export_report.json").read_text())
+    rows = {layer["name"]: layer for layer in report["layers"]}
+    assert rows["lm_head"]["status"] == "float" and rows["lm_head"]["reason"] == "excluded by recipe"
+    gate = rows["model.layers.0.mlp.gate_proj"]
+    assert gate["status"] == "float" and "no ONNX QDQ form" in gate["reason"]
+    assert {f["layer"] for f in report["float_fallback"]} == {f"model.layers.{i}.mlp.gate_proj" for i in (0, 1)}
+    assert rows["model.layers.1.self_attn.v_proj"]["onnx"] == "DequantizeLinear uint4 block 32 + zero point -> MatMul"
+    assert rows["model.layers.0.self_attn.q_proj"]["onnx"] == "DequantizeLinear int8 per-channel -> MatMul"
+    assert report["opset"] == 25 and report["ort_session_config"] == EXACT
+
+
+def test_ort_fuses_qdq(exported, tmp_path):
+    ops = optimized_ops(exported(MIXED), tmp_path)
+    assert {op: ops[op] for op in ORT_FUSED} == ORT_FUSED, ops
+    assert ops["DequantizeLinear"] == 0, ops  # every weight DequantizeLinear was fused
+
+
+def test_qdq_graph_is_standard(exported):
+    """Per-channel int8 on axis 1, blocked int4 / uint4 / uint2 on axis 0; standard domain only."""
+    m = onnx.load(str(exported(MIXED) / "model.onnx"))
+    assert {o.domain for o in m.opset_import} == {""} and m.opset_import[0].version == 25
+    onnx.checker.check_model(m, full_check=True)
+    inits = {i.name: i for i in m.graph.initializer}
+    T = onnx.TensorProto
+    seen = Counter()
+    for n in m.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            seen[(T.DataType.Name(inits[n.input[0]].data_type), tuple(sorted(attrs.items())))] += 1
+    assert seen == {("INT8", (("axis", 1),)): 2, ("INT4", (("axis", 0), ("block_size", 32))): 2,
+                    ("UINT4", (("axis", 0), ("block_size", 32))): 2, ("UINT2", (("axis", 0), ("block_size", 32))): 2}
+    assert Counter(n.op_type for n in m.graph.node)["QuantizeLinear"] == 2  # static activations of down_proj
+
+
+def test_folder_layout_kv_cache_and_generation(exported, tok):
+    folder = exported(MIXED)
+    names = {p.name for p in folder.iterdir()}
+    assert {"model.onnx", "config.json", "recipe.json", "export_report.json", "tokenizer.json"} <= names
+    assert json.loads((folder / "recipe.json").read_text())["name"] == "mixed"
+    lm = OnnxCausalLM(folder, session_config=EXACT)
+    assert [i.name for i in lm.session.get_inputs()][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert lm.past_names == [f"past_key_values.{i}.{k}" for i in (0, 1) for k in ("key", "value")]
+    assert lm.output_names == ["logits"] + [f"present.{i}.{k}" for i in (0, 1) for k in ("key", "value")]
+    # greedy generation with the KV cache equals generation without it (full recompute each step) ...
+    prompt = tok("Emma Woodhouse , handsome , clever", return_tensors="pt")["input_ids"]
+    new = lm.generate(prompt, max_new_tokens=6)
+    ids = prompt
+    for _ in range(6):
+        ids = torch.cat([ids, lm(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert new.tolist() == ids[0, prompt.shape[1]:].tolist()
+    # ... and the PyTorch model's greedy generation
+    ref = reference(MIXED).generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert new.tolist() == ref[0, prompt.shape[1]:].tolist()
+    # dynamic batch with a left-padded row: positions follow the attention mask
+    batch = torch.cat([prompt, prompt]).numpy()
+    mask = np.ones_like(batch)
+    mask[1, :2] = 0
+    logits, present = lm.step(batch, mask, lm.empty_past(2))
+    assert logits.shape[:2] == batch.shape and present[0].shape[2] == batch.shape[1]
+
+
+def test_perplexity_matches_torch(exported, tok):
+    from qexport.eval import perplexity
+
+    text = EMMA.read_text()
+    got = perplexity(OnnxCausalLM(exported(MIXED), session_config=EXACT), tok, text, tokens=256, window=64)
+    want = perplexity(reference(MIXED), tok, text, tokens=256, window=64)
+    assert got.ppl == pytest.approx(want.ppl, rel=1e-5)
+
+
+def test_atomic_write_force_and_external_data(exported, tok, tmp_path):
+    from qexport.export.onnx import _save_model
+
+    folder = exported(MIXED)
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(QExportError, match="already exists"):
+        qexport.export_onnx(tiny_llama(), folder, MIXED, tok)  # the top-level alias
+    assert sorted(p.name for p in folder.iterdir()) == before
+    failing = tmp_path / "out"
+    with pytest.raises(CalibrationError):  # static recipe without calibration: nothing is left behind
+        export_onnx(tiny_llama(), failing, "w8a8-static", tok)
+    assert not failing.exists() and not list(tmp_path.iterdir())
+    # the same graph with its tensors in model.onnx.data loads and runs the same
+    ext = tmp_path / "ext"
+    shutil.copytree(folder, ext)
+    assert _save_model(onnx.load(str(folder / "model.onnx")), ext, external_data=True) == ["model.onnx",
+                                                                                          "model.onnx.data"]
+    inline = onnx.load(str(ext / "model.onnx"), load_external_data=False).graph.initializer
+    assert all(len(t.raw_data) <= 1024 for t in inline) and (ext / "model.onnx.data").stat().st_size > 300_000
+    ids = torch.randint(0, 512, (1, 9))
+    torch.testing.assert_close(OnnxCausalLM(ext, session_config=EXACT)(ids).logits,
+                               OnnxCausalLM(folder, session_config=EXACT)(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("recipe", list(PRESETS))  # ~15 s per preset on 2 cores
+def test_every_preset_runs_in_ort_and_matches_torch(exported, recipe):
+    res = verify(exported(recipe), reference=reference(recipe), session_config=EXACT, decode_steps=4)
+    assert res["max_abs"] < 1e-4 and res["top1_agreement"] == 1.0, res
+
+
+# ----------------------------------------------------------------------------------------------------
+# TensorRT target and lint
+# ----------------------------------------------------------------------------------------------------
+def test_tensorrt_target_follows_the_rules(exported):
+    folder = exported(MIXED_TRT, "tensorrt")
+    assert lint_tensorrt(folder / "model.onnx") == []
+    assert main(["lint-trt", str(folder)]) == 0
+    res = verify(folder, reference=reference(MIXED_TRT, layers=1), session_config=EXACT, decode_steps=2)
+    # TensorRT needs scales > 0: a group with a negative scale is negated and its extreme code (-8 -> 8)
+    # saturates to 7, one step on one weight per such group (counted in the report's notes). The random tiny
+    # model has near-uniform logits, so its top-1 is fragile: the bound is loose.
+    assert res["top1_agreement"] >= 0.8 and res["max_rel"] < 0.2, res
+    report = json.loads((folder / "export_report.json").read_text())
+    assert report["opset"] == 21 and any("saturated" in n for n in report["notes"])
+    m = onnx.load(str(folder / "model.onnx"))
+    ops = Counter(n.op_type for n in m.graph.node)
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1 + 7  # activation of down_proj, weights
+    assert quantized_types(m) == {"INT8", "INT4"}
+
+
+@pytest.mark.parametrize("recipe,match", [
+    ("w4g128", "symmetric"), ("w8a8-dynamic", "dynamic activation"), ("w2g64", "2-bit"), ("nf4-dq", "nf4"),
+    ("w4g128-sym", "blocked"),  # K = 64 < 128: one group per row is per-channel int4
+])
+def test_tensorrt_target_refuses_what_tensorrt_cannot_run(tok, tmp_path, recipe, match):
+    with pytest.raises(UnsupportedOp, match=match):
+        export_onnx(tiny_llama(), tmp_path / "trt", recipe, tok, target="tensorrt", calibration=calibration())
+    assert not (tmp_path / "trt").exists()
+
+
+def _plant(folder, tmp_path, edit):
+    m = onnx.load(str(folder / "model.onnx"))
+    edit(m)
+    path = tmp_path / "planted.onnx"
+    onnx.save(m, str(path))
+    return path
+
+
+def _first_dq(m):
+    return next(n for n in m.graph.node if n.op_type == "DequantizeLinear")
+
+
+def _init(m, name):
+    return next(i for i in m.graph.initializer if i.name == name)
+
+
+def test_lint_catches_planted_violations(exported, tmp_path, capsys):
+    from onnx import helper, numpy_helper
+
+    folder = exported(MIXED_TRT, "tensorrt")
+
+    def asym_zero_point(m):
+        dq = _first_dq(m)
+        s = numpy_helper.to_array(_init(m, dq.input[1]))
+        zp = helper.make_tensor("planted_zp", onnx.TensorProto.INT4, s.shape, np.ones(s.size, dtype=np.int8))
+        m.graph.initializer.append(zp)
+        dq.input.append("planted_zp")
+
+    def zero_scale(m):
+        t = _init(m, _first_dq(m).input[1])
+        a = numpy_helper.to_array(t).copy()
+        a.flat[3] = 0.0
+        t.CopyFrom(numpy_helper.from_array(a, t.name))
+
+    def per_tensor_int4(m):
+        dq = _first_dq(m)
+        del dq.attribute[:]
+        t = _init(m, dq.input[1])
+        t.CopyFrom(numpy_helper.from_array(np.array(0.01, np.float32), t.name))
+
+    def contrib_op(m):
+        m.graph.node.append(helper.make_node("DynamicQuantizeLinear", ["input_ids"], ["a", "b", "c"], name="dql"))
+
+    expected = {asym_zero_point: "zero-point", zero_scale: "positive-scale", per_tensor_int4: "int4-blocked",
+                contrib_op: "dynamic-quantization"}
+    for edit, rule in expected.items():
+        path = _plant(folder, tmp_path, edit)
+        problems = lint_tensorrt(path)
+        assert [p.rule for p in problems] == [rule], problems
+        name = problems[0].node
+        assert main(["lint-trt", str(path)]) == 1
+        assert name in capsys.readouterr().out  # the CLI names the violating node
+    # the ORT graph breaks TensorRT's rules: unsigned weights with zero points, int2 and opset 25
+    rules = {p.rule for p in lint_tensorrt(exported(MIXED) / "model.onnx")}
+    assert {"zero-point", "type", "opset"} <= rules
+
+
+def test_build_engine_without_tensorrt(exported, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    folder = exported(MIXED_TRT, "tensorrt")
+    code = main(["build-engine", str(folder / "model.onnx"), "--out", str(tmp_path / "model.plan"), "--int4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "TensorRT is not installed" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "model.plan").exists()
+    # a precision the graph does not have is refused before TensorRT is needed
+    assert main(["build-engine", str(exported(MIXED) / "model.onnx"), "--out", str(tmp_path / "model.plan")]) == 2
+    assert "breaks TensorRT's QDQ rules" in capsys.readouterr().err  # linted before TensorRT is needed
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------
+def test_bad_input_gives_clear_errors(tmp_path, capsys, tok):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        OnnxCausalLM(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="has no model.onnx"):
+        OnnxCausalLM(tmp_path / "empty")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "model.onnx").write_bytes(b"this is not a protobuf")
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        OnnxCausalLM(tmp_path / "junk")
+    with pytest.raises(ModelLoadError, match="not an ONNX model"):
+        lint_tensorrt(tmp_path / "junk" / "model.onnx")
+    for argv in (["verify", str(tmp_path / "missing")], ["lint-trt", str(tmp_path / "nothing.onnx")],
+                 ["eval", "--backend", "onnxruntime", str(tmp_path / "junk"), "--text", str(EMMA)],
+                 ["export", "--model", str(tmp_path / "missing"), "--recipe", "w8", "--out", str(tmp_path / "o")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("qexport: error:") and len(err.strip().splitlines()) == 1, err
+    # an op with no ONNX lowering is named
+    from qexport.lowering.qdq import lower_qdq
+    from onnx import helper
+
+    node = helper.make_node("Mystery", ["x"], ["y"], domain="qexport")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [1])],
+                              [helper.make_tensor_value_info("y", 1, [1])])
+    with pytest.raises(UnsupportedOp, match="Mystery"):
+        lower_qdq(helper.make_model(graph))
+    with pytest.raises(QExportError, match="target"):
+        export_onnx(tiny_llama(), tmp_path / "x", "w8", tok, target="tflite")
+
+
+def test_cli_export_verify_eval(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    one_layer_llama().save_pretrained(ckpt)
+    word_tokenizer().save_pretrained(ckpt)
+    out = tmp_path / "exp"
+    assert main(["export", "--model", str(ckpt), "--recipe", "w4g128", "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["export", "--model", str(ckpt), "--recipe", "w4g128", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["verify", str(out), "--decode-steps", "2", "--prompt", "Emma", "--max-new-tokens", "3",
+                 "--json", str(tmp_path / "v.json")]) == 0
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["top1_agreement"] == 1.0 and v["max_abs"] < 1e-4 and "generation" in v
+    assert main(["eval", "--backend", "onnxruntime", str(out), "--text", str(EMMA), "--tokens", "256",
+                 "--window", "64", "--reference", "--json", str(tmp_path / "e.json")]) == 0
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["ppl_ratio"] == pytest.approx(1.0, abs=1e-4)
