@@ -158,6 +158,17 @@ def _attrs(node) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _node_parts(node) -> tuple[dict[str, Any], str, list[str]]:
+    """A qexport-domain node's attributes, a name for what it becomes, and its inputs padded to five."""
+    return _attrs(node), node.name or node.output[0], list(node.input) + [""] * (5 - len(node.input))
+
+
+def _weight_format(a: dict[str, Any]) -> tuple[str, int, int, int, bool]:
+    """``(fmt, bits, group, in_features, symmetric)`` of a QLinear / DequantizeWeight node's attributes."""
+    fmt = a["fmt"].decode() if isinstance(a["fmt"], bytes) else a["fmt"]
+    return fmt, a["bits"], a["group"], a["in_features"], bool(a["symmetric"])
+
+
 def matmulnbits_accuracy(bits: int, accuracy_level: int | None) -> int:
     """MatMulNBits ``accuracy_level`` for a weight of ``bits`` bits: the one asked for, or by default 4 (int8
     activations) for 8-bit weights, whose fp32-activation kernel is ~40x slower, and 0 (fp32 activations, the
@@ -206,12 +217,9 @@ def _rewrite(model, report: LoweringReport, accuracy_level: int | None = None):
         if node.domain != DOMAIN:
             new_nodes.append(node)
             continue
-        a = _attrs(node)
-        name = node.name or node.output[0]
-        ins = list(node.input) + [""] * (5 - len(node.input))
+        a, name, ins = _node_parts(node)
         if node.op_type in ("QLinear", "DequantizeWeight"):
-            fmt = a["fmt"].decode() if isinstance(a["fmt"], bytes) else a["fmt"]
-            bits, group, k, sym = a["bits"], a["group"], a["in_features"], bool(a["symmetric"])
+            fmt, bits, group, k, sym = _weight_format(a)
             qdata, scale, zp = value(ins[1]), value(ins[2]), value(ins[3])
             if node.op_type == "QLinear":
                 try:

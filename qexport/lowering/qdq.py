@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from qexport.errors import UnsupportedOp
-from qexport.lowering.onnx_ort import DOMAIN, _attrs, _translations
+from qexport.lowering.onnx_ort import DOMAIN, _node_parts, _translations, _weight_format
 
 __all__ = ["QdqReport", "translations", "lower_qdq", "ort_session_config", "check_tensorrt_weight", "positive_scales",
            "TARGETS"]
@@ -252,14 +252,11 @@ def lower_qdq(model, target: str = "ort", float_weights: dict[str, torch.Tensor]
         if node.domain != DOMAIN:
             new_nodes.append(node)
             continue
-        a = _attrs(node)
-        name = node.name or node.output[0]
-        ins = list(node.input) + [""] * (5 - len(node.input))
+        a, name, ins = _node_parts(node)
         if node.op_type in ("QLinear", "DequantizeWeight"):
             layer = _module_name(ins[1] if node.op_type == "QLinear" else ins[0])
             q_ins = ins[1:4] if node.op_type == "QLinear" else ins[0:3]
-            fmt = a["fmt"].decode() if isinstance(a["fmt"], bytes) else a["fmt"]
-            bits, group, k, sym = a["bits"], a["group"], a["in_features"], bool(a["symmetric"])
+            fmt, bits, group, k, sym = _weight_format(a)
             try:
                 qdata, scale, zp = (value(i) for i in q_ins)
             except UnsupportedOp:  # scales computed in the graph (double quantization)
