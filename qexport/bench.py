@@ -6,13 +6,19 @@ A variant is one of
     inductor-fp32              torch.compile(backend="inductor")
     eager:RECIPE               qexport.quantize(model, RECIPE) (QLinear modules, reference kernels)
     qexport:RECIPE:TARGET      torch.compile(backend="qexport", options={"recipe": RECIPE, "target": TARGET})
+    onnx:fp32 | onnx:RECIPE    qexport.export_onnx(model, DIR, RECIPE) run by ONNX Runtime (OnnxCausalLM)
+    onnx-dir:PATH              a folder written by ``qexport export``, run by ONNX Runtime
 
 and is measured with the same protocol (batch 1): a prompt of ``prompt_tokens`` tokens from the bundled
 evaluation text; ``first_call_s`` is the first forward pass over the prompt (compilation included for
-compiled variants); ``prefill_s`` is the median of three later forward passes; ``decode_tok_s`` is
+compiled variants; for ``onnx:`` variants the export and the session's creation, also given alone as
+``export_s``); ``prefill_s`` is the median of three later forward passes; ``decode_tok_s`` is
 the number of decode steps divided by the time from the first to the last generated token within one greedy
-generate() call (KV cache; timestamps from a logits processor; median of three calls, after a warm-up
-generate() that compiles or exports the decode graphs).
+generate() call (KV cache; timestamps from a logits processor, or OnnxCausalLM's ``on_token`` callback;
+median of three calls, after a warm-up generate() that compiles or exports the decode graphs).
+Exported variants are written to a temporary folder that is removed after their row is measured.
+Every row is divided by the ``inductor-fp32`` row (``*_vs_inductor_fp32``) and, when the run has one, by the
+``onnx:fp32`` row (``*_vs_onnx_fp32``), so each target is compared with its own float baseline.
 
 With ``ppl_tokens > 0`` each variant also gets its quality and size, measured on the same built model
 after the speed runs: ``ppl`` (perplexity on the first ``ppl_tokens`` tokens of the bundled *Emma* slice,
@@ -30,6 +36,7 @@ import csv
 import io
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -64,16 +71,38 @@ def parse_variant(text: str) -> dict[str, str]:
         if parts[2] not in TARGETS:
             raise InvalidConfig(f"variant {text!r}: target must be one of {', '.join(TARGETS)}")
         return {"kind": "qexport", "recipe": parts[1], "target": parts[2]}
+    if parts[0] == "onnx" and len(parts) == 2:
+        if parts[1] == "fp32":
+            return {"kind": "onnx"}
+        load_recipe(parts[1])
+        return {"kind": "onnx", "recipe": parts[1]}
+    if text.startswith("onnx-dir:") and len(text) > len("onnx-dir:"):
+        from qexport.export.runtime import _folder
+
+        return {"kind": "onnx-dir", "path": str(_folder(text[len("onnx-dir:"):]))}
     raise InvalidConfig(
-        f"variant {text!r} is not valid; use eager-fp32, inductor-fp32, eager:RECIPE or qexport:RECIPE:TARGET"
+        f"variant {text!r} is not valid; use eager-fp32, inductor-fp32, eager:RECIPE, qexport:RECIPE:TARGET, "
+        "onnx:fp32, onnx:RECIPE or onnx-dir:PATH"
     )
 
 
-def _build(model, spec: dict[str, str], calibration: torch.Tensor | None = None):
+def _build(model, spec: dict[str, str], calibration: torch.Tensor | None = None, workdir: Path | None = None):
     import qexport
 
-    m = copy.deepcopy(model)
     kind = spec["kind"]
+    if kind in ("onnx", "onnx-dir"):
+        from qexport.export.runtime import OnnxCausalLM
+
+        path = spec.get("path")
+        if kind == "onnx":
+            recipe = spec.get("recipe")
+            batches = None
+            if recipe is not None and _needs_data(spec):
+                batches = [row[None] for row in calibration]
+            path = workdir / "export"
+            qexport.export_onnx(model, path, recipe, calibration=batches, force=True)
+        return OnnxCausalLM(path)
+    m = copy.deepcopy(model)
     if kind == "inductor-fp32":
         m.forward = torch.compile(m.forward, backend="inductor")
     elif kind == "eager":
@@ -85,47 +114,71 @@ def _build(model, spec: dict[str, str], calibration: torch.Tensor | None = None)
     return m
 
 
+def _needs_data(spec: dict[str, str]) -> bool:
+    """Whether building the variant needs calibration data: GPTQ / AWQ, or static activation scales on export."""
+    from qexport.config import load_recipe
+
+    if not spec.get("recipe"):
+        return False
+    recipe = load_recipe(spec["recipe"])
+    return recipe.algorithm_needs_data or (spec["kind"] == "onnx" and recipe.needs_calibration)
+
+
+def _generate(m, prompt: torch.Tensor, new_tokens: int, on_token) -> None:
+    """One greedy generate() of exactly ``new_tokens`` tokens, calling ``on_token()`` after each token's forward."""
+    from qexport.export.runtime import OnnxCausalLM
+
+    if isinstance(m, OnnxCausalLM):
+        m.generate(prompt, max_new_tokens=new_tokens, on_token=lambda _token: on_token())
+        return
+
+    def stamp(input_ids, scores):  # a logits processor: called once per generated token, after its forward
+        on_token()
+        return scores
+
+    m.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+               logits_processor=[stamp])
+
+
 @torch.no_grad()
 def measure(model, prompt: torch.Tensor, spec: dict[str, str], new_tokens: int,
             calibration: torch.Tensor | None = None, quality=None) -> dict[str, Any]:
-    """Speed of one variant; ``quality(built_model) -> dict`` adds its columns after the speed runs."""
+    """Speed of one variant; ``quality(built_model, spec) -> dict`` adds its columns after the speed runs."""
     torch._dynamo.reset()
-    m = _build(model, spec, calibration)
-    t0 = time.perf_counter()
-    m(prompt, use_cache=False)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(3):
+    with tempfile.TemporaryDirectory(prefix="qexport-bench-") as workdir:
         t0 = time.perf_counter()
+        m = _build(model, spec, calibration, Path(workdir))
+        built = time.perf_counter() - t0
         m(prompt, use_cache=False)
-        times.append(time.perf_counter() - t0)
-    prefill = statistics.median(times)
-    row: dict[str, Any] = {"first_call_s": first, "prefill_s": prefill,
-                           "prefill_tok_s": prompt.shape[1] / prefill, "decode_tok_s": None}
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            m(prompt, use_cache=False)
+            times.append(time.perf_counter() - t0)
+        prefill = statistics.median(times)
+        row: dict[str, Any] = {"first_call_s": first, "prefill_s": prefill,
+                               "prefill_tok_s": prompt.shape[1] / prefill, "decode_tok_s": None}
+        if spec["kind"] == "onnx":
+            row["export_s"] = built
 
-    stamps: list[float] = []
-
-    def stamp(input_ids, scores):  # a logits processor: called once per generated token, after its forward
-        stamps.append(time.perf_counter())
-        return scores
-
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-              logits_processor=[stamp])
-    m.generate(prompt, **kw)  # warm-up: compiles the decode graphs
-    # Decode time: from the first generated token to the last, within one generate() call, so prefill and
-    # generate()'s set-up are not counted; the median of three calls, to resist interference.
-    rates, totals = [], []
-    for _ in range(3):
-        stamps.clear()
-        t0 = time.perf_counter()
-        m.generate(prompt, **kw)
-        totals.append(time.perf_counter() - t0)
-        if len(stamps) > 1 and stamps[-1] > stamps[0]:
-            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    row["generate_s"] = statistics.median(totals)
-    row["decode_tok_s"] = statistics.median(rates) if rates else None
-    if quality is not None:
-        row.update(quality(m, spec))
+        stamps: list[float] = []
+        _generate(m, prompt, new_tokens, lambda: None)  # warm-up: compiles the decode graphs
+        # Decode time: from the first generated token to the last, within one generate() call, so prefill and
+        # generate()'s set-up are not counted; the median of three calls, to resist interference.
+        rates, totals = [], []
+        for _ in range(3):
+            stamps.clear()
+            t0 = time.perf_counter()
+            _generate(m, prompt, new_tokens, lambda: stamps.append(time.perf_counter()))
+            totals.append(time.perf_counter() - t0)
+            if len(stamps) > 1 and stamps[-1] > stamps[0]:
+                rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        row["generate_s"] = statistics.median(totals)
+        row["decode_tok_s"] = statistics.median(rates) if rates else None
+        if quality is not None:
+            row.update(quality(m, spec))
+        del m  # the ONNX Runtime session holds the folder's files open
     return row
 
 
@@ -135,14 +188,21 @@ def _quality(model, tok, text: str, tokens: int):
     from qexport.eval import perplexity
 
     def quality(built, spec: dict[str, str]) -> dict[str, Any]:
+        size_bytes = bits = None
         if spec["kind"] == "eager":
             size = qexport.model_size(built)
-        elif spec["kind"] == "qexport":  # what the recipe stores, whatever runs it
+        elif spec.get("recipe"):  # what the recipe stores, whatever runs it
             size = qexport.model_size(qexport.quantize(copy.deepcopy(model), spec["recipe"]))
+        elif spec["kind"] == "onnx-dir":
+            size = None
         else:
             size = qexport.model_size(model)
+        if size is not None:
+            size_bytes, bits = size.total_bytes, size.bits_per_weight
+        if spec["kind"] in ("onnx", "onnx-dir"):  # the files on disk: what the export really stores
+            size_bytes = built.report.get("onnx_bytes", size_bytes)
         ppl = perplexity(built, tok, text, tokens=tokens).ppl
-        return {"ppl": ppl, "size_bytes": size.total_bytes, "bits_per_weight": size.bits_per_weight}
+        return {"ppl": ppl, "size_bytes": size_bytes, "bits_per_weight": bits}
 
     return quality
 
@@ -165,7 +225,7 @@ def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tok
     text = read_text(bundled_text("emma"))
     prompt = tokenize(tok, text)[:prompt_tokens][None]
     calibration = None
-    if any(s.get("recipe") and load_recipe(s["recipe"]).algorithm_needs_data for _, s in specs):
+    if any(_needs_data(s) for _, s in specs):
         from qexport.algorithms import calibration_tokens
 
         calibration = calibration_tokens(read_text(bundled_text("sensesensibility")), tok, samples=calib_samples,
@@ -177,18 +237,23 @@ def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tok
             print(f"bench: {name}", flush=True)
         row = {"variant": name, **measure(model, prompt, spec, new_tokens, calibration, quality)}
         rows.append(row)
-    base = next((r for r in rows if r["variant"] == "inductor-fp32"), None)
-    for r in rows:
-        if base and base["decode_tok_s"] and r["decode_tok_s"]:
-            r["decode_vs_inductor_fp32"] = r["decode_tok_s"] / base["decode_tok_s"]
-        if base:
-            r["prefill_vs_inductor_fp32"] = base["prefill_s"] / r["prefill_s"]
+    for base_name in ("inductor-fp32", "onnx:fp32"):
+        base = next((r for r in rows if r["variant"] == base_name), None)
+        if base is None:
+            continue
+        suffix = base_name.replace("-", "_").replace(":", "_")
+        for r in rows:
+            if base["decode_tok_s"] and r["decode_tok_s"]:
+                r[f"decode_vs_{suffix}"] = r["decode_tok_s"] / base["decode_tok_s"]
+            r[f"prefill_vs_{suffix}"] = base["prefill_s"] / r["prefill_s"]
     return {"model": model_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "ppl_tokens": ppl_tokens, "results": rows}
 
 
 def to_markdown(result: dict[str, Any]) -> str:
     cols = ["variant", "first_call_s", "prefill_s", "prefill_tok_s", "decode_tok_s", "decode_vs_inductor_fp32"]
+    if any("decode_vs_onnx_fp32" in r for r in result["results"]):
+        cols.append("decode_vs_onnx_fp32")
     if result.get("ppl_tokens"):
         cols += ["ppl", "size_mb", "bits_per_weight"]
     rows = [{**r, "size_mb": r["size_bytes"] / 1e6 if r.get("size_bytes") else None} for r in result["results"]]

@@ -1,5 +1,5 @@
 """The ``qexport`` command line: ``eval``, ``demo``, ``recipes``, ``bench``, ``export``, ``verify``, ``lint-trt``,
-``build-engine``.
+``build-engine``, ``allocate``.
 
 Errors in what the user gave (a bad recipe, a missing model or text) print one line and exit with
 status 2; no traceback.
@@ -426,6 +426,53 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_allocate(args: argparse.Namespace) -> int:
+    from qexport.algorithms.allocate import Sensitivity, parse_size, plan_allocation, resolve_candidates
+    from qexport.config import DEFAULT_EXCLUDE
+    from qexport.models import load_model
+
+    if (args.target_bits is None) == (args.target_size is None):
+        raise InvalidConfig("give exactly one of --target-bits (bits per weight of the linears) or --target-size")
+    target_bytes = parse_size(args.target_size) if args.target_size is not None else None
+    candidates = resolve_candidates([c for c in args.candidates.split(",") if c])
+    samples = _positive_int("--calib-samples", args.calib_samples)
+    seq_len = _positive_int("--seq-len", args.seq_len)
+    _check_json_target(args.out, args.force)
+    _threads()
+    model, tok = load_model(args.model)
+    sens = None
+    cache = Path(args.sensitivities) if args.sensitivities else None
+    key = {"model": str(args.model), "calib_text": str(args.calib_text), "samples": samples, "seq_len": seq_len,
+           "seed": args.seed}
+    if cache is not None and cache.is_file():
+        data = json.loads(cache.read_text(encoding="utf-8"))
+        if data.get("key") != key:
+            raise InvalidConfig(f"{str(cache)!r} holds sensitivities of another calibration set ({data.get('key')}); "
+                                "give another --sensitivities file or remove it")
+        sens = Sensitivity.from_dict(data)
+        print(f"sensitivities from {cache} ({sens.method})", file=sys.stderr)
+    calibration = None
+    if sens is None:
+        from qexport.algorithms import calibration_tokens
+        from qexport.models import bundled_text, read_text
+
+        calibration = calibration_tokens(read_text(args.calib_text or bundled_text("sensesensibility")), tok,
+                                         samples=samples, seq_len=seq_len, seed=args.seed)
+    plan = plan_allocation(model, calibration, target_bytes=target_bytes, bits_per_weight=args.target_bits,
+                           candidates=candidates, method=args.method, exclude=DEFAULT_EXCLUDE,
+                           algorithm=args.algorithm, name=args.name, sensitivity=sens, progress=True)
+    if cache is not None and sens is None:
+        _write_json(str(cache), {**plan.sensitivity.to_dict(), "key": key}, True)
+    print(plan.table())
+    print(f"sensitivity: {plan.sensitivity.method} on {plan.sensitivity.tokens} calibration tokens, "
+          f"{plan.sensitivity.seconds:.0f} s; knapsack {'optimal' if plan.optimal else f'unit {plan.unit} bytes'}")
+    plan.recipe.to_json(args.out, overwrite=args.force)
+    print(f"wrote {args.out}", file=sys.stderr)
+    if args.json:
+        _write_json(args.json, plan.to_dict(), args.force)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qexport", description="Quantize PyTorch LLMs to 8, 4 and 2 bits and measure them.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -469,14 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed of variants side by side: compile time, prefill, decode tokens/s")
     b.add_argument("--model", default="smollm2")
     b.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help="comma-separated: eager-fp32, inductor-fp32, eager:RECIPE, qexport:RECIPE:TARGET")
+                   help="comma-separated: eager-fp32, inductor-fp32, eager:RECIPE, qexport:RECIPE:TARGET, "
+                        "onnx:fp32, onnx:RECIPE (exported, run by ONNX Runtime), onnx-dir:PATH (an export folder)")
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--ppl-tokens", type=int, default=0,
                    help="also measure perplexity on this many Emma tokens, size and bits per weight of every "
                         "variant, and plot perplexity against size (default 0: speed only)")
     b.add_argument("--calib-samples", type=int, default=16,
-                   help="windows of 512 calibration tokens for eager:RECIPE variants of GPTQ / AWQ recipes")
+                   help="windows of 512 calibration tokens for GPTQ / AWQ recipes and static-activation exports")
     b.add_argument("--out", help="folder for bench.json, bench.csv, bench.md (and bench.png with --ppl-tokens)")
     b.add_argument("--force", action="store_true", help="overwrite existing result files")
     b.set_defaults(func=cmd_bench)
@@ -519,6 +567,29 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--timing-cache", help="timing cache file (default: <out>.timing.cache)")
     be.add_argument("--force", action="store_true", help="replace --out if it exists")
     be.set_defaults(func=cmd_build_engine)
+
+    al = sub.add_parser("allocate", help="mixed precision: pick a format per linear layer to meet a size target")
+    al.add_argument("--model", default="smollm2", help="'smollm2' or a local Hugging Face checkpoint directory")
+    al.add_argument("--target-bits", type=float, help="bits per weight of the quantized linears (codes + scales + "
+                                                     "zero points), e.g. 3.0")
+    al.add_argument("--target-size", help="bytes of the quantized linears, e.g. 60MB, 57MiB or 60000000")
+    al.add_argument("--out", required=True, help="recipe JSON to write (one rule per layer)")
+    al.add_argument("--candidates", default="w8,w4g128,w4g64,w2g64",
+                    help="comma-separated single-format presets to choose from (default w8,w4g128,w4g64,w2g64)")
+    al.add_argument("--method", choices=("fisher", "loss"), default="fisher",
+                    help="fisher: diagonal-Fisher estimate of the loss increase (default, cheap); loss: measured, "
+                         "one model run per layer and format")
+    al.add_argument("--algorithm", choices=("rtn", "gptq", "awq"), default="rtn", help="algorithm of the recipe")
+    al.add_argument("--name", help="recipe name (default auto-<bits>bpw)")
+    al.add_argument("--calib-text", help="calibration text (default: bundled Sense and Sensibility)")
+    al.add_argument("--calib-samples", type=int, default=4, help="calibration windows (default 4)")
+    al.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    al.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+    al.add_argument("--sensitivities", help="JSON cache of the sensitivities: read when it exists (same model and "
+                                            "calibration), written otherwise; reuse it for several targets")
+    al.add_argument("--json", help="also write the allocation (per-layer choices, bytes, sensitivities) as JSON")
+    al.add_argument("--force", action="store_true", help="overwrite --out / --json if they exist")
+    al.set_defaults(func=cmd_allocate)
 
     r = sub.add_parser("recipes", help="list the preset recipes, or print one as JSON")
     r.add_argument("--show", metavar="NAME", help="print this recipe as JSON")

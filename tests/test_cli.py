@@ -1,6 +1,8 @@
 """The command line: end to end on a tiny local checkpoint, and one-line errors with exit code 2."""
 
 import json
+import tempfile
+from pathlib import Path
 import subprocess
 import sys
 
@@ -127,6 +129,28 @@ def test_bench_on_tiny_checkpoint_writes_results(tiny_dir, tmp_path, capsys):
     assert main(argv) == 2  # results exist: not overwritten without --force
     assert main(["bench", "--variants", "qexport:w8:gpu"]) == 2
     assert "target must be one of" in capsys.readouterr().err
+
+
+def test_bench_onnx_variants_compare_with_the_fp32_export(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    folder = tmp_path / "w8"
+    leftovers = set(Path(tempfile.gettempdir()).glob("qexport-bench-*"))
+    assert main(["export", "--model", str(tiny_dir), "--recipe", "w8", "--out", str(folder)]) == 0
+    assert main(["bench", "--model", str(tiny_dir), "--variants", f"onnx:fp32,onnx:w4g128,onnx-dir:{folder}",
+                 "--prompt-tokens", "8", "--new-tokens", "3", "--ppl-tokens", "256", "--out", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads((out / "bench.json").read_text())["results"]}
+    fp, w4, w8 = rows["onnx:fp32"], rows["onnx:w4g128"], rows[f"onnx-dir:{folder}"]
+    assert fp["decode_vs_onnx_fp32"] == 1.0 and w4["decode_vs_onnx_fp32"] > 0 and w4["export_s"] > 0
+    assert "export_s" not in w8  # an existing folder is not exported again
+    assert folder.is_dir()  # ... nor removed; exported variants leave nothing behind
+    assert set(Path(tempfile.gettempdir()).glob("qexport-bench-*")) == leftovers
+    # size is the files on disk, and perplexity runs in ONNX Runtime: the int4 export differs from fp32
+    assert w4["size_bytes"] < w8["size_bytes"] < fp["size_bytes"]
+    assert 4.0 < w4["bits_per_weight"] < 5.0 and fp["bits_per_weight"] is None
+    assert w4["ppl"] != fp["ppl"] and abs(w8["ppl"] / fp["ppl"] - 1) < 0.05
+    assert "decode_vs_onnx_fp32" in (out / "bench.md").read_text()
+    assert main(["bench", "--variants", f"onnx-dir:{tmp_path / 'missing'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_eval_calibrated_recipe_uses_calibration_windows(tiny_dir, tmp_path, capsys):

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -114,8 +114,12 @@ class OnnxCausalLM:
         """A single empty CPU tensor: where :func:`qexport.eval.perplexity` looks for the model's device."""
         return iter([torch.empty(0)])
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: int | None = None) -> torch.Tensor:
-        """Greedy continuation of ``input_ids`` ``[1, L]`` with the KV cache; returns the new ids ``[n]``."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: int | None = None,
+                 on_token: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Greedy continuation of ``input_ids`` ``[1, L]`` with the KV cache; returns the new ids ``[n]``.
+
+        ``on_token(token)`` is called once per generated token, right after the forward pass that chose it
+        (``qexport bench`` times decoding with it)."""
         if max_new_tokens < 1:
             raise InvalidConfig(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         ids = input_ids.cpu().numpy().reshape(1, -1).astype(np.int64)
@@ -126,6 +130,8 @@ class OnnxCausalLM:
             logits, past = self.step(ids, mask, past)
             token = int(logits[0, -1].argmax())
             new.append(token)
+            if on_token is not None:
+                on_token(token)
             if eos_token_id is not None and token == eos_token_id:
                 break
             ids = np.array([[token]], np.int64)
