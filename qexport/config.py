@@ -34,6 +34,8 @@ __all__ = [
     "ALGORITHMS",
     "ALGORITHM_OPTIONS",
     "CALIBRATED_PRESETS",
+    "KVCacheSpec",
+    "KV_CACHE_PRESETS",
 ]
 
 INT_BITS = (2, 4, 8)
@@ -354,6 +356,93 @@ class Rule:
         return cls(pattern=d["pattern"], weight=d.get("weight"), activation=d.get("activation"))
 
 
+KV_BITS = (8, 4)
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """How the attention KV cache is stored (``qexport.kvcache``): integer codes plus scales, one scale per
+    token, per head and per group of ``group_size`` consecutive elements of ``head_dim``.
+
+    Args:
+        bits: 8 or 4 (4-bit codes are packed two per byte along ``head_dim``).
+        group_size: elements of ``head_dim`` per scale; None: the whole head (one scale per token and head).
+            It must divide the model's ``head_dim`` (checked when the cache first sees a key).
+        symmetric: signed codes in [-(2^(b-1)-1), 2^(b-1)-1] and no zero point; otherwise (the default)
+            unsigned codes in [0, 2^b-1] with an integer zero point per group, the range widened to include 0
+            (ONNX ``QuantizeLinear`` semantics).
+    """
+
+    bits: int = 8
+    group_size: int | None = None
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.bits) or self.bits not in KV_BITS:
+            raise InvalidConfig(f"kv_cache bits={self.bits!r} is not valid; allowed: 8, 4")
+        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size <= 0):
+            raise InvalidConfig(f"kv_cache group_size must be a positive integer or null (whole head), "
+                                f"got {self.group_size!r}")
+        if not isinstance(self.symmetric, bool):
+            raise InvalidConfig(f"kv_cache symmetric must be true or false, got {self.symmetric!r}")
+
+    def groups(self, head_dim: int) -> int:
+        """Scales per token and head for ``head_dim``; InvalidConfig when the spec does not fit it."""
+        gs = self.group_size or head_dim
+        if head_dim % gs:
+            raise InvalidConfig(f"kv_cache group_size={gs} does not divide the model's head_dim={head_dim}; "
+                                f"use a divisor of {head_dim} or null (one group per head)")
+        if self.bits == 4 and head_dim % 2:
+            raise InvalidConfig(f"kv_cache bits=4 packs two codes per byte and needs an even head_dim, "
+                                f"got {head_dim}")
+        return head_dim // gs
+
+    def describe(self) -> str:
+        """A short name, e.g. ``kv int8 per-head asym`` or ``kv int4 g32 sym``."""
+        gran = f"g{self.group_size}" if self.group_size else "per-head"
+        return f"kv int{self.bits} {gran} {'sym' if self.symmetric else 'asym'}"
+
+    def suffix(self) -> str:
+        """What a recipe name gets when this spec is added to it: ``-kv8``, ``-kv4g32``, ``-kv8sym`` ..."""
+        return f"-kv{self.bits}" + (f"g{self.group_size}" if self.group_size else "") + \
+            ("sym" if self.symmetric else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "KVCacheSpec":
+        if not isinstance(d, Mapping):
+            raise InvalidConfig(f"kv_cache must be a JSON object or null, got {type(d).__name__}")
+        unknown = sorted(set(d) - {"bits", "group_size", "symmetric"})
+        if unknown:
+            raise InvalidConfig(f"unknown kv_cache field(s) {unknown}; allowed: ['bits', 'group_size', 'symmetric']")
+        return cls(**d)
+
+    @classmethod
+    def parse(cls, value: "KVCacheSpec | Mapping | str | None") -> "KVCacheSpec | None":
+        """A spec from a spec, a dict, a name in ``KV_CACHE_PRESETS`` (``'int8'``, ``'int4'`` ...), or None."""
+        if value is None or isinstance(value, KVCacheSpec):
+            return value
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
+        if isinstance(value, str) and value in KV_CACHE_PRESETS:
+            return KV_CACHE_PRESETS[value]
+        raise InvalidConfig(f"kv_cache={value!r} is not valid; use one of {', '.join(KV_CACHE_PRESETS)} or an "
+                            "object {bits, group_size, symmetric}")
+
+
+# Named KV-cache formats (``--kv-cache NAME``). int4 uses groups of 32 along head_dim: a whole 64-wide head
+# per scale costs SmolLM2 much more perplexity (README, KV-cache section).
+KV_CACHE_PRESETS: dict[str, KVCacheSpec] = {
+    "int8": KVCacheSpec(bits=8),
+    "int8-sym": KVCacheSpec(bits=8, symmetric=True),
+    "int4": KVCacheSpec(bits=4, group_size=32),
+    "int4-g64": KVCacheSpec(bits=4, group_size=64),
+    "int4-sym": KVCacheSpec(bits=4, group_size=32, symmetric=True),
+}
+
+
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*embed*")
 
 
@@ -378,6 +467,8 @@ class Recipe:
     # Options of the algorithm (see ALGORITHM_OPTIONS), stored with every default filled in, as a read-only
     # mapping. Left out of the hash (a mapping is not hashable); equality compares it.
     options: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
+    # How the attention KV cache is stored (qexport.kvcache); None: float. A spec, a dict or a preset name.
+    kv_cache: KVCacheSpec | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -400,6 +491,10 @@ class Recipe:
         if self.algorithm not in ALGORITHMS:
             raise InvalidConfig(f"recipe {self.name!r}: unknown algorithm {self.algorithm!r}; available: {list(ALGORITHMS)}")
         object.__setattr__(self, "options", _resolve_options(self.algorithm, self.options, self.name))
+        try:
+            object.__setattr__(self, "kv_cache", KVCacheSpec.parse(self.kv_cache))
+        except InvalidConfig as e:
+            raise InvalidConfig(f"recipe {self.name!r}: {e}") from None
         if self.algorithm != "rtn":
             for r in rules:
                 w = r.weight
@@ -438,13 +533,22 @@ class Recipe:
         }
         if self.options:  # rtn has no options: its JSON is unchanged
             d["options"] = dict(self.options)
+        if self.kv_cache is not None:  # likewise without a KV-cache spec
+            d["kv_cache"] = self.kv_cache.to_dict()
         return d
+
+    def with_kv_cache(self, kv_cache: "KVCacheSpec | Mapping | str | None") -> "Recipe":
+        """This recipe with its KV cache stored as ``kv_cache`` (None: float), named e.g. ``w4g128-kv8``."""
+        spec = KVCacheSpec.parse(kv_cache)
+        base = self.name[: -len(self.kv_cache.suffix())] if self.kv_cache and self.name.endswith(
+            self.kv_cache.suffix()) else self.name
+        return dataclasses.replace(self, name=base + (spec.suffix() if spec else ""), kv_cache=spec)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Recipe":
         if not isinstance(d, Mapping):
             raise InvalidConfig(f"a recipe must be a JSON object, got {type(d).__name__}")
-        allowed = {"name", "description", "algorithm", "exclude", "rules", "options"}
+        allowed = {"name", "description", "algorithm", "exclude", "rules", "options", "kv_cache"}
         unknown = sorted(set(d) - allowed)
         if unknown:
             raise InvalidConfig(f"unknown recipe field(s) {unknown}; allowed: {sorted(allowed)}")
@@ -528,6 +632,10 @@ def get_preset(name: str) -> Recipe:
         return PRESETS[name]
     if name in CALIBRATED_PRESETS:
         return CALIBRATED_PRESETS[name]
+    for spec in KV_CACHE_PRESETS.values():  # any preset plus a KV-cache suffix: w4g128-kv8, w8-kv4g32 ...
+        base = name[: -len(spec.suffix())]
+        if name.endswith(spec.suffix()) and (base in PRESETS or base in CALIBRATED_PRESETS):
+            return get_preset(base).with_kv_cache(spec)
     available = ", ".join([*PRESETS, *CALIBRATED_PRESETS])
     raise UnknownPreset(f"unknown recipe preset {name!r}; available: {available}")
 

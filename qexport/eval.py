@@ -5,6 +5,12 @@ with the model's tokenizer without special tokens, take the first ``tokens`` tok
 them into non-overlapping windows of ``window`` tokens (default 512; a shorter last window is kept), run
 each window independently, and report ``exp(mean NLL)`` over all predicted tokens (``window - 1`` per
 window).
+
+With a quantized KV cache (``kv_cache=``, :mod:`qexport.kvcache`) each window runs as one prefill into a fresh
+:class:`~qexport.kvcache.QuantizedKVCache`: every token attends to the quantized keys and values of the
+earlier tokens of its window and of itself. Tokens are quantized one by one, so this is exactly what
+token-by-token decoding computes (``tests/test_kvcache.py`` checks it); KV-cache numbers use long windows
+(2048) so that most tokens see a long quantized past.
 """
 
 from __future__ import annotations
@@ -45,8 +51,14 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, tokens: int = DEFAULT_TOKENS, window: int = DEFAULT_WINDOW,
-               progress: bool = False, desc: str = "perplexity") -> PerplexityResult:
-    """Perplexity of ``model`` on ``text`` with the protocol described in the module docstring."""
+               progress: bool = False, desc: str = "perplexity", kv_cache=None) -> PerplexityResult:
+    """Perplexity of ``model`` on ``text`` with the protocol described in the module docstring.
+
+    ``kv_cache``: a :class:`~qexport.config.KVCacheSpec` or its name (``'int8'``, ``'int4'``): run each window
+    through a quantized KV cache (a Hugging Face model only; an ONNX export quantizes its cache itself)."""
+    from qexport.config import KVCacheSpec
+
+    kv_spec = KVCacheSpec.parse(kv_cache)
     if not isinstance(tokens, int) or tokens < 2:
         raise InvalidConfig(f"tokens must be an integer >= 2, got {tokens!r}")
     if not isinstance(window, int) or window < 2:
@@ -70,7 +82,12 @@ def perplexity(model, tokenizer, text: str, tokens: int = DEFAULT_TOKENS, window
     predicted = 0
     for chunk in iterator:
         inp = chunk.unsqueeze(0).to(device)
-        logits = model(input_ids=inp, use_cache=False).logits
+        if kv_spec is None:
+            logits = model(input_ids=inp, use_cache=False).logits
+        else:
+            from qexport.kvcache import QuantizedKVCache
+
+            logits = model(input_ids=inp, past_key_values=QuantizedKVCache(kv_spec), use_cache=True).logits
         nll = F.cross_entropy(logits[0, :-1].float(), inp[0, 1:], reduction="sum")
         total_nll += float(nll)
         predicted += chunk.numel() - 1
