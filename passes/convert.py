@@ -2,6 +2,7 @@
 
 * weight-only linear / matmul -> ``qexport.qlinear(x, packed weight constants ...)``
 * dynamic W8A8 -> ``qexport.quantize_per_token(x)`` then ``qexport.qlinear_a8``
+* LLM.int8() (an activation spec with ``outlier_threshold``) -> ``qexport.qlinear_llm_int8``
 * static W8A8 -> ``qexport.quantize_per_tensor(x, calibrated scale)`` then ``qexport.qlinear_a8``;
   the observer inserted by ``prepare`` is removed
 * conv -> the same conv on ``qexport.dequantize_weight(...)`` (weights stored packed)
@@ -100,6 +101,10 @@ def convert(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
 
 def _convert_w8a8(gm, g, x, ann, qdata, scale, bias, wargs, prefix, result):
     a = ann.act_spec
+    if a.outlier_threshold is not None:
+        y = g.call_function(Q.qlinear_llm_int8.default, (x, qdata, scale, bias, a.outlier_threshold))
+        result.count("llm_int8")
+        return g.call_method("type_as", (y, x))
     if a.dynamic:
         quant = Q.quantize_per_token if a.granularity is Granularity.PER_TOKEN else Q.quantize_per_tensor_dynamic
         t = g.call_function(quant.default, (x,))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -186,6 +187,12 @@ class QuantSpec:
         percentile: the percentile kept by the percentile observer, in (50, 100].
         double_quant: NF4 only: store the per-group scales as int8 in blocks of ``double_quant_block``.
         dynamic: for activations: scales computed at run time rather than calibrated.
+        outlier_threshold: activations only (int8, per-token, dynamic): LLM.int8()'s mixed decomposition
+            (Dettmers et al. 2022). At run time every input feature column in which some ``|x| >=
+            outlier_threshold`` is an outlier column: its product with the weight is computed in float (the
+            dequantized int8 weight columns), the other columns as int8 x int8 with per-token scales, and
+            the two are summed (:mod:`qexport.llm_int8`). ``6.0`` is the paper's and bitsandbytes' default;
+            ``inf`` gives plain per-token W8A8. None (the default): no decomposition.
     """
 
     bits: int = 8
@@ -198,6 +205,7 @@ class QuantSpec:
     double_quant: bool = False
     double_quant_block: int = 256
     dynamic: bool = False
+    outlier_threshold: float | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -238,6 +246,17 @@ class QuantSpec:
             raise InvalidConfig("dynamic activation scales use the 'minmax' observer")
         if self.granularity is Granularity.PER_TOKEN and not self.dynamic:
             raise InvalidConfig("granularity 'per_token' is for activations with dynamic=true")
+        if self.outlier_threshold is not None:
+            t = self.outlier_threshold
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t <= 0:
+                raise InvalidConfig(f"outlier_threshold must be a number > 0 (6.0 in LLM.int8(); inf turns the "
+                                    f"decomposition off) or null, got {t!r}")
+            if not (self.dynamic and self.granularity is Granularity.PER_TOKEN and self.bits == 8
+                    and self.format is NumberFormat.INT and self.symmetric):
+                raise InvalidConfig(
+                    "outlier_threshold (LLM.int8() decomposition) needs an int8 symmetric per-token dynamic "
+                    f"activation spec (bits=8, granularity='per_token', dynamic=true), got {self.describe()}")
+            set_("outlier_threshold", float(t))
 
     # ---- helpers -------------------------------------------------------------------------------
     @property
@@ -266,12 +285,16 @@ class QuantSpec:
             parts.append(self.observer.value)
         if self.dynamic:
             parts.append("dynamic")
+        if self.outlier_threshold is not None:
+            parts.append(f"llm.int8 outliers>={self.outlier_threshold:g}")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name == "outlier_threshold" and v is None:
+                continue  # only LLM.int8() activation specs have one: every other spec's JSON is unchanged
             out[f.name] = v.value if isinstance(v, Enum) else v
         return out
 
@@ -321,6 +344,8 @@ class Rule:
                 raise InvalidConfig(f"rule {self.pattern!r}: {name} must be a QuantSpec or null, got {v!r}")
         if self.weight is not None and self.weight.dynamic:
             raise InvalidConfig(f"rule {self.pattern!r}: dynamic=true is for activations, not weights")
+        if self.weight is not None and self.weight.outlier_threshold is not None:
+            raise InvalidConfig(f"rule {self.pattern!r}: outlier_threshold is for activations, not weights")
         a = self.activation
         if a is not None:
             if a.format is not NumberFormat.INT or a.bits != 8:
@@ -577,6 +602,9 @@ class Recipe:
         return cls.from_dict(data)
 
 
+LLM_INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold (the paper's and bitsandbytes' default)
+
+
 def _single(name: str, spec: QuantSpec, description: str) -> Recipe:
     return Recipe(name=name, rules=(Rule("*", spec),), description=description)
 
@@ -600,6 +628,11 @@ PRESETS: dict[str, Recipe] = {
                 "int2 weights, groups of 64, asymmetric, range chosen by MSE search"),
         Recipe(name="w8a8-dynamic", description="int8 per-channel weights, int8 per-token dynamic activations",
                rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_token", dynamic=True)),)),
+        Recipe(name="w8a8-llmint8",
+               description="LLM.int8(): int8 per-channel weights; input columns with an |x| >= 6 in float, "
+                           "the rest int8 per-token dynamic",
+               rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_token", dynamic=True,
+                                                             outlier_threshold=LLM_INT8_THRESHOLD)),)),
         Recipe(name="w8a8-static", description="int8 per-channel weights, int8 per-tensor calibrated activations",
                rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_tensor")),)),
     )

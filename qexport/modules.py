@@ -108,6 +108,8 @@ class QLinear(nn.Module):
         a = self.act_spec
         if a is None:
             return self._weight_only(x)
+        if a.outlier_threshold is not None:  # LLM.int8()
+            return ops.qlinear_llm_int8(x, self.qdata, self.scale, self.bias, a.outlier_threshold).to(x.dtype)
         if a.dynamic:
             quant = ops.quantize_per_token if a.granularity is Granularity.PER_TOKEN else ops.quantize_per_tensor_dynamic
             xq, xs = quant(x)

@@ -16,6 +16,9 @@ Ops
     ``dequantize_activation(xq, scale, zero_point) -> x``: float from int8 codes (per-token or per-tensor).
     ``qlinear_a8(xq, x_scale, x_zero_point, wq, w_scale, bias) -> y``: int8 x int8 -> int32 matmul, then
         ``(acc - x_zp * sum_k wq) * x_scale * w_scale + bias``.
+    ``qlinear_llm_int8(x, wq, w_scale, bias, threshold) -> y``: LLM.int8(): the input columns with some
+        ``|x| >= threshold`` times the dequantized weight in float, the others as per-token W8A8, summed
+        (:mod:`qexport.llm_int8`).
 
 ``qlinear`` and ``qlinear_a8`` run what :mod:`qexport.kernels.dispatch` picks, on every device: the Triton
 kernels for CUDA inputs when ``triton`` is installed, the reference otherwise (``QEXPORT_KERNEL`` forces one).
@@ -39,6 +42,7 @@ __all__ = [
     "quantize_per_tensor",
     "dequantize_activation",
     "qlinear_a8",
+    "qlinear_llm_int8",
     "double_dequantize",
 ]
 
@@ -122,6 +126,20 @@ def qlinear_a8(xq: Tensor, x_scale: Tensor, x_zero_point: int, wq: Tensor, w_sca
 @qlinear_a8.register_fake
 def _(xq, x_scale, x_zero_point, wq, w_scale, bias):
     return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("qexport::qlinear_llm_int8", mutates_args=())
+def qlinear_llm_int8(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor], threshold: float) -> Tensor:
+    """LLM.int8() linear, float32 result. One op rather than its parts: the outlier columns, found at run
+    time, decide the shapes inside it, which a traced graph cannot express as static ops."""
+    from qexport.llm_int8 import reference_linear
+
+    return reference_linear(x, wq, w_scale, bias, threshold)
+
+
+@qlinear_llm_int8.register_fake
+def _(x, wq, w_scale, bias, threshold):
+    return x.new_empty((*x.shape[:-1], wq.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("qexport::double_dequantize", mutates_args=())

@@ -32,7 +32,7 @@ PRESET_NAMES = list(PRESETS)
 # ------------------------------------------------------------------------------------------------
 def test_preset_names():
     assert set(PRESET_NAMES) == {"w8", "w4g128", "w4g128-sym", "w4g64", "nf4-dq", "w2g64", "w2g64-mse",
-                                 "w8a8-dynamic", "w8a8-static"}
+                                 "w8a8-dynamic", "w8a8-llmint8", "w8a8-static"}
     for name, recipe in PRESETS.items():
         assert recipe.name == name
         assert get_preset(name) is recipe

@@ -153,6 +153,10 @@ def check_tensorrt_modules(model: nn.Module) -> None:
         check_tensorrt_weight(name, spec.format.value, spec.bits, spec.symmetric, mod.group, mod.in_features,
                               per_tensor)
         act = mod.act_spec
+        if act is not None and act.outlier_threshold is not None:
+            raise UnsupportedOp(f"{name}: LLM.int8() quantizes activations at run time (outlier columns and "
+                                "per-token scales), which has no TensorRT QDQ form; use a static recipe "
+                                "(w8a8-static) or a weight-only one (w8, w4g128-sym)")
         if act is not None and act.dynamic:
             raise UnsupportedOp(f"{name}: dynamic activation quantization has no TensorRT QDQ form; use a static "
                                 "recipe (w8a8-static) or a weight-only one (w8, w4g128-sym)")

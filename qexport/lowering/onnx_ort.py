@@ -33,6 +33,7 @@ import torch
 import torch.fx as fx
 
 from qexport.errors import UnsupportedOp
+from qexport.lowering.llm_int8 import OP_TYPE as LLM_INT8_OP, SCHEMA as LLM_INT8_SCHEMA, lower_llm_int8
 from qexport.passes.fuse_rmsnorm import fuse_rmsnorm
 from qexport.passes.fuse_rotate_half import fuse_rotate_half
 from qexport.passes.static_sizes import static_sizes
@@ -90,6 +91,9 @@ def _translations():
     def rotate_half(x):
         return qx.RotateHalf(x)
 
+    def qlinear_llm_int8(x, wq, w_scale, bias, threshold: float):
+        return qx.QLinearLLMInt8(x, wq, w_scale, bias, threshold=threshold)
+
     return {
         Q.qlinear.default: qlinear,
         Q.dequantize_weight.default: dequantize_weight,
@@ -99,6 +103,7 @@ def _translations():
         Q.qlinear_a8.default: qlinear_a8,
         Q.rms_norm.default: rms_norm,
         Q.rotate_half.default: rotate_half,
+        Q.qlinear_llm_int8.default: qlinear_llm_int8,
     }
 
 
@@ -113,6 +118,7 @@ _SCHEMAS = {  # op -> (inputs as (name, type, optional), attributes as (name, ty
                    ("bias", "T", True)], [("x_zero_point", "INT")]),
     "RMSNorm": ([("x", "T", False), ("weight", "T", False)], [("epsilon", "FLOAT")]),
     "RotateHalf": ([("x", "T", False)], []),
+    LLM_INT8_OP: LLM_INT8_SCHEMA,
 }
 
 
@@ -145,10 +151,12 @@ class LoweringReport:
     matmulnbits: int = 0
     matmulinteger: int = 0
     rms_norm: int = 0
+    llm_int8: int = 0  # LLM.int8() linears: MatMulInteger for the regular columns + float MatMul for outliers
     float_fallback: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
 
     def to_dict(self) -> dict[str, Any]:
         return {"matmulnbits": self.matmulnbits, "matmulinteger": self.matmulinteger, "rms_norm": self.rms_norm,
+                "llm_int8": self.llm_int8,
                 "float_fallback": [{"node": n, "reason": r} for n, r in self.float_fallback]}
 
 
@@ -264,6 +272,11 @@ def _rewrite(model, report: LoweringReport, accuracy_level: int | None = None):
             if bias:
                 new_nodes.append(helper.make_node("Add", [out, bias], [node.output[0]]))
             report.matmulinteger += 1
+        elif node.op_type == LLM_INT8_OP:  # two matmuls: int8 regular columns, float outlier columns
+            nodes, decomposed = lower_llm_int8(name, name, ins, node.output[0], a["threshold"], value, add_init,
+                                               report.float_fallback)
+            new_nodes.extend(nodes)
+            report.llm_int8 += decomposed
         elif node.op_type == "RMSNorm":  # ORT's kernel, registered in the ONNX domain
             new_nodes.append(helper.make_node("SimplifiedLayerNormalization", ins[:2], [node.output[0]],
                                               name=f"{name}_SimplifiedLayerNormalization", axis=-1,

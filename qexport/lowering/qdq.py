@@ -27,6 +27,10 @@ themselves:
   ``MatMulInteger`` with the int8 weight, ``Cast``, times ``x_scale * w_scale``; ONNX Runtime fuses that
   into ``MatMulIntegerToFloat``. (ONNX's ``DynamicQuantizeLinear`` is per-tensor asymmetric uint8: a different
   quantizer than the recipe's, so it is not used; a TensorRT-target graph never has dynamic activations.)
+* LLM.int8() (``QLinearLLMInt8``), ONNX Runtime target: the outlier columns from ``ReduceMax(Abs(x))`` over
+  the tokens, ``Where`` to zero them, per-token int8 quantization, ``MatMulInteger`` + scales for the rest,
+  and a float ``MatMul`` of the gathered outlier columns with the same int8 weight's rows dequantized; the
+  two are added (:mod:`qexport.lowering.llm_int8`). TensorRT target: refused, like dynamic W8A8.
 * TensorRT needs positive scales: symmetric weight groups with a negative scale are negated
   (:func:`positive_scales`).
 * everything without a QDQ form (NF4, double-quantized scales, conv weights; for TensorRT also asymmetric
@@ -325,6 +329,21 @@ def lower_qdq(model, target: str = "ort", float_weights: dict[str, torch.Tensor]
                     new_nodes.append(helper.make_node("Add", [out, bias], [node.output[0]], name=f"{name}_bias"))
                 how = "QuantizeLinear (static scale)" if static else "in-graph symmetric scale (dynamic)"
                 report.layers[layer] = f"int8 activation, {how} x int8 weight -> MatMulInteger"
+            report.weight_bits.add(8)
+        elif node.op_type == "QLinearLLMInt8":
+            from qexport.lowering.llm_int8 import lower_llm_int8
+
+            layer = _module_name(ins[1])
+            if target == "tensorrt":
+                raise UnsupportedOp(f"{layer}: LLM.int8() quantizes activations at run time (outlier columns and "
+                                    "per-token scales), which has no TensorRT QDQ form; use a static recipe "
+                                    "(w8a8-static) or a weight-only one (w8, w4g128-sym)")
+            nodes, decomposed = lower_llm_int8(name, layer, ins, node.output[0], a["threshold"], value, add_array,
+                                               report.float_fallback)
+            new_nodes.extend(nodes)
+            report.layers[layer] = ("LLM.int8(): outlier columns (|x| >= {:g}) float MatMul + the rest int8 "
+                                    "per-token x int8 weight -> MatMulInteger".format(a["threshold"])
+                                    if decomposed else "float MatMul (LLM.int8() decomposition not lowered)")
             report.weight_bits.add(8)
         else:
             raise UnsupportedOp(f"no ONNX QDQ lowering for qexport op {node.op_type}")
