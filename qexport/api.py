@@ -31,6 +31,7 @@ class LayerReport:
 class QuantizationReport:
     recipe: dict[str, Any]
     layers: list[LayerReport] = field(default_factory=list)
+    rotation: dict[str, Any] | None = None  # what the recipe's rotation did (RotationReport.to_dict())
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -41,7 +42,10 @@ class QuantizationReport:
         return [layer for layer in self.layers if layer.status == "float"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "layers": [asdict(layer) for layer in self.layers]}
+        d = {"recipe": self.recipe, "layers": [asdict(layer) for layer in self.layers]}
+        if self.rotation is not None:
+            d["rotation"] = self.rotation
+        return d
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -62,6 +66,9 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", calibration
     Args:
         model: any ``nn.Module``.
         recipe: a :class:`~qexport.config.Recipe`, a preset name (``"w4g128"``) or a path to a JSON recipe.
+            With the option ``rotate`` (``'hadamard'`` / ``'random'``) a Llama model is first rotated in
+            place (:func:`qexport.algorithms.rotate.rotate_model`): same float outputs, weights easier to
+            quantize, one extra MatMul before each down_proj.
         calibration: for the algorithms that need data (``'gptq'``, ``'awq'``): token ids ``[N, L]`` or a
             list of 1-D token tensors (from a text: ``qexport.algorithms.calibration_tokens``); for a model
             that takes float inputs, a float tensor ``[N, ...]``. Not used by ``'rtn'`` (static activation
@@ -73,6 +80,10 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", calibration
     recipe = load_recipe(recipe)
     batches = _algorithm_batches(recipe, calibration)
     report = QuantizationReport(recipe=recipe.to_dict())
+    if recipe.rotation != "none":  # before anything is quantized: the rotated weights are the ones to quantize
+        from qexport.algorithms.rotate import rotate_model
+
+        report.rotation = rotate_model(model, recipe.rotation, recipe.options["rotate_seed"]).to_dict()
 
     candidates = []
     for name, mod in model.named_modules():

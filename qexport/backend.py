@@ -71,6 +71,10 @@ class BackendOptions:
                 f"recipe {recipe.name!r} uses algorithm {recipe.algorithm!r}, which needs calibration data before "
                 "compiling: run qexport.quantize(model, recipe, calibration=...) first (the compile back-end "
                 "applies round-to-nearest recipes)")
+        if recipe.rotation != "none":
+            raise InvalidConfig(
+                f"recipe {recipe.name!r} rotates the model ({recipe.rotation!r}), which the compile back-end cannot "
+                "do on a captured graph: run qexport.quantize(model, recipe) first, then compile the quantized model")
         mode = options.get("mode")
         if mode is not None and mode not in MODES:
             raise InvalidConfig(f"mode={mode!r} is not valid; allowed: None, {', '.join(repr(m) for m in MODES)}")

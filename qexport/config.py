@@ -77,16 +77,21 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class _Option:
-    """One algorithm option: its default, its type (bool, int or float) and its allowed interval."""
+    """One algorithm option: its default, its type (bool, int, float or str) and its allowed values."""
 
     default: Any
     kind: type
     lo: float | None = None  # inclusive bounds; None: unbounded
     hi: float | None = None
     doc: str = ""
+    choices: tuple[str, ...] = ()  # the allowed values of a str option
 
     def check(self, where: str, value: Any) -> Any:
         """``value`` validated (ints accepted for floats); ``where`` names the option in error messages."""
+        if self.kind is str:
+            if value not in self.choices:
+                raise InvalidConfig(f"{where} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
+            return value
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise InvalidConfig(f"{where} must be true or false, got {value!r}")
@@ -105,8 +110,17 @@ class _Option:
 
 # Options of each algorithm, with their defaults; a Recipe stores all of them, filled in, so that its JSON
 # records exactly how a model was made. The algorithms themselves live in qexport.algorithms.
+# Rotation before quantizing (qexport.algorithms.rotate), for round-to-nearest and GPTQ. AWQ does not take
+# it: its scales are folded between up_proj and down_proj, which the online rotation separates.
+ROTATE_OPTIONS: dict[str, _Option] = {
+    "rotate": _Option("none", str, choices=("none", "hadamard", "random"),
+                      doc="rotate a Llama model by orthogonal matrices folded into its weights before quantizing "
+                          "('hadamard': randomized Hadamard where the size allows, else random orthogonal)"),
+    "rotate_seed": _Option(0, int, 0, None, "seed of the rotation's random signs / matrices"),
+}
+
 ALGORITHM_OPTIONS: dict[str, dict[str, _Option]] = {
-    "rtn": {},
+    "rtn": {**ROTATE_OPTIONS},
     "gptq": {
         "percdamp": _Option(0.01, float, 0.0, 1.0, "damping added to the Hessian diagonal, as a fraction of its mean"),
         "act_order": _Option(True, bool, doc="quantize columns by decreasing Hessian diagonal (group ranges "
@@ -116,6 +130,7 @@ ALGORITHM_OPTIONS: dict[str, dict[str, _Option]] = {
         "block_size": _Option(128, int, 1, None, "columns per lazy-update block"),
         "true_sequential": _Option(True, bool, doc="within a decoder block, quantize the linears in the order they "
                                                    "run, each seeing the inputs of the already quantized ones"),
+        **ROTATE_OPTIONS,
     },
     "awq": {
         "n_grid": _Option(20, int, 1, 1000, "points of the alpha grid (alpha = i / n_grid, i = 0 .. n_grid-1)"),
@@ -535,6 +550,11 @@ class Recipe:
         return self.algorithm != "rtn"
 
     @property
+    def rotation(self) -> str:
+        """The rotation :func:`qexport.quantize` applies before quantizing: option ``rotate`` (default 'none')."""
+        return self.options.get("rotate", "none")
+
+    @property
     def needs_calibration(self) -> bool:
         """True when some rule quantizes activations with calibrated (static) scales."""
         return any(r.activation is not None and not r.activation.dynamic for r in self.rules)
@@ -556,8 +576,11 @@ class Recipe:
             "exclude": list(self.exclude),
             "rules": [r.to_dict() for r in self.rules],
         }
-        if self.options:  # rtn has no options: its JSON is unchanged
-            d["options"] = dict(self.options)
+        # rotation options at their defaults are left out: recipes without rotation are written as before
+        options = {k: v for k, v in self.options.items()
+                   if not (k in ROTATE_OPTIONS and v == ROTATE_OPTIONS[k].default)}
+        if options:
+            d["options"] = options
         if self.kv_cache is not None:  # likewise without a KV-cache spec
             d["kv_cache"] = self.kv_cache.to_dict()
         return d
@@ -653,6 +676,11 @@ CALIBRATED_PRESETS: dict[str, Recipe] = {
         Recipe(name="w4g64-gptq", algorithm="gptq", rules=(Rule("*", QuantSpec(group_size=64, **_GPTQ_SPEC)),),
                description="int4 weights, groups of 64, asymmetric, GPTQ with act-order and MSE group ranges "
                            "(needs calibration data)"),
+        Recipe(name="w2g64-gptq-hadamard", algorithm="gptq", options={"rotate": "hadamard"},
+               rules=(Rule("*", QuantSpec(bits=2, group_size=64, symmetric=False, observer="mse")),),
+               description="int2 weights, groups of 64, asymmetric, GPTQ after a randomized Hadamard rotation "
+                           "folded into the weights (Llama models; one online rotation before each down_proj; "
+                           "needs calibration data)"),
         Recipe(name="w4g128-awq", algorithm="awq",
                rules=(Rule("*", QuantSpec(bits=4, group_size=128, symmetric=False)),),
                description="int4 weights, groups of 128, asymmetric, AWQ scales and clipping (needs calibration data)"),
