@@ -666,6 +666,7 @@ PRESETS: dict[str, Recipe] = {
 # apart from PRESETS, which holds the presets that quantize a model on their own (the CLI, the compile
 # back-end and the tests apply every one of those without data); get_preset and load_recipe know both.
 _GPTQ_SPEC = dict(bits=4, symmetric=False, observer="mse")  # GPTQ's group ranges: MSE search (README)
+_GPTQ2_SPEC = dict(_GPTQ_SPEC, bits=2)
 
 CALIBRATED_PRESETS: dict[str, Recipe] = {
     r.name: r
@@ -676,11 +677,20 @@ CALIBRATED_PRESETS: dict[str, Recipe] = {
         Recipe(name="w4g64-gptq", algorithm="gptq", rules=(Rule("*", QuantSpec(group_size=64, **_GPTQ_SPEC)),),
                description="int4 weights, groups of 64, asymmetric, GPTQ with act-order and MSE group ranges "
                            "(needs calibration data)"),
+        Recipe(name="w2g64-gptq", algorithm="gptq", rules=(Rule("*", QuantSpec(group_size=64, **_GPTQ2_SPEC)),),
+               description="int2 weights, groups of 64, asymmetric, GPTQ with act-order and MSE group ranges, no "
+                           "rotation (needs calibration data)"),
         Recipe(name="w2g64-gptq-hadamard", algorithm="gptq", options={"rotate": "hadamard"},
-               rules=(Rule("*", QuantSpec(bits=2, group_size=64, symmetric=False, observer="mse")),),
+               rules=(Rule("*", QuantSpec(group_size=64, **_GPTQ2_SPEC)),),
                description="int2 weights, groups of 64, asymmetric, GPTQ after a randomized Hadamard rotation "
                            "folded into the weights (Llama models; one online rotation before each down_proj; "
                            "needs calibration data)"),
+        Recipe(name="w2g64-gptq-hadamard-attn4", algorithm="gptq", options={"rotate": "hadamard"},
+               rules=(Rule("*.self_attn.*", QuantSpec(group_size=64, **_GPTQ_SPEC)),
+                      Rule("*", QuantSpec(group_size=64, **_GPTQ2_SPEC))),
+               description="int4 attention / int2 MLP weights (2.5 bits per weight on Llama-style blocks whose MLP "
+                           "holds 3/4 of the weights), groups of 64, asymmetric, GPTQ after a randomized Hadamard "
+                           "rotation (Llama models; needs calibration data)"),
         Recipe(name="w4g128-awq", algorithm="awq",
                rules=(Rule("*", QuantSpec(bits=4, group_size=128, symmetric=False)),),
                description="int4 weights, groups of 128, asymmetric, AWQ scales and clipping (needs calibration data)"),
