@@ -4,6 +4,7 @@ Importing qexport is light: it loads torch, but never transformers, onnx, triton
 initialises CUDA.
 """
 
+from qexport.algorithms.allocate import allocate, plan_allocation
 from qexport.api import QuantizationReport, SizeReport, calibrate, model_size, quantize
 from qexport.config import PRESETS, QuantSpec, Recipe, Rule, get_preset, load_recipe
 from qexport.errors import (
@@ -33,6 +34,8 @@ def export_onnx(model, out, recipe=None, tokenizer=None, **options):
 __all__ = [
     "quantize",
     "calibrate",
+    "allocate",
+    "plan_allocation",
     "export_onnx",
     "model_size",
     "QuantizationReport",
