@@ -22,19 +22,20 @@ qexport's int8 weight grid maps each row's extreme to -128 (all 256 codes) where
 ``absmax / 127``; both are row-wise absmax, symmetric.
 
 The canonical op is ``qexport::qlinear_llm_int8`` (:mod:`qexport.ops`); this module holds its reference
-implementation and :func:`outlier_columns`, a measurement of how many columns are outliers in a model.
+implementation and :func:`counting_outliers` / :func:`outlier_columns`, a measurement of how many columns are outliers in a model.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["outlier_mask", "reference_linear", "OutlierStats", "outlier_columns"]
+__all__ = ["outlier_mask", "reference_linear", "OutlierStats", "counting_outliers", "outlier_columns"]
 
 
 def outlier_mask(x: Tensor, threshold: float) -> Tensor:
@@ -92,40 +93,45 @@ class OutlierStats:
                            for n in self.calls}}
 
 
-@torch.no_grad()
-def outlier_columns(model: nn.Module, batches: Iterable, thresholds: Sequence[float] = (6.0,),
-                    exclude: Sequence[str] = ("lm_head",)) -> OutlierStats:
-    """Run ``batches`` (token id tensors ``[B, L]``, each one forward call) through ``model`` and count, for
-    every linear layer (``nn.Linear`` or :class:`~qexport.modules.QLinear`) whose name does not contain an
-    ``exclude`` string, the input columns that LLM.int8() would treat as outliers at each threshold.
+@contextlib.contextmanager
+def counting_outliers(model: nn.Module, thresholds: Sequence[float] = (6.0,),
+                      exclude: Sequence[str] = ("lm_head",)) -> Iterator[OutlierStats]:
+    """While active, count in the returned :class:`OutlierStats` the input columns that LLM.int8() treats as
+    outliers at each threshold, for every linear layer (``nn.Linear`` or :class:`~qexport.modules.QLinear`)
+    of ``model`` whose name contains no ``exclude`` string; each forward call of a layer is one count.
 
-    Works on a float model as well as a quantized one (the hooks only read the inputs), so it tells, before
-    quantizing, how much of a model the float path would take at a given threshold.
+    The hooks only read the inputs, so this works on a float model as well as a quantized one: it tells,
+    before quantizing, how much of a model the float path would take at a given threshold, and it can wrap
+    another measurement (a perplexity run) instead of needing its own pass over the data.
     """
     from qexport.modules import QLinear
 
-    thresholds = tuple(float(t) for t in thresholds)
-    stats = OutlierStats(thresholds)
-    handles = []
+    stats = OutlierStats(tuple(float(t) for t in thresholds))
 
     def hook(name: str):
         def record(module, args):
             x = args[0]
             colmax = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0)
-            for t in thresholds:
+            for t in stats.thresholds:
                 stats.counts[name][t] += int((colmax >= t).sum())
             stats.calls[name] += 1
             stats.in_features[name] = x.shape[-1]
         return record
 
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, QLinear)) and not any(e in name for e in exclude):
-            handles.append(mod.register_forward_pre_hook(hook(name)))
+    handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in model.named_modules()
+               if isinstance(mod, (nn.Linear, QLinear)) and not any(e in name for e in exclude)]
     try:
-        for batch in batches:
-            ids = batch if batch.dim() == 2 else batch.unsqueeze(0)
-            model(input_ids=ids, use_cache=False)
+        yield stats
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def outlier_columns(model: nn.Module, batches: Iterable[Tensor], thresholds: Sequence[float] = (6.0,),
+                    exclude: Sequence[str] = ("lm_head",)) -> OutlierStats:
+    """:func:`counting_outliers` over ``batches`` of token ids (``[B, L]`` or ``[L]``), one forward call each."""
+    with counting_outliers(model, thresholds, exclude) as stats:
+        for batch in batches:
+            model(input_ids=batch if batch.dim() == 2 else batch.unsqueeze(0), use_cache=False)
     return stats
