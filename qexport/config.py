@@ -198,6 +198,11 @@ class QuantSpec:
             magnitude in each group maps exactly to the most negative code (-8 for int4), as ONNX Runtime
             does, so the scale carries the sign of that element. Asymmetric grids store unsigned integers
             and an integer zero point per group. NF4 is always symmetric.
+        restricted_range: symmetric integer grids only: use the codes ``[-(2^(b-1)-1), 2^(b-1)-1]`` (one
+            fewer than the full range) with ``scale = absmax / (2^(b-1)-1)``, always > 0. This is the grid
+            TensorRT takes as it is (positive scales, zero point 0): the full-range grid's negative scales
+            must be negated for it, which saturates one code per such group. Costs a little precision
+            (int4: 15 codes instead of 16).
         observer: how the range of each group is chosen: ``'minmax'``, ``'percentile'`` or ``'mse'``.
         percentile: the percentile kept by the percentile observer, in (50, 100].
         double_quant: NF4 only: store the per-group scales as int8 in blocks of ``double_quant_block``.
@@ -221,6 +226,7 @@ class QuantSpec:
     double_quant_block: int = 256
     dynamic: bool = False
     outlier_threshold: float | None = None
+    restricted_range: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -229,7 +235,7 @@ class QuantSpec:
         if self.granularity is None:
             set_("granularity", Granularity.GROUP if self.group_size is not None else Granularity.PER_CHANNEL)
         set_("granularity", _enum(Granularity, self.granularity, "granularity"))
-        for name in ("symmetric", "double_quant", "dynamic"):
+        for name in ("symmetric", "double_quant", "dynamic", "restricted_range"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidConfig(f"{name} must be true or false, got {getattr(self, name)!r}")
 
@@ -255,6 +261,10 @@ class QuantSpec:
             raise InvalidConfig(f"percentile must be in (50, 100], got {self.percentile!r}")
         if self.double_quant and self.format is not NumberFormat.NF4:
             raise InvalidConfig("double_quant is only supported with format 'nf4'")
+        if self.restricted_range and (self.format is not NumberFormat.INT or not self.symmetric):
+            kind = "nf4" if self.format is NumberFormat.NF4 else "asymmetric"
+            raise InvalidConfig(f"restricted_range=true is for symmetric 'int' grids, not {kind} ones: set "
+                                "symmetric=true and format='int', or drop restricted_range")
         if not _is_int(self.double_quant_block) or self.double_quant_block <= 0:
             raise InvalidConfig(f"double_quant_block must be a positive integer, got {self.double_quant_block!r}")
         if self.dynamic and self.observer is not Observer.MINMAX:
@@ -276,6 +286,8 @@ class QuantSpec:
     # ---- helpers -------------------------------------------------------------------------------
     @property
     def qmin(self) -> int:
+        if self.restricted_range:
+            return -(2 ** (self.bits - 1) - 1)
         return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
     @property
@@ -294,6 +306,8 @@ class QuantSpec:
         parts = [fmt, gran]
         if self.format is NumberFormat.INT:
             parts.append("sym" if self.symmetric else "asym")
+            if self.restricted_range:
+                parts.append("restricted")
         if self.double_quant:
             parts.append("dq")
         if self.observer is not Observer.MINMAX:
@@ -641,6 +655,10 @@ PRESETS: dict[str, Recipe] = {
                 "int4 weights, groups of 128, asymmetric (uint4 + zero point)"),
         _single("w4g128-sym", QuantSpec(bits=4, group_size=128, symmetric=True),
                 "int4 weights, groups of 128, symmetric"),
+        _single("w8-trt", QuantSpec(bits=8, granularity="per_channel", symmetric=True, restricted_range=True),
+                "int8 weights, per-channel symmetric, restricted range [-127, 127]: TensorRT-ready (scales > 0)"),
+        _single("w4g128-trt", QuantSpec(bits=4, group_size=128, symmetric=True, restricted_range=True),
+                "int4 weights, groups of 128, symmetric, restricted range [-7, 7]: TensorRT-ready (scales > 0)"),
         _single("w4g64", QuantSpec(bits=4, group_size=64, symmetric=False),
                 "int4 weights, groups of 64, asymmetric"),
         _single("nf4-dq", QuantSpec(bits=4, format="nf4", group_size=64, double_quant=True),

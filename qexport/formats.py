@@ -14,6 +14,10 @@ Integer grids
     largest magnitude maps exactly to the most negative code, so ``scale = extreme / -2^(b-1)`` and the
     scale carries the opposite sign of that element (ONNX Runtime's blockwise rule; it uses all 2^b codes,
     where ``max|w| / (2^(b-1)-1)`` wastes one).
+    symmetric, restricted range (``QuantSpec.restricted_range``): signed codes in ``[-(2^(b-1)-1), 2^(b-1)-1]``
+    and ``scale = max|w| / (2^(b-1)-1)``, always > 0, so the grid is symmetric about 0 and the extreme maps to
+    ``+-(2^(b-1)-1)``. TensorRT's QDQ rules (positive scales, zero point 0) take it as it is; the full-range
+    grid's negative scales must be negated for TensorRT, which pushes the code ``-2^(b-1)`` out of range.
     asymmetric: unsigned codes in ``[0, 2^b-1]`` and an integer zero point per group, range widened to
     include 0 so that 0 is exact. ``w ~= (q - zero_point) * scale``.
     A group whose range is 0 (all zeros) gets scale 1, so nothing divides by zero.
@@ -27,8 +31,11 @@ Packing (bit-exact, reversible), along the last dimension of each row, little en
 
 NF4 (QLoRA)
     16 code values, quantiles of N(0, 1) scaled to [-1, 1] with an exact 0; each group is scaled by its
-    absmax and every element takes the nearest code. Double quantization stores the per-group absmax
-    scales as int8 in blocks of 256 after subtracting their mean: ``scale ~= q * s2[block] + offset``.
+    absmax and every element takes the nearest code. ``NF4_CODE`` holds the float32 values QLoRA published
+    (bitsandbytes' table, also ONNX Runtime's ``MatMulBnb4`` table) bit for bit, so that a runtime that uses
+    that table dequantizes exactly as this reference does; :func:`nf4_code` derives them (to within 1e-6).
+    Double quantization stores the per-group absmax scales as int8 in blocks of 256 after subtracting their
+    mean: ``scale ~= q * s2[block] + offset``.
 """
 
 from __future__ import annotations
@@ -79,7 +86,15 @@ def nf4_code() -> torch.Tensor:
     return values.sort().values.to(torch.float32)
 
 
-NF4_CODE = nf4_code()
+# The table as published with QLoRA, as float32. nf4_code() agrees to within 2e-7 (a few float32 units in the last
+# place: the published values were rounded through a different path); the published bits are used so that
+# bitsandbytes / ONNX Runtime MatMulBnb4 dequantize qexport's NF4 weights bit-exactly.
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+], dtype=torch.float32)
 NF4_ZERO_INDEX = 7  # NF4_CODE[7] == 0.0
 
 
@@ -131,7 +146,8 @@ def _percentile(x: torch.Tensor, pct: float) -> tuple[torch.Tensor, torch.Tensor
     return x.kthvalue(k_lo, dim=-1).values, x.kthvalue(k_hi, dim=-1).values
 
 
-def _mse(x: torch.Tensor, bits: int, symmetric: bool, fmt: NumberFormat) -> tuple[torch.Tensor, torch.Tensor]:
+def _mse(x: torch.Tensor, bits: int, symmetric: bool, fmt: NumberFormat, restricted: bool = False
+         ) -> tuple[torch.Tensor, torch.Tensor]:
     lo0, hi0 = _minmax(x)
     best_err = torch.full(lo0.shape, float("inf"), dtype=torch.float32)
     best_lo, best_hi = lo0.clone(), hi0.clone()
@@ -140,9 +156,9 @@ def _mse(x: torch.Tensor, bits: int, symmetric: bool, fmt: NumberFormat) -> tupl
         if fmt is NumberFormat.NF4:
             xq = _nf4_roundtrip(x, torch.maximum(lo.abs(), hi.abs()))
         else:
-            scale, zp = qparams_from_range(lo, hi, bits, symmetric)
+            scale, zp = qparams_from_range(lo, hi, bits, symmetric, restricted)
             xq = dequantize_codes(quantize_codes(x, scale[..., None], None if zp is None else zp[..., None],
-                                                 bits, symmetric), scale[..., None],
+                                                 bits, symmetric, restricted), scale[..., None],
                                   None if zp is None else zp[..., None])
         err = (xq - x).abs().pow(MSE_NORM).sum(dim=-1)
         better = err < best_err
@@ -158,18 +174,24 @@ def observe_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
         return _minmax(x)
     if spec.observer is Observer.PERCENTILE:
         return _percentile(x, float(spec.percentile))
-    return _mse(x, spec.bits, spec.symmetric, spec.format)
+    return _mse(x, spec.bits, spec.symmetric, spec.format, spec.restricted_range)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Integer grids
 # ----------------------------------------------------------------------------------------------------
-def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, restricted: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (and integer zero point, asymmetric only) for ranges ``[lo, hi]``; see the module docstring."""
+    """Scale (and integer zero point, asymmetric only) for ranges ``[lo, hi]``; see the module docstring.
+
+    ``restricted`` (symmetric only): the restricted-range grid, ``scale = max(|lo|, |hi|) / (2^(b-1)-1) > 0``.
+    """
     lo = lo.to(torch.float32).clamp(max=0.0)
     hi = hi.to(torch.float32).clamp(min=0.0)
     one = torch.ones((), dtype=torch.float32)
+    if symmetric and restricted:
+        scale = torch.maximum(lo.abs(), hi.abs()) / float(2 ** (bits - 1) - 1)
+        return torch.where(scale == 0, one, scale), None
     if symmetric:
         extreme = torch.where(hi.abs() > lo.abs(), hi, lo)
         scale = extreme / float(-(2 ** (bits - 1)))
@@ -183,9 +205,12 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric:
 
 
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int,
-                   symmetric: bool) -> torch.Tensor:
-    """Integer codes (as float) ``clamp(round(x / scale) + zero_point)``; round half to even, like ONNX."""
+                   symmetric: bool, restricted: bool = False) -> torch.Tensor:
+    """Integer codes (as float) ``clamp(round(x / scale) + zero_point)``; round half to even, like ONNX.
+    ``restricted`` (symmetric only) clamps to ``[-(2^(b-1)-1), 2^(b-1)-1]``."""
     q = torch.round(x / scale)
+    if symmetric and restricted:
+        return q.clamp(-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
     if symmetric:
         return q.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     return (q + zero_point).clamp(0, 2**bits - 1)
@@ -426,9 +451,9 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Q
         codes = nf4_indices(w, expand_groups(scale_used, g, k))
         return QuantizedWeight(spec, (n, k), g, pack(codes, 4), None if dq else scale, None, dq)
 
-    scale, zp = qparams_from_range(lo, hi, spec.bits, spec.symmetric)
+    scale, zp = qparams_from_range(lo, hi, spec.bits, spec.symmetric, spec.restricted_range)
     codes = quantize_codes(w, expand_groups(scale, g, k), None if zp is None else expand_groups(zp, g, k),
-                           spec.bits, spec.symmetric)
+                           spec.bits, spec.symmetric, spec.restricted_range)
     codes = codes.to(torch.int16)
     stored_zp = None if zp is None else _store(zp.to(torch.int16), spec.bits, signed=False)
     return QuantizedWeight(spec, (n, k), g, _store(codes, spec.bits, spec.symmetric), scale, stored_zp)

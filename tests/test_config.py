@@ -32,7 +32,7 @@ PRESET_NAMES = list(PRESETS)
 # ------------------------------------------------------------------------------------------------
 def test_preset_names():
     assert set(PRESET_NAMES) == {"w8", "w4g128", "w4g128-sym", "w4g64", "nf4-dq", "w2g64", "w2g64-mse",
-                                 "w8a8-dynamic", "w8a8-llmint8", "w8a8-static"}
+                                 "w8a8-dynamic", "w8a8-llmint8", "w8a8-static", "w8-trt", "w4g128-trt"}
     for name, recipe in PRESETS.items():
         assert recipe.name == name
         assert get_preset(name) is recipe
@@ -92,6 +92,8 @@ def test_to_json_refuses_to_overwrite(tmp_path):
         ("w8", "int8 per-channel sym"),
         ("w4g128", "int4 g128 asym"),
         ("w4g128-sym", "int4 g128 sym"),
+        ("w4g128-trt", "int4 g128 sym restricted"),
+        ("w8-trt", "int8 per-channel sym restricted"),
         ("w4g64", "int4 g64 asym"),
         ("nf4-dq", "nf4 g64 dq"),
         ("w2g64", "int2 g64 asym"),

@@ -144,7 +144,8 @@ def test_nf4_code_book_equals_published_qlora_table():
     ref = torch.tensor(QLORA_NF4, dtype=torch.float32)
     assert NF4_CODE.shape == (16,)
     assert NF4_CODE.dtype == torch.float32
-    assert torch.allclose(NF4_CODE, ref, rtol=0, atol=1e-6)
+    # bit for bit: ONNX Runtime's MatMulBnb4 (and bitsandbytes) dequantize with these float32 values
+    assert torch.equal(NF4_CODE, ref)
     assert torch.allclose(nf4_code(), ref, rtol=0, atol=1e-6)
     # exact anchors: -1, 0 (index 7) and +1
     assert NF4_CODE[0].item() == -1.0 and NF4_CODE[7].item() == 0.0 and NF4_CODE[15].item() == 1.0
@@ -295,6 +296,73 @@ def test_symmetric_extreme_maps_exactly_to_most_negative_code(bits, gran, g):
         assert d[i] == x[i], "the largest-magnitude element must come back exactly"
         assert q[i] == -(2 ** (bits - 1))
         assert q.min() >= -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1) - 1
+
+
+def ref_restricted(w: np.ndarray, bits: int, g: int) -> tuple[np.ndarray, np.ndarray]:
+    """Restricted-range symmetric grid, one group at a time: scale = max|x| / qmax, codes in [-qmax, qmax]."""
+    qmax = 2 ** (bits - 1) - 1
+    n, k = w.shape
+    bounds = group_bounds(k, g)
+    scales = np.zeros((n, len(bounds)), np.float32)
+    codes = np.zeros((n, k), np.float32)
+    for r in range(n):
+        for j, (a, b) in enumerate(bounds):
+            x = w[r, a:b]
+            scale = np.float32(np.float32(np.abs(x).max()) / np.float32(qmax))
+            scale = np.float32(1.0) if scale == 0 else scale
+            scales[r, j] = scale
+            codes[r, a:b] = np.clip(np.round(x / scale), -qmax, qmax)
+    return scales, codes
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("gran,g", [("per_channel", None), ("group", 16), ("group", 64)], ids=["channel", "g16", "g64"])
+def test_restricted_range_matches_reference(bits, gran, g):
+    rng = np.random.default_rng(200 + bits)
+    n, k = 6, 50
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w[0, :] = np.abs(w[0, :])  # all-positive row: the extreme is positive (full range would give scale < 0)
+    w[1, :] = 0.0  # all-zero row: scale 1
+    spec = QuantSpec(bits=bits, restricted_range=True, **({"group_size": g} if g else {"granularity": gran}))
+    qw = quantize_weight(torch.from_numpy(w), spec)
+    s_ref, q_ref = ref_restricted(w, bits, g or k)
+    np.testing.assert_array_equal(qw.scales().numpy(), s_ref)
+    np.testing.assert_array_equal(qw.codes().numpy(), q_ref)
+    qmax = 2 ** (bits - 1) - 1
+    codes = qw.codes().numpy()
+    assert (qw.scales() > 0).all() and codes.min() >= -qmax and codes.max() <= qmax
+    assert (spec.qmin, spec.qmax) == (-qmax, qmax)
+    # every group's largest-magnitude element maps to +-qmax and comes back to within float32 rounding
+    # ((x / qmax) * qmax is not always x: qmax is not a power of two)
+    gg = g or k
+    deq = qw.dequantize().numpy()
+    for r in (0, 2, 3):
+        for a, b in group_bounds(k, gg):
+            i = a + int(np.argmax(np.abs(w[r, a:b])))
+            assert abs(codes[r, i]) == qmax and abs(deq[r, i] - w[r, i]) <= 2.4e-7 * abs(w[r, i])
+    # the error bound of an unclipped grid: |scale| / 2 (float32 rounding aside)
+    s_el = per_element(qw.scales().numpy(), k, gg)
+    assert np.all(np.abs(w - deq) <= s_el / 2 * (1 + 1e-5) + 1e-6 * np.abs(w))
+    # the stored form is the usual signed one: the algorithms' path builds the same weight
+    from qexport.algorithms.common import fake_quantize_fast
+
+    assert torch.equal(fake_quantize_fast(torch.from_numpy(w), spec), qw.dequantize())
+
+
+def test_restricted_range_spec_validation_and_roundtrip():
+    from qexport.errors import InvalidConfig
+
+    spec = QuantSpec(bits=4, group_size=128, restricted_range=True)
+    assert spec.describe() == "int4 g128 sym restricted"
+    d = spec.to_dict()
+    assert d["restricted_range"] is True and QuantSpec.from_dict(d) == spec
+    assert QuantSpec.from_dict({k: v for k, v in d.items() if k != "restricted_range"}).restricted_range is False
+    with pytest.raises(InvalidConfig, match="restricted_range.*asymmetric"):
+        QuantSpec(bits=4, group_size=128, symmetric=False, restricted_range=True)
+    with pytest.raises(InvalidConfig, match="restricted_range.*nf4"):
+        QuantSpec(bits=4, format="nf4", restricted_range=True)
+    with pytest.raises(InvalidConfig, match="restricted_range must be true or false"):
+        QuantSpec(bits=8, restricted_range="yes")
 
 
 def test_symmetric_opposite_extreme_is_clipped_to_qmax():

@@ -369,7 +369,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, clip_grid: in
     best_f = torch.ones(lo.shape)
     for i in range(int(round(max_shrink * clip_grid)) + 1):
         f = 1.0 - i / clip_grid
-        scale, zero = qparams_from_range(lo * f, hi * f, spec.bits, spec.symmetric)
+        scale, zero = qparams_from_range(lo * f, hi * f, spec.bits, spec.symmetric, spec.restricted_range)
         _, deq = quantize_with_qparams(w, spec, scale, zero)
         d = w - deq
         err = torch.stack([((d[:, j * g : (j + 1) * g] @ gram) * d[:, j * g : (j + 1) * g]).sum(1)
@@ -377,7 +377,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, clip_grid: in
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_f = torch.where(better, torch.full_like(best_f, f), best_f)
-    return qparams_from_range(lo * best_f, hi * best_f, spec.bits, spec.symmetric)
+    return qparams_from_range(lo * best_f, hi * best_f, spec.bits, spec.symmetric, spec.restricted_range)
 
 
 # ----------------------------------------------------------------------------------------------------

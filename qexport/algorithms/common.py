@@ -108,7 +108,7 @@ def quantize_with_qparams(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor,
     """Codes (float, integral) and dequantized values of ``w`` for given per-group ``scale`` / ``zero_point``."""
     s = _expand(scale, spec, tuple(w.shape))
     z = _expand(zero_point, spec, tuple(w.shape))
-    codes = quantize_codes(w, s, z, spec.bits, spec.symmetric)
+    codes = quantize_codes(w, s, z, spec.bits, spec.symmetric, spec.restricted_range)
     return codes, dequantize_codes(codes, s, z)
 
 
@@ -147,7 +147,7 @@ def build_quantized_weight(spec: QuantSpec, codes: torch.Tensor, scale: torch.Te
 
 def fake_quantize_fast(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``quantize_weight(w, spec).dequantize()`` without packing (float32 ``[N, K]`` in and out)."""
-    scale, zero = qparams_from_range(*group_ranges(w, spec), spec.bits, spec.symmetric)
+    scale, zero = qparams_from_range(*group_ranges(w, spec), spec.bits, spec.symmetric, spec.restricted_range)
     return quantize_with_qparams(w, spec, scale, zero)[1]
 
 

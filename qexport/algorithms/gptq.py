@@ -146,7 +146,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     num_groups = 1 if per_tensor else math.ceil(k / g)
     static = act_order or static_groups or per_tensor
     if static:
-        scale, zero = qparams_from_range(*group_ranges(w, spec), spec.bits, spec.symmetric)
+        scale, zero = qparams_from_range(*group_ranges(w, spec), spec.bits, spec.symmetric, spec.restricted_range)
     else:
         scale = torch.ones(n, num_groups, dtype=torch.float32)
         zero = None if spec.symmetric else torch.zeros(n, num_groups, dtype=torch.float32)
@@ -177,7 +177,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
                     beyond = w[:, i2:c_end] - err1 @ hinv[i1:i2, i2:c_end]
                     cols = torch.cat([cols, beyond], 1)
                 lo, hi = observe_range(cols[:, None, :], spec)
-                s, z = qparams_from_range(lo[:, 0], hi[:, 0], spec.bits, spec.symmetric)
+                s, z = qparams_from_range(lo[:, 0], hi[:, 0], spec.bits, spec.symmetric, spec.restricted_range)
                 scale[:, c // g] = s
                 if zero is not None:
                     zero[:, c // g] = z
@@ -185,7 +185,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
             s = scale[:, j] if scale.shape[0] == n else scale[0, j].expand(n)
             z = None if zero is None else (zero[:, j] if zero.shape[0] == n else zero[0, j].expand(n))
             col = w1[:, i]
-            q = quantize_codes(col, s, z, spec.bits, spec.symmetric)
+            q = quantize_codes(col, s, z, spec.bits, spec.symmetric, spec.restricted_range)
             dq = dequantize_codes(q, s, z)
             codes[:, c] = q
             deq[:, c] = dq
