@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 INT_BITS = (2, 4, 8)
-ALGORITHMS = ("rtn", "gptq", "awq")  # algorithms usable in a Recipe; gptq and awq need calibration data
+ALGORITHMS = ("rtn", "gptq", "awq", "smoothquant")  # usable in a Recipe; all but rtn need calibration data
 
 
 class NumberFormat(str, Enum):
@@ -140,6 +140,10 @@ ALGORITHM_OPTIONS: dict[str, dict[str, _Option]] = {
         "max_shrink": _Option(0.5, float, 0.0, 0.95, "the smallest clip ratio tried is 1 - max_shrink"),
         "search_tokens": _Option(4096, int, 1, None, "calibration tokens (whole sequences) on which the scale and "
                                                      "clip searches measure output error"),
+    },
+    "smoothquant": {
+        "alpha": _Option(0.5, float, 0.0, 1.0, "migration strength: s_j = max|x_j|^alpha / max|w_j|^(1-alpha) "
+                                               "(0: no smoothing, 1: all of the activation range into the weights)"),
     },
 }
 
@@ -557,6 +561,11 @@ class Recipe:
                         f"recipe {self.name!r}: algorithm {self.algorithm!r} quantizes to integer grids, but rule "
                         f"{r.pattern!r} asks for {w.describe()}: use algorithm 'rtn' for NF4"
                     )
+        if self.algorithm == "smoothquant" and not any(r.activation is not None for r in rules):
+            raise InvalidConfig(
+                f"recipe {self.name!r}: algorithm 'smoothquant' moves activation outliers into int8 weights, but no "
+                "rule quantizes activations: give a rule an activation spec (as in 'w8a8-dynamic'), or use 'rtn'"
+            )
 
     @property
     def algorithm_needs_data(self) -> bool:
@@ -689,6 +698,14 @@ _GPTQ2_SPEC = dict(_GPTQ_SPEC, bits=2)
 CALIBRATED_PRESETS: dict[str, Recipe] = {
     r.name: r
     for r in (
+        Recipe(name="w8a8-dynamic-sq", algorithm="smoothquant",
+               rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_token", dynamic=True)),),
+               description="int8 per-channel weights, int8 per-token dynamic activations, SmoothQuant scales "
+                           "folded into the norms / v_proj / up_proj (needs calibration data)"),
+        Recipe(name="w8a8-static-sq", algorithm="smoothquant",
+               rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_tensor")),),
+               description="int8 per-channel weights, int8 per-tensor calibrated activations, SmoothQuant scales "
+                           "folded into the norms / v_proj / up_proj (needs calibration data)"),
         Recipe(name="w4g128-gptq", algorithm="gptq", rules=(Rule("*", QuantSpec(group_size=128, **_GPTQ_SPEC)),),
                description="int4 weights, groups of 128, asymmetric, GPTQ with act-order and MSE group ranges "
                            "(needs calibration data)"),

@@ -1,4 +1,4 @@
-"""Quantization algorithms that use calibration data: GPTQ and AWQ.
+"""Quantization algorithms that use calibration data: GPTQ, AWQ and SmoothQuant.
 
 Each algorithm is a function ``fn(model, tasks, batches, options, progress) -> {name: QuantizedWeight |
 QExportError}``: ``tasks`` are the linears the recipe quantizes (:class:`~qexport.algorithms.common.LayerTask`),
@@ -34,7 +34,13 @@ def _awq(*args, **kwargs):
     return quantize_model_awq(*args, **kwargs)
 
 
-ALGORITHMS: dict[str, Callable] = {"gptq": _gptq, "awq": _awq}
+def _smoothquant(*args, **kwargs):
+    from qexport.algorithms.smoothquant import quantize_model_smoothquant
+
+    return quantize_model_smoothquant(*args, **kwargs)
+
+
+ALGORITHMS: dict[str, Callable] = {"gptq": _gptq, "awq": _awq, "smoothquant": _smoothquant}
 
 
 def get_algorithm(name: str) -> Callable:

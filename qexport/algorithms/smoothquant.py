@@ -1,0 +1,203 @@
+"""SmoothQuant (Xiao et al., 2023): move activation outliers into the weights before W8A8 quantization.
+
+The inputs of an LLM's linears have a few channels whose magnitude is tens to hundreds of times the rest,
+on every token. An int8 activation grid (one scale per token, or one per tensor) is sized by those
+channels, so the others keep only a few codes. The weights have no such outliers. For the linears that
+share one input x, dividing channel j of x by ``s_j`` and multiplying input column j of their weights by
+``s_j`` leaves the float function unchanged, and with
+
+    s_j = max|x_j| ** alpha / max|w_j| ** (1 - alpha)
+
+(maxima over the calibration tokens, and over the output rows of all the linears that read x) the
+difficulty is shared between the two: ``alpha = 0.5`` equalises the scaled channel maxima of x and w.
+Channels where either maximum is 0 keep ``s_j = 1``.
+
+The inverse scale is folded into the operation that produces x, exactly as AWQ folds its own scales (the
+groups and the fold are :func:`qexport.algorithms.awq.llama_scale_groups` and
+:func:`qexport.algorithms.awq.fold_scales`): the RMSNorm weight before q/k/v_proj and before
+gate/up_proj, the output rows of v_proj before o_proj (the scale is then shared by the query heads that
+read one kv head, so the statistic of a kv channel is the maximum over those heads), and the output rows
+of up_proj before down_proj (whose input, ``silu(gate) * up``, holds the largest outliers of a Llama
+block). No multiply is inserted: the model keeps its structure, so the compile back-end and the ONNX
+lowering see ordinary linears. The statistics come from one float pass over the calibration batches
+(each fold only rescales the input of its own group, so the folds do not affect each other's
+statistics); the float model's logits are then checked on one batch, and when the folds changed them
+beyond float rounding every fold is undone, with a warning. The weights are then rounded to nearest in
+the recipe's format; activations are quantized as the recipe's rules say (per token at run time, or per
+tensor with scales calibrated afterwards by :func:`qexport.calibrate`).
+
+SmoothQuant needs the Llama block layout (as AWQ does); layers to quantize outside the decoder blocks are
+rounded to nearest without smoothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from qexport.algorithms.awq import ScaleGroup, _is_llama_block, fold_scales, llama_scale_groups
+from qexport.algorithms.common import LayerTask, _call_model, find_blocks, finite_tasks, set_weight, split_by_block
+from qexport.errors import QExportError, UnsupportedOp
+from qexport.formats import QuantizedWeight, quantize_weight
+
+__all__ = ["smooth_scales", "smooth_model", "quantize_model_smoothquant", "SMOOTH_RTOL"]
+
+log = logging.getLogger(__name__)
+
+SMOOTH_RTOL = 1e-4  # the folds may change the float logits by this much (relative norm): float rounding
+MIN_SCALE = 1e-5  # smallest scale kept (a channel that is almost 0 in x but not in w)
+
+
+def smooth_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``s_j = x_j ** alpha / w_j ** (1 - alpha)`` per channel (float32); 1 where ``x_j`` or ``w_j`` is 0.
+
+    ``x_absmax``: max |activation| of each input channel over the calibration tokens; ``w_absmax``: max |weight|
+    of each input channel over the output rows of the linears that read it.
+    """
+    x = x_absmax.to(torch.float32)
+    w = w_absmax.to(torch.float32)
+    s = x.pow(alpha) / w.pow(1.0 - alpha)
+    dead = (x <= 0) | (w <= 0) | ~torch.isfinite(s)
+    return torch.where(dead, torch.ones_like(s), s.clamp_min(MIN_SCALE))
+
+
+def _per_prev_channel_max(group: ScaleGroup, per_input: torch.Tensor) -> torch.Tensor:
+    """A per-input-channel statistic reduced (max) to one value per channel of ``group.prev``.
+
+    The input channels that share a ``prev`` channel are found through ``group.tie`` itself, so this holds
+    for any tie (identity, grouped-query heads).
+    """
+    if group.tie is None:
+        return per_input
+    n_prev = group.prev.weight.shape[0]
+    index = group.tie(torch.arange(n_prev, dtype=torch.float32)).round().long()
+    out = torch.zeros(n_prev, dtype=per_input.dtype)
+    return out.scatter_reduce(0, index, per_input, reduce="amax", include_self=True)
+
+
+@torch.no_grad()
+def _input_absmax(model: nn.Module, linears: list[nn.Linear], batches: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """max |x| of each input channel of each linear in ``linears`` over all calibration batches."""
+    stats: dict[int, torch.Tensor] = {}
+
+    def hook(mod, args):
+        x = args[0].detach()
+        m = x.reshape(-1, x.shape[-1]).abs().amax(0).to(torch.float32).cpu()
+        prev = stats.get(id(mod))
+        stats[id(mod)] = m if prev is None else torch.maximum(prev, m)
+
+    hooks = [lin.register_forward_pre_hook(hook) for lin in linears]
+    try:
+        for b in batches:
+            _call_model(model, b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def _logits(out: Any) -> torch.Tensor:
+    t = getattr(out, "logits", None)
+    if t is None:
+        t = out[0] if isinstance(out, (tuple, list)) else out
+    return t.detach().to(torch.float32)
+
+
+@torch.no_grad()
+def smooth_model(model: nn.Module, blocks: list[nn.Module], batches: list[torch.Tensor], alpha: float,
+                 linears: set[int] | None = None) -> dict[str, Any]:
+    """Fold SmoothQuant scales into every Llama block of ``blocks`` (in place); returns a summary.
+
+    Only the scale groups holding at least one linear whose ``id`` is in ``linears`` are smoothed (all
+    when None). The float model's output on ``batches[0]`` is checked before and after; when it moved
+    beyond float rounding (:data:`SMOOTH_RTOL`) all folds are undone and a warning says so.
+    """
+    plan: list[tuple[int, ScaleGroup]] = []
+    for i, block in enumerate(blocks):
+        groups, notes = llama_scale_groups(block)
+        for note in notes:
+            warnings.warn(f"qexport: smoothquant: block {i}: {note}", stacklevel=3)
+        plan += [(i, g) for g in groups if linears is None or any(id(lin) in linears for lin in g.linears)]
+    # Row folds first: they rescale output rows of v_proj / up_proj, which are also read by the norm-fed groups,
+    # so those groups' weight maxima are taken after them (the activation maxima do not depend on the order).
+    plan.sort(key=lambda t: t[1].prev_kind != "rows")
+    summary: dict[str, Any] = {"alpha": alpha, "groups": 0, "max_scale": 1.0, "min_scale": 1.0}
+    if not plan:
+        return summary
+    x_stats = _input_absmax(model, [g.linears[0] for _, g in plan], batches)
+    probe = batches[0][:1]
+    before = _logits(_call_model(model, probe))
+    touched = []
+    for _, g in plan:
+        touched += [g.prev.weight] + ([g.prev.bias] if getattr(g.prev, "bias", None) is not None else [])
+        touched += [lin.weight for lin in g.linears]
+    saved = [t.detach().clone() for t in touched]
+    scales = []
+    for i, g in plan:
+        x_max = x_stats.get(id(g.linears[0]))
+        if x_max is None:  # the group never ran on the calibration data
+            continue
+        w_max = torch.stack([lin.weight.detach().abs().amax(0).to(torch.float32).cpu() for lin in g.linears]).amax(0)
+        s = smooth_scales(_per_prev_channel_max(g, x_max), _per_prev_channel_max(g, w_max), alpha)
+        fold_scales(g, s.to(g.prev.weight.device))
+        scales.append(s)
+        log.debug("smoothquant block %d %s: scales in [%.3g, %.3g]", i, g.key, float(s.min()), float(s.max()))
+    after = _logits(_call_model(model, probe))
+    change = float((after - before).norm() / before.norm().clamp_min(1e-30))
+    if not change <= SMOOTH_RTOL:
+        for t, v in zip(touched, saved):
+            t.copy_(v)
+        warnings.warn(f"qexport: smoothquant: the folded scales changed the float model's output by {change:.2g} "
+                      "(relative); left unsmoothed", stacklevel=3)
+        return summary
+    if scales:
+        flat = torch.cat(scales)
+        summary.update(groups=len(scales), max_scale=float(flat.max()), min_scale=float(flat.min()),
+                       relative_change=change)
+    return summary
+
+
+def _rtn(task: LayerTask, results: dict) -> None:
+    try:
+        qw = quantize_weight(task.module.weight, task.spec, name=task.name)
+    except QExportError as e:
+        results[task.name] = e
+        return
+    set_weight(task.module, qw.dequantize())
+    results[task.name] = qw
+
+
+@torch.no_grad()
+def quantize_model_smoothquant(model: nn.Module, tasks: list[LayerTask], batches: list[torch.Tensor],
+                               options: Mapping[str, Any], progress: bool = False
+                               ) -> dict[str, QuantizedWeight | QExportError]:
+    """SmoothQuant scales folded into the float model, then every task's weight rounded to nearest.
+
+    Returns name -> stored weight (or the error that keeps that layer float). Changes the float model on
+    the way: norm weights and the rows of v_proj / up_proj absorb the inverse scales.
+    """
+    results: dict[str, QuantizedWeight | QExportError] = {}
+    todo = finite_tasks(tasks, results)
+    if not todo:
+        return results
+    blocks = find_blocks(model, [t.name for t in todo], batches[0][:1])
+    if blocks is None or not all(_is_llama_block(b) for b in blocks.modules):
+        raise UnsupportedOp(
+            "algorithm 'smoothquant' needs Llama-style decoder blocks (self_attn.q/k/v/o_proj, "
+            "mlp.gate/up/down_proj, input_layernorm, post_attention_layernorm) in a list that the model runs in "
+            "order; use algorithm 'rtn' for this model"
+        )
+    by_block, rest = split_by_block(blocks, todo)
+    summary = smooth_model(model, [blocks.modules[i] for i in sorted(by_block)], batches, options["alpha"],
+                           {id(t.module) for t in todo})
+    log.info("smoothquant: %s", summary)
+    if rest:
+        warnings.warn(f"qexport: smoothquant: {len(rest)} layer(s) outside the decoder blocks ({rest[0].name}, ...) "
+                      "are rounded to nearest without smoothing", stacklevel=3)
+    for t in todo:
+        _rtn(t, results)
+    return results
