@@ -5,8 +5,9 @@
     python examples/auto_mixed_precision.py --model DIR --tokens 512
 
 Sensitivities (diagonal-Fisher estimate of each layer's loss increase in each format) are measured on
-windows of Sense and Sensibility; for each uniform preset (w2g64, w4g128, w4g64) the allocator gets the
-same byte budget for the linears, and one more budget of 3.0 bits per weight. Perplexity on Emma.
+windows of Sense and Sensibility; for each uniform preset in --targets (w2g64, w4g128, w4g64) the allocator
+gets the same byte budget for the linears, and for each number that many bits per weight (3.0).
+Perplexity on Emma.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from qexport.algorithms.allocate import Sensitivity, measure_sensitivity, plan_a
 from qexport.eval import perplexity
 from qexport.models import bundled_text, load_model, read_text
 
-UNIFORM = ("w2g64", "w4g128", "w4g64")
-EXTRA_BITS = (3.0,)
+TARGETS = "w2g64,3.0,w4g128,w4g64"  # a preset: the same bytes as that uniform recipe; a number: bits per weight
 
 
 def main() -> None:
@@ -34,6 +34,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--sensitivities", help="JSON file: read if it exists, else written after measuring")
     ap.add_argument("--fp32-ppl", type=float, help="skip the fp32 evaluation and use this perplexity")
+    ap.add_argument("--targets", default=TARGETS, help=f"comma-separated presets (same size) or bits per weight "
+                                                        f"(default {TARGETS})")
+    ap.add_argument("--auto-only", action="store_true", help="evaluate only the allocated recipes (the uniform "
+                                                             "presets' sizes are still measured)")
     ap.add_argument("--json", help="write the rows as JSON to this file")
     args = ap.parse_args()
 
@@ -64,24 +68,36 @@ def main() -> None:
             row["formats"] = plan.counts()
             row["predicted_loss_increase"] = plan.predicted_loss_increase
         rows.append(row)
-        print(f"  {name:<22} {row['bits_per_weight']:6.3f} bits/w  ppl {row['ppl']:.3f}", flush=True)
+        print(f"  {name:<22} {row['bits_per_weight']:6.3f} bits/w  ppl {row['ppl']:.3f}  {row.get('formats', '')}",
+              flush=True)
 
-    for preset in UNIFORM:
-        measure(preset, preset)
-        budget = rows[-1]["linear_bytes"]
-        plan = plan_allocation(model, target_bytes=budget, sensitivity=sens)
-        measure(f"auto @ {preset} size", plan.recipe, plan)
-    for bits in EXTRA_BITS:
-        plan = plan_allocation(model, bits_per_weight=bits, sensitivity=sens)
-        measure(f"auto @ {bits} bits/w", plan.recipe, plan)
+    for target in [t for t in args.targets.split(",") if t]:
+        try:
+            bits = float(target)
+        except ValueError:
+            bits = None
+        if bits is None:
+            if args.auto_only:
+                size = qexport.model_size(qexport.quantize(copy.deepcopy(model), target))
+                print(f"  {target:<22} {size.bits_per_weight:6.3f} bits/w  (not evaluated)", flush=True)
+                budget = size.quantized_bytes
+            else:
+                measure(target, target)
+                budget = rows[-1]["linear_bytes"]
+            plan = plan_allocation(model, target_bytes=budget, sensitivity=sens)
+            measure(f"auto @ {target} size", plan.recipe, plan)
+        else:
+            plan = plan_allocation(model, bits_per_weight=bits, sensitivity=sens)
+            measure(f"auto @ {bits} bits/w", plan.recipe, plan)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"model": args.model, "tokens": args.tokens, "rows": rows},
+                                                  indent=2))
 
     print(f"\n{'variant':<22} {'bits/w':>7} {'linears MB':>10} {'ppl':>9} {'x fp32':>7}  formats")
     for r in rows:
         mb = f"{r['linear_bytes'] / 1e6:.2f}" if r["linear_bytes"] else "-"
         formats = ", ".join(f"{k} x{v}" for k, v in r.get("formats", {}).items())
         print(f"{r['variant']:<22} {r['bits_per_weight']:7.3f} {mb:>10} {r['ppl']:9.3f} {r['ppl'] / fp:7.3f}  {formats}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "tokens": args.tokens, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -136,15 +136,19 @@ def test_allocation_bytes_equal_model_size_and_meet_the_target(sens):
 # ----------------------------------------------------------------------------------------------------
 # Sensitivity
 # ----------------------------------------------------------------------------------------------------
-def _sampled_model(scale_layer: str | None = None, factor: float = 8.0):
+PLANTED = "model.layers.1.mlp.down_proj"
+
+
+def _sampled_model():
     """The tiny model, made confident (lm_head x 8), with calibration sequences sampled from itself: on its own
     samples the float model is at a minimum of the expected loss, so quantizing a layer raises the loss
-    (on text an untrained model is not, and the change has a random sign)."""
+    (on text an untrained model is not, and the change has a random sign). Every 32nd hidden channel of the
+    last MLP is zero (its up_proj rows are), so large weights can be planted on them without changing the
+    float model."""
     model = tiny_llama()
     with torch.no_grad():
         model.lm_head.weight.mul_(8)
-        if scale_layer:
-            model.get_submodule(scale_layer).weight.mul_(factor)
+        model.model.layers[1].mlp.up_proj.weight[::32] = 0
         torch.manual_seed(0)
         calib = model.generate(torch.ones(2, 1, dtype=torch.long), do_sample=True, max_new_tokens=63,
                                min_new_tokens=63, pad_token_id=0)
@@ -152,31 +156,27 @@ def _sampled_model(scale_layer: str | None = None, factor: float = 8.0):
 
 
 @pytest.mark.parametrize("method", ["fisher", "loss"])
-def test_layer_with_planted_large_weights_is_the_most_sensitive_at_2_bits(method):
-    planted = "model.layers.1.mlp.down_proj"  # x 8: the last MLP's output dominates the residual stream
-    model, calib = _sampled_model(planted)
-    before = copy.deepcopy(model.state_dict())
-    others = ["model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
-              "model.layers.1.self_attn.v_proj", "model.layers.1.self_attn.o_proj"]
-    s = measure_sensitivity(model, calib, ["w8", "w2g64"], method=method, layers=[planted, *others])
-    w8 = {n: v[0] for n, v in zip(s.names, s.values)}
-    w2 = {n: v[1] for n, v in zip(s.names, s.values)}
-    assert all(w2[n] > 0 for n in w2)
-    assert w2[planted] > 1.5 * max(w2[n] for n in others)
-    assert w8[planted] < 0.1 * w2[planted]
+def test_planted_large_weights_make_a_layer_more_sensitive_at_2_bits(method):
+    base, calib = _sampled_model()
+    planted = copy.deepcopy(base)
+    with torch.no_grad():
+        w = planted.get_submodule(PLANTED).weight
+        w[:, ::32] = 30 * w.abs().max()  # on the zero channels: two per group of 64 stretch its 2-bit grid
+    before = copy.deepcopy(planted.state_dict())
+    layers = [PLANTED, "model.layers.0.self_attn.v_proj", "model.layers.0.mlp.down_proj",
+              "model.layers.1.self_attn.o_proj"]
+    w8, w2 = qexport.get_preset("w8").rules[0].weight, qexport.get_preset("w2g64").rules[0].weight
+    a = measure_sensitivity(base, calib, [w8, w2], method=method, layers=layers)
+    b = measure_sensitivity(planted, calib, [w8, w2], method=method, layers=layers)
+    assert b.base_loss == pytest.approx(a.base_loss, rel=1e-6)  # the float model is the same
+    assert a.value(PLANTED, w2) > 0
+    assert b.value(PLANTED, w2) > 2 * a.value(PLANTED, w2)
+    assert b.value(PLANTED, w8) < b.value(PLANTED, w2)
+    for name in layers[1:]:  # the other layers see the same model
+        for spec in (w8, w2):
+            assert b.value(name, spec) == pytest.approx(a.value(name, spec), rel=1e-3, abs=1e-6)
     # the model is left as it was
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-def test_fisher_estimate_agrees_with_the_measured_loss_increase():
-    model, calib = _sampled_model()
-    layers = ["model.layers.0.self_attn.v_proj", "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.o_proj",
-              "model.layers.1.mlp.down_proj"]
-    fisher = measure_sensitivity(model, calib, ["w2g64"], layers=layers)
-    loss = measure_sensitivity(model, calib, ["w2g64"], method="loss", layers=layers)
-    assert loss.base_loss == pytest.approx(fisher.base_loss, rel=1e-5)
-    for a, b in zip(fisher.values, loss.values):
-        assert 0.25 < a[0] / b[0] < 4  # a second-order estimate: the right size, not exact
+    assert all(torch.equal(before[k], v) for k, v in planted.state_dict().items())
 
 
 def test_sensitivity_is_deterministic_and_round_trips(calib, sens, tmp_path):
@@ -268,11 +268,13 @@ def test_cli_allocate_then_eval(tmp_path, capsys):
                  "--tokens", "512", "--json", str(tmp_path / "eval.json")]) == 0
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     assert evaluated["quantized_linear_bytes"] == plan["total_bytes"]
+    capsys.readouterr()
 
-    # errors: one line, status 2, before any work
+    # errors: one line, status 2, no traceback
     assert main([*common, "--target-bits", "1.0", "--out", str(tmp_path / "r1.json")]) == 2
     err = capsys.readouterr().err
-    assert "below the smallest size" in err and len(err.strip().splitlines()) == 1
+    assert err.strip().splitlines()[-1].startswith("qexport: error: target of") and "below the smallest size" in err
+    assert "Traceback" not in err and not (tmp_path / "r1.json").exists()
     assert main([*common, "--out", str(tmp_path / "r.json")]) == 2
     assert "exactly one of" in capsys.readouterr().err
     assert main([*common, "--target-bits", "3", "--out", str(tmp_path / "r3.json")]) == 2
