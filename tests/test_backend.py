@@ -213,8 +213,8 @@ def test_onnxruntime_target_matches_eager(preset):
     ort_graph = [g for g in B._LIVE if g.report is B.reports()[-1]][0].compiled
     assert len(ort_graph.sessions) == 1
     report = ort_graph.reports[-1]
-    if preset == "nf4-dq":  # ORT has no NF4 matmul: lowered to float, and said so
-        assert report.matmulnbits == 0 and len(report.float_fallback) == 14
+    if preset == "nf4-dq":  # ORT's MatMulBnb4 (bitsandbytes' NF4 kernel), g64 blocks on K = 64 and 160
+        assert report.matmulbnb4 == 14 and report.matmulnbits == 0 and not report.float_fallback
     elif preset == "w8a8-dynamic":
         assert report.matmulinteger == 14
     else:

@@ -41,7 +41,7 @@ MIXED = Recipe(name="mixed", rules=(
     Rule("*.k_proj", QuantSpec(bits=4, group_size=32)),                     # int4 blocked, symmetric
     Rule("*.v_proj", QuantSpec(bits=4, group_size=32, symmetric=False)),    # uint4 blocked + zero point
     Rule("*.o_proj", QuantSpec(bits=2, group_size=32, symmetric=False)),    # uint2 blocked (opset 25)
-    Rule("*.gate_proj", QuantSpec(bits=4, format="nf4", group_size=32, double_quant=True)),  # stays float
+    Rule("*.gate_proj", QuantSpec(bits=4, format="nf4", group_size=32, double_quant=True)),  # MatMulBnb4
     Rule("*.up_proj", W8, PER_TOKEN),                                       # W8A8 dynamic
     Rule("*.down_proj", W8, PER_TENSOR),                                    # W8A8 static
 ))
@@ -50,7 +50,7 @@ MIXED_TRT = Recipe(name="mixed-trt", rules=(
     Rule("*.up_proj", W8),
     Rule("*", QuantSpec(bits=4, group_size=32)),
 ))
-ORT_FUSED = {"MatMulNBits": 8, "MatMulIntegerToFloat": 2, "MatMulInteger": 2}  # per op type, 2 layers
+ORT_FUSED = {"MatMulNBits": 8, "MatMulIntegerToFloat": 2, "MatMulInteger": 2, "MatMulBnb4": 2}  # 2 layers
 
 
 def one_layer_llama():
@@ -110,8 +110,9 @@ def test_mixed_export_matches_torch_with_kv_cache(exported):
     rows = {layer["name"]: layer for layer in report["layers"]}
     assert rows["lm_head"]["status"] == "float" and rows["lm_head"]["reason"] == "excluded by recipe"
     gate = rows["model.layers.0.mlp.gate_proj"]
-    assert gate["status"] == "float" and "no ONNX QDQ form" in gate["reason"]
-    assert {f["layer"] for f in report["float_fallback"]} == {f"model.layers.{i}.mlp.gate_proj" for i in (0, 1)}
+    assert gate["status"] == "quantized" and gate["onnx"] == ("com.microsoft.MatMulBnb4 nf4 block 32 "
+                                                               "(double-quantized scales reconstructed)")
+    assert report["float_fallback"] == []
     assert rows["model.layers.1.self_attn.v_proj"]["onnx"] == "DequantizeLinear uint4 block 32 + zero point -> MatMul"
     assert rows["model.layers.0.self_attn.q_proj"]["onnx"] == "DequantizeLinear int8 per-channel -> MatMul"
     assert report["opset"] == 25 and report["ort_session_config"] == EXACT
@@ -124,9 +125,11 @@ def test_ort_fuses_qdq(exported, tmp_path):
 
 
 def test_qdq_graph_is_standard(exported):
-    """Per-channel int8 on axis 1, blocked int4 / uint4 / uint2 on axis 0; standard domain only."""
+    """Per-channel int8 on axis 1, blocked int4 / uint4 / uint2 on axis 0; standard domain only, except the
+    NF4 layers' com.microsoft.MatMulBnb4 (nf4_form='lookup' avoids it: test_nf4_export_forms)."""
     m = onnx.load(str(exported(MIXED) / "model.onnx"))
-    assert {o.domain for o in m.opset_import} == {""} and m.opset_import[0].version == 25
+    assert {o.domain for o in m.opset_import} == {"", "com.microsoft"} and m.opset_import[0].version == 25
+    assert Counter((n.domain, n.op_type) for n in m.graph.node if n.domain) == {("com.microsoft", "MatMulBnb4"): 2}
     onnx.checker.check_model(m, full_check=True)
     inits = {i.name: i for i in m.graph.initializer}
     T = onnx.TensorProto
@@ -220,6 +223,12 @@ def test_tensorrt_target_follows_the_rules(exported):
     assert res["top1_agreement"] >= 0.8 and res["max_rel"] < 0.2, res
     report = json.loads((folder / "export_report.json").read_text())
     assert report["opset"] == 21 and any("saturated" in n for n in report["notes"])
+    # the summary (also the export's warning) counts the saturated groups and points to the restricted presets
+    sat = report["tensorrt_saturation"]
+    assert 0 < sat["saturated_groups"] <= sat["negated"] < sat["groups"]
+    assert sat["saturated_codes"] >= sat["saturated_groups"]
+    assert report["notes"][0].startswith(f"TensorRT: {sat['negated']} of {sat['groups']}")
+    assert "w4g128-trt" in report["notes"][0]
     m = onnx.load(str(folder / "model.onnx"))
     ops = Counter(n.op_type for n in m.graph.node)
     assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1 + 7  # activation of down_proj, weights
@@ -227,13 +236,101 @@ def test_tensorrt_target_follows_the_rules(exported):
 
 
 @pytest.mark.parametrize("recipe,match", [
-    ("w4g128", "symmetric"), ("w8a8-dynamic", "dynamic activation"), ("w2g64", "2-bit"), ("nf4-dq", "nf4"),
+    ("w4g128", "symmetric"), ("w8a8-dynamic", "dynamic activation"), ("w2g64", "2-bit"),
     ("w4g128-sym", "blocked"),  # K = 64 < 128: one group per row is per-channel int4
 ])
 def test_tensorrt_target_refuses_what_tensorrt_cannot_run(tok, tmp_path, recipe, match):
     with pytest.raises(UnsupportedOp, match=match):
         export_onnx(tiny_llama(), tmp_path / "trt", recipe, tok, target="tensorrt", calibration=calibration())
     assert not (tmp_path / "trt").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# NF4 (MatMulBnb4 / lookup form / float for TensorRT) and TensorRT-ready restricted-range grids
+# ----------------------------------------------------------------------------------------------------
+# q_proj's groups of 24 fit no MatMulBnb4 block (16 .. 256 dividing 24 and K = 64): the lookup form there
+NF4_MIX = Recipe(name="nf4-mix", rules=(
+    Rule("*.q_proj", QuantSpec(bits=4, format="nf4", group_size=24)),
+    Rule("*", QuantSpec(bits=4, format="nf4", group_size=32, double_quant=True, double_quant_block=16)),
+))
+NF4_LOOKUP_NODES = {"Cast", "Gather", "Mul"}  # per lookup-form layer: Cast, Gather (codes), Gather (scales), Mul
+
+
+@pytest.mark.parametrize("nf4_form", ["auto", "lookup"])
+def test_nf4_export_forms(tok, tmp_path, nf4_form):
+    folder = export_onnx(one_layer_llama(), tmp_path / nf4_form, NF4_MIX, tok, nf4_form=nf4_form).path
+    res = verify(folder, reference=reference(NF4_MIX, layers=1), session_config=EXACT, decode_steps=2)
+    assert res["max_abs"] < 1e-4 and res["top1_agreement"] == 1.0, res  # same codes and scales in fp32
+    m = onnx.load(str(folder / "model.onnx"))
+    ops = Counter(n.op_type for n in m.graph.node)
+    lookup_gathers = sum(1 for n in m.graph.node if n.op_type == "Gather" and n.input[0].endswith(("_nf4_code", "_Ws")))
+    bnb4 = 6 if nf4_form == "auto" else 0
+    assert ops["MatMulBnb4"] == bnb4 and lookup_gathers == 2 * (7 - bnb4), ops
+    assert ops["DequantizeLinear"] == 0
+    rows = {r["name"]: r for r in json.loads((folder / "export_report.json").read_text())["layers"]}
+    assert rows["model.layers.0.self_attn.q_proj"]["onnx"].startswith("Gather nf4 code book")
+    assert rows["model.layers.0.mlp.up_proj"]["onnx"] == (
+        "com.microsoft.MatMulBnb4 nf4 block 32 (double-quantized scales reconstructed)" if bnb4 else
+        "Gather nf4 code book (UINT4 indices) * scale (double-quantized scales reconstructed) -> MatMul")
+    if nf4_form == "lookup":  # standard ONNX only, 4-bit indices in the file
+        assert {o.domain for o in m.opset_import} == {""}
+        onnx.checker.check_model(m, full_check=True)
+        assert sum(i.data_type == onnx.TensorProto.UINT4 for i in m.graph.initializer) == 7
+    # ONNX Runtime keeps MatMulBnb4 and constant-folds the lookup form into float weights
+    optimized = optimized_ops(folder, tmp_path)
+    assert optimized["MatMulBnb4"] == bnb4 and optimized["Gather"] == 1  # the embedding
+
+
+def test_nf4_under_tensorrt_stays_float_with_report(tok, tmp_path):
+    with pytest.warns(UserWarning, match="7 NF4 layer.*stay float in the TensorRT export"):
+        folder = export_onnx(one_layer_llama(), tmp_path / "trt", "nf4-dq", tok, target="tensorrt").path
+    assert lint_tensorrt(folder / "model.onnx") == []
+    report = json.loads((folder / "export_report.json").read_text())
+    assert len(report["float_fallback"]) == 7 and all("no TensorRT form" in f["reason"] for f in report["float_fallback"])
+    res = verify(folder, reference=reference("nf4-dq", layers=1), session_config=EXACT, decode_steps=2)
+    assert res["max_abs"] < 1e-4 and res["top1_agreement"] == 1.0, res  # the float weights are the NF4 values
+
+
+# Weight-only: with static int8 activations ONNX Runtime runs a TensorRT graph's QDQ MatMul with its u8s8
+# kernel, whose int16 pair sums saturate on CPUs without VNNI (qexport.lowering.qdq), so that is not a test
+# of the export's numerics.
+RESTRICTED_TRT = Recipe(name="restricted-trt", rules=(
+    Rule("*.mlp.*", QuantSpec(bits=8, restricted_range=True)),
+    Rule("*", QuantSpec(bits=4, group_size=32, restricted_range=True)),
+))
+
+
+def llama_256(seed: int = 3):
+    """One decoder layer with hidden size 256 and MLP 512, so that groups of 128 are blocked (w4g128-trt)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("recipe", ["w4g128-trt", RESTRICTED_TRT], ids=["w4g128-trt", "mixed"])
+def test_restricted_range_tensorrt_export_is_exact(tok, tmp_path, recipe, recwarn):
+    """Restricted-range grids have scales > 0: nothing is negated or saturated, and the TensorRT graph
+    computes exactly what the PyTorch model does (to fp32 summation order)."""
+    model = llama_256 if isinstance(recipe, str) else one_layer_llama
+    folder = export_onnx(model(), tmp_path / "trt", recipe, tok, target="tensorrt", calibration=calibration()).path
+    assert not [w for w in recwarn if "negated" in str(w.message)]
+    assert lint_tensorrt(folder / "model.onnx") == [] and main(["lint-trt", str(folder)]) == 0
+    ref = qexport.quantize(model(), recipe)
+    if qexport.load_recipe(recipe).needs_calibration:
+        qexport.calibrate(ref, calibration())
+    res = verify(folder, reference=ref, session_config=EXACT, decode_steps=2)
+    assert res["max_abs"] < 1e-4 and res["top1_agreement"] == 1.0, res
+    report = json.loads((folder / "export_report.json").read_text())
+    sat = report["tensorrt_saturation"]
+    assert sat["groups"] > 0 and sat["negated"] == sat["saturated_groups"] == sat["saturated_codes"] == 0
+    assert report["float_fallback"] == [] and not any("negated" in n for n in report["notes"])
+    m = onnx.load(str(folder / "model.onnx"))
+    assert quantized_types(m) == ({"INT4"} if recipe == "w4g128-trt" else {"INT4", "INT8"})
+    assert Counter(n.op_type for n in m.graph.node)["DequantizeLinear"] >= 7
 
 
 def _plant(folder, tmp_path, edit):

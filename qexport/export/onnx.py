@@ -165,7 +165,7 @@ def check_tensorrt_modules(model: nn.Module) -> None:
                                 "symmetric activation spec")
 
 
-def _export_proto(model: nn.Module, target: str):
+def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto"):
     """The lowered ``onnx.ModelProto`` of ``model`` with the KV-cache interface, and its QdqReport."""
     from torch.export import Dim
 
@@ -195,9 +195,10 @@ def _export_proto(model: nn.Module, target: str):
                                      output_names=output_names(layers))
         except Exception as e:  # the exporter raises many types; the first line names the failing op
             raise UnsupportedOp(f"torch.onnx.export failed on this model: {str(e).strip().splitlines()[0]}") from e
-    double_quantized = {name: mod.dequantized_weight().float() for name, mod in model.named_modules()
+    # double-quantized scales are computed in the exported graph: hand the lowering their float values
+    double_quantized = {name: mod.quantized_weight().scales() for name, mod in model.named_modules()
                         if isinstance(mod, QLinear) and mod._dq_block is not None}
-    proto, report = lower_qdq(prog.model_proto, target, double_quantized)
+    proto, report = lower_qdq(prog.model_proto, target, double_quantized, nf4_form)
     for node in proto.graph.node:  # the exporter's debug records (FX node, stack trace): 7% of a w4g128 file
         del node.metadata_props[:]
     return proto, report
@@ -256,7 +257,8 @@ def _replace_folder(tmp: Path, out: Path, force: bool) -> None:
 
 
 def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, target: str = "ort",
-                force: bool = False, calibration=None, external_data: bool | None = None) -> ExportResult:
+                force: bool = False, calibration=None, external_data: bool | None = None,
+                nf4_form: str = "auto") -> ExportResult:
     """Export a causal LM, quantized by ``recipe``, as an ONNX QDQ folder (see the module docstring).
 
     Args:
@@ -270,14 +272,20 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
             activations, int4 blocked; checked again by :func:`qexport.export.lint_tensorrt`).
         calibration: token batches ``[1, L]`` for static-activation recipes and GPTQ / AWQ.
         external_data: force (True) or forbid (False) ``model.onnx.data``; default: only past 1 GiB of weights.
+        nf4_form: NF4 layers for ``target='ort'``: ``'auto'`` (ONNX Runtime's ``MatMulBnb4`` where its block
+            layout fits, else the lookup form) or ``'lookup'`` (standard ONNX only: ``Gather`` of the code book
+            times the scale, then ``MatMul``, for runtimes without ``com.microsoft`` ops). TensorRT keeps NF4
+            float (report entry).
 
     Raises:
         OutputExists, UnsupportedOp (a layer or op the target cannot run), CalibrationError, ModelLoadError.
     """
-    from qexport.lowering.qdq import TARGETS, ort_session_config
+    from qexport.lowering.qdq import NF4_FORMS, TARGETS, ort_session_config
 
     if target not in TARGETS:
         raise InvalidConfig(f"target={target!r} is not valid; allowed: {', '.join(TARGETS)}")
+    if nf4_form not in NF4_FORMS:
+        raise InvalidConfig(f"nf4_form={nf4_form!r} is not valid; allowed: {', '.join(NF4_FORMS)}")
     out = Path(out).expanduser()
     if out.exists() and not force:
         raise OutputExists(f"{str(out)!r} already exists; pass force=True / --force to replace it")
@@ -287,7 +295,7 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
     qmodel, tokenizer, source = _prepare(model, recipe, tokenizer, calibration)
     if target == "tensorrt":
         check_tensorrt_modules(qmodel)
-    proto, qdq = _export_proto(qmodel, target)
+    proto, qdq = _export_proto(qmodel, target, nf4_form)
     if target == "tensorrt":
         from qexport.export.tensorrt import lint_tensorrt
 
@@ -325,6 +333,7 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
             "layers": _layer_table(qmodel, qdq),
             "float_fallback": qdq.to_dict()["float_fallback"],
             "notes": qdq.notes,
+            **({"tensorrt_saturation": qdq.to_dict()["tensorrt_saturation"]} if target == "tensorrt" else {}),
             "tied_embeddings": bool(getattr(qmodel.config, "tie_word_embeddings", False)),
             "not_linear": "embeddings and norms stay float32; a tied embedding / lm_head is written once",
             "export_s": round(time.perf_counter() - t0, 2),

@@ -7,10 +7,12 @@ Two steps:
    quantization becomes standard ONNX (per-token scales: ReduceMax / Div / Round / Clip / Cast; int8 x
    int8 products: ``MatMulInteger``).
 2. A rewrite of every ``qexport``-domain node into what ONNX Runtime runs fast: weight-only int8 / int4 /
-   int2 linears into ``com.microsoft.MatMulNBits`` (see :mod:`qexport.lowering.ort_matmul`); int8 weights of
-   W8A8 layers into ``[K, N]`` initializers for ``MatMulInteger``; anything without an ORT kernel (NF4,
-   group sizes that are not multiples of 16, conv weights) into a float initializer, recorded in the
-   report.
+   int2 linears into ``com.microsoft.MatMulNBits`` (see :mod:`qexport.lowering.ort_matmul`); NF4 linears
+   (double-quantized scales are folded to float by then) into ``com.microsoft.MatMulBnb4``, or, where its
+   block layout does not fit, the standard-ONNX lookup form (``Gather`` of the code book, times the
+   scale, ``MatMul``); int8 weights of W8A8 layers into ``[K, N]`` initializers for ``MatMulInteger``;
+   anything else without an ORT kernel (integer group sizes that are not multiples of 16, conv weights)
+   into a float initializer, recorded in the report.
 
 Before export, :class:`OrtGraph` rewrites its copy of the graph for this target (fewer, larger ONNX
 nodes: ORT pays a few microseconds per node, and a SmolLM2 decode step has ~2600 of them):
@@ -152,11 +154,14 @@ class LoweringReport:
     matmulinteger: int = 0
     rms_norm: int = 0
     llm_int8: int = 0  # LLM.int8() linears: MatMulInteger for the regular columns + float MatMul for outliers
+    matmulbnb4: int = 0  # NF4 linears as com.microsoft.MatMulBnb4
+    nf4_lookup: int = 0  # NF4 linears in the standard-ONNX lookup form (MatMulBnb4's blocks did not fit)
     float_fallback: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
 
     def to_dict(self) -> dict[str, Any]:
         return {"matmulnbits": self.matmulnbits, "matmulinteger": self.matmulinteger, "rms_norm": self.rms_norm,
                 "llm_int8": self.llm_int8,
+                "matmulbnb4": self.matmulbnb4, "nf4_lookup": self.nf4_lookup,
                 "float_fallback": [{"node": n, "reason": r} for n, r in self.float_fallback]}
 
 
@@ -202,7 +207,7 @@ def _rewrite(model, report: LoweringReport, accuracy_level: int | None = None):
     from onnx import helper, numpy_helper
 
     from qexport.formats import dequantize_stored
-    from qexport.lowering.ort_matmul import matmulnbits_tensors
+    from qexport.lowering.ort_matmul import BNB4_NF4, matmulbnb4_tensors, matmulnbits_tensors, nf4_lookup
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
@@ -229,7 +234,26 @@ def _rewrite(model, report: LoweringReport, accuracy_level: int | None = None):
         if node.op_type in ("QLinear", "DequantizeWeight"):
             fmt, bits, group, k, sym = _weight_format(a)
             qdata, scale, zp = value(ins[1]), value(ins[2]), value(ins[3])
-            if node.op_type == "QLinear":
+            if node.op_type == "QLinear" and fmt == "nf4":
+                out = node.output[0] if not ins[4] else f"{name}_mm"
+                n = qdata.shape[0]
+                try:
+                    b, absmax, bs = matmulbnb4_tensors(qdata, scale, group, k)
+                    new_nodes.append(helper.make_node(
+                        "MatMulBnb4", [ins[0], add_init(f"{name}_B", b), add_init(f"{name}_absmax", absmax)], [out],
+                        name=f"{name}_MatMulBnb4", domain=MS_DOMAIN, K=k, N=n, block_size=bs, quant_type=BNB4_NF4))
+                    report.matmulbnb4 += 1
+                except UnsupportedOp:  # block layout: the standard lookup form, same numerics
+                    nodes, tensors, w = nf4_lookup(name, qdata, scale, group, k, uint4=False)  # opset 18 graph
+                    for t in tensors:
+                        g.initializer.append(t)
+                        inits[t.name] = t
+                    new_nodes.extend(nodes)
+                    new_nodes.append(helper.make_node("MatMul", [ins[0], w], [out], name=f"{name}_MatMul"))
+                    report.nf4_lookup += 1
+                if ins[4]:
+                    new_nodes.append(helper.make_node("Add", [out, ins[4]], [node.output[0]], name=f"{name}_bias"))
+            elif node.op_type == "QLinear":
                 try:
                     b, s, z, bs = matmulnbits_tensors(qdata, scale, zp, fmt, bits, group, k, sym)
                     n = qdata.shape[0]

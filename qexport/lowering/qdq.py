@@ -31,11 +31,23 @@ themselves:
   the tokens, ``Where`` to zero them, per-token int8 quantization, ``MatMulInteger`` + scales for the rest,
   and a float ``MatMul`` of the gathered outlier columns with the same int8 weight's rows dequantized; the
   two are added (:mod:`qexport.lowering.llm_int8`). TensorRT target: refused, like dynamic W8A8.
-* TensorRT needs positive scales: symmetric weight groups with a negative scale are negated
-  (:func:`positive_scales`).
-* everything without a QDQ form (NF4, double-quantized scales, conv weights; for TensorRT also asymmetric
-  and 2-bit weights, which :func:`lower_qdq` refuses) stays float: its weight is dequantized once into a
-  float initializer and the layer is listed, with the reason, in the report.
+* NF4 weights (with or without double quantization: the scales are reconstructed to float at export, which
+  is exactly what the PyTorch path computes). ONNX Runtime target, ``nf4_form='auto'`` (default):
+  ``com.microsoft.MatMulBnb4``, ONNX Runtime's kernel for bitsandbytes' NF4, whose code book, nibble order
+  and block layout express qexport's NF4 bit for bit (:func:`qexport.lowering.ort_matmul.matmulbnb4_tensors`),
+  4 bits per weight in the session too; where its blocks do not fit (a group or K that no block size of
+  16 .. 256 divides) and with ``nf4_form='lookup'``: the standard lookup form, ``Gather`` of the 16-entry
+  code book by UINT4 indices, times the per-group scale, ``MatMul``
+  (:func:`qexport.lowering.ort_matmul.nf4_lookup`), for runtimes without ORT's contrib ops. TensorRT has
+  no code-book dequantization in its QDQ rules: NF4 layers stay float there, with a warning and a report
+  entry.
+* TensorRT needs positive scales. Restricted-range symmetric weights (``QuantSpec.restricted_range``,
+  presets ``w8-trt`` / ``w4g128-trt``) have them and are exported exactly. Full-range symmetric groups with
+  a negative scale are negated (:func:`positive_scales`), which saturates one code per such group: the
+  export warns and the report says how many groups and codes.
+* everything without a QDQ form (conv weights; for TensorRT also asymmetric and 2-bit weights, which
+  :func:`lower_qdq` refuses) stays float: its weight is dequantized once into a float initializer and the
+  layer is listed, with the reason, in the report.
 
 Numerics equal the reference of :mod:`qexport.formats` up to float rounding (a DequantizeLinear computes
 ``(q - zp) * scale`` exactly as :func:`qexport.formats.dequantize_stored`).
@@ -46,16 +58,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import warnings
+
 import numpy as np
 import torch
 
-from qexport.errors import UnsupportedOp
-from qexport.lowering.onnx_ort import DOMAIN, _node_parts, _translations, _weight_format
+from qexport.errors import InvalidConfig, UnsupportedOp
+from qexport.lowering.onnx_ort import DOMAIN, MS_DOMAIN, _node_parts, _translations, _weight_format
 
 __all__ = ["QdqReport", "translations", "lower_qdq", "ort_session_config", "check_tensorrt_weight", "positive_scales",
-           "TARGETS"]
+           "TARGETS", "NF4_FORMS"]
 
 TARGETS = ("ort", "tensorrt")
+NF4_FORMS = ("auto", "lookup")  # auto: MatMulBnb4 where its blocks fit, else lookup; lookup: standard ONNX only
+RESTRICTED_PRESETS = "w4g128-trt, w8-trt"
 BLOCKED_OPSET = 21  # blocked DequantizeLinear, INT4 / UINT4 initializers
 INT2_OPSET = 25  # INT2 / UINT2
 
@@ -71,10 +87,19 @@ class QdqReport:
     float_fallback: list[tuple[str, str]] = field(default_factory=list)
     weight_bits: set[int] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
+    negated_groups: int = 0  # TensorRT target: full-range symmetric groups whose scale was negated ...
+    saturated_groups: int = 0  # ... of which this many had a code pushed out of range (saturated)
+    saturated_codes: int = 0
+    total_groups: int = 0  # symmetric weight groups lowered for TensorRT
 
     def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "opset": self.opset, "layers": dict(self.layers),
-                "float_fallback": [{"layer": n, "reason": r} for n, r in self.float_fallback], "notes": self.notes}
+        d = {"target": self.target, "opset": self.opset, "layers": dict(self.layers),
+             "float_fallback": [{"layer": n, "reason": r} for n, r in self.float_fallback], "notes": self.notes}
+        if self.target == "tensorrt":
+            d["tensorrt_saturation"] = {"groups": self.total_groups, "negated": self.negated_groups,
+                                        "saturated_groups": self.saturated_groups,
+                                        "saturated_codes": self.saturated_codes}
+        return d
 
 
 def translations():
@@ -153,9 +178,22 @@ def positive_scales(codes: torch.Tensor, scale: torch.Tensor, bits: int, group: 
     sign = torch.where(scale < 0, -1, 1).to(torch.int16)
     flipped = codes * expand_groups(sign, group, k).expand(codes.shape[0], -1)
     top = 2 ** (bits - 1) - 1
-    saturated = int((flipped > top).sum())
-    report.notes.append(f"{layer}: {int((sign < 0).sum())} negative weight scales negated for TensorRT; "
-                        f"{saturated} codes saturated from {top + 1} to {top}")
+    over = flipped > top
+    saturated = int(over.sum())
+    # groups with a saturated code: per row, per group (a per-tensor scale is one group over everything)
+    n = codes.shape[0]
+    if scale.numel() == 1:
+        sat_groups = int(bool(over.any()))
+    else:
+        g_of_col = torch.arange(k) // group
+        per_group = torch.zeros(n, scale.shape[1], dtype=torch.int32).index_add_(1, g_of_col, over.to(torch.int32))
+        sat_groups = int((per_group > 0).sum())
+    negated = int((sign < 0).sum())
+    report.negated_groups += negated
+    report.saturated_groups += sat_groups
+    report.saturated_codes += saturated
+    report.notes.append(f"{layer}: {negated} negative weight scales negated for TensorRT; "
+                        f"{saturated} codes in {sat_groups} groups saturated from {top + 1} to {top}")
     return flipped.clamp(max=top), scale.abs()
 
 
@@ -168,38 +206,49 @@ def _module_name(qdata_input: str) -> str:
 
 def check_tensorrt_weight(layer: str, fmt: str, bits: int, symmetric: bool, group: int, k: int,
                            per_tensor: bool) -> None:
-    """TensorRT's QDQ rules for a weight; raises UnsupportedOp naming the layer and what to use instead."""
+    """TensorRT's QDQ rules for a weight; raises UnsupportedOp naming the layer and what to use instead.
+
+    NF4 passes: it has no TensorRT form, and :func:`lower_qdq` keeps such a layer float (with a warning and
+    a report entry) rather than refusing the whole export."""
+    if fmt == "nf4":
+        return
     if fmt != "int":
-        raise UnsupportedOp(f"{layer}: {fmt} weights have no TensorRT QDQ form; use an int recipe (w8, w4g128-sym)")
+        raise UnsupportedOp(f"{layer}: {fmt} weights have no TensorRT QDQ form; use an int recipe "
+                            f"({RESTRICTED_PRESETS})")
     if bits == 2:
-        raise UnsupportedOp(f"{layer}: TensorRT has no 2-bit weights; use w8 or w4g128-sym")
+        raise UnsupportedOp(f"{layer}: TensorRT has no 2-bit weights; use {RESTRICTED_PRESETS}")
     if not symmetric:
         raise UnsupportedOp(f"{layer}: TensorRT needs symmetric weights (zero point 0), this recipe is asymmetric; "
-                            "use a symmetric recipe (w8, w4g128-sym)")
+                            f"use a TensorRT-ready symmetric recipe ({RESTRICTED_PRESETS})")
     if bits == 4 and (per_tensor or group >= k):
         raise UnsupportedOp(f"{layer}: TensorRT runs int4 weights only blocked (groups along K); "
-                            "use a grouped recipe (w4g128-sym)")
+                            "use a grouped recipe (w4g128-trt)")
 
 
-def lower_qdq(model, target: str = "ort", float_weights: dict[str, torch.Tensor] | None = None):
+def lower_qdq(model, target: str = "ort", scales: dict[str, torch.Tensor] | None = None, nf4_form: str = "auto"):
     """Rewrite every ``qexport``-domain node of ``model`` (an ``onnx.ModelProto`` exported with
     :func:`translations`) into standard QDQ ONNX for ``target`` (``'ort'`` or ``'tensorrt'``), in place.
 
-    ``float_weights`` maps a layer (module name) to its dequantized float weight ``[N, K]``: used for the
-    layers whose stored tensors are not graph constants (double-quantized scales are computed in the graph),
-    which then stay float. The nodes left without a consumer are removed.
+    ``scales`` maps a layer (module name) to its per-group float32 scales ``[R, G]``: used for the layers
+    whose scales are not graph constants (double-quantized NF4 scales are computed in the exported graph;
+    ``QuantizedWeight.scales()`` reconstructs them exactly as the PyTorch path does). ``nf4_form`` chooses
+    the ONNX Runtime form of NF4 weights (:data:`NF4_FORMS`, module docstring). The nodes left without a
+    consumer are removed.
 
     Returns ``(model, QdqReport)``. Raises UnsupportedOp for a layer that the target cannot run
-    (TensorRT: dynamic activations, asymmetric or 2-bit weights, NF4).
+    (TensorRT: dynamic activations, asymmetric or 2-bit weights).
     """
     from onnx import helper, numpy_helper
 
     from qexport.formats import _load, dequantize_stored
+    from qexport.lowering.ort_matmul import BNB4_NF4, matmulbnb4_tensors, nf4_lookup
 
     if target not in TARGETS:
         raise UnsupportedOp(f"unknown ONNX target {target!r}; choose one of {', '.join(TARGETS)}")
+    if nf4_form not in NF4_FORMS:
+        raise InvalidConfig(f"nf4_form={nf4_form!r} is not valid; allowed: {', '.join(NF4_FORMS)}")
     report = QdqReport(target=target)
-    float_weights = float_weights or {}
+    given_scales = scales or {}  # (``scales`` is reused as a node name below)
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
@@ -220,6 +269,7 @@ def lower_qdq(model, target: str = "ort", float_weights: dict[str, torch.Tensor]
         return add(numpy_helper.from_array(np.ascontiguousarray(array), name))
 
     new_nodes = []
+    nf4_float: list[str] = []  # TensorRT: NF4 layers kept float (one warning for all of them)
 
     def matmul(x: str, w: str, bias: str, out: str, name: str) -> None:
         mm_out = out if not bias else f"{name}_mm"
@@ -230,8 +280,10 @@ def lower_qdq(model, target: str = "ort", float_weights: dict[str, torch.Tensor]
     def weight_dq(name: str, layer: str, codes, scale, zp_codes, bits: int, signed: bool, group: int, k: int) -> str:
         """DequantizeLinear of a ``[K, N]`` weight from codes ``[N, K]`` and per-group ``scale`` ``[R, G]``."""
         n = codes.shape[0]
-        if target == "tensorrt" and signed and bool((scale < 0).any()):
-            codes, scale = positive_scales(codes, scale, bits, group, k, layer, report)
+        if target == "tensorrt" and signed:
+            report.total_groups += scale.numel()
+            if bool((scale < 0).any()):
+                codes, scale = positive_scales(codes, scale, bits, group, k, layer, report)
         wq = add(_int_tensor(f"{name}_Wq", codes.t().contiguous(), bits, signed))
         if scale.numel() == 1:  # per-tensor
             s, z, attrs = scale.reshape(()), None if zp_codes is None else zp_codes.reshape(()), {}
@@ -261,12 +313,13 @@ def lower_qdq(model, target: str = "ort", float_weights: dict[str, torch.Tensor]
             layer = _module_name(ins[1] if node.op_type == "QLinear" else ins[0])
             q_ins = ins[1:4] if node.op_type == "QLinear" else ins[0:3]
             fmt, bits, group, k, sym = _weight_format(a)
+            qdata, zp = value(q_ins[0]), value(q_ins[2])
             try:
-                qdata, scale, zp = (value(i) for i in q_ins)
+                scale = value(q_ins[1])
             except UnsupportedOp:  # scales computed in the graph (double quantization)
-                if layer not in float_weights:
+                if layer not in given_scales:
                     raise
-                qdata = scale = zp = None
+                scale = given_scales[layer].to(torch.float32)
             if node.op_type == "DequantizeWeight":  # conv weights: no QDQ MatMul form
                 w = dequantize_stored(qdata, scale, zp, fmt, bits, group, k, sym)
                 report.float_fallback.append((layer, "conv weights are dequantized at export"))
@@ -276,9 +329,32 @@ def lower_qdq(model, target: str = "ort", float_weights: dict[str, torch.Tensor]
             per_tensor = scale is not None and scale.numel() == 1 and qdata.shape[0] > 1
             if target == "tensorrt":
                 check_tensorrt_weight(layer, fmt, bits, sym, group, k, per_tensor)
-            if qdata is None:
-                w = float_weight(name, layer, float_weights[layer], f"{_format_name(fmt, bits)} weights with "
-                                 "double-quantized scales have no ONNX QDQ form")
+            if fmt == "nf4" and target == "tensorrt":
+                reason = "nf4 weights have no TensorRT form (no code-book dequantization in its QDQ rules)"
+                nf4_float.append(layer)
+                w = float_weight(name, layer, dequantize_stored(qdata, scale, zp, fmt, bits, group, k, sym), reason)
+            elif fmt == "nf4":
+                dq = " (double-quantized scales reconstructed)" if layer in given_scales else ""
+                try:
+                    if nf4_form == "lookup":
+                        raise UnsupportedOp("the lookup form was asked for")
+                    b, absmax, bs = matmulbnb4_tensors(qdata, scale, group, k)
+                except UnsupportedOp:
+                    nodes, tensors, w = nf4_lookup(name, qdata, scale, group, k)
+                    for t in tensors:
+                        add(t)
+                    new_nodes.extend(nodes)
+                    report.layers[layer] = f"Gather nf4 code book (UINT4 indices) * scale{dq} -> MatMul"
+                else:
+                    out = node.output[0] if not ins[4] else f"{name}_mm"
+                    new_nodes.append(helper.make_node(
+                        "MatMulBnb4", [ins[0], add_array(f"{name}_B", b), add_array(f"{name}_absmax", absmax)],
+                        [out], name=f"{name}_MatMulBnb4", domain=MS_DOMAIN, K=k, N=qdata.shape[0], block_size=bs,
+                        quant_type=BNB4_NF4))
+                    if ins[4]:
+                        new_nodes.append(helper.make_node("Add", [out, ins[4]], [node.output[0]], name=f"{name}_bias"))
+                    report.layers[layer] = f"com.microsoft.MatMulBnb4 nf4 block {bs}{dq}"
+                    continue
             elif fmt == "int" and bits in (2, 4, 8):
                 codes = _load(qdata, bits, k, sym)
                 zcodes = None if zp is None else _load(zp, bits, -(-k // group), False)
@@ -360,8 +436,22 @@ def lower_qdq(model, target: str = "ort", float_weights: dict[str, torch.Tensor]
     del g.initializer[:]
     g.initializer.extend(keep)
     report.opset = INT2_OPSET if 2 in report.weight_bits else BLOCKED_OPSET
-    imports = [imp for imp in model.opset_import if imp.domain not in (DOMAIN, "", "ai.onnx")]
+    if nf4_float:
+        warnings.warn(f"{len(nf4_float)} NF4 layer(s) stay float in the TensorRT export (TensorRT has no NF4 form; "
+                      f"first: {nf4_float[0]}); use a TensorRT-ready int recipe ({RESTRICTED_PRESETS}) to quantize "
+                      "them", stacklevel=2)
+    if report.negated_groups:
+        report.notes.insert(0, (
+            f"TensorRT: {report.negated_groups} of {report.total_groups} symmetric weight groups had a negative "
+            f"scale and were negated; {report.saturated_groups} groups had a code saturated ({report.saturated_codes} "
+            f"codes, one quantization step each). Use a restricted-range recipe ({RESTRICTED_PRESETS}, "
+            "restricted_range=true) for an exact TensorRT export"))
+        warnings.warn(report.notes[0], stacklevel=2)
+    imports = [imp for imp in model.opset_import if imp.domain not in (DOMAIN, "", "ai.onnx", MS_DOMAIN)]
+    if any(n.domain == MS_DOMAIN for n in g.node):
+        imports.append(helper.make_opsetid(MS_DOMAIN, 1))
     del model.opset_import[:]
     model.opset_import.extend([helper.make_opsetid("", report.opset), *imports])
-    model.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(model.opset_import)))
+    known = [imp for imp in model.opset_import if imp.domain != MS_DOMAIN]  # onnx knows only its own domains
+    model.ir_version = max(model.ir_version, helper.find_min_ir_version_for(known))
     return model, report
