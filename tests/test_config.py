@@ -32,7 +32,8 @@ PRESET_NAMES = list(PRESETS)
 # ------------------------------------------------------------------------------------------------
 def test_preset_names():
     assert set(PRESET_NAMES) == {"w8", "w4g128", "w4g128-sym", "w4g64", "nf4-dq", "w2g64", "w2g64-mse",
-                                 "w8a8-dynamic", "w8a8-llmint8", "w8a8-static", "w8-trt", "w4g128-trt"}
+                                 "w8a8-dynamic", "w8a8-llmint8", "w8a8-static", "w8-trt", "w4g128-trt",
+                                 "w4g128-head8"}
     for name, recipe in PRESETS.items():
         assert recipe.name == name
         assert get_preset(name) is recipe
@@ -124,7 +125,12 @@ def test_preset_specs_are_as_documented():
     assert (w["w4g128"].bits, w["w4g128"].group_size, w["w4g128"].symmetric) == (4, 128, False)
     assert w["nf4-dq"].format is NumberFormat.NF4 and w["nf4-dq"].double_quant and w["nf4-dq"].double_quant_block == 256
     assert w["w2g64-mse"].observer is Observer.MSE
+    head8 = PRESETS["w4g128-head8"]  # the one preset that quantizes lm_head (int8), ahead of the int4 rule
+    assert head8.exclude == ("*embed*",) and head8.rule_for("model.embed_tokens") is None
+    assert head8.rule_for("lm_head").weight == w["w8"] and head8.rule_for("model.layers.0.mlp.up_proj").weight == w["w4g128"]
     for r in PRESETS.values():
+        if r is head8:
+            continue
         assert r.exclude == ("lm_head", "*.lm_head", "*embed*")
         assert r.rules[0].pattern == "*"
         assert (r.rules[0].activation is None) == (not r.name.startswith("w8a8"))
