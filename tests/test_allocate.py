@@ -139,7 +139,8 @@ def test_allocation_bytes_equal_model_size_and_meet_the_target(sens):
 PLANTED = "model.layers.1.mlp.down_proj"
 
 
-def _sampled_model():
+@pytest.fixture(scope="module")
+def sampled():
     """The tiny model, made confident (lm_head x 8), with calibration sequences sampled from itself: on its own
     samples the float model is at a minimum of the expected loss, so quantizing a layer raises the loss
     (on text an untrained model is not, and the change has a random sign). Every 32nd hidden channel of the
@@ -156,8 +157,8 @@ def _sampled_model():
 
 
 @pytest.mark.parametrize("method", ["fisher", "loss"])
-def test_planted_large_weights_make_a_layer_more_sensitive_at_2_bits(method):
-    base, calib = _sampled_model()
+def test_planted_large_weights_make_a_layer_more_sensitive_at_2_bits(method, sampled):
+    base, calib = sampled
     planted = copy.deepcopy(base)
     with torch.no_grad():
         w = planted.get_submodule(PLANTED).weight
