@@ -69,8 +69,9 @@ class BackendOptions:
         if recipe.algorithm != "rtn":
             raise InvalidConfig(
                 f"recipe {recipe.name!r} uses algorithm {recipe.algorithm!r}, which needs calibration data before "
-                "compiling: run qexport.quantize(model, recipe, calibration=...) first (the compile back-end "
-                "applies round-to-nearest recipes)")
+                "compiling: run qexport.quantize(model, recipe, calibration=...) first, then compile the quantized "
+                "model (its quantized layers are kept as they are; the compile back-end itself applies "
+                "round-to-nearest recipes)")
         if recipe.rotation != "none":
             raise InvalidConfig(
                 f"recipe {recipe.name!r} rotates the model ({recipe.rotation!r}), which the compile back-end cannot "

@@ -160,3 +160,20 @@ def test_compile_backend_runs_a_smoothed_model_like_eager():
     # the calibrated recipe itself is refused, with a pointer to quantize() then compile
     with pytest.raises(InvalidConfig, match=r"qexport.quantize\(model, recipe, calibration=\.\.\.\)"):
         BackendOptions.from_dict({"recipe": "w8a8-dynamic-sq"})
+
+
+@pytest.mark.parametrize("preset", ["w8a8-dynamic-sq", "w8a8-static-sq"])
+def test_onnx_export_of_a_smoothed_model_matches_torch(preset, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from qexport.export import export_onnx, verify
+
+    from tiny import word_tokenizer
+
+    batches = [calib(1, 32, seed=s) for s in range(2)]
+    model = qexport.quantize(outlier_llama(), preset, calibration=torch.cat(batches))
+    if get_preset(preset).needs_calibration:
+        qexport.calibrate(model, batches)
+    folder = export_onnx(model, tmp_path / preset, None, word_tokenizer()).path  # quantized already: as it is
+    res = verify(folder, reference=model, session_config={"session.qdq_matmulnbits_accuracy_level": "0"},
+                 decode_steps=2)
+    assert res["max_abs"] < 1e-4 and res["top1_agreement"] == 1.0, res
