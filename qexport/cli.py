@@ -104,7 +104,11 @@ def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=
     else:
         size = qexport.model_size(model)
     t1 = time.perf_counter()
-    res = perplexity(model, tok, text, tokens=tokens, window=window, progress=True, desc=f"ppl {name}")
+    kv_cache = recipe.kv_cache if recipe is not None else None
+    res = perplexity(model, tok, text, tokens=tokens, window=window, progress=True, desc=f"ppl {name}",
+                     kv_cache=kv_cache)
+    if kv_cache is not None:
+        row["kv_cache"] = kv_cache.to_dict()
     row.update(ppl=res.ppl, nll=res.nll, tokens=res.tokens, windows=res.windows, window=res.window,
                eval_s=round(time.perf_counter() - t1, 2))
     row.update(size_bytes=size.total_bytes, quantized_linear_bytes=size.quantized_bytes,
@@ -174,7 +178,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InvalidConfig("--recipe is required (a preset name or a recipe JSON file)")
     tokens = _positive_int("--tokens", args.tokens)
     window = _positive_int("--window", args.window)
-    recipe = load_recipe(args.recipe)
+    recipe = _with_kv_cache(args.recipe, args.kv_cache)
+    if recipe.kv_cache is not None and args.backend == "compile":
+        raise InvalidConfig("--kv-cache is measured with --backend eager (or an export folder with --backend "
+                            "onnxruntime); the compile back-end keeps a float cache")
     text = read_text(args.text)
     _check_json_target(args.json, args.force)
     _threads()
@@ -208,6 +215,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         }
         _write_json(args.json, out, args.force)
     return 0
+
+
+def _with_kv_cache(recipe_name: str, kv_cache: str | None):
+    """The recipe named ``recipe_name`` ('fp32': float weights) with ``--kv-cache`` added when given."""
+    from qexport.config import Recipe, Rule, load_recipe
+
+    if recipe_name == "fp32":
+        if kv_cache is None:
+            raise InvalidConfig("--recipe fp32 only makes sense with --kv-cache (float weights, quantized KV cache)")
+        recipe = Recipe(name="fp32", rules=(Rule("*", None),), description="float weights")
+    else:
+        recipe = load_recipe(recipe_name)
+    return recipe.with_kv_cache(kv_cache) if kv_cache is not None else recipe
 
 
 def _export_calibration(recipe_name: str | None, model_name: str, calib_text: str | None, calib_samples: int):
@@ -265,7 +285,7 @@ def _eval_onnxruntime(args: argparse.Namespace) -> int:
         calib = _export_calibration(str(recipe_file), source, args.calib_text,
                                     args.calib_samples) if source and recipe_file.is_file() else None
         ref = perplexity(reference_model(lm.report, lm.path, calib), tok, text, tokens=tokens, window=window,
-                         progress=True, desc="ppl pytorch")
+                         progress=True, desc="ppl pytorch", kv_cache=lm.kv_cache)
         out.update(torch_ppl=ref.ppl, ppl_ratio=res.ppl / ref.ppl)
         print(f"pytorch perplexity of the same model {ref.ppl:.4f}; onnxruntime / pytorch = "
               f"{res.ppl / ref.ppl:.5f}")
@@ -277,11 +297,9 @@ def _eval_onnxruntime(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from qexport.export import export_onnx
 
-    recipe = None if args.recipe == "fp32" else args.recipe
-    if recipe is not None:
-        from qexport.config import load_recipe
-
-        load_recipe(recipe)  # a bad recipe fails before the model loads
+    recipe = None if args.recipe == "fp32" and args.kv_cache is None else args.recipe
+    if recipe is not None:  # a bad recipe fails before the model loads
+        recipe = _with_kv_cache(recipe, args.kv_cache)
     out = Path(args.out)
     if out.exists() and not args.force:
         from qexport._io import OutputExists
@@ -474,6 +492,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qexport.config import KV_CACHE_PRESETS
+
     p = _Parser(prog="qexport", description="Quantize PyTorch LLMs to 8, 4 and 2 bits and measure them.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -496,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "and Sensibility)")
     e.add_argument("--calib-samples", type=int, default=16,
                    help="windows of 512 calibration tokens for GPTQ / AWQ recipes (default 16)")
+    e.add_argument("--kv-cache", choices=tuple(KV_CACHE_PRESETS), default=None,
+                   help="store the attention KV cache quantized (qexport.kvcache); --recipe fp32 keeps weights float")
     e.add_argument("--json", help="also write the results as JSON to this file")
     e.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
     e.set_defaults(func=cmd_eval)
@@ -538,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ort: ONNX Runtime (default); tensorrt: TensorRT's QDQ rules")
     x.add_argument("--calib-text", help="calibration text for static / GPTQ / AWQ recipes (default: bundled)")
     x.add_argument("--calib-samples", type=int, default=16, help="calibration windows for GPTQ / AWQ (default 16)")
+    x.add_argument("--kv-cache", choices=tuple(KV_CACHE_PRESETS), default=None,
+                   help="past / present keys and values as int8 or packed int4 codes plus scales (qexport.kvcache)")
     x.add_argument("--force", action="store_true", help="replace the --out folder if it exists")
     x.set_defaults(func=cmd_export)
 

@@ -69,14 +69,18 @@ def _grid(spec: KVCacheSpec) -> tuple[int, int]:
     return 0, 2**spec.bits - 1
 
 
+# Packing is float arithmetic (exact for integers below 2^24), not bit operations: the ONNX exporter types
+# uint8 shifts wrongly (ONNX Runtime refuses the graph), and Mul / Div / Floor on floats run everywhere.
 def pack_int4(nibbles: torch.Tensor) -> torch.Tensor:
-    """uint8 values in [0, 15] along the last axis, two per byte: element 2j low, 2j + 1 high."""
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    """Integer-valued floats in [0, 15] along the last axis, two per uint8: element 2j low, 2j + 1 high."""
+    return (nibbles[..., 0::2] + 16.0 * nibbles[..., 1::2]).to(torch.uint8)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: ``[..., n]`` uint8 -> ``[..., 2n]`` uint8 in [0, 15]."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+    """Inverse of :func:`pack_int4`: ``[..., n]`` uint8 -> ``[..., 2n]`` float codes in [0, 15]."""
+    b = packed.float()
+    high = torch.floor(b * 0.0625)
+    return torch.stack([b - 16.0 * high, high], dim=-1).flatten(-2)
 
 
 def quantize_kv(x: torch.Tensor, spec: KVCacheSpec) -> QuantizedKV:
@@ -100,7 +104,7 @@ def quantize_kv(x: torch.Tensor, spec: KVCacheSpec) -> QuantizedKV:
         zero = zero.squeeze(-1).to(torch.uint8)
     q = q.flatten(-2)
     if spec.bits == 4:
-        codes = pack_int4((q + 8 if spec.symmetric else q).to(torch.uint8))
+        codes = pack_int4(q + 8.0 if spec.symmetric else q)
     else:
         codes = q.to(torch.int8 if spec.symmetric else torch.uint8)
     return QuantizedKV(codes, scale.squeeze(-1), zero)
@@ -254,3 +258,53 @@ class QuantizedKVCache(Cache):
     def stored_bytes(self) -> int:
         """Bytes held by all layers (codes, scales, zero points)."""
         return sum(layer.stored_bytes() for layer in self.layers)
+
+
+# ---- ONNX export interface ------------------------------------------------------------------------------
+def stored_names(spec: KVCacheSpec | None, prefix: str, layers: int) -> list[str]:
+    """Graph input (``prefix='past_key_values'``) or output (``'present'``) names of the cache, in order:
+    per layer, ``key`` then ``value``, each followed by its ``_scale`` and (asymmetric) ``_zero_point``."""
+    parts = [""] if spec is None else ["", "_scale"] + ([] if spec.symmetric else ["_zero_point"])
+    return [f"{prefix}.{i}.{kind}{p}" for i in range(layers) for kind in ("key", "value") for p in parts]
+
+
+def stored_layout(spec: KVCacheSpec, head_dim: int) -> dict[str, Any]:
+    """Dtype and shape of each stored tensor (for the export report)."""
+    groups = spec.groups(head_dim)
+    codes = "uint8" if spec.bits == 4 or not spec.symmetric else "int8"
+    out = {
+        "codes": {"dtype": codes, "shape": ["batch", "kv_heads", "seq", head_dim // 2 if spec.bits == 4 else head_dim],
+                  "values": (f"two 4-bit codes per byte along head_dim (element 2j low nibble, 2j+1 high)"
+                             + ("; stored as code + 8" if spec.symmetric else "")) if spec.bits == 4 else
+                  f"{spec.bits}-bit codes"},
+        "scale": {"dtype": "float32", "shape": ["batch", "kv_heads", "seq", groups]},
+        "dequantize": "(code - zero_point) * scale, per group of "
+                      f"{head_dim // groups} elements of head_dim",
+    }
+    if not spec.symmetric:
+        out["zero_point"] = {"dtype": "uint8", "shape": ["batch", "kv_heads", "seq", groups]}
+    return out
+
+
+def example_stored(spec: KVCacheSpec, batch: int, kv_heads: int, past: int, head_dim: int) -> list[torch.Tensor]:
+    """Example past tensors of one key or value (codes, scale, zero point), as the export traces them."""
+    q = quantize_kv(torch.randn(batch, kv_heads, past, head_dim), spec)
+    return [t for t in q if t is not None]
+
+
+def cache_from_flat(spec: KVCacheSpec, flat: tuple[torch.Tensor, ...], layers: int) -> QuantizedKVCache:
+    """A cache from the flat past tensors of an export (order of :func:`stored_names`)."""
+    per = 2 if spec.symmetric else 3
+    if len(flat) != 2 * per * layers:
+        raise InvalidTensor(f"expected {2 * per * layers} past tensors for {layers} layers, got {len(flat)}")
+
+    def one(j: int) -> QuantizedKV:
+        t = flat[j * per:(j + 1) * per]
+        return QuantizedKV(t[0], t[1], None if spec.symmetric else t[2])
+
+    return QuantizedKVCache.from_stored(spec, [(one(2 * i), one(2 * i + 1)) for i in range(layers)])
+
+
+def flat_from_cache(cache: QuantizedKVCache) -> list[torch.Tensor]:
+    """The stored tensors of every layer, in the order of :func:`stored_names`."""
+    return [t for layer in cache.layers for q in (layer.qkeys, layer.qvalues) for t in q if t is not None]

@@ -59,13 +59,27 @@ class ExportResult:
     report: dict[str, Any]
 
 
-def input_names(layers: int) -> list[str]:
-    return ["input_ids", "attention_mask", "position_ids"] + [
-        f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+def input_names(layers: int, kv_cache=None) -> list[str]:
+    """Graph inputs; with a quantized KV cache (a ``KVCacheSpec``) each past key / value is followed by its
+    ``_scale`` (and ``_zero_point``) input (:mod:`qexport.kvcache`)."""
+    from qexport.kvcache import stored_names
+
+    return ["input_ids", "attention_mask", "position_ids"] + stored_names(kv_cache, "past_key_values", layers)
 
 
-def output_names(layers: int) -> list[str]:
-    return ["logits"] + [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+def output_names(layers: int, kv_cache=None) -> list[str]:
+    from qexport.kvcache import stored_names
+
+    return ["logits"] + stored_names(kv_cache, "present", layers)
+
+
+def kv_cache_spec(model: nn.Module):
+    """The ``KVCacheSpec`` recorded in a quantized model's recipe (``Recipe.kv_cache``), or None."""
+    from qexport.config import KVCacheSpec
+
+    report = getattr(model, "qexport_report", None)
+    recipe = getattr(report, "recipe", None) or {}
+    return KVCacheSpec.parse(recipe.get("kv_cache"))
 
 
 def kv_geometry(config) -> tuple[int, int, int]:
@@ -77,16 +91,26 @@ def kv_geometry(config) -> tuple[int, int, int]:
 
 class _KVCacheLM(nn.Module):
     """Flat-tensor interface of a Hugging Face causal LM with a KV cache: (ids, mask, positions, past k/v per
-    layer) -> (logits, present k/v per layer). The past is given to the model as a ``DynamicCache``."""
+    layer) -> (logits, present k/v per layer). The past is given to the model as a ``DynamicCache``, or,
+    with ``kv_cache`` (a ``KVCacheSpec``), as a ``QuantizedKVCache`` built from the stored codes and scales
+    (:mod:`qexport.kvcache`)."""
 
-    def __init__(self, model: nn.Module, layers: int):
+    def __init__(self, model: nn.Module, layers: int, kv_cache=None):
         super().__init__()
         self.m = model
         self.layers = layers
+        self.kv_cache = kv_cache
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
+        if self.kv_cache is not None:
+            from qexport.kvcache import cache_from_flat, flat_from_cache
+
+            cache = cache_from_flat(self.kv_cache, past, self.layers)
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+            return (out.logits, *flat_from_cache(out.past_key_values))
         cache = DynamicCache()
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
@@ -180,19 +204,25 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto"):
     layers, kv_heads, head_dim = kv_geometry(model.config)
     b, s, p = _EXAMPLE["batch"], _EXAMPLE["seq"], _EXAMPLE["past"]
     vocab = model.config.vocab_size
+    kv = kv_cache_spec(model)
+    if kv is None:
+        past = [torch.zeros(b, kv_heads, p, head_dim) for _ in range(2 * layers)]
+    else:  # codes, scales (and zero points) of a quantized cache
+        from qexport.kvcache import example_stored
+
+        past = [t for _ in range(2 * layers) for t in example_stored(kv, b, kv_heads, p, head_dim)]
     args = (torch.randint(0, vocab, (b, s)), torch.ones(b, p + s, dtype=torch.long),
-            torch.arange(p, p + s).expand(b, s).contiguous(),
-            *[torch.zeros(b, kv_heads, p, head_dim) for _ in range(2 * layers)])
+            torch.arange(p, p + s).expand(b, s).contiguous(), *past)
     dyn = Dim.DYNAMIC
-    shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, tuple({0: dyn, 2: dyn} for _ in range(2 * layers)))
-    wrapper = _KVCacheLM(model, layers).eval()
+    shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, tuple({0: dyn, 2: dyn} for _ in past))
+    wrapper = _KVCacheLM(model, layers, kv).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
             prog = torch.onnx.export(wrapper, args, dynamic_shapes=shapes, dynamo=True, opset_version=BLOCKED_OPSET,
                                      custom_translation_table=translations(), optimize=False, verbose=False,
-                                     report=False, input_names=input_names(layers),
-                                     output_names=output_names(layers))
+                                     report=False, input_names=input_names(layers, kv),
+                                     output_names=output_names(layers, kv))
         except Exception as e:  # the exporter raises many types; the first line names the failing op
             raise UnsupportedOp(f"torch.onnx.export failed on this model: {str(e).strip().splitlines()[0]}") from e
     # double-quantized scales are computed in the exported graph: hand the lowering their float values
@@ -202,6 +232,22 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto"):
     for node in proto.graph.node:  # the exporter's debug records (FX node, stack trace): 7% of a w4g128 file
         del node.metadata_props[:]
     return proto, report
+
+
+def _kv_report(layers: int, kv_heads: int, head_dim: int, kv) -> dict[str, Any]:
+    """The export report's ``kv_cache`` entry: geometry, and the stored layout of a quantized cache."""
+    entry: dict[str, Any] = {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim}
+    if kv is None:
+        entry["quantized"] = None
+        return entry
+    from qexport.kvcache import stored_layout
+
+    entry["quantized"] = kv.to_dict()
+    entry["describe"] = kv.describe()
+    entry["layout"] = stored_layout(kv, head_dim)
+    entry["graph"] = ("present = concat(past, quantize(new keys / values after RoPE)); attention reads "
+                      "dequantize(present), the new tokens included")
+    return entry
 
 
 def _tensor_bytes(proto) -> int:
@@ -304,6 +350,7 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
             raise UnsupportedOp("the TensorRT export breaks TensorRT's QDQ rules: "
                                 + "; ".join(str(p) for p in problems[:5]))
     layers, kv_heads, head_dim = kv_geometry(qmodel.config)
+    kv = kv_cache_spec(qmodel)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -326,9 +373,9 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
             "opset": qdq.opset,
             "files": {f: (tmp / f).stat().st_size for f in files},
             "onnx_bytes": sum((tmp / f).stat().st_size for f in files),
-            "inputs": input_names(layers),
-            "outputs": output_names(layers),
-            "kv_cache": {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim},
+            "inputs": input_names(layers, kv),
+            "outputs": output_names(layers, kv),
+            "kv_cache": _kv_report(layers, kv_heads, head_dim, kv),
             "ort_session_config": ort_session_config(qdq.weight_bits),
             "layers": _layer_table(qmodel, qdq),
             "float_fallback": qdq.to_dict()["float_fallback"],

@@ -86,14 +86,21 @@ class OnnxCausalLM:
         if missing:
             raise ModelLoadError(f"{str(self.path / MODEL_FILE)!r} lacks the KV-cache inputs {sorted(missing)}: "
                                  "it was not written by `qexport export`")
+        # with a quantized KV cache, each past key / value is followed by its scale (and zero point) inputs
         self.past_names = [n for n in names if n.startswith("past_key_values.")]
-        self.layers = len(self.past_names) // 2
-        shape = self.session.get_inputs()[names.index(self.past_names[0])].shape if self.past_names else []
+        self.layers = sum(n.endswith((".key", ".value")) for n in self.past_names) // 2
+        inputs = self.session.get_inputs()
+        self._past_specs = [(inputs[names.index(n)].shape, _NP_TYPES.get(inputs[names.index(n)].type, np.float32))
+                            for n in self.past_names]
+        shape = self._past_specs[0][0] if self.past_names else []
         self.kv_heads, self.head_dim = (shape[1], shape[3]) if len(shape) == 4 else (0, 0)
+        self.head_dim = self.report.get("kv_cache", {}).get("head_dim", self.head_dim)  # int4 codes: head_dim / 2
+        self.kv_cache = (self.report.get("kv_cache") or {}).get("quantized")  # the KVCacheSpec dict, or None
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in self.past_names]
+        """Zero-length past tensors of the right dtypes (float, or codes / scales / zero points)."""
+        return [np.zeros((batch, shape[1], 0, shape[3]), dtype) for shape, dtype in self._past_specs]
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]):
         """One forward pass: ``(logits [B, S, V], present k/v list)``; positions follow the attention mask."""
@@ -139,6 +146,22 @@ class OnnxCausalLM:
         return torch.tensor(new, dtype=torch.long)
 
 
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+             "tensor(float16)": np.float16}
+
+
+def reference_cache(report: dict[str, Any]):
+    """The PyTorch cache matching an export: a ``QuantizedKVCache`` when its KV cache is quantized."""
+    from transformers import DynamicCache
+
+    spec = (report.get("kv_cache") or {}).get("quantized")
+    if spec is None:
+        return DynamicCache()
+    from qexport.kvcache import QuantizedKVCache
+
+    return QuantizedKVCache(spec)
+
+
 def reference_model(report: dict[str, Any], path: Path, calibration):
     """The PyTorch reference of an export: its source model quantized again with the folder's recipe (the
     float model for a float export)."""
@@ -177,8 +200,6 @@ def verify(path: str | os.PathLike, reference=None, input_ids: torch.Tensor | No
     argmax token agrees). ``reference``: the quantized torch model (default: the folder's source model,
     quantized again with its recipe).
     """
-    from transformers import DynamicCache
-
     lm = OnnxCausalLM(path, threads=threads, session_config=session_config)
     if reference is None:
         reference = reference_model(lm.report, lm.path, calibration)
@@ -190,7 +211,7 @@ def verify(path: str | os.PathLike, reference=None, input_ids: torch.Tensor | No
         raise InvalidConfig(f"input_ids need more than decode_steps={decode_steps} tokens")
     prefill = input_ids.shape[1] - decode_steps
     ids = input_ids[:, :prefill]
-    cache = DynamicCache()
+    cache = reference_cache(lm.report)
     ref_steps = [reference(input_ids=ids, past_key_values=cache, use_cache=True).logits]
     mask = np.ones(ids.shape, np.int64)
     logits, past = lm.step(ids.numpy(), mask, lm.empty_past(ids.shape[0]))
@@ -215,6 +236,7 @@ def verify(path: str | os.PathLike, reference=None, input_ids: torch.Tensor | No
         "mean_abs": float(err.mean()),
         "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
         "ort_session_config": lm.session_config,
+        "kv_cache": lm.kv_cache,
     }
 
 
