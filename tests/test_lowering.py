@@ -149,3 +149,31 @@ def test_bnb4_block_size_and_layout():
     b, absmax, bs = matmulbnb4_tensors(qw.qdata, qw.scales(), 16, 16)
     assert bs == 16 and b.shape == (16,) and absmax.tolist() == [1.0, 2.0]
     assert b[0] == (15 << 4 | 0) and b[1] == (7 << 4 | 7) and b[15] == (7 << 4 | 15)
+
+
+def test_compile_target_lowers_nf4_to_matmulbnb4_or_lookup():
+    """torch.compile(target='onnxruntime'): NF4 layers become MatMulBnb4 where its blocks fit and the lookup
+    form elsewhere (q_proj's groups of 24 on K = 64), with the eager quantized model's logits."""
+    import copy
+
+    import qexport
+    import qexport.backend as B
+    from qexport.config import Recipe, Rule
+    from tiny import tiny_llama
+
+    recipe = Recipe(name="nf4-mix", rules=(
+        Rule("*.q_proj", QuantSpec(bits=4, format="nf4", group_size=24)),
+        Rule("*", QuantSpec(bits=4, format="nf4", group_size=32, double_quant=True, double_quant_block=16)),
+    ))
+    torch._dynamo.reset()
+    model = tiny_llama(seed=12)
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    eager = qexport.quantize(copy.deepcopy(model), recipe)
+    compiled = torch.compile(copy.deepcopy(model), backend="qexport",
+                             options={"target": "onnxruntime", "recipe": recipe})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, eager(ids).logits, atol=1e-4, rtol=1e-4)
+    ort_graph = [g for g in B._LIVE if g.report is B.reports()[-1]][0].compiled
+    report = ort_graph.reports[-1]
+    assert (report.matmulbnb4, report.nf4_lookup, report.matmulnbits) == (12, 2, 0) and not report.float_fallback
+    torch._dynamo.reset()
