@@ -162,8 +162,10 @@ def test_compile_backend_runs_a_smoothed_model_like_eager():
         BackendOptions.from_dict({"recipe": "w8a8-dynamic-sq"})
 
 
-@pytest.mark.parametrize("preset", ["w8a8-dynamic-sq", "w8a8-static-sq"])
-def test_onnx_export_of_a_smoothed_model_matches_torch(preset, tmp_path):
+def test_onnx_export_of_a_smoothed_model_matches_torch(tmp_path):
+    # one preset: the lowering of a smoothed model is that of any W8A8 model (tests/test_export.py covers the
+    # static one); what is checked here is that nothing the smoothing changed escapes the export
+    preset = "w8a8-dynamic-sq"
     pytest.importorskip("onnxruntime")
     from qexport.export import export_onnx, verify
 
