@@ -42,13 +42,17 @@ def test_preset_replaces_linears_and_matches_fake_quant(preset):
     q = qexport.quantize(copy.deepcopy(model), preset)
 
     qlinears = [n for n, m in q.named_modules() if isinstance(m, QLinear)]
-    assert len(qlinears) == 2 * LINEARS_PER_LAYER
-    assert isinstance(q.lm_head, nn.Linear) and not isinstance(q.lm_head, QLinear)
+    head = recipe.rule_for("lm_head") is not None  # w4g128-head8 quantizes lm_head (int8) too
+    assert len(qlinears) == 2 * LINEARS_PER_LAYER + head
+    assert isinstance(q.lm_head, QLinear) == head and isinstance(q.lm_head, nn.Linear) != head
     assert isinstance(q.model.embed_tokens, nn.Embedding)
     report = q.qexport_report
-    assert len(report.quantized) == 2 * LINEARS_PER_LAYER
-    assert [layer.name for layer in report.kept_float] == ["lm_head"]
-    assert report.kept_float[0].reason == "excluded by recipe"
+    assert len(report.quantized) == 2 * LINEARS_PER_LAYER + head
+    if head:
+        assert report.kept_float == [] and q.lm_head.spec.bits == 8
+    else:
+        assert [layer.name for layer in report.kept_float] == ["lm_head"]
+        assert report.kept_float[0].reason == "excluded by recipe"
 
     with torch.no_grad():
         got = q(ids).logits
