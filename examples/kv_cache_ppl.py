@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
 
 import torch
@@ -41,6 +42,15 @@ def main() -> None:
     text = read_text(bundled_text("emma"))
     window = min(args.window, args.tokens)
     kv_names = [k for k in args.kv.split(",") if k]
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    specs = {}
+    for name in kv_names:  # a format whose groups do not fit this model's heads gets one group per head
+        spec = KV_CACHE_PRESETS[name]
+        if spec.group_size is not None and head_dim % spec.group_size:
+            print(f"kv {name}: groups of {spec.group_size} do not divide head_dim {head_dim}; one group per head")
+            spec = dataclasses.replace(spec, group_size=None)
+        specs[name] = spec
     rows = []
     base = None
     print(f"{'weights':<10} {'kv cache':<26} {'ppl':>9} {'vs fp32':>8}")
@@ -48,10 +58,10 @@ def main() -> None:
         m = model if weights == "fp32" else qexport.quantize(copy.deepcopy(model), weights)
         for kv in [None, *kv_names]:
             t0 = time.perf_counter()
-            res = perplexity(m, tok, text, tokens=args.tokens, window=window, kv_cache=kv,
+            res = perplexity(m, tok, text, tokens=args.tokens, window=window, kv_cache=specs.get(kv),
                              desc=f"{weights} {kv or 'float'}")
             base = base or res.ppl
-            desc = KV_CACHE_PRESETS[kv].describe() if kv else "float"
+            desc = specs[kv].describe() if kv else "float"
             rows.append((weights, desc, res.ppl))
             print(f"{weights:<10} {desc:<26} {res.ppl:9.3f} {res.ppl / base:7.4f}x   "
                   f"({res.tokens} tokens, {res.windows} windows of {window}, {time.perf_counter() - t0:.0f} s)",
