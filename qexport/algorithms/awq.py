@@ -114,6 +114,20 @@ def _is_llama_block(block: nn.Module) -> bool:
             and all(isinstance(getattr(getattr(block, n, None), "weight", None), torch.Tensor)
                     for n in ("input_layernorm", "post_attention_layernorm")))
 
+def llama_blocks(model: nn.Module, todo: list[LayerTask], probe: torch.Tensor, algorithm: str, instead: str):
+    """``(blocks, by_block, rest)`` for the tasks of an algorithm that folds scales into Llama-style decoder blocks
+    (AWQ, SmoothQuant); :class:`UnsupportedOp`, naming ``instead``, when the model has no such blocks."""
+    blocks = find_blocks(model, [t.name for t in todo], probe)
+    if blocks is None or not all(_is_llama_block(b) for b in blocks.modules):
+        raise UnsupportedOp(
+            f"algorithm {algorithm!r} needs Llama-style decoder blocks (self_attn.q/k/v/o_proj, "
+            "mlp.gate/up/down_proj, input_layernorm, post_attention_layernorm) in a list that the model runs in "
+            f"order; use algorithm {instead!r} for this model"
+        )
+    by_block, rest = split_by_block(blocks, todo)
+    return blocks, by_block, rest
+
+
 
 def _head_layout(attn: nn.Module) -> tuple[int, int, int] | None:
     """``(kv_heads, n_rep, head_dim)`` of an attention module, or None when it cannot be read."""
@@ -459,14 +473,7 @@ def quantize_model_awq(model: nn.Module, tasks: list[LayerTask], batches: list[t
     todo = finite_tasks(tasks, results)
     if not todo:
         return results
-    blocks = find_blocks(model, [t.name for t in todo], batches[0][:1])
-    if blocks is None or not all(_is_llama_block(b) for b in blocks.modules):
-        raise UnsupportedOp(
-            "algorithm 'awq' needs Llama-style decoder blocks (self_attn.q/k/v/o_proj, mlp.gate/up/down_proj, "
-            "input_layernorm, post_attention_layernorm) in a list that the model runs in order; "
-            "use algorithm 'gptq' for this model"
-        )
-    by_block, rest = split_by_block(blocks, todo)
+    blocks, by_block, rest = llama_blocks(model, todo, batches[0][:1], "awq", "gptq")
     notes: set[str] = set()
     for_each_block(model, blocks, by_block, batches,
                    lambda block, block_tasks, inputs: _awq_block(block, block_tasks, inputs, options, results, notes),

@@ -39,9 +39,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from qexport.algorithms.awq import ScaleGroup, _is_llama_block, fold_scales, llama_scale_groups
-from qexport.algorithms.common import LayerTask, _call_model, find_blocks, finite_tasks, set_weight, split_by_block
-from qexport.errors import QExportError, UnsupportedOp
+from qexport.algorithms.awq import ScaleGroup, fold_scales, llama_blocks, llama_scale_groups
+from qexport.algorithms.common import LayerTask, _call_model, finite_tasks, set_weight
+from qexport.errors import QExportError
 from qexport.formats import QuantizedWeight, quantize_weight
 
 __all__ = ["smooth_scales", "smooth_model", "quantize_model_smoothquant", "SMOOTH_RTOL"]
@@ -184,14 +184,7 @@ def quantize_model_smoothquant(model: nn.Module, tasks: list[LayerTask], batches
     todo = finite_tasks(tasks, results)
     if not todo:
         return results
-    blocks = find_blocks(model, [t.name for t in todo], batches[0][:1])
-    if blocks is None or not all(_is_llama_block(b) for b in blocks.modules):
-        raise UnsupportedOp(
-            "algorithm 'smoothquant' needs Llama-style decoder blocks (self_attn.q/k/v/o_proj, "
-            "mlp.gate/up/down_proj, input_layernorm, post_attention_layernorm) in a list that the model runs in "
-            "order; use algorithm 'rtn' for this model"
-        )
-    by_block, rest = split_by_block(blocks, todo)
+    blocks, by_block, rest = llama_blocks(model, todo, batches[0][:1], "smoothquant", "rtn")
     summary = smooth_model(model, [blocks.modules[i] for i in sorted(by_block)], batches, options["alpha"],
                            {id(t.module) for t in todo})
     log.info("smoothquant: %s", summary)
