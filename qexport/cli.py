@@ -308,7 +308,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     _threads()
     calibration = _export_calibration(recipe, args.model, args.calib_text,
                                       _positive_int("--calib-samples", args.calib_samples))
-    res = export_onnx(args.model, out, recipe, target=args.target, force=args.force, calibration=calibration)
+    res = export_onnx(args.model, out, recipe, target=args.target, force=args.force, calibration=calibration,
+                      fuse=args.fuse, ort_accuracy_level=args.ort_accuracy_level)
     r = res.report
     quantized = sum(1 for layer in r["layers"] if layer["status"] == "quantized")
     print(f"wrote {res.path}: {', '.join(f'{f} {_mb(n)} MB' for f, n in r['files'].items())}; opset {r['opset']}, "
@@ -562,6 +563,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--calib-samples", type=int, default=16, help="calibration windows for GPTQ / AWQ (default 16)")
     x.add_argument("--kv-cache", choices=tuple(KV_CACHE_PRESETS), default=None,
                    help="past / present keys and values as int8 or packed int4 codes plus scales (qexport.kvcache)")
+    x.add_argument("--ort-accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
+                   help="MatMulNBits accuracy level saved in the folder's session settings: 0 fp32 activations "
+                        "(exact), 4 int8 activations (faster); default 4 for all-int8 weights, else 0")
+    x.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="ONNX Runtime target: write attention, rotary embeddings and RMSNorm out in elementwise ops "
+                        "(opset 21) instead of opset 23's Attention / RotaryEmbedding / RMSNormalization")
     x.add_argument("--force", action="store_true", help="replace the --out folder if it exists")
     x.set_defaults(func=cmd_export)
 

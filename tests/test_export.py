@@ -20,7 +20,7 @@ import torch
 import qexport
 from qexport.cli import main
 from qexport.config import PRESETS, QuantSpec, Recipe, Rule
-from qexport.errors import CalibrationError, ModelLoadError, QExportError, UnsupportedOp
+from qexport.errors import CalibrationError, InvalidConfig, ModelLoadError, QExportError, UnsupportedOp
 
 from tiny import EMMA, tiny_llama, word_tokenizer
 
@@ -168,6 +168,54 @@ def test_folder_layout_kv_cache_and_generation(exported, tok):
     mask[1, :2] = 0
     logits, present = lm.step(batch, mask, lm.empty_past(2))
     assert logits.shape[:2] == batch.shape and present[0].shape[2] == batch.shape[1]
+
+
+def test_fused_attention_rotary_and_norm_ops(tok, tmp_path):
+    """The ORT export writes Llama attention, rotary embeddings and RMSNorm as opset-23 Attention /
+    RotaryEmbedding / RMSNormalization (qexport.export.fused_ops): fewer nodes, the same logits as the
+    PyTorch model and as the unfused export, with the KV cache and a left-padded batch."""
+    model = tiny_llama()
+    fused = export_onnx(model, tmp_path / "fused", "w8", tok)
+    plain = export_onnx(model, tmp_path / "plain", "w8", tok, fuse=False, ort_accuracy_level=0)
+    assert plain.report["ort_session_config"] == EXACT and fused.report["ort_session_config"] != EXACT
+    with pytest.raises(InvalidConfig, match="accuracy level"):
+        export_onnx(model, tmp_path / "bad", "w8", tok, ort_accuracy_level=5)
+    ops = {f: Counter(n.op_type for n in onnx.load(str(r.path / "model.onnx")).graph.node) for f, r in
+           (("fused", fused), ("plain", plain))}
+    assert (ops["fused"]["Attention"], ops["fused"]["RotaryEmbedding"], ops["fused"]["RMSNormalization"]) == (2, 4, 5)
+    assert ops["fused"]["Softmax"] == 0 and ops["plain"]["Softmax"] == 2 and ops["plain"]["Attention"] == 0
+    assert sum(ops["fused"].values()) < 0.6 * sum(ops["plain"].values()), (ops["fused"], ops["plain"])
+    assert fused.report["opset"] == 23 and plain.report["opset"] == 21
+    assert fused.report["fused_ops"]["attention"] == "Attention"
+    assert plain.report["fused_ops"] == {"not_used": "not asked for"}
+    ref = reference("w8")
+    for r in (fused, plain):  # prefill, then 4 decode steps with the KV cache
+        res = verify(r.path, reference=ref, session_config=EXACT, decode_steps=4)
+        assert res["max_abs"] < 1e-4 and res["top1_agreement"] == 1.0, res
+    # a batch whose second row is left-padded: positions and mask follow attention_mask
+    ids = torch.randint(3, 512, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    want = ref(ids, attention_mask=mask).logits
+    for r in (fused, plain):
+        lm = OnnxCausalLM(r.path, session_config=EXACT)
+        logits, past = lm.step(ids.numpy(), mask.numpy(), lm.empty_past(2))
+        got = torch.from_numpy(logits)
+        torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(got[1, 3:], want[1, 3:], atol=1e-4, rtol=0)  # padded positions are free
+        nxt = torch.randint(3, 512, (2, 1))
+        mask2 = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        step, _ = lm.step(nxt.numpy(), mask2.numpy(), past)
+        full = ref(torch.cat([ids, nxt], 1), attention_mask=mask2).logits[:, -1]
+        torch.testing.assert_close(torch.from_numpy(step)[:, -1], full, atol=1e-4, rtol=0)
+
+
+def test_unfusable_model_exports_unfused_with_reason(tok, tmp_path):
+    res = export_onnx(tiny_llama(attn_implementation="eager"), tmp_path / "eager", "w8", tok)
+    assert res.report["fused_ops"] == {"not_used": "attention implementation 'eager' is not 'sdpa'"}
+    assert res.report["opset"] == 21
+    res = verify(res.path, reference=reference("w8"), session_config=EXACT, decode_steps=2)
+    assert res["max_abs"] < 1e-4, res
 
 
 def test_perplexity_matches_torch(exported, tok):

@@ -22,6 +22,7 @@ The graph is the canonical quantized form (``qexport`` custom ops, as every back
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -189,10 +190,12 @@ def check_tensorrt_modules(model: nn.Module) -> None:
                                 "symmetric activation spec")
 
 
-def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto"):
-    """The lowered ``onnx.ModelProto`` of ``model`` with the KV-cache interface, and its QdqReport."""
+def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: bool = True):
+    """The lowered ``onnx.ModelProto`` of ``model`` with the KV-cache interface, its QdqReport, and why the
+    whole-op forms of :mod:`qexport.export.fused_ops` were not used (None when they were)."""
     from torch.export import Dim
 
+    from qexport.export import fused_ops
     from qexport.lowering.qdq import BLOCKED_OPSET, lower_qdq, translations
 
     from qexport.modules import QLinear
@@ -216,11 +219,16 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto"):
     dyn = Dim.DYNAMIC
     shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, tuple({0: dyn, 2: dyn} for _ in past))
     wrapper = _KVCacheLM(model, layers, kv).eval()
-    with warnings.catch_warnings(), torch.no_grad():
+    unfused = "not asked for" if not fuse else "TensorRT target" if target == "tensorrt" else fused_ops.fusable(model)
+    table, opset, patches = translations(), BLOCKED_OPSET, contextlib.nullcontext()
+    if unfused is None:
+        table.update(fused_ops.onnx_translations())
+        opset, patches = fused_ops.FUSED_OPSET, fused_ops.fused_ops(model)
+    with warnings.catch_warnings(), torch.no_grad(), patches:
         warnings.simplefilter("ignore")
         try:
-            prog = torch.onnx.export(wrapper, args, dynamic_shapes=shapes, dynamo=True, opset_version=BLOCKED_OPSET,
-                                     custom_translation_table=translations(), optimize=False, verbose=False,
+            prog = torch.onnx.export(wrapper, args, dynamic_shapes=shapes, dynamo=True, opset_version=opset,
+                                     custom_translation_table=table, optimize=False, verbose=False,
                                      report=False, input_names=input_names(layers, kv),
                                      output_names=output_names(layers, kv))
         except Exception as e:  # the exporter raises many types; the first line names the failing op
@@ -231,7 +239,7 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto"):
     proto, report = lower_qdq(prog.model_proto, target, double_quantized, nf4_form)
     for node in proto.graph.node:  # the exporter's debug records (FX node, stack trace): 7% of a w4g128 file
         del node.metadata_props[:]
-    return proto, report
+    return proto, report, unfused
 
 
 def _kv_report(layers: int, kv_heads: int, head_dim: int, kv) -> dict[str, Any]:
@@ -304,7 +312,7 @@ def _replace_folder(tmp: Path, out: Path, force: bool) -> None:
 
 def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, target: str = "ort",
                 force: bool = False, calibration=None, external_data: bool | None = None,
-                nf4_form: str = "auto") -> ExportResult:
+                nf4_form: str = "auto", fuse: bool = True, ort_accuracy_level: int | None = None) -> ExportResult:
     """Export a causal LM, quantized by ``recipe``, as an ONNX QDQ folder (see the module docstring).
 
     Args:
@@ -322,6 +330,12 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
             layout fits, else the lookup form) or ``'lookup'`` (standard ONNX only: ``Gather`` of the code book
             times the scale, then ``MatMul``, for runtimes without ``com.microsoft`` ops). TensorRT keeps NF4
             float (report entry).
+        fuse: ONNX Runtime target, Llama-style models: attention, rotary embeddings and RMSNorm as opset 23's
+            ``Attention`` / ``RotaryEmbedding`` / ``RMSNormalization`` (:mod:`qexport.export.fused_ops`); False
+            writes them out in elementwise ops (opset 21). The report's ``fused_ops`` says which was done.
+        ort_accuracy_level: the MatMulNBits accuracy level written into the folder's ``ort_session_config``
+            (0: fp32 activations, exact; 4: int8 activations, faster); default 4 when every weight is 8-bit,
+            else 0.
 
     Raises:
         OutputExists, UnsupportedOp (a layer or op the target cannot run), CalibrationError, ModelLoadError.
@@ -332,6 +346,7 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
         raise InvalidConfig(f"target={target!r} is not valid; allowed: {', '.join(TARGETS)}")
     if nf4_form not in NF4_FORMS:
         raise InvalidConfig(f"nf4_form={nf4_form!r} is not valid; allowed: {', '.join(NF4_FORMS)}")
+    ort_session_config(set(), ort_accuracy_level)  # a bad level fails before the model is quantized
     out = Path(out).expanduser()
     if out.exists() and not force:
         raise OutputExists(f"{str(out)!r} already exists; pass force=True / --force to replace it")
@@ -341,7 +356,7 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
     qmodel, tokenizer, source = _prepare(model, recipe, tokenizer, calibration)
     if target == "tensorrt":
         check_tensorrt_modules(qmodel)
-    proto, qdq = _export_proto(qmodel, target, nf4_form)
+    proto, qdq, unfused = _export_proto(qmodel, target, nf4_form, fuse)
     if target == "tensorrt":
         from qexport.export.tensorrt import lint_tensorrt
 
@@ -371,12 +386,14 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
             "recipe": recipe_dict.get("name") if recipe_dict else None,
             "target": target,
             "opset": qdq.opset,
+            "fused_ops": ({"attention": "Attention", "rotary": "RotaryEmbedding", "norm": "RMSNormalization"}
+                          if unfused is None else {"not_used": unfused}),
             "files": {f: (tmp / f).stat().st_size for f in files},
             "onnx_bytes": sum((tmp / f).stat().st_size for f in files),
             "inputs": input_names(layers, kv),
             "outputs": output_names(layers, kv),
             "kv_cache": _kv_report(layers, kv_heads, head_dim, kv),
-            "ort_session_config": ort_session_config(qdq.weight_bits),
+            "ort_session_config": ort_session_config(qdq.weight_bits, ort_accuracy_level),
             "layers": _layer_table(qmodel, qdq),
             "float_fallback": qdq.to_dict()["float_fallback"],
             "notes": qdq.notes,

@@ -119,16 +119,22 @@ def translations():
     return table
 
 
-def ort_session_config(weight_bits: set[int] | list[int]) -> dict[str, str]:
+def ort_session_config(weight_bits: set[int] | list[int], accuracy_level: int | None = None) -> dict[str, str]:
     """ONNX Runtime session config entries for a QDQ model with these weight bit widths.
 
     ``session.qdq_matmulnbits_accuracy_level`` sets the accuracy level of the MatMulNBits nodes that ORT fuses
-    from ``DequantizeLinear -> MatMul`` (default 4: int8 activations). The same choice as the compile
-    back-end (:func:`qexport.lowering.onnx_ort.matmulnbits_accuracy`): 4 when every weight is 8-bit (the
-    fp32-activation 8-bit kernel is far slower), else 0 (fp32 activations, the reference numerics).
+    from ``DequantizeLinear -> MatMul`` (ORT's default 4: int8 activations). ``accuracy_level`` when given,
+    else the compile back-end's choice (:func:`qexport.lowering.onnx_ort.matmulnbits_accuracy`): 4 when every
+    weight is 8-bit (the fp32-activation 8-bit kernel is far slower), else 0 (fp32 activations, the reference
+    numerics; level 4 runs int4 about twice as fast for +0.9% perplexity on SmolLM2 w4g128, README).
     """
     from qexport.lowering.onnx_ort import matmulnbits_accuracy
 
+    if accuracy_level is not None:
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise InvalidConfig(f"accuracy level must be 0 (fp32), 1, 2, 3 or 4 (int8 activations), got "
+                                f"{accuracy_level!r}")
+        return {"session.qdq_matmulnbits_accuracy_level": str(accuracy_level)}
     bits = set(weight_bits)
     level = matmulnbits_accuracy(8, None) if bits == {8} else matmulnbits_accuracy(min(bits or {4}), None)
     return {"session.qdq_matmulnbits_accuracy_level": str(level)}
@@ -435,7 +441,8 @@ def lower_qdq(model, target: str = "ort", scales: dict[str, torch.Tensor] | None
     keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
-    report.opset = INT2_OPSET if 2 in report.weight_bits else BLOCKED_OPSET
+    exported = max((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), default=0)
+    report.opset = max(exported, INT2_OPSET if 2 in report.weight_bits else BLOCKED_OPSET)
     if nf4_float:
         warnings.warn(f"{len(nf4_float)} NF4 layer(s) stay float in the TensorRT export (TensorRT has no NF4 form; "
                       f"first: {nf4_float[0]}); use a TensorRT-ready int recipe ({RESTRICTED_PRESETS}) to quantize "

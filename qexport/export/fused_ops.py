@@ -1,0 +1,118 @@
+"""Whole-op forms of a Llama-style decoder's attention, rotary embeddings and RMSNorm for the ONNX export.
+
+``torch.onnx.export`` of a Hugging Face Llama writes each of these out in elementwise ONNX ops: SmolLM2's
+decode step is ~2,600 nodes, and on a CPU ONNX Runtime spends about as long on the ~2,300 small ones as on
+the 211 weight MatMuls. Opset 23 has a standard op for each:
+
+* ``Attention`` (grouped-query: 3 kv heads for 9 query heads read as they are, no ``repeat_kv`` copy;
+  boolean mask; scale): ``scaled_dot_product_attention(..., enable_gqa=True)``, which the exporter lowers
+  to it at opset 23;
+* ``RotaryEmbedding`` (non-interleaved, ``cos`` / ``sin`` of shape ``[batch, seq, head_dim / 2]``): the
+  custom op ``qexport::rotary_embedding`` below, translated to it;
+* ``RMSNormalization``: ``torch.nn.functional.rms_norm``, which the exporter lowers to it.
+
+:func:`fused_ops` patches a model's modeling module for the duration of an export so that its forward
+calls these; the arithmetic is the same (tests compare the exported model with the PyTorch one). Only
+model types whose attention, rotary and norm code is Llama's are patched (:data:`FUSABLE_MODEL_TYPES`);
+others export as before. The TensorRT target never uses this (its parser and QDQ rules are checked on the
+opset-21 graph).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FUSED_OPSET", "FUSABLE_MODEL_TYPES", "fusable", "fused_ops", "rotary_embedding"]
+
+FUSED_OPSET = 23  # Attention, RotaryEmbedding, RMSNormalization
+# model types whose modeling module has Llama's ``apply_rotary_pos_emb`` (rotate_half form, cos / sin with
+# duplicated halves), an ``*RMSNorm`` with ``weight`` and ``variance_epsilon``, and HF's sdpa attention
+FUSABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@torch.library.custom_op("qexport::rotary_embedding", mutates_args=())
+def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` for ``x`` ``[batch, heads, seq, head_dim]`` and ``cos`` / ``sin``
+    ``[batch, seq, head_dim]`` (Hugging Face's rotary embeddings; its two halves are equal). Lowered to
+    ONNX's ``RotaryEmbedding`` (opset 23), which takes one half."""
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    h = x.shape[-1] // 2
+    return x * c + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * s
+
+
+@rotary_embedding.register_fake
+def _(x, cos, sin):
+    return torch.empty_like(x)
+
+
+def onnx_translations() -> dict:
+    """Translation of ``qexport::rotary_embedding`` for ``torch.onnx.export`` (opset 23)."""
+    from onnxscript import opset23 as op
+
+    def rope(x, cos, sin):
+        half = x.shape[-1] // 2
+        start, end, axis = (op.Constant(value_ints=[v]) for v in (0, half, -1))
+        return op.RotaryEmbedding(x, op.Slice(cos, start, end, axis), op.Slice(sin, start, end, axis),
+                                  interleaved=0)
+
+    return {torch.ops.qexport.rotary_embedding.default: rope}
+
+
+def fusable(model: nn.Module) -> str | None:
+    """None when :func:`fused_ops` applies to ``model``, else why not (for the export report)."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in FUSABLE_MODEL_TYPES:
+        return f"model type {kind!r} is not one of {', '.join(FUSABLE_MODEL_TYPES)}"
+    impl = getattr(config, "_attn_implementation", None)
+    if impl != "sdpa":
+        return f"attention implementation {impl!r} is not 'sdpa'"
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim % 2:
+        return f"head_dim {head_dim} is odd"
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        return "partial rotary embeddings"
+    return None
+
+
+def _rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
+    x = hidden_states.to(torch.float32)
+    y = torch.nn.functional.rms_norm(x, (x.shape[-1],), self.weight.to(torch.float32), self.variance_epsilon)
+    return y.to(hidden_states.dtype)
+
+
+def _apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids=None, unsqueeze_dim: int = 1):
+    return rotary_embedding(q, cos, sin), rotary_embedding(k, cos, sin)
+
+
+@contextlib.contextmanager
+def fused_ops(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model``'s attention runs as grouped-query SDPA, its rotary embeddings as
+    ``qexport::rotary_embedding`` and its RMSNorms as ``F.rms_norm`` (see the module docstring); restored on
+    exit. Raises ValueError when :func:`fusable` says no."""
+    why = fusable(model)
+    if why is not None:
+        raise ValueError(f"fused ops do not apply: {why}")
+    sdpa = importlib.import_module("transformers.integrations.sdpa_attention")
+    modeling = importlib.import_module(type(model).__module__)
+    norms = {type(m) for m in model.modules()
+             if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")}
+    saved = [(sdpa, "use_gqa_in_sdpa", sdpa.use_gqa_in_sdpa),
+             (modeling, "apply_rotary_pos_emb", modeling.apply_rotary_pos_emb)]
+    saved += [(cls, "forward", cls.forward) for cls in norms]
+    try:
+        # HF repeats the kv heads before SDPA unless it may pass enable_gqa, which it allows only without a
+        # mask; SDPA's math with enable_gqa and a mask is the same computation, and ONNX's Attention has both.
+        sdpa.use_gqa_in_sdpa = lambda attention_mask, key: True
+        modeling.apply_rotary_pos_emb = _apply_rotary
+        for cls in norms:
+            cls.forward = _rms_norm_forward
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
