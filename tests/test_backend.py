@@ -251,6 +251,7 @@ def test_onnxruntime_target_generate_with_dynamic_shapes():
     decode = {"rms_norm": 5, "rotate_half": 4, "expand": 4, "reshape": 4}
     assert decode in fused, fused
     assert all(r.rms_norm == 5 for o in dynamic for r in o.reports)
+    assert all(r.attention == 2 for o in dynamic for r in o.reports)  # opset 23: one Attention node per layer
 
 
 @pytest.mark.parametrize("target", ["eager", "onnxruntime"])

@@ -45,6 +45,7 @@ __all__ = ["OrtGraph", "export_graph", "freeze_parameters"]
 DOMAIN = "qexport"
 _F32, _I8 = 1, 3  # onnx.TensorProto.FLOAT, INT8
 MS_DOMAIN = "com.microsoft"
+ATTENTION_OPSET = 23  # ONNX Attention (grouped-query, masks), RotaryEmbedding, RMSNormalization
 
 
 def _translations():
@@ -156,12 +157,13 @@ class LoweringReport:
     llm_int8: int = 0  # LLM.int8() linears: MatMulInteger for the regular columns + float MatMul for outliers
     matmulbnb4: int = 0  # NF4 linears as com.microsoft.MatMulBnb4
     nf4_lookup: int = 0  # NF4 linears in the standard-ONNX lookup form (MatMulBnb4's blocks did not fit)
+    attention: int = 0  # scaled_dot_product_attention calls exported as one ONNX Attention node (opset 23)
     float_fallback: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
 
     def to_dict(self) -> dict[str, Any]:
         return {"matmulnbits": self.matmulnbits, "matmulinteger": self.matmulinteger, "rms_norm": self.rms_norm,
                 "llm_int8": self.llm_int8,
-                "matmulbnb4": self.matmulbnb4, "nf4_lookup": self.nf4_lookup,
+                "matmulbnb4": self.matmulbnb4, "nf4_lookup": self.nf4_lookup, "attention": self.attention,
                 "float_fallback": [{"node": n, "reason": r} for n, r in self.float_fallback]}
 
 
@@ -370,14 +372,20 @@ def tensor_only(gm: fx.GraphModule) -> tuple[list[int], tuple | None]:
 
 
 def export_graph(gm: fx.GraphModule, example_inputs, accuracy_level: int | None = None, dynamic_shapes=None):
-    """ONNX model (with ORT contrib ops) of ``gm`` at the shapes of ``example_inputs``, and its report."""
+    """ONNX model (with ORT contrib ops) of ``gm`` at the shapes of ``example_inputs``, and its report.
+
+    Opset 23, where the exporter writes ``scaled_dot_product_attention`` (what the ``fuse_attention`` pass and
+    Hugging Face's sdpa attention produce) as one ``Attention`` node instead of ~10 MatMul / Softmax / mask
+    nodes."""
     report = LoweringReport()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes, dynamo=True,
-                                 custom_translation_table=_translations(), optimize=False, verbose=False,
-                                 report=False)
-    return _rewrite(prog.model_proto, report, accuracy_level), report
+                                 opset_version=ATTENTION_OPSET, custom_translation_table=_translations(),
+                                 optimize=False, verbose=False, report=False)
+    model = _rewrite(prog.model_proto, report, accuracy_level)
+    report.attention = sum(n.op_type == "Attention" and n.domain in ("", "ai.onnx") for n in model.graph.node)
+    return model, report
 
 
 def freeze_parameters(gm: fx.GraphModule, example_inputs) -> set[int]:
