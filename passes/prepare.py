@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qexport.errors import InvalidConfig
 from qexport.passes.context import ActRange, QuantContext, act_range_for
 from qexport.passes.pass_manager import PassResult
 
@@ -39,6 +40,10 @@ def prepare(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         if ann.act_spec.dynamic:
             result.count("dynamic")
             continue
+        if ann.act_spec.static_fallback_ratio is not None:
+            raise InvalidConfig(f"{ann.module_path}: static_fallback_ratio is applied by qexport.calibrate() on a "
+                                "model quantized by qexport.quantize(); quantize and calibrate first, then "
+                                "torch.compile the quantized model")
         x = node.args[ann.input_index]
         if isinstance(x, fx.Node) and x.op == "call_module" and isinstance(gm.get_submodule(x.target), ActObserver):
             continue  # idempotent: already observed

@@ -224,7 +224,26 @@ def calibrate(model, batches: Iterable, *, progress: bool = False) -> int:
         )
     for m in qlinears:
         m.freeze_calibration()
+    _report_activation_fallbacks(model, qlinears)
     return count
+
+
+def _report_activation_fallbacks(model: nn.Module, qlinears: list) -> None:
+    """Warn about, and record in ``model.qexport_report``, the layers that ``QuantSpec.static_fallback_ratio``
+    left with float activations."""
+    names = {id(m): n for n, m in model.named_modules()}
+    fallen = [(names.get(id(m), "?"), m) for m in qlinears if m.activation_fallback]
+    if not fallen:
+        return
+    report = getattr(model, "qexport_report", None)
+    rows = {layer.name: layer for layer in (report.layers if report is not None else [])}
+    for name, m in fallen:
+        if name in rows:
+            rows[name].spec = f"{m.spec.describe()}, activations float"
+            rows[name].reason = m.activation_fallback
+    first, m = fallen[0]
+    warnings.warn(f"{len(fallen)} layer(s) keep float activations (static_fallback_ratio): {first}: "
+                  f"{m.activation_fallback}", stacklevel=3)
 
 
 def _excluded(recipe: Recipe, name: str) -> bool:

@@ -217,6 +217,11 @@ class QuantSpec:
             dequantized int8 weight columns), the other columns as int8 x int8 with per-token scales, and
             the two are summed (:mod:`qexport.llm_int8`). ``6.0`` is the paper's and bitsandbytes' default;
             ``inf`` gives plain per-token W8A8. None (the default): no decomposition.
+        static_fallback_ratio: activations only (static, calibrated): a layer whose calibrated range is more
+            than this many times the range of its median calibration token keeps float activations (its
+            weights stay quantized), with a warning and a report entry. A few tokens with massive
+            activations (attention sinks) would otherwise set the one scale of every token, leaving the
+            others a handful of codes. None (the default): every layer is quantized as calibrated.
     """
 
     bits: int = 8
@@ -231,6 +236,7 @@ class QuantSpec:
     dynamic: bool = False
     outlier_threshold: float | None = None
     restricted_range: bool = False
+    static_fallback_ratio: float | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -286,6 +292,13 @@ class QuantSpec:
                     "outlier_threshold (LLM.int8() decomposition) needs an int8 symmetric per-token dynamic "
                     f"activation spec (bits=8, granularity='per_token', dynamic=true), got {self.describe()}")
             set_("outlier_threshold", float(t))
+        if self.static_fallback_ratio is not None:
+            r = self.static_fallback_ratio
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 1 or math.isinf(r):
+                raise InvalidConfig(f"static_fallback_ratio must be a finite number > 1 or null, got {r!r}")
+            if self.dynamic:
+                raise InvalidConfig("static_fallback_ratio is for calibrated (static) activation specs, not dynamic ones")
+            set_("static_fallback_ratio", float(r))
 
     # ---- helpers -------------------------------------------------------------------------------
     @property
@@ -320,14 +333,16 @@ class QuantSpec:
             parts.append("dynamic")
         if self.outlier_threshold is not None:
             parts.append(f"llm.int8 outliers>={self.outlier_threshold:g}")
+        if self.static_fallback_ratio is not None:
+            parts.append(f"float where range>{self.static_fallback_ratio:g}x median token")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name == "outlier_threshold" and v is None:
-                continue  # only LLM.int8() activation specs have one: every other spec's JSON is unchanged
+            if f.name in ("outlier_threshold", "static_fallback_ratio") and v is None:
+                continue  # only some activation specs have one: every other spec's JSON is unchanged
             out[f.name] = v.value if isinstance(v, Enum) else v
         return out
 
@@ -649,6 +664,9 @@ class Recipe:
 
 
 LLM_INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold (the paper's and bitsandbytes' default)
+# Static activations: SmolLM2's rotated down_proj inputs reach 197x (layer 11) and 17x (layer 28) their median
+# token's range (attention-sink tokens); every other linear stays under 15x.
+STATIC_FALLBACK_RATIO = 16.0
 
 
 def _single(name: str, spec: QuantSpec, description: str) -> Recipe:
@@ -733,6 +751,12 @@ CALIBRATED_PRESETS: dict[str, Recipe] = {
                description="int4 attention / int2 MLP weights (2.5 bits per weight on Llama-style blocks whose MLP "
                            "holds 3/4 of the weights), groups of 64, asymmetric, GPTQ after a randomized Hadamard "
                            "rotation (Llama models; needs calibration data)"),
+        Recipe(name="w8a8-static-hadamard", options={"rotate": "hadamard"},
+               rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_tensor",
+                                                             static_fallback_ratio=STATIC_FALLBACK_RATIO)),),
+               description="int8 per-channel weights, int8 per-tensor calibrated activations after a randomized "
+                           "Hadamard rotation (Llama models); layers whose calibrated range is > 16x the median "
+                           "token's keep float activations (needs calibration data)"),
         Recipe(name="w4g128-awq", algorithm="awq",
                rules=(Rule("*", QuantSpec(bits=4, group_size=128, symmetric=False)),),
                description="int4 weights, groups of 128, asymmetric, AWQ scales and clipping (needs calibration data)"),

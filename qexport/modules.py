@@ -52,6 +52,8 @@ class QLinear(nn.Module):
         # static activation quantization: calibrated scale / zero point, and the running range while observing
         self.observing = False
         self.act_zero_point = 0
+        self.activation_fallback: str | None = None  # why calibrated activations stayed float (static_fallback_ratio)
+        self._token_ranges: list[torch.Tensor] = []  # per-token max |x| while observing, for static_fallback_ratio
         if act_spec is not None and not act_spec.dynamic:
             self.register_buffer("act_scale", torch.zeros(()))  # 0 until calibrated
             self.register_buffer("obs_min", torch.full((), float("inf")), persistent=False)
@@ -75,9 +77,23 @@ class QLinear(nn.Module):
         """Turn the observed activation range into the static scale and stop observing."""
         if not torch.isfinite(self.obs_min):
             raise CalibrationError("no calibration data reached this layer")
+        ratio = self.act_spec.static_fallback_ratio
+        tokens = torch.cat(self._token_ranges) if self._token_ranges else None
+        self._token_ranges = []
+        self.observing = False
+        if ratio is not None and tokens is not None:
+            median = float(tokens.median())
+            peak = float(torch.maximum(self.obs_max.abs(), self.obs_min.abs()))
+            if peak > ratio * median:
+                self.activation_fallback = (f"calibrated range {peak:.3g} is {peak / max(median, 1e-30):.0f}x the "
+                                            f"median token's {median:.3g} (> static_fallback_ratio {ratio:g}): "
+                                            "activations kept float, weights quantized")
+                self.act_spec = None
+                for name in ("act_scale", "obs_min", "obs_max"):
+                    delattr(self, name)
+                return
         scale, self.act_zero_point = activation_qparams(self.obs_min, self.obs_max, self.act_spec)
         self.act_scale.copy_(scale)
-        self.observing = False
 
     def quantized_weight(self) -> QuantizedWeight:
         """The stored weight as a :class:`QuantizedWeight` view on this module's buffers."""
@@ -117,6 +133,8 @@ class QLinear(nn.Module):
         if self.observing:
             self.obs_min = torch.minimum(self.obs_min, x.detach().amin().to(torch.float32))
             self.obs_max = torch.maximum(self.obs_max, x.detach().amax().to(torch.float32))
+            if a.static_fallback_ratio is not None:
+                self._token_ranges.append(x.detach().abs().amax(-1).flatten().to(torch.float32))
             return self._weight_only(x)
         # torch.export cannot branch on a buffer's value; qexport.export checks calibration before exporting
         if not torch.compiler.is_exporting() and not self.calibrated:

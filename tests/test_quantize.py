@@ -238,6 +238,41 @@ def test_w8a8_static_needs_calibration_then_matches_reference():
         assert sqnr_db(model(ids).logits, q(ids).logits) > 25
 
 
+def test_static_fallback_ratio_keeps_outlier_dominated_inputs_float():
+    """A layer whose calibrated input range is set by one massive token keeps float activations (weights int8)
+    when the range passes static_fallback_ratio x the median token's; the others are calibrated as usual."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.Linear(32, 8)).eval()
+    act = QuantSpec(bits=8, granularity="per_tensor", static_fallback_ratio=50)
+    recipe = Recipe("static-fb", rules=(Rule("*", QuantSpec(bits=8), act),))
+    batches = [torch.randn(1, 64, 16) for _ in range(2)]
+    batches[1][0, 5] *= 300  # one token, 300x: it alone would set layer 0's scale
+    q = qexport.quantize(copy.deepcopy(model), recipe)
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) keep float activations \(static_fallback_ratio\): 0: "):
+        qexport.calibrate(q, batches)
+    first, last = q[0], q[2]
+    assert first.act_spec is None and "static_fallback_ratio 50" in first.activation_fallback
+    assert "0.act_scale" not in q.state_dict() and "2.act_scale" in q.state_dict()
+    assert last.calibrated and last.activation_fallback is None  # LayerNorm output: no token dominates
+    x = torch.randn(3, 16)
+    with torch.no_grad():  # the fallen-back layer is exactly the weight-only int8 layer
+        torch.testing.assert_close(first(x), x @ first.dequantized_weight().T + first.bias, atol=1e-5, rtol=0)
+    rows = {layer.name: layer for layer in q.qexport_report.layers}
+    assert rows["0"].spec.endswith("activations float") and "median token" in rows["0"].reason
+    assert rows["2"].reason == ""
+    plain = qexport.quantize(copy.deepcopy(model), Recipe("static", rules=(Rule("*", QuantSpec(bits=8), QuantSpec(
+        bits=8, granularity="per_tensor")),)))
+    qexport.calibrate(plain, batches)
+    assert plain[0].calibrated and plain[2].calibrated
+    # the spec: validated, in JSON only when set
+    assert QuantSpec.from_dict(act.to_dict()) == act and "static_fallback_ratio" not in QuantSpec(bits=8).to_dict()
+    for bad in (1, 0.5, float("inf"), True, "16"):
+        with pytest.raises(InvalidConfig, match="static_fallback_ratio must be"):
+            QuantSpec(bits=8, granularity="per_tensor", static_fallback_ratio=bad)
+    with pytest.raises(InvalidConfig, match="not dynamic ones"):
+        QuantSpec(bits=8, granularity="per_token", dynamic=True, static_fallback_ratio=16)
+
+
 def test_calibrate_rejects_models_without_static_layers():
     from qexport.errors import CalibrationError
 

@@ -285,6 +285,8 @@ def _layer_table(model: nn.Module, qdq) -> list[dict[str, Any]]:
             row.update(status="float" if fallback else "quantized", spec=layer.spec, onnx=qdq.layers[layer.name])
             if fallback:
                 row["reason"] = f"quantized by the recipe ({layer.spec}), but {fallback}: dequantized at export"
+            elif layer.reason:  # quantized, with a note (e.g. activations kept float by static_fallback_ratio)
+                row["note"] = layer.reason
         elif layer.status == "quantized":
             row.update(status="float", spec=layer.spec, reason="not reached by the exported forward pass")
         else:
