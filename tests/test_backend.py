@@ -246,9 +246,9 @@ def test_onnxruntime_target_generate_with_dynamic_shapes():
     assert dynamic and all(len(o.sessions) == 1 for o in dynamic)  # one session serves every later step
     assert sum(len(o.sessions) for o in ort_graphs) <= 4  # not one export per generated token
     # the target's own rewrites ran on the decode graph: 2 norms per layer + the final one, q and k rotations,
-    # repeat_kv's expand + reshape for k and v (tiny_llama: 2 layers, grouped-query attention)
+    # one grouped-query SDPA per layer without repeat_kv's copies (tiny_llama: 2 layers, 4 heads, 2 kv heads)
     fused = [{name: n for f in o.fusions for name, n in f.changed.items()} for o in dynamic]
-    decode = {"rms_norm": 5, "rotate_half": 4, "expand": 4, "reshape": 4}
+    decode = {"rms_norm": 5, "rotate_half": 4, "gqa": 2}
     assert decode in fused, fused
     assert all(r.rms_norm == 5 for o in dynamic for r in o.reports)
     assert all(r.attention == 2 for o in dynamic for r in o.reports)  # opset 23: one Attention node per layer

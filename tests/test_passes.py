@@ -416,3 +416,49 @@ def test_fuse_rotate_half(swapped):
     out = torch.compile(model, backend=backend)(q, cos, sin)
     torch.testing.assert_close(out, model(q, cos, sin), atol=0, rtol=0)
     assert results[0].changed == ({} if swapped else {"rotate_half": 1}) and results[1] == (0 if swapped else 1)
+
+
+class RepeatKVAttention(nn.Module):
+    """Hugging Face's ``repeat_kv`` then SDPA with a mask; ``mismatched`` repeats the values differently (a
+    look-alike that must not fuse)."""
+
+    def __init__(self, mismatched=False):
+        super().__init__()
+        self.mismatched = mismatched
+
+    @staticmethod
+    def repeat(x, n):
+        b, kv, length, d = x.shape
+        return x[:, :, None, :, :].expand(b, kv, n, length, d).reshape(b, kv * n, length, d)
+
+    def forward(self, q, k, v, mask):
+        v = v.repeat(1, 3, 1, 1) if self.mismatched else self.repeat(v, 3)
+        return torch.nn.functional.scaled_dot_product_attention(q, self.repeat(k, 3), v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("mismatched", [False, True])
+def test_fuse_gqa(mismatched):
+    import torch._dynamo
+
+    from qexport.passes.fuse_gqa import fuse_gqa
+
+    results = []
+
+    def backend(gm, example_inputs):
+        results.append(fuse_gqa(gm))
+        results.append(sum(1 for n in gm.graph.nodes if n.op == "call_method" and n.target == "expand"))
+        results.append([n.kwargs.get("enable_gqa") for n in gm.graph.nodes if "scaled_dot_product" in str(n.target)])
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = RepeatKVAttention(mismatched)
+    q, k, v = torch.randn(2, 6, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    mask = torch.rand(2, 1, 5, 5) > 0.3
+    mask[..., 0] = True
+    out = torch.compile(model, backend=backend)(q, k, v, mask)
+    torch.testing.assert_close(out, model(q, k, v, mask), atol=1e-6, rtol=0)
+    fused, expands, gqa = results
+    if mismatched:
+        assert fused.changed == {} and expands == 1 and gqa == [None]  # key repeated, value tiled
+    else:
+        assert fused.changed == {"gqa": 1} and expands == 0 and gqa == [True]

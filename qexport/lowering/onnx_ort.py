@@ -17,7 +17,9 @@ Two steps:
 Before export, :class:`OrtGraph` rewrites its copy of the graph for this target (fewer, larger ONNX
 nodes: ORT pays a few microseconds per node, and a SmolLM2 decode step has ~2600 of them):
 ``fuse_rmsnorm`` (hand-written RMSNorm -> ``qexport::rms_norm`` -> one ``SimplifiedLayerNormalization``),
-``fuse_rotate_half`` (rotary embeddings' slice / neg / concat -> one ``MatMul``) and ``static_sizes`` (symbolic reshape / expand sizes -> ``-1``, so shapes are constants).
+``fuse_rotate_half`` (rotary embeddings' slice / neg / concat -> one ``MatMul``), ``fuse_gqa`` (``repeat_kv``
+copies before SDPA removed, ``enable_gqa=True``: with opset 23 each attention is one grouped-query ``Attention``
+node) and ``static_sizes`` (symbolic reshape / expand sizes -> ``-1``, so shapes are constants).
 
 :class:`OrtGraph` exports a graph traced with symbolic sizes once, with dynamic axes, and a static graph
 once per input shape signature, and caches the sessions.
@@ -36,6 +38,7 @@ import torch.fx as fx
 
 from qexport.errors import UnsupportedOp
 from qexport.lowering.llm_int8 import OP_TYPE as LLM_INT8_OP, SCHEMA as LLM_INT8_SCHEMA, lower_llm_int8
+from qexport.passes.fuse_gqa import fuse_gqa
 from qexport.passes.fuse_rmsnorm import fuse_rmsnorm
 from qexport.passes.fuse_rotate_half import fuse_rotate_half
 from qexport.passes.static_sizes import static_sizes
@@ -433,7 +436,7 @@ class OrtGraph:
         self.sessions: dict[tuple, Any] = {}
         self.reports: list[LoweringReport] = []
         frozen = freeze_parameters(self.gm, example_inputs)
-        self.fusions = [fuse_rmsnorm(self.gm), fuse_rotate_half(self.gm), static_sizes(self.gm)]
+        self.fusions = [fuse_rmsnorm(self.gm), fuse_rotate_half(self.gm), fuse_gqa(self.gm), static_sizes(self.gm)]
         live = [i for i in range(len(example_inputs)) if i not in frozen]
         keep, self.dynamic_shapes = tensor_only(self.gm)
         self.keep = [live[i] for i in keep]  # positions in the arguments dynamo passes
