@@ -243,7 +243,7 @@ def _report_activation_fallbacks(model: nn.Module, qlinears: list) -> None:
             rows[name].reason = m.activation_fallback
     first, m = fallen[0]
     warnings.warn(f"{len(fallen)} layer(s) keep float activations (static_fallback_ratio): {first}: "
-                  f"{m.activation_fallback}", stacklevel=3)
+                  f"{m.activation_fallback}", stacklevel=4)  # the caller of calibrate() (under no_grad)
 
 
 def _excluded(recipe: Recipe, name: str) -> bool:

@@ -218,6 +218,17 @@ def test_unfusable_model_exports_unfused_with_reason(tok, tmp_path):
     assert res["max_abs"] < 1e-4, res
 
 
+def test_rotated_static_w8a8_export_matches_torch(tok, tmp_path):
+    """w8a8-static-hadamard: rotation folded into the weights, the online down_proj rotation, calibrated
+    per-tensor activations (QuantizeLinear + MatMulInteger), with the KV cache."""
+    res = export_onnx(tiny_llama(), tmp_path / "sh", "w8a8-static-hadamard", tok, calibration=calibration())
+    ref = qexport.quantize(tiny_llama(), "w8a8-static-hadamard")
+    qexport.calibrate(ref, calibration())
+    out = verify(res.path, reference=ref, session_config=EXACT, decode_steps=3)
+    assert out["max_abs"] < 1e-4 and out["top1_agreement"] == 1.0, out
+    assert sum(layer["status"] == "quantized" for layer in res.report["layers"]) == 14  # 2 x 7 linears; lm_head float
+
+
 def test_perplexity_matches_torch(exported, tok):
     from qexport.eval import perplexity
 
