@@ -77,6 +77,14 @@ def fusable(model: nn.Module) -> str | None:
         return f"head_dim {head_dim} is odd"
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         return "partial rotary embeddings"
+    try:
+        sdpa = importlib.import_module("transformers.integrations.sdpa_attention")
+        modeling = importlib.import_module(type(model).__module__)
+    except ImportError as e:
+        return f"cannot import the modeling code to patch ({e})"
+    if not callable(getattr(sdpa, "use_gqa_in_sdpa", None)) or not callable(getattr(modeling, "apply_rotary_pos_emb",
+                                                                                    None)):
+        return "this transformers version's sdpa attention / rotary code is not the one fused_ops patches"
     return None
 
 
