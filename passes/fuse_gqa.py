@@ -51,6 +51,11 @@ def _repeated(node) -> tuple[fx.Node, int] | None:
     n_rep = ev.shape[2]
     if not isinstance(n_rep, int) or n_rep < 1 or rv.dim() != 4 or rv.shape[1] != xv.shape[1] * n_rep:
         return None
+    # only the new axis may be broadcast (sizes compared as text: symbolic sizes are the same symbol)
+    same = lambda a, b: [str(d) for d in a] == [str(d) for d in b]  # noqa: E731
+    if not (same([ev.shape[i] for i in (0, 1, 3, 4)], xv.shape) and same([rv.shape[0], *rv.shape[2:]],
+                                                                         [xv.shape[0], *xv.shape[2:]])):
+        return None
     return x, n_rep
 
 
