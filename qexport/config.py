@@ -297,7 +297,8 @@ class QuantSpec:
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 1 or math.isinf(r):
                 raise InvalidConfig(f"static_fallback_ratio must be a finite number > 1 or null, got {r!r}")
             if self.dynamic:
-                raise InvalidConfig("static_fallback_ratio is for calibrated (static) activation specs, not dynamic ones")
+                raise InvalidConfig("static_fallback_ratio is for calibrated (static) activation specs, not "
+                                    "dynamic ones")
             set_("static_fallback_ratio", float(r))
 
     # ---- helpers -------------------------------------------------------------------------------

@@ -126,7 +126,8 @@ def ort_session_config(weight_bits: set[int] | list[int], accuracy_level: int | 
     from ``DequantizeLinear -> MatMul`` (ORT's default 4: int8 activations). ``accuracy_level`` when given,
     else the compile back-end's choice (:func:`qexport.lowering.onnx_ort.matmulnbits_accuracy`): 4 when every
     weight is 8-bit (the fp32-activation 8-bit kernel is far slower), else 0 (fp32 activations, the reference
-    numerics; level 4 runs int4 about twice as fast for +0.9% perplexity on SmolLM2 w4g128, README).
+    numerics; level 4 runs the int4 kernels about twice as fast, a SmolLM2 w4g128 decode step ~1.5x, for +0.9%
+    perplexity, README).
     """
     from qexport.lowering.onnx_ort import matmulnbits_accuracy
 
