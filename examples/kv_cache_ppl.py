@@ -23,6 +23,7 @@ import torch
 import qexport
 from qexport.config import KV_CACHE_PRESETS
 from qexport.eval import perplexity
+from qexport.export.onnx import kv_geometry
 from qexport.models import bundled_text, load_model, read_text
 
 
@@ -42,8 +43,7 @@ def main() -> None:
     text = read_text(bundled_text("emma"))
     window = min(args.window, args.tokens)
     kv_names = [k for k in args.kv.split(",") if k]
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = kv_geometry(model.config)[2]
     specs = {}
     for name in kv_names:  # a format whose groups do not fit this model's heads gets one group per head
         spec = KV_CACHE_PRESETS[name]

@@ -20,14 +20,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from qexport.passes.graph_utils import arg, erase_unused, is_call
+from qexport.passes.graph_utils import arg, erase_unused, is_call, node_value
 from qexport.passes.pass_manager import PassResult
 
 SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-
-
-def _val(node):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
 
 
 def _repeated(node) -> tuple[fx.Node, int] | None:
@@ -45,7 +41,7 @@ def _repeated(node) -> tuple[fx.Node, int] | None:
     full = slice(None, None, None)
     if idx not in ((full, full, None, full, full), (full, full, None)):
         return None
-    xv, ev, rv = _val(x), _val(exp), _val(node)
+    xv, ev, rv = node_value(x), node_value(exp), node_value(node)
     if not all(isinstance(v, torch.Tensor) for v in (xv, ev, rv)) or xv.dim() != 4 or ev.dim() != 5:
         return None
     n_rep = ev.shape[2]

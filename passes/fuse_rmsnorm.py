@@ -22,26 +22,11 @@ import operator
 import torch
 import torch.fx as fx
 
-from qexport.passes.graph_utils import arg, erase_unused, is_call
+from qexport.passes.graph_utils import arg, erase_unused, is_call, node_value
 from qexport.passes.pass_manager import PassResult
 
 CAST_METHODS = {"to", "type", "float"}
 MUL = ({operator.mul, torch.mul}, {"mul"})
-
-
-def _value(node, gm: fx.GraphModule | None = None):
-    """The example (or constant) tensor of ``node``: dynamo's / aot's meta, or a get_attr's value in ``gm``."""
-    if not isinstance(node, fx.Node):
-        return None
-    val = node.meta.get("example_value", node.meta.get("val"))
-    meta = node.meta.get("tensor_meta")  # from ShapeProp
-    if val is None and meta is not None and hasattr(meta, "dtype"):
-        val = torch.empty(meta.shape, dtype=meta.dtype, device="meta")
-    if val is None and node.op == "get_attr" and gm is not None:
-        val = gm
-        for part in node.target.split("."):
-            val = getattr(val, part, None)
-    return val if isinstance(val, torch.Tensor) else None
 
 
 def _skip_casts(node):
@@ -62,7 +47,8 @@ def _is_last_dim_mean(node) -> bool:
         return False
     dim = arg(node, 1, "dim")
     keep = arg(node, 2, "keepdim", False)
-    rank = _value(node.args[0]).dim() if _value(node.args[0]) is not None else None
+    x = node_value(node.args[0])
+    rank = x.dim() if x is not None else None
     dims = list(dim) if isinstance(dim, (list, tuple)) else [dim]
     return bool(keep) and len(dims) == 1 and (dims[0] == -1 or (rank is not None and dims[0] == rank - 1))
 
@@ -89,7 +75,7 @@ def _match(out: fx.Node, gm: fx.GraphModule):
                 return None
             if any(len(n.users) != 1 for n in (r, a, v, v.args[0])):
                 return "an intermediate of the norm has other users"
-            vals = [_value(h0), _value(weight, gm), _value(out)]
+            vals = [node_value(h0), node_value(weight, gm), node_value(out)]
             if any(t is None for t in vals):
                 return "unknown dtypes or shapes"
             if any(t.dtype != torch.float32 for t in vals):

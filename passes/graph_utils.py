@@ -48,6 +48,21 @@ def is_softmax(node: fx.Node) -> bool:
     return is_call(node, SOFTMAX_FUNCS, {"softmax"})
 
 
+def node_value(node, gm: fx.GraphModule | None = None):
+    """The example (or constant) tensor of ``node``: dynamo's / aot's meta, or a get_attr's value in ``gm``."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("example_value", node.meta.get("val"))
+    meta = node.meta.get("tensor_meta")  # from ShapeProp
+    if val is None and meta is not None and hasattr(meta, "dtype"):
+        val = torch.empty(meta.shape, dtype=meta.dtype, device="meta")
+    if val is None and node.op == "get_attr" and gm is not None:
+        val = gm
+        for part in node.target.split("."):
+            val = getattr(val, part, None)
+    return val if isinstance(val, torch.Tensor) else None
+
+
 def arg(node: fx.Node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]

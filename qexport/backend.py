@@ -85,9 +85,10 @@ class BackendOptions:
         fuse = options.get("fuse_attention", True)
         if not isinstance(fuse, bool):
             raise InvalidConfig(f"fuse_attention must be true or false, got {fuse!r}")
+        from qexport.lowering.onnx_ort import check_accuracy_level
+
         acc = options.get("ort_accuracy_level")
-        if acc is not None and acc not in (0, 1, 2, 3, 4):
-            raise InvalidConfig(f"ort_accuracy_level must be 0 (fp32), 1, 2, 3 or 4 (int8 activations), got {acc!r}")
+        check_accuracy_level(acc, "ort_accuracy_level")
         if target == "onnxruntime" and not _onnx_available():
             raise InvalidConfig("target 'onnxruntime' needs onnxruntime and onnxscript: pip install 'qexport[onnx]'")
         return cls(recipe, mode, target, fuse, acc)

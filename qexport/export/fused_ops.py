@@ -27,9 +27,10 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FUSED_OPSET", "FUSABLE_MODEL_TYPES", "fusable", "fused_ops", "rotary_embedding"]
+__all__ = ["FUSED_OPSET", "ONNX_OPS", "FUSABLE_MODEL_TYPES", "fusable", "fused_ops", "rotary_embedding"]
 
 FUSED_OPSET = 23  # Attention, RotaryEmbedding, RMSNormalization
+ONNX_OPS = {"attention": "Attention", "rotary": "RotaryEmbedding", "norm": "RMSNormalization"}  # export report
 # model types whose modeling module has Llama's ``apply_rotary_pos_emb`` (rotate_half form, cos / sin with
 # duplicated halves), an ``*RMSNorm`` with ``weight`` and ``variance_epsilon``, and HF's sdpa attention
 FUSABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -72,7 +73,9 @@ def fusable(model: nn.Module) -> str | None:
     impl = getattr(config, "_attn_implementation", None)
     if impl != "sdpa":
         return f"attention implementation {impl!r} is not 'sdpa'"
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    from qexport.export.onnx import kv_geometry
+
+    head_dim = kv_geometry(config)[2]
     if head_dim % 2:
         return f"head_dim {head_dim} is odd"
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:

@@ -17,7 +17,9 @@ outputs ``logits`` [batch, seq, vocab] and ``present.{i}.key`` / ``.value`` [bat
 head_dim]. Batch, sequence and past lengths are dynamic (past may be 0 for the first step).
 
 The graph is the canonical quantized form (``qexport`` custom ops, as every back-end sees it) exported by
-``torch.onnx.export`` and lowered by :func:`qexport.lowering.qdq.lower_qdq`: no second quantizer.
+``torch.onnx.export`` and lowered by :func:`qexport.lowering.qdq.lower_qdq`: no second quantizer. For the ONNX
+Runtime target, Llama-style attention, rotary embeddings and RMSNorm are exported as opset 23's ``Attention`` /
+``RotaryEmbedding`` / ``RMSNormalization`` (:mod:`qexport.export.fused_ops`; ``fuse=False`` writes them out).
 """
 
 from __future__ import annotations
@@ -342,6 +344,7 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
     Raises:
         OutputExists, UnsupportedOp (a layer or op the target cannot run), CalibrationError, ModelLoadError.
     """
+    from qexport.export import fused_ops
     from qexport.lowering.qdq import NF4_FORMS, TARGETS, ort_session_config
 
     if target not in TARGETS:
@@ -388,8 +391,7 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
             "recipe": recipe_dict.get("name") if recipe_dict else None,
             "target": target,
             "opset": qdq.opset,
-            "fused_ops": ({"attention": "Attention", "rotary": "RotaryEmbedding", "norm": "RMSNormalization"}
-                          if unfused is None else {"not_used": unfused}),
+            "fused_ops": dict(fused_ops.ONNX_OPS) if unfused is None else {"not_used": unfused},
             "files": {f: (tmp / f).stat().st_size for f in files},
             "onnx_bytes": sum((tmp / f).stat().st_size for f in files),
             "inputs": input_names(layers, kv),

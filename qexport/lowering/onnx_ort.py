@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from qexport.errors import UnsupportedOp
+from qexport.errors import InvalidConfig, UnsupportedOp
 from qexport.lowering.llm_int8 import OP_TYPE as LLM_INT8_OP, SCHEMA as LLM_INT8_SCHEMA, lower_llm_int8
 from qexport.passes.fuse_gqa import fuse_gqa
 from qexport.passes.fuse_rmsnorm import fuse_rmsnorm
@@ -185,6 +185,15 @@ def _weight_format(a: dict[str, Any]) -> tuple[str, int, int, int, bool]:
     """``(fmt, bits, group, in_features, symmetric)`` of a QLinear / DequantizeWeight node's attributes."""
     fmt = a["fmt"].decode() if isinstance(a["fmt"], bytes) else a["fmt"]
     return fmt, a["bits"], a["group"], a["in_features"], bool(a["symmetric"])
+
+
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 fp32 activations ... 4 int8 activations
+
+
+def check_accuracy_level(level, what: str) -> None:
+    """InvalidConfig naming ``what`` unless ``level`` is None or a MatMulNBits accuracy level."""
+    if level is not None and level not in ACCURACY_LEVELS:
+        raise InvalidConfig(f"{what} must be 0 (fp32), 1, 2, 3 or 4 (int8 activations), got {level!r}")
 
 
 def matmulnbits_accuracy(bits: int, accuracy_level: int | None) -> int:

@@ -129,12 +129,10 @@ def ort_session_config(weight_bits: set[int] | list[int], accuracy_level: int | 
     numerics; level 4 runs the int4 kernels about twice as fast, a SmolLM2 w4g128 decode step ~1.5x, for +0.9%
     perplexity, README).
     """
-    from qexport.lowering.onnx_ort import matmulnbits_accuracy
+    from qexport.lowering.onnx_ort import check_accuracy_level, matmulnbits_accuracy
 
+    check_accuracy_level(accuracy_level, "MatMulNBits accuracy level")
     if accuracy_level is not None:
-        if accuracy_level not in (0, 1, 2, 3, 4):
-            raise InvalidConfig(f"accuracy level must be 0 (fp32), 1, 2, 3 or 4 (int8 activations), got "
-                                f"{accuracy_level!r}")
         return {"session.qdq_matmulnbits_accuracy_level": str(accuracy_level)}
     bits = set(weight_bits)
     level = matmulnbits_accuracy(8, None) if bits == {8} else matmulnbits_accuracy(min(bits or {4}), None)
