@@ -114,6 +114,7 @@ def _is_llama_block(block: nn.Module) -> bool:
             and all(isinstance(getattr(getattr(block, n, None), "weight", None), torch.Tensor)
                     for n in ("input_layernorm", "post_attention_layernorm")))
 
+
 def llama_blocks(model: nn.Module, todo: list[LayerTask], probe: torch.Tensor, algorithm: str, instead: str):
     """``(blocks, by_block, rest)`` for the tasks of an algorithm that folds scales into Llama-style decoder blocks
     (AWQ, SmoothQuant); :class:`UnsupportedOp`, naming ``instead``, when the model has no such blocks."""
@@ -126,7 +127,6 @@ def llama_blocks(model: nn.Module, todo: list[LayerTask], probe: torch.Tensor, a
         )
     by_block, rest = split_by_block(blocks, todo)
     return blocks, by_block, rest
-
 
 
 def _head_layout(attn: nn.Module) -> tuple[int, int, int] | None:
