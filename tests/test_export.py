@@ -515,3 +515,11 @@ def test_cli_export_verify_eval(tmp_path, capsys):
                  "--window", "64", "--reference", "--json", str(tmp_path / "e.json")]) == 0
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["ppl_ratio"] == pytest.approx(1.0, abs=1e-4)
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["opset"] == 23 and report["fused_ops"]["attention"] == "Attention"
+    # the export flags reach export_onnx: elementwise form, accuracy level 4 in the folder's session settings
+    assert main(["export", "--model", str(ckpt), "--recipe", "w4g128", "--out", str(out), "--force", "--no-fuse",
+                 "--ort-accuracy-level", "4"]) == 0
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["opset"] == 21 and report["fused_ops"] == {"not_used": "not asked for"}
+    assert report["ort_session_config"] == {"session.qdq_matmulnbits_accuracy_level": "4"}
