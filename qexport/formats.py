@@ -149,7 +149,7 @@ def _percentile(x: torch.Tensor, pct: float) -> tuple[torch.Tensor, torch.Tensor
 def _mse(x: torch.Tensor, bits: int, symmetric: bool, fmt: NumberFormat, restricted: bool = False
          ) -> tuple[torch.Tensor, torch.Tensor]:
     lo0, hi0 = _minmax(x)
-    best_err = torch.full(lo0.shape, float("inf"), dtype=torch.float32)
+    best_err = torch.full(lo0.shape, float("inf"), dtype=torch.float32, device=x.device)
     best_lo, best_hi = lo0.clone(), hi0.clone()
     for s in MSE_SHRINK.tolist():
         lo, hi = lo0 * s, hi0 * s
@@ -240,7 +240,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if pad:
         fields = torch.nn.functional.pad(fields, (0, pad))
     fields = fields.reshape(r, -1, per_byte)
-    out = torch.zeros(fields.shape[:2], dtype=torch.int16)
+    out = torch.zeros(fields.shape[:2], dtype=torch.int16, device=codes.device)
     for k in range(per_byte):
         out |= fields[..., k] << (bits * k)
     return out.to(torch.uint8)
@@ -286,11 +286,11 @@ _NF4_MIDPOINTS = (NF4_CODE[1:] + NF4_CODE[:-1]) / 2
 def nf4_indices(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """Index (0..15) of the NF4 code nearest to ``x / absmax``; ``absmax`` broadcasts against ``x``."""
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    return torch.bucketize((x / safe).clamp(-1, 1).contiguous(), _NF4_MIDPOINTS)
+    return torch.bucketize((x / safe).clamp(-1, 1).contiguous(), _NF4_MIDPOINTS.to(x.device))
 
 
 def _nf4_roundtrip(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    return NF4_CODE[nf4_indices(x, absmax[..., None])] * absmax[..., None]
+    return NF4_CODE.to(x.device)[nf4_indices(x, absmax[..., None])] * absmax[..., None]
 
 
 @dataclass

@@ -71,10 +71,17 @@ def _(x, qdata, scale, zero_point, bias, fmt, bits, group, in_features, symmetri
     return x.new_empty((*x.shape[:-1], qdata.shape[0]))
 
 
+def _div_127(amax: Tensor) -> Tensor:
+    """``amax / 127`` rounded as an IEEE division on every device. A Python-number divisor would not do:
+    on CUDA PyTorch multiplies by its float32 reciprocal instead, which rounds some quotients one ulp off
+    (and then differs from the CPU, from ONNX Runtime's Div and from the Triton kernel)."""
+    return amax / torch.full_like(amax, 127.0)
+
+
 @torch.library.custom_op("qexport::quantize_per_token", mutates_args=())
 def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     xf = x.to(torch.float32)
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(_EPS)
+    scale = _div_127(xf.abs().amax(dim=-1, keepdim=True)).clamp_min(_EPS)
     q = torch.round(xf / scale).clamp(-128, 127).to(torch.int8)
     return q, scale
 
@@ -87,7 +94,7 @@ def _(x):
 @torch.library.custom_op("qexport::quantize_per_tensor_dynamic", mutates_args=())
 def quantize_per_tensor_dynamic(x: Tensor) -> tuple[Tensor, Tensor]:
     xf = x.to(torch.float32)
-    scale = (xf.abs().amax() / 127.0).clamp_min(_EPS)
+    scale = _div_127(xf.abs().amax()).clamp_min(_EPS)
     q = torch.round(xf / scale).clamp(-128, 127).to(torch.int8)
     return q, scale
 
