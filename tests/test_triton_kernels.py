@@ -162,6 +162,26 @@ def test_weight_only_forced_small_tiles(name):
 
 
 @needs_triton
+@pytest.mark.parametrize("name", ["int4-asym-g24", "int4-sym-g32", "nf4-g32"])
+def test_gemv_split_k(name):
+    """Split-K GEMV: K slices summed atomically in float32, then bias and cast. The identity rows stay
+    bit-exact (one nonzero product per output); other inputs match within the float tolerances."""
+    qw, args, meta = _weight(name)
+    w = dequantize_stored(*args, *meta)
+    bias = torch.randn(N, device=DEVICE)
+    for bm, split in ((1, 3), (4, 2), (16, 5)):  # sum path (M = 1, M = 4), dot path; K = 67: 5 tiles of 16
+        blocks = qt.Blocks("gemv", bm, 8, 16, split_k=split)
+        eye = torch.eye(K, device=DEVICE)[:bm]
+        assert torch.equal(qt.qlinear(eye, *args, None, *meta, blocks=blocks), w[:, :bm].t())
+        x = torch.randn(bm, K, device=DEVICE)
+        y, r = _run_both(x, args, bias, meta, blocks=blocks)
+        torch.testing.assert_close(y, r, **FP32_TOL)
+        y, r = _run_both(x.half(), args, bias.half(), meta, blocks=blocks)
+        assert y.dtype == torch.float16
+        torch.testing.assert_close(y, r, **FP16_TOL)
+
+
+@needs_triton
 @pytest.mark.parametrize("m", [2, 12, 24])  # GEMV sum, GEMV dot, GEMM
 def test_weight_only_fp16(m):
     qw, args, meta = _weight("int4-asym-g24")
@@ -206,6 +226,9 @@ def test_bad_stored_tensors_are_named():
 def test_block_heuristic():
     decode = qt.pick_blocks("weight_only", 1, 4096, 4096, 128)
     assert decode.kernel == "gemv" and decode.block_m == 1 and 128 % decode.block_k == 0
+    assert decode.split_k == 8 and decode.block_n == 16  # split-K on a 4096 x 4096 layer (H100 sweep)
+    assert qt.pick_blocks("weight_only", 1, 576, 1536, 128).split_k == 1  # small layer: no split
+    assert qt.pick_blocks("weight_only", 1, 4096, 4096, 4096, bits=8).block_n == 32
     assert qt.pick_blocks("weight_only", 16, 4096, 4096, 128).block_m == 16
     prefill = qt.pick_blocks("weight_only", 128, 4096, 11008, 64)
     assert prefill.kernel == "gemm" and 64 % prefill.block_k == 0

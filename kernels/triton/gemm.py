@@ -38,8 +38,12 @@ The dequantized weight is rounded to the dtype of ``x`` before the product, as t
 (``dequantize(...).to(x.dtype)``).
 
 Block sizes come from :func:`pick_blocks`, a small fixed heuristic (documented there) rather than
-autotuning: it keeps Triton's interpreter fast on CPU and makes runs reproducible. It has not been tuned
-on a GPU (none was available when it was written); ``examples/bench_kernels.py`` measures it.
+autotuning: it keeps Triton's interpreter fast on CPU and makes runs reproducible. Its weight-only sizes
+come from a sweep on an H100 (``docs/gpu-h100.md``); ``examples/bench_kernels.py`` measures them.
+
+The GEMV also has a split-K form (``Blocks.split_k > 1``): a 2-D grid whose second axis splits the K
+tiles; each program adds its float32 partial sums atomically into a zeroed workspace, and the host adds
+the bias and casts (large layers at M = 1, where N / BLOCK_N programs alone leave most SMs idle).
 """
 
 from __future__ import annotations
@@ -145,15 +149,20 @@ def _qlinear_gemv_kernel(
     stride_xm, stride_xk, stride_ym, stride_qn, stride_qk, stride_sr, stride_sg, stride_zr, stride_zg,
     BITS: tl.constexpr, IS_NF4: tl.constexpr, SIGNED: tl.constexpr, HAS_ZP: tl.constexpr, HAS_DQ: tl.constexpr,
     HAS_BIAS: tl.constexpr, GROUP_ALIGNED: tl.constexpr, USE_DOT: tl.constexpr, IEEE_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, split_k, SPLIT: tl.constexpr,
 ):
-    """Grid ``(cdiv(N, BLOCK_N),)``; ``BLOCK_M >= M``: all rows of x in one program."""
+    """Grid ``(cdiv(N, BLOCK_N), split_k)``; ``BLOCK_M >= M``: all rows of x in one program.
+
+    With ``SPLIT`` (``split_k > 1``) program ``(n, s)`` sums the K tiles ``s, s + split_k, ...`` and adds its
+    partial sums atomically into ``y_ptr``, a zeroed float32 workspace (the host adds the bias and casts).
+    """
     pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * split_k):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
@@ -168,7 +177,11 @@ def _qlinear_gemv_kernel(
                 acc = tl.dot(x, tl.trans(w), acc)
         else:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    _store_output(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
+    if SPLIT:
+        tl.atomic_add(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc,
+                      mask=m_mask[:, None] & (offs_n < N)[None, :])
+    else:
+        _store_output(y_ptr, b_ptr, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
 
 
 @triton.jit
@@ -253,7 +266,7 @@ def _qlinear_a8_kernel(
             xt = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & (offs_k[None, :] < K),
                          other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(xt), axis=1))
-        x_scale = tl.maximum(tl.fdiv(amax, 127.0, ieee_rounding=True), 1.1754943508222875e-38)
+        x_scale = tl.maximum(tl.div_rn(amax, 127.0), 1.1754943508222875e-38)
     else:
         x_scale = tl.load(xs_ptr + offs_m * stride_xs, mask=m_mask, other=0.0)
 
@@ -264,12 +277,12 @@ def _qlinear_a8_kernel(
         k_mask = offs_k[None, :] < K
         if DYNAMIC:
             xt = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask, other=0.0)
-            v = tl.fdiv(xt.to(tl.float32), x_scale[:, None], ieee_rounding=True)
+            v = tl.div_rn(xt.to(tl.float32), x_scale[:, None])
             xq = tl.minimum(tl.maximum(_round_half_even(v), -128.0), 127.0).to(tl.int8)
         else:
             xq = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask, other=0)
         wq = tl.load(w_rows + offs_k[None, :] * stride_wk, mask=n_mask[:, None] & k_mask, other=0)
-        acc = tl.dot(xq, tl.trans(wq), acc)
+        acc = tl.dot(xq, tl.trans(wq), acc, out_dtype=tl.int32)
         if HAS_ZP:
             w_sum += tl.sum(wq.to(tl.int32), axis=1)
 
@@ -299,6 +312,7 @@ class Blocks:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    split_k: int = 1  # gemv only: programs sharing one output tile's K range (atomic float32 sums)
 
 
 def _pow2_at_least(n: int, lo: int = 1) -> int:
@@ -318,27 +332,37 @@ def _fit_k(block_k: int, k: int, group: int | None, lo: int) -> int:
     return b if group % b == 0 else block_k
 
 
-def pick_blocks(kind: str, m: int, n: int, k: int, group: int | None = None) -> Blocks:
+def pick_blocks(kind: str, m: int, n: int, k: int, group: int | None = None, bits: int = 4) -> Blocks:
     """The fixed heuristic that sizes every launch (``kind``: ``"weight_only"`` or ``"a8"``).
 
-    weight-only, M <= 16 (decode): the GEMV kernel with BLOCK_M = next power of two >= M. For M <= 4 the
-    reduction path with BLOCK_K = 128 and BLOCK_N = 32 / BLOCK_M (at least 8), i.e. about 4K products per
-    step, small enough for registers and giving N / BLOCK_N programs (128 for N = 4096 at M = 1); for
-    M in 5..16 the ``tl.dot`` path with BLOCK_M = 16, BLOCK_N = 32, BLOCK_K = 64.
-    weight-only, M > 16 (prefill): the GEMM kernel, BLOCK_M = 64 (M <= 64) or 128, BLOCK_N = 128,
-    BLOCK_K = 64, 8 warps for 128 x 128 tiles, 3 stages.
+    The weight-only choices for M = 1, M = 16 and M = 128 are the best of a block-size sweep on an H100
+    (Triton 3.6; int4 g128 on five layer shapes, int8 on 4096x4096; ``docs/gpu-h100.md``):
+
+    weight-only, M = 1 (decode): the GEMV reduction path with BLOCK_N = 16 (32 for 8-bit codes),
+    BLOCK_K = 128, 2 warps, 3 stages; for layers of 4M weights or more (K * N >= 2^22) 8 programs share
+    each output tile's K range (split-K, atomic float32 sums), since N / BLOCK_N programs alone leave the
+    GPU mostly idle. Split-K costs two extra small launches (zeroing, cast), a loss on small layers.
+    weight-only, M in 2..4: the reduction path with BLOCK_K = 128 and BLOCK_N = 32 / BLOCK_M (at least 8);
+    M in 5..16: the ``tl.dot`` path with BLOCK_M = 16, BLOCK_N = 16, BLOCK_K = 128, 4 warps.
+    weight-only, M > 16 (prefill): the GEMM kernel with 64 x 64 tiles, BLOCK_K = 128, 8 warps, 3 stages;
+    128 x 128 tiles with 4 warps when N >= 8192 (faster there by 2.4x in the sweep).
     a8: BLOCK_M = 16 (M <= 16), 64 (M <= 64) or 128; BLOCK_N = 64 for decode, else 128; BLOCK_K = 128
-    (int8 ``tl.dot`` needs K >= 32 per step).
+    (int8 ``tl.dot`` needs K >= 32 per step); not swept yet.
     BLOCK_K is then fitted to K and to the group size (:func:`_fit_k`).
     """
     if kind == "weight_only":
+        if m == 1:
+            split = 8 if k * n >= 1 << 22 else 1
+            return Blocks("gemv", 1, 32 if bits == 8 else 16, _fit_k(128, k, group, 16), num_warps=2, num_stages=3,
+                          split_k=split)
         if m <= 16:
             bm = _pow2_at_least(m)
             if bm <= 4:
                 return Blocks("gemv", bm, max(8, 32 // bm), _fit_k(128, k, group, 16), num_warps=4, num_stages=3)
-            return Blocks("gemv", 16, 32, _fit_k(64, k, group, 16), num_warps=4, num_stages=3)
-        bm = 64 if m <= 64 else 128
-        return Blocks("gemm", bm, 128, _fit_k(64, k, group, 16), num_warps=8 if bm == 128 else 4, num_stages=3)
+            return Blocks("gemv", 16, 16, _fit_k(128, k, group, 16), num_warps=4, num_stages=3)
+        if n >= 8192:
+            return Blocks("gemm", 128, 128, _fit_k(128, k, group, 16), num_warps=4, num_stages=3)
+        return Blocks("gemm", 64, 64, _fit_k(128, k, group, 16), num_warps=8, num_stages=3)
     if kind == "a8":
         bm = 16 if m <= 16 else (64 if m <= 64 else 128)
         bn = 64 if m <= 16 else 128
@@ -422,7 +446,7 @@ def _weight_only(x, qdata, scale, zero_point, bias, fmt, bits, group, in_feature
         if bias is not None:
             y += bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], n)
-    b = blocks or pick_blocks("weight_only", m, n, k, group)
+    b = blocks or pick_blocks("weight_only", m, n, k, group, bits)
     lut = _nf4_lut(x.device) if fmt == "nf4" else s  # any valid pointer when unused
     z = zero_point if has_zp else s
     s2, soff = (dq[1], dq[2]) if dq is not None else (s, s)
@@ -435,15 +459,29 @@ def _weight_only(x, qdata, scale, zero_point, bias, fmt, bits, group, in_feature
         BITS=bits, IS_NF4=fmt == "nf4", SIGNED=fmt == "int" and symmetric, HAS_ZP=has_zp, HAS_DQ=dq is not None,
         HAS_BIAS=bias is not None, GROUP_ALIGNED=group % b.block_k == 0, IEEE_FP32=x.dtype == torch.float32,
         BLOCK_M=b.block_m, BLOCK_N=b.block_n, BLOCK_K=b.block_k, num_warps=b.num_warps, num_stages=b.num_stages,
-        # FMA contraction allowed (this path is compared with a tolerance); explicit, since Triton 3.9
-        # warns when it is left to its default, which changes in 3.10
-        enable_fp_fusion=True,
+        # FMA contraction allowed (this path is compared with a tolerance), except with double-quantized
+        # scales: ``qscale * scale2 + offset`` contracted to one FMA would round differently from the
+        # reference's scales, so every weight would differ (seen on an H100). Explicit, since Triton 3.9
+        # warns when it is left to its default, which changes in 3.10.
+        enable_fp_fusion=dq is None,
     )
     args = (x2, y, bias if bias is not None else y, qdata, s, z, lut, s2, soff)
     if b.kernel == "gemv":
         if b.block_m < m:
             raise InvalidConfig(f"Triton qlinear: the GEMV kernel needs BLOCK_M >= M, got {b.block_m} < {m}")
-        _qlinear_gemv_kernel[(triton.cdiv(n, b.block_n),)](*args, USE_DOT=b.block_m >= 8, **common)
+        if b.split_k > 1:
+            # partial sums of the K slices meet in a float32 workspace; then bias and cast, in the order
+            # of _store_output (bias rounded to the output dtype first)
+            ws = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+            split = dict(common, HAS_BIAS=False)
+            _qlinear_gemv_kernel[(triton.cdiv(n, b.block_n), b.split_k)](
+                x2, ws, ws, *args[3:], USE_DOT=b.block_m >= 8, split_k=b.split_k, SPLIT=True, **split)
+            if bias is not None:
+                ws += bias.to(x.dtype).to(torch.float32)
+            y.copy_(ws)
+        else:
+            _qlinear_gemv_kernel[(triton.cdiv(n, b.block_n), 1)](*args, USE_DOT=b.block_m >= 8, split_k=1,
+                                                                  SPLIT=False, **common)
     else:
         grid = (triton.cdiv(m, b.block_m) * triton.cdiv(n, b.block_n),)
         _qlinear_gemm_kernel[grid](*args, GROUP_M=b.group_m, **common)
