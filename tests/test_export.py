@@ -185,6 +185,11 @@ def test_fused_attention_rotary_and_norm_ops(tok, tmp_path):
     assert (ops["fused"]["Attention"], ops["fused"]["RotaryEmbedding"], ops["fused"]["RMSNormalization"]) == (2, 4, 5)
     assert ops["fused"]["Softmax"] == 0 and ops["plain"]["Softmax"] == 2 and ops["plain"]["Attention"] == 0
     assert sum(ops["fused"].values()) < 0.6 * sum(ops["plain"].values()), (ops["fused"], ops["plain"])
+    # the cache update is inside Attention: it reads each layer's past inputs and writes the present outputs
+    attention = [n for n in onnx.load(str(fused.path / "model.onnx")).graph.node if n.op_type == "Attention"]
+    assert [(list(n.input[4:6]), list(n.output[1:3])) for n in attention] == [
+        ([f"past_key_values.{i}.key", f"past_key_values.{i}.value"], [f"present.{i}.key", f"present.{i}.value"])
+        for i in range(2)]
     assert fused.report["opset"] == 23 and plain.report["opset"] == 21
     assert fused.report["fused_ops"]["attention"] == "Attention"
     assert plain.report["fused_ops"] == {"not_used": "not asked for"}

@@ -117,6 +117,8 @@ class _KVCacheLM(nn.Module):
         cache = DynamicCache()
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
+            # the inputs themselves, not update()'s concatenation of them to an empty tensor
+            cache.layers[i].keys, cache.layers[i].values = past[2 * i], past[2 * i + 1]
         out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      past_key_values=cache, use_cache=True)
         present = []
@@ -225,7 +227,7 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: b
     table, opset, patches = translations(), BLOCKED_OPSET, contextlib.nullcontext()
     if unfused is None:
         table.update(fused_ops.onnx_translations())
-        opset, patches = fused_ops.FUSED_OPSET, fused_ops.fused_ops(model)
+        opset, patches = fused_ops.FUSED_OPSET, fused_ops.fused_ops(model, past_in_attention=kv is None)
     with warnings.catch_warnings(), torch.no_grad(), patches:
         warnings.simplefilter("ignore")
         try:
