@@ -312,7 +312,8 @@ class Blocks:
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
-    split_k: int = 1  # gemv only: programs sharing one output tile's K range (atomic float32 sums)
+    split_k: int = 1  # gemv only: programs sharing one output tile's K range (atomic float32 sums, so the
+    # order of the additions, and the last bits of a float32 result, can differ from run to run)
 
 
 def _pow2_at_least(n: int, lo: int = 1) -> int:
