@@ -140,6 +140,10 @@ ALGORITHM_OPTIONS: dict[str, dict[str, _Option]] = {
         "max_shrink": _Option(0.5, float, 0.0, 0.95, "the smallest clip ratio tried is 1 - max_shrink"),
         "search_tokens": _Option(4096, int, 1, None, "calibration tokens (whole sequences) on which the scale and "
                                                      "clip searches measure output error"),
+        "rounding": _Option("rtn", str, choices=("rtn", "gptq"),
+                            doc="how the scaled weights are rounded: 'rtn' (to nearest, after the clipping "
+                                "search) or 'gptq' (GPTQ with its default options on the scaled block; no "
+                                "clipping search)"),
     },
     "smoothquant": {
         "alpha": _Option(0.5, float, 0.0, 1.0, "migration strength: s_j = max|x_j|^alpha / max|w_j|^(1-alpha) "
@@ -761,6 +765,10 @@ CALIBRATED_PRESETS: dict[str, Recipe] = {
         Recipe(name="w4g128-awq", algorithm="awq",
                rules=(Rule("*", QuantSpec(bits=4, group_size=128, symmetric=False)),),
                description="int4 weights, groups of 128, asymmetric, AWQ scales and clipping (needs calibration data)"),
+        Recipe(name="w4g128-awq-gptq", algorithm="awq", options={"rounding": "gptq"},
+               rules=(Rule("*", QuantSpec(group_size=128, **_GPTQ_SPEC)),),
+               description="int4 weights, groups of 128, asymmetric, AWQ scales folded into the model, then "
+                           "GPTQ with act-order and MSE group ranges (needs calibration data)"),
     )
 }
 

@@ -289,6 +289,37 @@ def test_awq_reduces_block_output_error_vs_rtn():
     assert all(isinstance(m, QLinear) for m in awq.model.layers[0].modules() if isinstance(m, nn.Linear))
 
 
+def test_awq_with_gptq_rounding():
+    """rounding="gptq": the same folded scales, then GPTQ instead of clip + round to nearest."""
+    model = llama_with_outlier_channels()
+    calib = calib_ids(16, 32)
+    x = calib_ids(8, 32, seed=2)
+    rules = (Rule("model.layers.0.*", W4G64),)
+    awq_gptq = qexport.quantize(copy.deepcopy(model), Recipe("ag", rules=rules, algorithm="awq",
+                                                             options={"rounding": "gptq"}), calibration=calib)
+    awq = qexport.quantize(copy.deepcopy(model), Recipe("a", rules=rules, algorithm="awq"), calibration=calib)
+    rtn = qexport.quantize(copy.deepcopy(model), Recipe("r", rules=rules))
+    assert awq_gptq.qexport_report.recipe["options"]["rounding"] == "gptq"
+
+    def block0_error(m):
+        out = {}
+        for name, mod in (("q", m), ("ref", model)):
+            h = mod.model.layers[0].register_forward_hook(
+                lambda _m, a, o, k=name: out.setdefault(k, o[0] if isinstance(o, tuple) else o))
+            with torch.no_grad():
+                mod(x)
+            h.remove()
+        return float((out["q"] - out["ref"]).pow(2).mean())
+
+    e = {k: block0_error(m) for k, m in (("awq_gptq", awq_gptq), ("awq", awq), ("rtn", rtn))}
+    assert e["awq_gptq"] < 0.8 * e["rtn"], e
+    # the scales were folded as with rounding="rtn"; the codes are GPTQ's, not AWQ's
+    torch.testing.assert_close(awq_gptq.model.layers[0].input_layernorm.weight,
+                               awq.model.layers[0].input_layernorm.weight)
+    assert not torch.equal(awq_gptq.model.layers[0].mlp.down_proj.qdata, awq.model.layers[0].mlp.down_proj.qdata)
+    assert all(isinstance(m, QLinear) for m in awq_gptq.model.layers[0].modules() if isinstance(m, nn.Linear))
+
+
 def test_awq_clip_search_never_worse_than_the_full_range():
     x = correlated_inputs(512, 128)
     w = torch.randn(16, 128)

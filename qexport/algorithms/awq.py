@@ -1,5 +1,5 @@
 """AWQ (Lin et al., 2023): activation-aware per-input-channel scales, folded into the preceding operation,
-and a per-group clipping search; the weights are then rounded to nearest in qexport's format.
+and a per-group clipping search; the weights are then rounded to nearest in qexport's format (or by GPTQ).
 
 For the linears that share one input x, scaling input channel c of their weights by ``s_c`` and dividing
 x_c by ``s_c`` leaves the float function unchanged, but channels with large activations get a finer
@@ -37,6 +37,12 @@ the reference): for each weight group, the range of the spec's observer is shrun
 search tokens (exact, through the group's block of X^T X) is kept. Scales and zero points come from the
 clipped range and the codes are rounded (and clamped) to it, which is exactly qexport's stored layout.
 
+Rounding (``rounding``): ``"rtn"`` (default) is the clipping search and round to nearest above;
+``"gptq"`` quantizes the scaled block with GPTQ instead (its default options: act-order, damping 1%,
+true-sequential stages; Hessians from the block's inputs after the folds), without the clipping search.
+The scales change which channels get a fine grid; GPTQ then corrects each column's rounding error on the
+columns not yet quantized (preset ``w4g128-awq-gptq``).
+
 Blocks are processed in order; each block's inputs are the outputs of the previous blocks, quantized.
 AWQ needs the Llama block layout (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``,
 ``input_layernorm``, ``post_attention_layernorm``); for other models use GPTQ. Layers to quantize outside
@@ -70,7 +76,8 @@ from qexport.algorithms.common import (
     set_weight,
     split_by_block,
 )
-from qexport.config import Granularity, QuantSpec
+from qexport.algorithms.gptq import gptq_block
+from qexport.config import ALGORITHM_OPTIONS, Granularity, QuantSpec
 from qexport.errors import QExportError, UnsupportedOp
 from qexport.formats import QuantizedWeight, qparams_from_range, quantize_weight
 
@@ -407,6 +414,9 @@ def _rtn(task: LayerTask, results: dict) -> None:
     results[task.name] = qw
 
 
+_GPTQ_DEFAULTS = {name: opt.default for name, opt in ALGORITHM_OPTIONS["gptq"].items()}
+
+
 @torch.no_grad()
 def _awq_block(block: nn.Module, tasks: list[LayerTask], inputs: list[BlockInput], options: Mapping[str, Any],
                results: dict, notes: set[str]) -> None:
@@ -432,6 +442,10 @@ def _awq_block(block: nn.Module, tasks: list[LayerTask], inputs: list[BlockInput
             for lin in group.linears:
                 input_scale[id(lin)] = group.full(s)
 
+    # 3a. rounding="gptq": GPTQ on the scaled block, with Hessians of the inputs as they now are
+    if options["rounding"] == "gptq":
+        gptq_block(block, tasks, inputs, _GPTQ_DEFAULTS, results)
+        return
     # 3. clipping and rounding, layer by layer; inputs are those the search saw, divided by the folded scales
     key_of = {}
     for key, (parent, child) in _INPUT_OF.items():

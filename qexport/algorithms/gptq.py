@@ -68,7 +68,7 @@ from qexport.formats import (
     quantize_weight,
 )
 
-__all__ = ["gptq_quantize", "quantize_model_gptq", "HessianAccumulator"]
+__all__ = ["gptq_quantize", "gptq_block", "quantize_model_gptq", "HessianAccumulator"]
 
 MAX_DAMP_TRIES = 12
 
@@ -288,8 +288,9 @@ def _quantize_task(task: LayerTask, acc: HessianAccumulator, options: Mapping[st
     results[task.name] = qw
 
 
-def _gptq_block(block: nn.Module, tasks: list[LayerTask], inputs: list[BlockInput], options: Mapping[str, Any],
-                results: dict) -> None:
+def gptq_block(block: nn.Module, tasks: list[LayerTask], inputs: list[BlockInput], options: Mapping[str, Any],
+               results: dict) -> None:
+    """GPTQ of one decoder block's tasks on its calibration inputs (also AWQ's ``rounding="gptq"``)."""
     if options["true_sequential"]:
         stages, once = _stages(block, tasks, inputs[0])
     else:
@@ -345,7 +346,7 @@ def quantize_model_gptq(model: nn.Module, tasks: list[LayerTask], batches: list[
         return results
     by_block, rest = split_by_block(blocks, todo)
     for_each_block(model, blocks, by_block, batches,
-                   lambda block, block_tasks, inputs: _gptq_block(block, block_tasks, inputs, options, results),
+                   lambda block, block_tasks, inputs: gptq_block(block, block_tasks, inputs, options, results),
                    "gptq", progress)
     if rest:  # layers outside the blocks (e.g. a quantized lm_head): one pass over the partly quantized model
         _one_pass(model, rest, batches, options, results)
