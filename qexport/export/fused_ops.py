@@ -110,7 +110,8 @@ def _apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids=N
     return rotary_embedding(q, cos, sin), rotary_embedding(k, cos, sin)
 
 
-_HALVES: dict[int, tuple[Tensor, Tensor]] = {}  # id(cos) -> (cos, sin) first halves, within one fused_ops()
+# id(cos) -> (cos, its first half, sin's first half) within one fused_ops(); holding cos keeps its id unique
+_HALVES: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
 
 def _attention_forward(original):
@@ -128,8 +129,8 @@ def _attention_forward(original):
         cos, sin = position_embeddings
         if id(cos) not in _HALVES:  # HF's cos / sin repeat their first half; the ONNX op takes one half
             half = cos.shape[-1] // 2
-            _HALVES[id(cos)] = (cos[..., :half], sin[..., :half])
-        cos_h, sin_h = _HALVES[id(cos)]
+            _HALVES[id(cos)] = (cos, cos[..., :half], sin[..., :half])  # sliced once for all layers
+        _, cos_h, sin_h = _HALVES[id(cos)]
         heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
         q = rope(self.q_proj(hidden_states), cos_h, sin_h, num_heads=heads)
         k = rope(self.k_proj(hidden_states), cos_h, sin_h, num_heads=kv_heads)
