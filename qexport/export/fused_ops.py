@@ -7,8 +7,8 @@ the 211 weight MatMuls. Opset 23 has a standard op for each:
 * ``Attention`` (grouped-query: 3 kv heads for 9 query heads read as they are, no ``repeat_kv`` copy;
   boolean mask; scale): ``scaled_dot_product_attention(..., enable_gqa=True)``, which the exporter lowers
   to it at opset 23;
-* ``RotaryEmbedding`` (non-interleaved, ``cos`` / ``sin`` of shape ``[batch, seq, head_dim / 2]``): the
-  custom op ``qexport::rotary_embedding`` below, translated to it;
+* ``RotaryEmbedding`` (non-interleaved, ``cos`` / ``sin`` of shape ``[batch, seq, head_dim / 2]``):
+  ``torch.onnx.ops.rotary_embedding``, the op's torch form, which the exporter writes as it is;
 * ``RMSNormalization``: ``torch.nn.functional.rms_norm``, which the exporter lowers to it.
 
 With a float KV cache (``past_in_attention=True``) the attention goes further: each layer's forward runs
@@ -36,41 +36,13 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FUSED_OPSET", "ONNX_OPS", "FUSABLE_MODEL_TYPES", "fusable", "fused_ops", "rotary_embedding"]
+__all__ = ["FUSED_OPSET", "ONNX_OPS", "FUSABLE_MODEL_TYPES", "fusable", "fused_ops"]
 
 FUSED_OPSET = 23  # Attention, RotaryEmbedding, RMSNormalization
 ONNX_OPS = {"attention": "Attention", "rotary": "RotaryEmbedding", "norm": "RMSNormalization"}  # export report
 # model types whose modeling module has Llama's ``apply_rotary_pos_emb`` (rotate_half form, cos / sin with
 # duplicated halves), an ``*RMSNorm`` with ``weight`` and ``variance_epsilon``, and HF's sdpa attention
 FUSABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-
-@torch.library.custom_op("qexport::rotary_embedding", mutates_args=())
-def rotary_embedding(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``x * cos + rotate_half(x) * sin`` for ``x`` ``[batch, heads, seq, head_dim]`` and ``cos`` / ``sin``
-    ``[batch, seq, head_dim]`` (Hugging Face's rotary embeddings; its two halves are equal). Lowered to
-    ONNX's ``RotaryEmbedding`` (opset 23), which takes one half."""
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    h = x.shape[-1] // 2
-    return x * c + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * s
-
-
-@rotary_embedding.register_fake
-def _(x, cos, sin):
-    return torch.empty_like(x)
-
-
-def onnx_translations() -> dict:
-    """Translation of ``qexport::rotary_embedding`` for ``torch.onnx.export`` (opset 23)."""
-    from onnxscript import opset23 as op
-
-    def rope(x, cos, sin):
-        half = x.shape[-1] // 2
-        start, end, axis = (op.Constant(value_ints=[v]) for v in (0, half, -1))
-        return op.RotaryEmbedding(x, op.Slice(cos, start, end, axis), op.Slice(sin, start, end, axis),
-                                  interleaved=0)
-
-    return {torch.ops.qexport.rotary_embedding.default: rope}
 
 
 def fusable(model: nn.Module) -> str | None:
@@ -106,19 +78,39 @@ def _rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
     return y.to(hidden_states.dtype)
 
 
-def _apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids=None, unsqueeze_dim: int = 1):
-    return rotary_embedding(q, cos, sin), rotary_embedding(k, cos, sin)
+class _RotaryHalves:
+    """HF's ``cos`` / ``sin`` ``[batch, seq, head_dim]`` repeat their first half; ONNX's ``RotaryEmbedding``
+    takes that half. Sliced once per ``cos`` for all layers within one :func:`fused_ops` (holding ``cos``
+    keeps its id unique)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def __call__(self, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        if id(cos) not in self._by_id:
+            half = cos.shape[-1] // 2
+            self._by_id[id(cos)] = (cos, cos[..., :half], sin[..., :half])
+        return self._by_id[id(cos)][1:]
 
 
-# id(cos) -> (cos, its first half, sin's first half) within one fused_ops(); holding cos keeps its id unique
-_HALVES: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+def _apply_rotary(halves: _RotaryHalves):
+    """HF's ``apply_rotary_pos_emb`` on ``[batch, heads, seq, head_dim]`` as ONNX's ``RotaryEmbedding``."""
+    from torch.onnx.ops import rotary_embedding
+
+    def apply(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids=None, unsqueeze_dim: int = 1):
+        c, s = halves(cos, sin)
+        return rotary_embedding(q, c, s), rotary_embedding(k, c, s)
+
+    return apply
 
 
-def _attention_forward(original):
+def _attention_forward(original, halves: _RotaryHalves):
     """A Llama-style attention forward whose rotary embeddings, cache update and attention are the ONNX
     ops' torch forms (``torch.onnx.ops``); ``original`` runs where that form does not apply (no mask, no
     filled cache layer: not the export wrapper's call)."""
-    from torch.onnx.ops import attention, rotary_embedding as rope
+    from torch.onnx.ops import attention, rotary_embedding
+
+    from qexport.export.onnx import kv_geometry
 
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None,
                 cache_position=None, **kwargs):
@@ -126,14 +118,10 @@ def _attention_forward(original):
         if attention_mask is None or layers is None or not getattr(layers[self.layer_idx], "is_initialized", False):
             return original(self, hidden_states, position_embeddings, attention_mask, past_key_values,
                             cache_position, **kwargs)
-        cos, sin = position_embeddings
-        if id(cos) not in _HALVES:  # HF's cos / sin repeat their first half; the ONNX op takes one half
-            half = cos.shape[-1] // 2
-            _HALVES[id(cos)] = (cos, cos[..., :half], sin[..., :half])  # sliced once for all layers
-        _, cos_h, sin_h = _HALVES[id(cos)]
-        heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
-        q = rope(self.q_proj(hidden_states), cos_h, sin_h, num_heads=heads)
-        k = rope(self.k_proj(hidden_states), cos_h, sin_h, num_heads=kv_heads)
+        cos, sin = halves(*position_embeddings)
+        heads, kv_heads = self.config.num_attention_heads, kv_geometry(self.config)[1]
+        q = rotary_embedding(self.q_proj(hidden_states), cos, sin, num_heads=heads)
+        k = rotary_embedding(self.k_proj(hidden_states), cos, sin, num_heads=kv_heads)
         layer = layers[self.layer_idx]
         out, layer.keys, layer.values, _ = attention(q, k, self.v_proj(hidden_states), attention_mask, layer.keys,
                                                      layer.values, q_num_heads=heads, kv_num_heads=kv_heads,
@@ -146,7 +134,7 @@ def _attention_forward(original):
 @contextlib.contextmanager
 def fused_ops(model: nn.Module, past_in_attention: bool = False) -> Iterator[None]:
     """Within the block, ``model``'s attention runs as grouped-query SDPA, its rotary embeddings as
-    ``qexport::rotary_embedding`` and its RMSNorms as ``F.rms_norm``; with ``past_in_attention`` (a float
+    ``torch.onnx.ops.rotary_embedding`` and its RMSNorms as ``F.rms_norm``; with ``past_in_attention`` (a float
     ``DynamicCache``) each attention layer runs as ``torch.onnx.ops`` rotary + attention with the cache
     update inside (see the module docstring). Restored on exit. Raises ValueError when :func:`fusable`
     says no."""
@@ -164,19 +152,18 @@ def fused_ops(model: nn.Module, past_in_attention: bool = False) -> Iterator[Non
     saved += [(cls, "forward", cls.forward) for cls in norms]
     if past_in_attention:
         saved += [(cls, "forward", cls.forward) for cls in attentions]
-    _HALVES.clear()
+    halves = _RotaryHalves()
     try:
         # HF repeats the kv heads before SDPA unless it may pass enable_gqa, which it allows only without a
         # mask; SDPA's math with enable_gqa and a mask is the same computation, and ONNX's Attention has both.
         sdpa.use_gqa_in_sdpa = lambda attention_mask, key: True
-        modeling.apply_rotary_pos_emb = _apply_rotary
+        modeling.apply_rotary_pos_emb = _apply_rotary(halves)
         for cls in norms:
             cls.forward = _rms_norm_forward
         if past_in_attention:
             for cls in attentions:
-                cls.forward = _attention_forward(cls.forward)
+                cls.forward = _attention_forward(cls.forward, halves)
         yield
     finally:
-        _HALVES.clear()
         for owner, name, value in saved:
             setattr(owner, name, value)

@@ -226,7 +226,6 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: b
     unfused = "not asked for" if not fuse else "TensorRT target" if target == "tensorrt" else fused_ops.fusable(model)
     table, opset, patches = translations(), BLOCKED_OPSET, contextlib.nullcontext()
     if unfused is None:
-        table.update(fused_ops.onnx_translations())
         opset, patches = fused_ops.FUSED_OPSET, fused_ops.fused_ops(model, past_in_attention=kv is None)
     with warnings.catch_warnings(), torch.no_grad(), patches:
         warnings.simplefilter("ignore")
