@@ -144,6 +144,10 @@ ALGORITHM_OPTIONS: dict[str, dict[str, _Option]] = {
                             doc="how the scaled weights are rounded: 'rtn' (to nearest, after the clipping "
                                 "search) or 'gptq' (GPTQ with its default options on the scaled block; no "
                                 "clipping search)"),
+        "block_inputs": _Option("quantized", str, choices=("quantized", "float"),
+                                doc="each block's calibration inputs: the outputs of the blocks before it "
+                                    "'quantized' (default), or 'float' (the float model's, as in the reference "
+                                    "implementation)"),
     },
     "smoothquant": {
         "alpha": _Option(0.5, float, 0.0, 1.0, "migration strength: s_j = max|x_j|^alpha / max|w_j|^(1-alpha) "

@@ -320,6 +320,37 @@ def test_awq_with_gptq_rounding():
     assert all(isinstance(m, QLinear) for m in awq_gptq.model.layers[0].modules() if isinstance(m, nn.Linear))
 
 
+def test_awq_block_inputs_float_are_the_float_models_hidden_states():
+    """block_inputs="float": block 1 is searched on the float model's hidden states (reference AWQ);
+    the default feeds it block 0's quantized outputs."""
+    model = llama_with_outlier_channels()
+    calib = calib_ids(8, 32)
+    rules = (Rule("model.layers.*", W4G64),)
+
+    def block1_inputs(m, **quantize_kw):
+        seen = []
+        h = m.model.layers[1].register_forward_pre_hook(
+            lambda mod, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).clone()),
+            with_kwargs=True)
+        try:
+            if quantize_kw:
+                qexport.quantize(m, **quantize_kw, calibration=calib)
+            else:
+                with torch.no_grad():
+                    m(calib)
+        finally:
+            h.remove()
+        return next(t for t in seen if t.shape[0] == len(calib))  # not find_blocks' one-sequence probe
+
+    want = block1_inputs(copy.deepcopy(model))
+    got_float = block1_inputs(copy.deepcopy(model), recipe=Recipe(
+        "a", rules=rules, algorithm="awq", options={"block_inputs": "float"}))
+    got_quant = block1_inputs(copy.deepcopy(model), recipe=Recipe("a", rules=rules, algorithm="awq"))
+    assert got_float.shape == want.shape == got_quant.shape
+    torch.testing.assert_close(got_float, want, rtol=1e-5, atol=1e-5)
+    assert (got_quant - want).abs().max() > 1e-3
+
+
 def test_awq_clip_search_never_worse_than_the_full_range():
     x = correlated_inputs(512, 128)
     w = torch.randn(16, 128)

@@ -43,7 +43,8 @@ true-sequential stages; Hessians from the block's inputs after the folds), witho
 The scales change which channels get a fine grid; GPTQ then corrects each column's rounding error on the
 columns not yet quantized (preset ``w4g128-awq-gptq``).
 
-Blocks are processed in order; each block's inputs are the outputs of the previous blocks, quantized.
+Blocks are processed in order; each block's inputs are the outputs of the previous blocks, quantized
+(``block_inputs="float"``: the float model's hidden states, as in the reference implementation).
 AWQ needs the Llama block layout (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``,
 ``input_layernorm``, ``post_attention_layernorm``); for other models use GPTQ. Layers to quantize outside
 the blocks (a quantized ``lm_head``) are rounded to nearest.
@@ -419,7 +420,9 @@ _GPTQ_DEFAULTS = {name: opt.default for name, opt in ALGORITHM_OPTIONS["gptq"].i
 
 @torch.no_grad()
 def _awq_block(block: nn.Module, tasks: list[LayerTask], inputs: list[BlockInput], options: Mapping[str, Any],
-               results: dict, notes: set[str]) -> None:
+               results: dict, notes: set[str]) -> list[BlockInput] | None:
+    """AWQ of one block; returns the next block's inputs when they are the float block's outputs."""
+    nxt = [inp.with_hidden(run_block(block, inp)) for inp in inputs] if options["block_inputs"] == "float" else None
     spec_of = {id(t.module): t for t in tasks}
     groups, group_notes = llama_scale_groups(block)
     notes.update(group_notes)
@@ -445,7 +448,7 @@ def _awq_block(block: nn.Module, tasks: list[LayerTask], inputs: list[BlockInput
     # 3a. rounding="gptq": GPTQ on the scaled block, with Hessians of the inputs as they now are
     if options["rounding"] == "gptq":
         gptq_block(block, tasks, inputs, _GPTQ_DEFAULTS, results)
-        return
+        return nxt
     # 3. clipping and rounding, layer by layer; inputs are those the search saw, divided by the folded scales
     key_of = {}
     for key, (parent, child) in _INPUT_OF.items():
@@ -473,6 +476,7 @@ def _awq_block(block: nn.Module, tasks: list[LayerTask], inputs: list[BlockInput
         codes, deq = quantize_with_qparams(w, spec, scale, zero)
         results[t.name] = build_quantized_weight(spec, codes, scale, zero)
         set_weight(lin, deq)
+    return nxt
 
 
 @torch.no_grad()

@@ -330,7 +330,8 @@ def for_each_block(model: nn.Module, blocks: Blocks, by_block: dict[int, list[La
     """Call ``fn(block, tasks, inputs)`` for every block holding tasks, in order.
 
     ``inputs`` are the block's inputs on the calibration batches, computed by the blocks before it as ``fn``
-    left them (quantized); blocks after the last one holding tasks are never run.
+    left them (quantized), unless ``fn`` returns the next block's inputs itself (a list of
+    :class:`BlockInput`); blocks after the last one holding tasks are never run.
     """
     if not by_block:
         return
@@ -343,7 +344,6 @@ def for_each_block(model: nn.Module, blocks: Blocks, by_block: dict[int, list[La
         iterator = tqdm(iterator, desc=desc, unit="block", leave=False, disable=None)
     for i in iterator:
         block = blocks.modules[i]
-        if i in by_block:
-            fn(block, by_block[i], inputs)
+        given = fn(block, by_block[i], inputs) if i in by_block else None
         if i < last:
-            inputs = [inp.with_hidden(run_block(block, inp)) for inp in inputs]
+            inputs = given if given is not None else [inp.with_hidden(run_block(block, inp)) for inp in inputs]
