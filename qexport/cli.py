@@ -329,11 +329,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if report.get("source_model") and (Path(args.folder) / "recipe.json").is_file():
         calibration = _export_calibration(str(Path(args.folder) / "recipe.json"), report["source_model"],
                                           args.calib_text, args.calib_samples)
+    session_config = (None if args.ort_accuracy_level is None
+                      else {"session.qdq_matmulnbits_accuracy_level": str(args.ort_accuracy_level)})
     res = verify(args.folder, decode_steps=_positive_int("--decode-steps", args.decode_steps),
-                 calibration=calibration)
+                 calibration=calibration, session_config=session_config)
     print(f"{args.folder}: onnxruntime vs pytorch on {res['positions']} positions ({res['prefill_tokens']} prefill "
           f"+ {res['decode_steps']} KV-cache steps, batch 2): max abs {res['max_abs']:.3g}, max rel "
           f"{res['max_rel']:.3g}, mean abs {res['mean_abs']:.3g}, top-1 agreement {res['top1_agreement']:.4f}")
+    status = 0
+    if args.polygraphy or args.engine:
+        from qexport.export import compare_runtimes
+
+        pg = compare_runtimes(args.folder, engine=args.engine, decode_steps=args.decode_steps, atol=args.atol,
+                              rtol=args.rtol, calibration=calibration, session_config=session_config)
+        res["polygraphy"] = pg
+        failed = [f"{runner}:{name}" for runner, outs in pg["outputs"].items()
+                  for name, o in outs.items() if not o["passed"]]
+        worst = {runner: max(o["max_abs"] for o in outs.values()) for runner, outs in pg["outputs"].items()}
+        print(f"polygraphy Comparator ({', '.join(pg['runners'])}; {pg['feeds']} feeds; atol {pg['atol']:g}, rtol "
+              f"{pg['rtol']:g}): {'PASSED' if pg['passed'] else 'FAILED'}; max abs "
+              + ", ".join(f"{r} {w:.3g}" for r, w in worst.items())
+              + (f"; outside tolerance: {', '.join(failed[:8])}{' ...' if len(failed) > 8 else ''}" if failed else ""))
+        status = 0 if pg["passed"] else 1
     if args.prompt:
         from transformers import AutoTokenizer
 
@@ -348,7 +365,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"greedy generation: {res['generation']!r}")
     if args.json:
         _write_json(args.json, res, args.force)
-    return 0
+    return status
 
 
 def cmd_lint_trt(args: argparse.Namespace) -> int:
@@ -579,6 +596,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-new-tokens", type=int, default=24)
     v.add_argument("--calib-text", help="the calibration text the export used (static recipes)")
     v.add_argument("--calib-samples", type=int, default=16)
+    v.add_argument("--ort-accuracy-level", type=int, choices=(0, 4),
+                   help="run ONNX Runtime's MatMulNBits at this accuracy level instead of the folder's (0: float "
+                        "activations, the reference's numerics; 4: int8 activations)")
+    v.add_argument("--polygraphy", action="store_true",
+                   help="also compare PyTorch and ONNX Runtime output by output (logits, present key / values) "
+                        "with polygraphy's Comparator; exit status 1 when an element is outside tolerance")
+    v.add_argument("--engine", help="a TensorRT engine of this export to add to the polygraphy comparison "
+                                    "(needs TensorRT; implies --polygraphy)")
+    v.add_argument("--atol", type=float, default=1e-2, help="polygraphy: absolute tolerance (default 0.01)")
+    v.add_argument("--rtol", type=float, default=1e-2,
+                   help="polygraphy: relative tolerance; an element passes within either (default 0.01)")
     v.add_argument("--json", help="also write the results as JSON to this file")
     v.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
     v.set_defaults(func=cmd_verify)

@@ -9,6 +9,7 @@ one export with a different format per layer covers every lowering; the per-pres
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from collections import Counter
@@ -455,8 +456,6 @@ def test_lint_catches_planted_violations(exported, tmp_path, capsys):
 
 
 def test_build_engine_without_tensorrt(exported, tmp_path, capsys):
-    import importlib.util
-
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is installed here")
     folder = exported(MIXED_TRT, "tensorrt")
@@ -467,6 +466,30 @@ def test_build_engine_without_tensorrt(exported, tmp_path, capsys):
     # a precision the graph does not have is refused before TensorRT is needed
     assert main(["build-engine", str(exported(MIXED) / "model.onnx"), "--out", str(tmp_path / "model.plan")]) == 2
     assert "breaks TensorRT's QDQ rules" in capsys.readouterr().err  # linted before TensorRT is needed
+
+
+def test_polygraphy_comparator_passes_an_exact_export_and_catches_a_planted_change(exported, tmp_path):
+    pytest.importorskip("polygraphy")
+    from onnx import numpy_helper
+
+    from qexport.export import compare_runtimes
+
+    folder, ref = exported(MIXED), reference(MIXED)
+    res = compare_runtimes(folder, reference=ref, session_config=EXACT, decode_steps=2, atol=1e-4, rtol=1e-4)
+    assert res["passed"] and res["runners"] == ["pytorch", "onnxruntime"] and res["feeds"] == 3  # prefill + 2
+    outs = res["outputs"]["onnxruntime"]
+    assert set(outs) == {"logits"} | {f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")}
+    assert all(o["passed"] and o["max_abs"] < 1e-4 for o in outs.values()), outs
+    # the first DequantizeLinear's scales x 1.05: the logits move, and the comparator says so
+    planted = tmp_path / "planted"
+    shutil.copytree(folder, planted)
+    m = onnx.load(str(planted / "model.onnx"))
+    scale = _init(m, _first_dq(m).input[1])
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.05, scale.name))
+    onnx.save(m, str(planted / "model.onnx"))
+    bad = compare_runtimes(planted, reference=ref, session_config=EXACT, decode_steps=2, atol=1e-4, rtol=1e-4)
+    logits = bad["outputs"]["onnxruntime"]["logits"]
+    assert not bad["passed"] and not logits["passed"] and logits["max_abs"] > 1e-3, logits
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -516,6 +539,16 @@ def test_cli_export_verify_eval(tmp_path, capsys):
                  "--json", str(tmp_path / "v.json")]) == 0
     v = json.loads((tmp_path / "v.json").read_text())
     assert v["top1_agreement"] == 1.0 and v["max_abs"] < 1e-4 and "generation" in v
+    if importlib.util.find_spec("polygraphy") is not None:
+        assert main(["verify", str(out), "--decode-steps", "1", "--polygraphy", "--atol", "1e-4", "--rtol", "1e-4",
+                     "--json", str(tmp_path / "p.json")]) == 0
+        assert "polygraphy Comparator (pytorch, onnxruntime; 2 feeds; atol 0.0001, rtol 0.0001): PASSED" in \
+            capsys.readouterr().out
+        assert json.loads((tmp_path / "p.json").read_text())["polygraphy"]["passed"] is True
+        if importlib.util.find_spec("tensorrt") is None:  # an engine to compare needs TensorRT
+            assert main(["verify", str(out), "--engine", str(tmp_path / "model.plan")]) == 2
+            err = capsys.readouterr().err
+            assert "needs TensorRT" in err and len(err.strip().splitlines()) == 1
     assert main(["eval", "--backend", "onnxruntime", str(out), "--text", str(EMMA), "--tokens", "256",
                  "--window", "64", "--reference", "--json", str(tmp_path / "e.json")]) == 0
     e = json.loads((tmp_path / "e.json").read_text())

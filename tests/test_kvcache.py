@@ -3,6 +3,7 @@ generate(), perplexity with a quantized cache, Recipe / KVCacheSpec validation, 
 export against the PyTorch cache path."""
 
 import copy
+import importlib.util
 import json
 
 import numpy as np
@@ -240,3 +241,8 @@ def test_onnx_export_matches_torch_cache(spec, tmp_path):
     r = verify(tmp_path / "kv", reference=q, input_ids=torch.randint(0, 512, (2, 20)), decode_steps=6)
     assert r["kv_cache"] == spec.to_dict() and r["top1_agreement"] >= 0.9
     assert r["max_rel"] < (2e-3 if spec.bits == 8 else 2e-2), r
+    if importlib.util.find_spec("polygraphy") is not None:  # its comparison feeds float past key / values
+        from qexport.export import compare_runtimes
+
+        with pytest.raises(InvalidConfig, match="quantized KV cache.*without --polygraphy"):
+            compare_runtimes(tmp_path / "kv", reference=q)

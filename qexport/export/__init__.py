@@ -6,11 +6,14 @@
   generation; :func:`verify` compares it with the PyTorch reference (:mod:`qexport.export.runtime`).
 * :func:`lint_tensorrt` checks a graph against TensorRT's QDQ rules; :func:`build_engine` builds a TensorRT
   engine when TensorRT is installed (:mod:`qexport.export.tensorrt`).
+* :func:`compare_runtimes` runs the PyTorch reference, ONNX Runtime and (with TensorRT) an engine through
+  polygraphy's ``Comparator`` (:mod:`qexport.export.polygraphy_check`).
 """
 
 from qexport.export.onnx import ExportResult, export_onnx
+from qexport.export.polygraphy_check import PolygraphyUnavailable, compare_runtimes
 from qexport.export.runtime import OnnxCausalLM, verify
 from qexport.export.tensorrt import TensorRTUnavailable, Violation, build_engine, lint_tensorrt
 
 __all__ = ["export_onnx", "ExportResult", "OnnxCausalLM", "verify", "lint_tensorrt", "Violation", "build_engine",
-           "TensorRTUnavailable"]
+           "TensorRTUnavailable", "compare_runtimes", "PolygraphyUnavailable"]
