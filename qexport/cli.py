@@ -167,7 +167,6 @@ def _check_json_target(path: str | None, force: bool) -> None:
 # Commands
 # ----------------------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from qexport.config import load_recipe
     from qexport.models import load_model, read_text
 
     if args.backend == "onnxruntime":

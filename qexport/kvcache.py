@@ -274,7 +274,7 @@ def stored_layout(spec: KVCacheSpec, head_dim: int) -> dict[str, Any]:
     codes = "uint8" if spec.bits == 4 or not spec.symmetric else "int8"
     out = {
         "codes": {"dtype": codes, "shape": ["batch", "kv_heads", "seq", head_dim // 2 if spec.bits == 4 else head_dim],
-                  "values": (f"two 4-bit codes per byte along head_dim (element 2j low nibble, 2j+1 high)"
+                  "values": ("two 4-bit codes per byte along head_dim (element 2j low nibble, 2j+1 high)"
                              + ("; stored as code + 8" if spec.symmetric else "")) if spec.bits == 4 else
                   f"{spec.bits}-bit codes"},
         "scale": {"dtype": "float32", "shape": ["batch", "kv_heads", "seq", groups]},

@@ -22,7 +22,7 @@ import qexport.backend as B
 from qexport import QLinear, QuantSpec, Recipe, Rule
 from qexport.config import PRESETS
 from qexport.errors import InvalidConfig, UnsupportedOp
-from qexport.llm_int8 import outlier_columns, outlier_mask, reference_linear
+from qexport.llm_int8 import outlier_columns, outlier_mask
 
 from tiny import tiny_llama, word_tokenizer
 

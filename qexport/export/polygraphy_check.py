@@ -152,7 +152,7 @@ def compare_runtimes(path: str | os.PathLike, reference=None, engine: str | os.P
     runners = []
     if engine is not None:
         try:
-            import tensorrt  # noqa: F401
+            import tensorrt  # noqa: F401  (TrtRunner needs it)
         except ImportError:
             from qexport.export.tensorrt import TensorRTUnavailable
 
