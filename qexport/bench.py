@@ -18,7 +18,12 @@ generate() call (KV cache; timestamps from a logits processor, or OnnxCausalLM's
 median of three calls, after a warm-up generate() that compiles or exports the decode graphs).
 Exported variants are written to a temporary folder that is removed after their row is measured.
 Every row is divided by the ``inductor-fp32`` row (``*_vs_inductor_fp32``) and, when the run has one, by the
-``onnx:fp32`` row (``*_vs_onnx_fp32``), so each target is compared with its own float baseline.
+``onnx:fp32`` row (``*_vs_onnx_fp32``) of the same round, so each target is compared with its own float
+baseline.
+
+``rounds=N`` measures the whole list N times, round-robin; ``summary`` then gives each variant's median,
+min and max decode tokens/s and the median, min and max of its per-round ratios to a baseline variant.
+Round-to-round spread on a shared 2-core machine is about +-10%, so a ratio near a target needs rounds.
 
 With ``ppl_tokens > 0`` each variant also gets its quality and size, measured on the same built model
 after the speed runs: ``ppl`` (perplexity on the first ``ppl_tokens`` tokens of the bundled *Emma* slice,
@@ -207,14 +212,57 @@ def _quality(model, tok, text: str, tokens: int):
     return quality
 
 
+def _default_baseline(names: list[str]) -> str:
+    return next((b for b in ("onnx:fp32", "inductor-fp32") if b in names), names[0])
+
+
+def summarize(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
+    """Per variant (in order of first appearance), over its rounds: decode tokens/s median / min / max, and
+    its speed relative to ``baseline`` as the median / min / max of per-round ratios (each round's variant
+    against the same round's baseline, so a machine that slows down for a round slows both).
+
+    The k-th row of a variant is its round k (``run_bench(rounds=N)`` writes rows round by round; a variant
+    list given N times in a row does the same).
+    """
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], []).append(r)
+    base = [r.get("decode_tok_s") for r in by_variant.get(baseline, [])]
+    out = []
+    for name, runs in by_variant.items():
+        speeds = [r["decode_tok_s"] for r in runs if r.get("decode_tok_s")]
+        ratios = [r["decode_tok_s"] / b for r, b in zip(runs, base) if r.get("decode_tok_s") and b]
+        item = {"variant": name, "rounds": len(runs), "baseline": baseline}
+        if speeds:
+            item.update(decode_tok_s_median=statistics.median(speeds), decode_tok_s_min=min(speeds),
+                        decode_tok_s_max=max(speeds))
+        if ratios:
+            item.update(vs_baseline_median=statistics.median(ratios), vs_baseline_min=min(ratios),
+                        vs_baseline_max=max(ratios))
+        out.append(item)
+    return out
+
+
 def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tokens: int = 128,
               new_tokens: int = 64, progress: bool = True, ppl_tokens: int = 0,
-              calib_samples: int = 16) -> dict[str, Any]:
+              calib_samples: int = 16, rounds: int = 1, baseline: str | None = None) -> dict[str, Any]:
+    """Measure every variant ``rounds`` times, round-robin (each round builds and times every variant
+    again, so slow phases of a shared machine hit all variants alike); ``summary`` gives per-variant medians
+    and per-round ratios against ``baseline`` (default: ``onnx:fp32``, else ``inductor-fp32``, else the first
+    variant)."""
     from qexport.config import load_recipe
     from qexport.eval import tokenize
     from qexport.models import bundled_text, load_model, read_text
 
-    specs = [(v, parse_variant(v)) for v in variants]
+    variants = list(variants)
+    if not variants:
+        raise InvalidConfig("no variants to measure")
+    if rounds < 1:
+        raise InvalidConfig(f"rounds must be >= 1, got {rounds}")
+    baseline = baseline or _default_baseline(variants)
+    if baseline not in variants:
+        raise InvalidConfig(f"baseline {baseline!r} is not one of the variants ({', '.join(dict.fromkeys(variants))})")
+    specs = [(v, parse_variant(v)) for v in variants] * rounds
     if prompt_tokens < 1 or new_tokens < 1 or ppl_tokens < 0 or calib_samples < 1:
         raise InvalidConfig("prompt, new-token and calibration-sample counts must be positive, ppl tokens >= 0")
     for name, spec in specs:
@@ -232,22 +280,27 @@ def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tok
                                          seq_len=512, seed=0)
     quality = _quality(model, tok, text, ppl_tokens) if ppl_tokens else None
     rows = []
+    seen: dict[str, int] = {}
     for name, spec in specs:
         if progress:
             print(f"bench: {name}", flush=True)
-        row = {"variant": name, **measure(model, prompt, spec, new_tokens, calibration, quality)}
+        seen[name] = seen.get(name, 0) + 1
+        row = {"variant": name, "round": seen[name],  # quality (perplexity, size) once, in round 1
+               **measure(model, prompt, spec, new_tokens, calibration, quality if seen[name] == 1 else None)}
         rows.append(row)
     for base_name in ("inductor-fp32", "onnx:fp32"):
-        base = next((r for r in rows if r["variant"] == base_name), None)
-        if base is None:
-            continue
         suffix = base_name.replace("-", "_").replace(":", "_")
-        for r in rows:
+        for r in rows:  # against the baseline of the same round
+            base = next((b for b in rows if b["variant"] == base_name and b["round"] == r["round"]), None)
+            if base is None:
+                continue
             if base["decode_tok_s"] and r["decode_tok_s"]:
                 r[f"decode_vs_{suffix}"] = r["decode_tok_s"] / base["decode_tok_s"]
             r[f"prefill_vs_{suffix}"] = base["prefill_s"] / r["prefill_s"]
     return {"model": model_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "ppl_tokens": ppl_tokens, "results": rows}
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "ppl_tokens": ppl_tokens,
+            "rounds": max(seen.values()), "baseline": baseline, "results": rows,
+            "summary": summarize(rows, baseline)}
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -263,13 +316,26 @@ def to_markdown(result: dict[str, Any]) -> str:
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+    summary = result.get("summary") or summarize(result["results"], _default_baseline(
+        [r["variant"] for r in result["results"]]))
+    if any(item["rounds"] > 1 for item in summary):
+        base = summary[0]["baseline"]
+        lines += ["", f"Over rounds: decode tokens/s, and against `{base}` per round (each round's ratio, then "
+                      "their median)", "",
+                  f"| variant | rounds | decode tok/s median | min - max | vs {base} (median) | min - max |",
+                  "|---|---|---|---|---|---|"]
+        for item in summary:
+            lines.append(f"| {item['variant']} | {item['rounds']} | {fmt(item.get('decode_tok_s_median'))} | "
+                         f"{fmt(item.get('decode_tok_s_min'))} - {fmt(item.get('decode_tok_s_max'))} | "
+                         f"{fmt(item.get('vs_baseline_median'))} | {fmt(item.get('vs_baseline_min'))} - "
+                         f"{fmt(item.get('vs_baseline_max'))} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_png(result: dict[str, Any]) -> bytes | None:
     """Perplexity against model size, one labelled point per variant (PNG bytes); None without the data
     or without matplotlib (the ``plot`` extra)."""
-    rows = [r for r in result["results"] if r.get("ppl") and r.get("size_bytes")]
+    rows = [r for r in result["results"] if r.get("ppl") and r.get("size_bytes") and r.get("round", 1) == 1]
     if not rows:
         return None
     try:

@@ -453,7 +453,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _threads()
     result = run_bench(args.model, variants, _positive_int("--prompt-tokens", args.prompt_tokens),
                        _positive_int("--new-tokens", args.new_tokens), ppl_tokens=args.ppl_tokens,
-                       calib_samples=_positive_int("--calib-samples", args.calib_samples))
+                       calib_samples=_positive_int("--calib-samples", args.calib_samples),
+                       rounds=_positive_int("--rounds", args.rounds), baseline=args.baseline)
     print(to_markdown(result))
     if args.out:
         for path in write_results(result, args.out, args.force):
@@ -564,6 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "variant, and plot perplexity against size (default 0: speed only)")
     b.add_argument("--calib-samples", type=int, default=16,
                    help="windows of 512 calibration tokens for GPTQ / AWQ recipes and static-activation exports")
+    b.add_argument("--rounds", type=int, default=1,
+                   help="measure the variant list this many times, round-robin, and summarize medians and "
+                        "per-round ratios (default 1)")
+    b.add_argument("--baseline", help="the variant the summary's ratios are against (default: onnx:fp32, else "
+                                      "inductor-fp32, else the first variant)")
     b.add_argument("--out", help="folder for bench.json, bench.csv, bench.md (and bench.png with --ppl-tokens)")
     b.add_argument("--force", action="store_true", help="overwrite existing result files")
     b.set_defaults(func=cmd_bench)

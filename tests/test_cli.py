@@ -118,17 +118,38 @@ def test_console_script_error_has_no_traceback(tmp_path):
 def test_bench_on_tiny_checkpoint_writes_results(tiny_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["bench", "--model", str(tiny_dir), "--variants", "eager-fp32,eager:w4g128,qexport:w8:eager",
-            "--prompt-tokens", "16", "--new-tokens", "4", "--out", str(out)]
+            "--prompt-tokens", "16", "--new-tokens", "4", "--rounds", "2", "--out", str(out)]
     assert main(argv) == 0
     data = json.loads((out / "bench.json").read_text())
-    assert [r["variant"] for r in data["results"]] == ["eager-fp32", "eager:w4g128", "qexport:w8:eager"]
+    names = ["eager-fp32", "eager:w4g128", "qexport:w8:eager"]
+    assert [(r["variant"], r["round"]) for r in data["results"]] == [(n, k) for k in (1, 2) for n in names]
     for r in data["results"]:
         assert r["prefill_s"] > 0 and r["decode_tok_s"] > 0
-    assert "| variant |" in (out / "bench.md").read_text()
+    assert data["baseline"] == "eager-fp32" and [i["rounds"] for i in data["summary"]] == [2, 2, 2]
+    assert data["summary"][0]["vs_baseline_median"] == 1.0
+    md = (out / "bench.md").read_text()
+    assert "| variant |" in md and "Over rounds" in md and "vs eager-fp32 (median)" in md
     assert (out / "bench.csv").read_text().startswith("variant,")
     assert main(argv) == 2  # results exist: not overwritten without --force
     assert main(["bench", "--variants", "qexport:w8:gpu"]) == 2
     assert "target must be one of" in capsys.readouterr().err
+    assert main(["bench", "--model", str(tiny_dir), "--variants", "eager-fp32", "--baseline", "onnx:fp32"]) == 2
+    assert "baseline 'onnx:fp32' is not one of the variants" in capsys.readouterr().err
+
+
+def test_bench_summary_takes_the_median_of_per_round_ratios():
+    from qexport.bench import summarize, to_markdown
+
+    speeds = [("a", 40.0), ("b", 80.0), ("a", 20.0), ("b", 50.0), ("a", 40.0), ("b", 60.0)]  # 3 rounds
+    rows = [{"variant": v, "decode_tok_s": t} for v, t in speeds]
+    s = {i["variant"]: i for i in summarize(rows, "a")}
+    assert s["b"]["rounds"] == 3 and s["b"]["decode_tok_s_median"] == 60.0
+    # rounds 2.0x, 2.5x, 1.5x: median 2.0, where the ratio of the medians (60 / 40) would say 1.5
+    assert (s["b"]["vs_baseline_median"], s["b"]["vs_baseline_min"], s["b"]["vs_baseline_max"]) == (2.0, 1.5, 2.5)
+    assert s["a"]["vs_baseline_median"] == 1.0
+    md = to_markdown({"model": "m", "threads": 2, "torch": "t", "prompt_tokens": 1, "new_tokens": 1,
+                      "results": rows, "summary": summarize(rows, "a")})
+    assert "| b | 3 | 60 | 50 - 80 | 2 | 1.5 - 2.5 |" in md
 
 
 def test_bench_onnx_variants_compare_with_the_fp32_export(tiny_dir, tmp_path, capsys):
