@@ -319,7 +319,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from qexport.export import verify
-    from qexport.export.runtime import load_export_report
+    from qexport.export.polygraphy_check import check_polygraphy_runners
+    from qexport.export.runtime import load_export_report, reference_model
 
     _check_json_target(args.json, args.force)
     _threads()
@@ -330,8 +331,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
                                           args.calib_text, args.calib_samples)
     session_config = (None if args.ort_accuracy_level is None
                       else {"session.qdq_matmulnbits_accuracy_level": str(args.ort_accuracy_level)})
-    res = verify(args.folder, decode_steps=_positive_int("--decode-steps", args.decode_steps),
-                 calibration=calibration, session_config=session_config)
+    if args.polygraphy or args.engine:  # what the comparison needs, before the reference is built
+        check_polygraphy_runners(args.engine)
+    reference = reference_model(report, Path(args.folder), calibration)  # one reference for both comparisons
+    res = verify(args.folder, reference=reference, decode_steps=_positive_int("--decode-steps", args.decode_steps),
+                 session_config=session_config)
     print(f"{args.folder}: onnxruntime vs pytorch on {res['positions']} positions ({res['prefill_tokens']} prefill "
           f"+ {res['decode_steps']} KV-cache steps, batch 2): max abs {res['max_abs']:.3g}, max rel "
           f"{res['max_rel']:.3g}, mean abs {res['mean_abs']:.3g}, top-1 agreement {res['top1_agreement']:.4f}")
@@ -339,8 +343,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.polygraphy or args.engine:
         from qexport.export import compare_runtimes
 
-        pg = compare_runtimes(args.folder, engine=args.engine, decode_steps=args.decode_steps, atol=args.atol,
-                              rtol=args.rtol, calibration=calibration, session_config=session_config)
+        pg = compare_runtimes(args.folder, reference=reference, engine=args.engine, decode_steps=args.decode_steps,
+                              atol=args.atol, rtol=args.rtol, session_config=session_config)
         res["polygraphy"] = pg
         failed = [f"{runner}:{name}" for runner, outs in pg["outputs"].items()
                   for name, o in outs.items() if not o["passed"]]

@@ -23,6 +23,7 @@ take: they are refused here (``qexport verify`` without polygraphy covers them).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections import OrderedDict
@@ -33,7 +34,7 @@ import torch
 
 from qexport.errors import InvalidConfig, ModelLoadError, QExportError
 
-__all__ = ["compare_runtimes", "PolygraphyUnavailable"]
+__all__ = ["compare_runtimes", "check_polygraphy_runners", "PolygraphyUnavailable"]
 
 
 class PolygraphyUnavailable(QExportError):
@@ -49,6 +50,20 @@ def _polygraphy():
     except ImportError:
         raise PolygraphyUnavailable("polygraphy is not installed: pip install 'qexport[polygraphy]'") from None
     return BaseRunner, TensorMetadata, Comparator, CompareFunc, DataType
+
+
+def check_polygraphy_runners(engine: str | os.PathLike | None = None) -> None:
+    """Raise now if the comparison cannot run: polygraphy missing, or an engine given without TensorRT or
+    that is not a file."""
+    _polygraphy()
+    if engine is None:
+        return
+    if importlib.util.find_spec("tensorrt") is None:
+        from qexport.export.tensorrt import TensorRTUnavailable
+
+        raise TensorRTUnavailable(f"comparing the engine {str(engine)!r} needs TensorRT, which is not installed here")
+    if not os.path.isfile(engine):
+        raise ModelLoadError(f"engine {str(engine)!r} does not exist or is not a file")
 
 
 def _simple(CompareFunc, atol: float, rtol: float):
@@ -145,19 +160,13 @@ def compare_runtimes(path: str | os.PathLike, reference=None, engine: str | os.P
         raise InvalidConfig(f"atol and rtol must be >= 0, got atol={atol}, rtol={rtol}")
     if decode_steps < 0:
         raise InvalidConfig(f"decode_steps must be >= 0, got {decode_steps}")
+    check_polygraphy_runners(engine)
     lm = OnnxCausalLM(path, threads=threads, session_config=session_config)
     if lm.kv_cache is not None:
         raise InvalidConfig(f"{str(lm.path)!r} has a quantized KV cache: the polygraphy comparison feeds float "
                             "past key / values; use `qexport verify` without --polygraphy for this export")
     runners = []
     if engine is not None:
-        try:
-            import tensorrt  # noqa: F401  (TrtRunner needs it)
-        except ImportError:
-            from qexport.export.tensorrt import TensorRTUnavailable
-
-            raise TensorRTUnavailable(f"comparing the engine {str(engine)!r} needs TensorRT, which is not "
-                                      "installed here") from None
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
