@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 from collections import Counter
 
 import numpy as np
@@ -466,6 +467,44 @@ def test_build_engine_without_tensorrt(exported, tmp_path, capsys):
     # a precision the graph does not have is refused before TensorRT is needed
     assert main(["build-engine", str(exported(MIXED) / "model.onnx"), "--out", str(tmp_path / "model.plan")]) == 2
     assert "breaks TensorRT's QDQ rules" in capsys.readouterr().err  # linted before TensorRT is needed
+
+
+def test_build_engine_drives_the_tensorrt_api(exported, tmp_path, monkeypatch):
+    """build-engine against a recording stand-in for TensorRT (tests/fake_tensorrt.py): the network is
+    strongly typed, every dynamic input gets its profile range, the timing cache is read and written back,
+    the engine is written atomically and not over an existing file, and a parser error is reported."""
+    import fake_tensorrt
+
+    from qexport._io import OutputExists
+    from qexport.export import build_engine
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
+    onnx_path = exported(MIXED_TRT, "tensorrt") / "model.onnx"
+    plan = tmp_path / "model.plan"
+    assert build_engine(onnx_path, plan, int8=True, int4=True, max_batch=2, max_seq=256, max_past=512,
+                        opt_seq=64) == plan
+    assert plan.read_bytes() == fake_tensorrt.ENGINE
+    b = fake_tensorrt.calls[-1]
+    assert b.network.flags == 1 << fake_tensorrt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    assert b.config.pools == {fake_tensorrt.MemoryPoolType.WORKSPACE: 4 << 30} and b.config.cache_in == b""
+    (profile,) = b.config.profiles
+    names = [t.name for t in b.network.inputs]
+    assert set(profile.shapes) == set(names) and len(names) == 3 + 2  # ids, mask, positions + 1 layer's k, v
+    assert profile.shapes["input_ids"] == ((1, 1), (1, 64), (2, 256))
+    assert profile.shapes["attention_mask"] == ((1, 1), (1, 128), (2, 256 + 512))
+    kv = dict(zip(names, (t.shape for t in b.network.inputs)))["past_key_values.0.key"]
+    assert kv[2] == -1 and profile.shapes["past_key_values.0.key"] == (
+        (1, kv[1], 0, kv[3]), (1, kv[1], 64, kv[3]), (2, kv[1], 512, kv[3]))
+    cache = tmp_path / "model.plan.timing.cache"
+    assert cache.read_bytes() == b"timing-cache:"
+    with pytest.raises(OutputExists, match="--force"):
+        build_engine(onnx_path, plan)
+    build_engine(onnx_path, plan, force=True)  # the second build starts from the saved timing cache
+    assert fake_tensorrt.calls[-1].config.cache_in == b"timing-cache:"
+    monkeypatch.setattr(fake_tensorrt.OnnxParser, "errors", ["In node 3 (parseGraph): unsupported op"])
+    with pytest.raises(UnsupportedOp, match="parser rejected.*unsupported op"):
+        build_engine(onnx_path, tmp_path / "other.plan")
+    assert not (tmp_path / "other.plan").exists()
 
 
 def test_polygraphy_comparator_passes_an_exact_export_and_catches_a_planted_change(exported, tmp_path):
