@@ -67,7 +67,7 @@ def check_polygraphy_runners(engine: str | os.PathLike | None = None) -> None:
 
 
 def _simple(CompareFunc, atol: float, rtol: float):
-    """polygraphy's element-wise comparison (``SimpleCompareFunc`` from 0.50 on, ``CompareFunc.simple`` before)."""
+    """polygraphy's element-wise comparison (``SimpleCompareFunc`` in newer versions, else ``CompareFunc.simple``)."""
     try:
         from polygraphy.comparator import SimpleCompareFunc
     except ImportError:
@@ -184,16 +184,18 @@ def compare_runtimes(path: str | os.PathLike, reference=None, engine: str | os.P
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.colors = False
+    colors, G_LOGGER.colors = G_LOGGER.colors, False  # no "install colored" notice on the first message
     try:
         with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # the returned summary replaces polygraphy's own log
             results = Comparator.run(runners, data_loader=feeds)
             accuracy = Comparator.compare_accuracy(results, compare_func=_simple(CompareFunc, atol, rtol))
     except PolygraphyException as e:
         raise ModelLoadError(f"polygraphy could not run {str(lm.path)!r}: {str(e).strip().splitlines()[-1]}") from None
+    finally:
+        G_LOGGER.colors = colors
     outputs: dict[str, dict[str, dict[str, Any]]] = {}
-    # one AccuracyResult ({(reference, runner): [per feed: {output: result}]}), or from polygraphy 0.50 on,
-    # an AccuracyResults list of them, one per compare function
+    # one AccuracyResult ({(reference, runner): [per feed: {output: result}]}), or in newer polygraphy
+    # versions an AccuracyResults list of them, one per compare function
     for (_, other), iterations in (pair for result in ([accuracy] if hasattr(accuracy, "items") else accuracy)
                                    for pair in result.items()):
         stats = outputs.setdefault(other, {})
