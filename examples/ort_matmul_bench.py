@@ -13,7 +13,8 @@ linears, one ``lm_head``), each with its own weight, all reading one input, and 
 * ``fp32``: ``MatMul`` with a float weight (the fp32 export);
 * ``int8``: ``DequantizeLinear`` (int8, per-channel, ``axis=1``) -> ``MatMul`` (``w8``);
 * ``int4g128``: blocked ``DequantizeLinear`` (uint4 + zero point, ``block_size=128``, opset 21) -> ``MatMul``
-  (``w4g128``).
+  (``w4g128``);
+* ``int2g64``: the same with uint2 codes, ``block_size=64`` (opset 25; ``w2g64``).
 
 ONNX Runtime fuses the two QDQ forms into ``com.microsoft.MatMulNBits`` (the optimized graph is read back to
 report the op it ran). ``--accuracy-level`` sets ``session.qdq_matmulnbits_accuracy_level`` (4: int8
@@ -38,7 +39,8 @@ import numpy as np
 
 SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
            "head_dim": 64, "vocab_size": 49152, "num_hidden_layers": 30}  # SmolLM2-135M's config.json
-FORMS = ("fp32", "int8", "int4g128")
+FORMS = ("fp32", "int8", "int4g128", "int2g64")
+BLOCKED = {"int4g128": (4, 128), "int2g64": (2, 64)}  # bits, block size
 
 
 def shapes(config: dict) -> list[tuple[str, int, int, int]]:
@@ -52,14 +54,15 @@ def shapes(config: dict) -> list[tuple[str, int, int, int]]:
             ("down_proj", inter, h, layers), ("lm_head", h, config["vocab_size"], 1)]
 
 
-def uint4(name: str, codes: np.ndarray):
-    """A UINT4 initializer: two codes per byte, the first of each pair (flat order) in the low bits."""
+def packed(name: str, codes: np.ndarray, bits: int):
+    """A UINT4 / UINT2 initializer: 8 / bits codes per byte, the first (flat order) in the low bits."""
     from onnx import TensorProto
 
-    flat = codes.reshape(-1)
-    flat = np.concatenate([flat, np.zeros(flat.size % 2, np.uint8)])
-    t = TensorProto(name=name, dims=codes.shape, data_type=TensorProto.UINT4)
-    t.raw_data = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+    per = 8 // bits
+    flat = codes.reshape(-1).astype(np.uint8)
+    flat = np.concatenate([flat, np.zeros(-flat.size % per, np.uint8)]).reshape(-1, per)
+    t = TensorProto(name=name, dims=codes.shape, data_type=TensorProto.UINT4 if bits == 4 else TensorProto.UINT2)
+    t.raw_data = np.bitwise_or.reduce(flat << (bits * np.arange(per, dtype=np.uint8)), axis=1).astype(np.uint8).tobytes()
     return t
 
 
@@ -77,17 +80,18 @@ def build(form: str, k: int, n: int, copies: int, rng: np.random.Generator):
                       numpy_helper.from_array(rng.uniform(1e-3, 2e-3, n).astype(np.float32), f"s{i}")]
             nodes.append(helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}"], [w], axis=1))
         else:
-            blocks = -(-k // 128)
-            inits += [uint4(f"q{i}", rng.integers(0, 16, (k, n), dtype=np.uint8)),
+            bits, block = BLOCKED[form]
+            blocks = -(-k // block)
+            inits += [packed(f"q{i}", rng.integers(0, 1 << bits, (k, n), dtype=np.uint8), bits),
                       numpy_helper.from_array(rng.uniform(1e-2, 2e-2, (blocks, n)).astype(np.float32), f"s{i}"),
-                      uint4(f"z{i}", np.full((blocks, n), 8, np.uint8))]
+                      packed(f"z{i}", np.full((blocks, n), 1 << (bits - 1), np.uint8), bits)]
             nodes.append(helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [w], axis=0,
-                                          block_size=128))
+                                          block_size=block))
         nodes.append(helper.make_node("MatMul", ["x", w], [y]))
         outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, form, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
                               outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25 if form == "int2g64" else 21)])
 
 
 def time_model(model, x: np.ndarray, threads: int, level: int, iters: int, repeats: int, tmp: Path):
