@@ -55,14 +55,14 @@ def shapes(config: dict) -> list[tuple[str, int, int, int]]:
 
 
 def packed(name: str, codes: np.ndarray, bits: int):
-    """A UINT4 / UINT2 initializer: 8 / bits codes per byte, the first (flat order) in the low bits."""
+    """A UINT4 / UINT2 initializer, packed as ONNX packs sub-byte types (:func:`qexport.formats.pack`)."""
+    import torch
     from onnx import TensorProto
 
-    per = 8 // bits
-    flat = codes.reshape(-1).astype(np.uint8)
-    flat = np.concatenate([flat, np.zeros(-flat.size % per, np.uint8)]).reshape(-1, per)
+    from qexport.formats import pack
+
     t = TensorProto(name=name, dims=codes.shape, data_type=TensorProto.UINT4 if bits == 4 else TensorProto.UINT2)
-    t.raw_data = np.bitwise_or.reduce(flat << (bits * np.arange(per, dtype=np.uint8)), axis=1).astype(np.uint8).tobytes()
+    t.raw_data = pack(torch.from_numpy(codes.reshape(1, -1)), bits).numpy().tobytes()
     return t
 
 

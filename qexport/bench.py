@@ -290,8 +290,9 @@ def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tok
         rows.append(row)
     for base_name in ("inductor-fp32", "onnx:fp32"):
         suffix = base_name.replace("-", "_").replace(":", "_")
+        base_of_round = {b["round"]: b for b in rows if b["variant"] == base_name}
         for r in rows:  # against the baseline of the same round
-            base = next((b for b in rows if b["variant"] == base_name and b["round"] == r["round"]), None)
+            base = base_of_round.get(r["round"])
             if base is None:
                 continue
             if base["decode_tok_s"] and r["decode_tok_s"]:
@@ -299,8 +300,8 @@ def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tok
             r[f"prefill_vs_{suffix}"] = base["prefill_s"] / r["prefill_s"]
     return {"model": model_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "ppl_tokens": ppl_tokens,
-            "rounds": max(seen.values()), "baseline": baseline, "results": rows,
-            "summary": summarize(rows, baseline)}
+            "rounds": max(seen.values()),  # a variant list given N times counts N rounds too
+            "baseline": baseline, "results": rows, "summary": summarize(rows, baseline)}
 
 
 def to_markdown(result: dict[str, Any]) -> str:

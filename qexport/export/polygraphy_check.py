@@ -128,13 +128,10 @@ def _feeds(lm, input_ids: np.ndarray, decode_steps: int) -> list[dict[str, np.nd
     past = lm.empty_past(ids.shape[0])
     feeds = []
     for t in range(prefill, input_ids.shape[1] + 1):
-        seq = ids.shape[1]
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -seq:].astype(np.int64)
-        feeds.append(OrderedDict([("input_ids", ids), ("attention_mask", mask), ("position_ids", positions),
-                                  *zip(lm.past_names, past)]))
+        feeds.append(lm.feed(ids, mask, past))
         if t == input_ids.shape[1]:
             break
-        _, past = lm.step(ids, mask, past)
+        past = lm.session.run(None, feeds[-1])[1:]
         ids = input_ids[:, t:t + 1]
         mask = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
     return feeds

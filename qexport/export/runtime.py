@@ -102,13 +102,17 @@ class OnnxCausalLM:
         """Zero-length past tensors of the right dtypes (float, or codes / scales / zero points)."""
         return [np.zeros((batch, shape[1], 0, shape[3]), dtype) for shape, dtype in self._past_specs]
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]):
-        """One forward pass: ``(logits [B, S, V], present k/v list)``; positions follow the attention mask."""
+    def feed(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]
+             ) -> dict[str, np.ndarray]:
+        """The session's inputs for one forward pass; positions follow the attention mask."""
         seq = input_ids.shape[1]
         positions = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)[:, -seq:].astype(np.int64)
-        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
-                 "position_ids": positions, **dict(zip(self.past_names, past))}
-        outs = self.session.run(None, feeds)
+        return {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                "position_ids": positions, **dict(zip(self.past_names, past))}
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]):
+        """One forward pass: ``(logits [B, S, V], present k/v list)``; positions follow the attention mask."""
+        outs = self.session.run(None, self.feed(input_ids, attention_mask, past))
         return outs[0], outs[1:]
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any):
