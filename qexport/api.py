@@ -32,6 +32,7 @@ class QuantizationReport:
     recipe: dict[str, Any]
     layers: list[LayerReport] = field(default_factory=list)
     rotation: dict[str, Any] | None = None  # what the recipe's rotation did (RotationReport.to_dict())
+    calibration: dict[str, Any] | None = None  # where calibration windows came from (qexport.prepare)
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -45,6 +46,8 @@ class QuantizationReport:
         d = {"recipe": self.recipe, "layers": [asdict(layer) for layer in self.layers]}
         if self.rotation is not None:
             d["rotation"] = self.rotation
+        if self.calibration is not None:
+            d["calibration"] = self.calibration
         return d
 
 

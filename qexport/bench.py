@@ -5,8 +5,10 @@ A variant is one of
     eager-fp32                 the float model, eager PyTorch
     inductor-fp32              torch.compile(backend="inductor")
     eager:RECIPE               qexport.quantize(model, RECIPE) (QLinear modules, reference kernels)
+    eager:DIR                  a saved quantized folder (``qexport quantize``), loaded as it is
     qexport:RECIPE:TARGET      torch.compile(backend="qexport", options={"recipe": RECIPE, "target": TARGET})
     onnx:fp32 | onnx:RECIPE    qexport.export_onnx(model, DIR, RECIPE) run by ONNX Runtime (OnnxCausalLM)
+    onnx:DIR                   a saved quantized folder exported as it is, run by ONNX Runtime
     onnx-dir:PATH              a folder written by ``qexport export``, run by ONNX Runtime
 
 and is measured with the same protocol (batch 1): a prompt of ``prompt_tokens`` tokens from the bundled
@@ -69,8 +71,7 @@ def parse_variant(text: str) -> dict[str, str]:
         return {"kind": text}
     parts = text.split(":")
     if parts[0] == "eager" and len(parts) == 2:
-        load_recipe(parts[1])
-        return {"kind": "eager", "recipe": parts[1]}
+        return {"kind": "eager", **_recipe_or_saved(parts[1])}
     if parts[0] == "qexport" and len(parts) == 3:
         load_recipe(parts[1])
         if parts[2] not in TARGETS:
@@ -79,8 +80,7 @@ def parse_variant(text: str) -> dict[str, str]:
     if parts[0] == "onnx" and len(parts) == 2:
         if parts[1] == "fp32":
             return {"kind": "onnx"}
-        load_recipe(parts[1])
-        return {"kind": "onnx", "recipe": parts[1]}
+        return {"kind": "onnx", **_recipe_or_saved(parts[1])}
     if text.startswith("onnx-dir:") and len(text) > len("onnx-dir:"):
         from qexport.export.runtime import _folder
 
@@ -91,8 +91,20 @@ def parse_variant(text: str) -> dict[str, str]:
     )
 
 
+def _recipe_or_saved(text: str) -> dict[str, str]:
+    """``{"saved": DIR}`` for a saved quantized folder, else ``{"recipe": NAME}`` (checked)."""
+    from qexport.checkpoint import is_quantized_folder
+    from qexport.config import load_recipe
+
+    if is_quantized_folder(text):
+        return {"saved": str(Path(text).resolve())}
+    load_recipe(text)
+    return {"recipe": text}
+
+
 def _build(model, spec: dict[str, str], calibration: torch.Tensor | None = None, workdir: Path | None = None):
     import qexport
+    from qexport.prepare import quantize_model
 
     kind = spec["kind"]
     if kind in ("onnx", "onnx-dir"):
@@ -100,19 +112,19 @@ def _build(model, spec: dict[str, str], calibration: torch.Tensor | None = None,
 
         path = spec.get("path")
         if kind == "onnx":
-            recipe = spec.get("recipe")
-            batches = None
-            if recipe is not None and _needs_data(spec):
-                batches = [row[None] for row in calibration]
             path = workdir / "export"
-            qexport.export_onnx(model, path, recipe, calibration=batches, force=True)
+            source = spec.get("saved") or model
+            qexport.export_onnx(source, path, spec.get("recipe"), calibration=calibration, force=True)
         return OnnxCausalLM(path)
+    if spec.get("saved"):
+        from qexport.checkpoint import load_quantized
+
+        return load_quantized(spec["saved"])
     m = copy.deepcopy(model)
     if kind == "inductor-fp32":
         m.forward = torch.compile(m.forward, backend="inductor")
     elif kind == "eager":
-        recipe = qexport.load_recipe(spec["recipe"])
-        qexport.quantize(m, recipe, calibration=calibration if recipe.algorithm_needs_data else None)
+        quantize_model(m, spec["recipe"], calibration=calibration)
     elif kind == "qexport":
         m.forward = torch.compile(m.forward, backend="qexport",
                                   options={"recipe": spec["recipe"], "target": spec["target"]})
@@ -120,13 +132,14 @@ def _build(model, spec: dict[str, str], calibration: torch.Tensor | None = None,
 
 
 def _needs_data(spec: dict[str, str]) -> bool:
-    """Whether building the variant needs calibration data: GPTQ / AWQ, or static activation scales on export."""
+    """Whether building the variant needs calibration data: GPTQ / AWQ / SmoothQuant, or static activation scales."""
     from qexport.config import load_recipe
+    from qexport.prepare import recipe_needs_data
 
     if not spec.get("recipe"):
         return False
     recipe = load_recipe(spec["recipe"])
-    return recipe.algorithm_needs_data or (spec["kind"] == "onnx" and recipe.needs_calibration)
+    return recipe_needs_data(recipe)
 
 
 def _generate(m, prompt: torch.Tensor, new_tokens: int, on_token) -> None:
@@ -196,8 +209,13 @@ def _quality(model, tok, text: str, tokens: int):
         size_bytes = bits = None
         if spec["kind"] == "eager":
             size = qexport.model_size(built)
-        elif spec.get("recipe"):  # what the recipe stores, whatever runs it
-            size = qexport.model_size(qexport.quantize(copy.deepcopy(model), spec["recipe"]))
+        elif spec.get("saved"):
+            from qexport.checkpoint import load_quantized
+
+            size = qexport.model_size(load_quantized(spec["saved"]))
+        elif spec.get("recipe"):  # what the recipe stores, whatever runs it (any algorithm stores the same format)
+            size = qexport.model_size(qexport.quantize(copy.deepcopy(model),
+                                                       qexport.load_recipe(spec["recipe"]).weights_only()))
         elif spec["kind"] == "onnx-dir":
             size = None
         else:
@@ -274,10 +292,9 @@ def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tok
     prompt = tokenize(tok, text)[:prompt_tokens][None]
     calibration = None
     if any(_needs_data(s) for _, s in specs):
-        from qexport.algorithms import calibration_tokens
+        from qexport.prepare import CalibrationSet
 
-        calibration = calibration_tokens(read_text(bundled_text("sensesensibility")), tok, samples=calib_samples,
-                                         seq_len=512, seed=0)
+        calibration = CalibrationSet(samples=calib_samples).tokens(tok)
     quality = _quality(model, tok, text, ppl_tokens) if ppl_tokens else None
     rows = []
     seen: dict[str, int] = {}

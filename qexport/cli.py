@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from qexport.errors import InvalidConfig, QExportError
+from qexport.prepare import CalibrationSet, quantize_model
 
 DEMO_RECIPES = ("w8", "w4g128", "nf4-dq", "w2g64")
 DEMO_PROMPT = "What is the capital of France?"
@@ -48,18 +49,6 @@ def _mb(n: int) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Measuring one variant
 # ----------------------------------------------------------------------------------------------------
-def _calibration_batches(tok, path: str | None, count: int = 8, length: int = 512):
-    """``count`` windows of ``length`` tokens from the calibration text (default: bundled Sense and Sensibility)."""
-    from qexport.errors import CalibrationError
-    from qexport.eval import tokenize
-    from qexport.models import bundled_text, read_text
-
-    ids = tokenize(tok, read_text(path or bundled_text("sensesensibility")))
-    if ids.numel() < length:
-        raise CalibrationError(f"the calibration text has {ids.numel()} tokens, fewer than one window of {length}")
-    return [c[None] for c in ids[: count * length].split(length) if c.numel() == length]
-
-
 def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=None,
              prompt: str | None = None, max_new_tokens: int = 0, backend: str = "eager",
              target: str | None = None, calib_text: str | None = None, calib_samples: int = 16) -> dict[str, Any]:
@@ -68,6 +57,7 @@ def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=
 
     row: dict[str, Any] = {"variant": name}
     t0 = time.perf_counter()
+    calibration = CalibrationSet(calib_text, calib_samples)
     if recipe is not None and backend == "compile":
         import torch
 
@@ -76,35 +66,26 @@ def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=
         qmodel.forward = torch.compile(qmodel.forward, backend="qexport",
                                        options={"recipe": recipe, "target": target})
         row["recipe"] = recipe.to_dict()
+        from qexport.algorithms.calibration import calibration_batches
         from qexport.backend import default_target
 
         row["backend"] = f"compile/{target or default_target()}"
         if recipe.needs_calibration:
-            qexport.calibrate(qmodel, _calibration_batches(tok, calib_text), progress=True)
+            qexport.calibrate(qmodel, calibration_batches(calibration.tokens(tok)), progress=True)
         # sizes of what the compiled graphs hold are those of the same recipe applied eagerly
-        size = qexport.model_size(qexport.quantize(copy.deepcopy(model), _weights_only(recipe)))
+        size = qexport.model_size(qexport.quantize(copy.deepcopy(model), recipe.weights_only()))
         model = qmodel
     elif recipe is not None:
-        calibration = None
-        if recipe.algorithm_needs_data:  # GPTQ / AWQ: windows of the calibration text, drawn with seed 0
-            from qexport.algorithms import calibration_tokens
-            from qexport.models import bundled_text, read_text
-
-            calibration = calibration_tokens(read_text(calib_text or bundled_text("sensesensibility")), tok,
-                                             samples=calib_samples, seq_len=512, seed=0)
-        model = qexport.quantize(copy.deepcopy(model), recipe, calibration=calibration, progress=True)
-        report = model.qexport_report
-        row["recipe"] = report.recipe
-        row["layers_quantized"] = len(report.quantized)
-        row["layers_float"] = len(report.kept_float)
-        if recipe.needs_calibration:
-            qexport.calibrate(model, _calibration_batches(tok, calib_text), progress=True)
+        model = quantize_model(copy.deepcopy(model), recipe, tok, calibration, progress=True)
+        _report_row(row, model)
         row["quantize_s"] = round(time.perf_counter() - t0, 2)
         size = qexport.model_size(model)
     else:
+        if getattr(model, "qexport_report", None) is not None:  # a saved quantized folder
+            _report_row(row, model)
         size = qexport.model_size(model)
     t1 = time.perf_counter()
-    kv_cache = recipe.kv_cache if recipe is not None else None
+    kv_cache = recipe.kv_cache if recipe is not None else _saved_kv_cache(model)
     res = perplexity(model, tok, text, tokens=tokens, window=window, progress=True, desc=f"ppl {name}",
                      kv_cache=kv_cache)
     if kv_cache is not None:
@@ -121,11 +102,19 @@ def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=
     return row
 
 
-def _weights_only(recipe):
-    from qexport.config import Recipe, Rule
+def _report_row(row: dict[str, Any], model) -> None:
+    report = model.qexport_report
+    row["recipe"] = report.recipe
+    row["layers_quantized"] = len(report.quantized)
+    row["layers_float"] = len(report.kept_float)
 
-    return Recipe(name=recipe.name, rules=tuple(Rule(r.pattern, r.weight) for r in recipe.rules),
-                  exclude=recipe.exclude)
+
+def _saved_kv_cache(model):
+    """The KV-cache spec of a saved quantized model's recipe (None for a float model or a float cache)."""
+    from qexport.config import KVCacheSpec
+
+    report = getattr(model, "qexport_report", None)
+    return KVCacheSpec.parse((report.recipe or {}).get("kv_cache")) if report is not None else None
 
 
 def _table(rows: list[dict[str, Any]], fp_ppl: float) -> str:
@@ -173,8 +162,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_onnxruntime(args)
     if args.folder:
         raise InvalidConfig(f"an export folder ({args.folder}) is evaluated with --backend onnxruntime")
+    if _is_saved(args.model):
+        return _eval_saved(args)
     if not args.recipe:
-        raise InvalidConfig("--recipe is required (a preset name or a recipe JSON file)")
+        raise InvalidConfig("--recipe is required (a preset name or a recipe JSON file), unless --model is a "
+                            "quantized folder (`qexport quantize`)")
     tokens = _positive_int("--tokens", args.tokens)
     window = _positive_int("--window", args.window)
     recipe = _with_kv_cache(args.recipe, args.kv_cache)
@@ -216,6 +208,70 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_saved(model: str) -> bool:
+    from qexport.checkpoint import is_quantized_folder
+
+    return model not in ("smollm2",) and is_quantized_folder(model)
+
+
+def _eval_saved(args: argparse.Namespace) -> int:
+    """Perplexity of a saved quantized folder as it is (nothing is quantized again), next to its float source
+    model's when that can be loaded here."""
+    from qexport.checkpoint import read_provenance
+    from qexport.models import load_model, read_text
+
+    if args.recipe or args.kv_cache or args.backend != "eager":
+        raise InvalidConfig(f"{args.model!r} is quantized already: evaluate it without --recipe / --kv-cache, with "
+                            "--backend eager (its ONNX export: `qexport export --model DIR`, then --backend onnxruntime)")
+    tokens = _positive_int("--tokens", args.tokens)
+    window = _positive_int("--window", args.window)
+    text = read_text(args.text)
+    _check_json_target(args.json, args.force)
+    _threads()
+    model, tok = load_model(args.model)
+    name = model.qexport_report.recipe.get("name", "saved") if model.qexport_report.recipe else "saved"
+    q = _measure(name, model, tok, text, tokens, window)
+    rows, source = [q], read_provenance(args.model).get("source_model")
+    if args.float_reference and source:
+        rows.insert(0, _measure("fp32", load_model(source)[0], tok, text, tokens, window))
+    print(f"model {args.model}  text {args.text}  {q['tokens']} tokens in {q['windows']} windows of {window}")
+    print(_table(rows, rows[0]["ppl"]))
+    if args.json:
+        out = {"model": str(args.model), "text": str(args.text), "recipe": model.qexport_report.recipe,
+               "ppl": q["ppl"], "nll": q["nll"], "tokens": q["tokens"], "window": window, "windows": q["windows"],
+               "size_bytes": q["size_bytes"], "bits_per_weight": q["bits_per_weight"], "backend": "eager",
+               "source_model": source, **({"fp_ppl": rows[0]["ppl"]} if len(rows) > 1 else {})}
+        _write_json(args.json, out, args.force)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from qexport.checkpoint import save_quantized
+    from qexport.models import load_model
+
+    recipe = _with_kv_cache(args.recipe, args.kv_cache)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        from qexport._io import OutputExists
+
+        raise OutputExists(f"{args.out!r} already exists; pass --force to replace it")
+    if _is_saved(args.model):
+        raise InvalidConfig(f"{args.model!r} is quantized already; quantize its float source model instead")
+    _threads()
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+    model = quantize_model(model, recipe, tok, _calibration(args), progress=True)
+    quantize_s = time.perf_counter() - t0
+    saved = save_quantized(model, out, tok, force=args.force, layout=args.layout,
+                           provenance={"source_model": str(args.model), "quantize_s": round(quantize_s, 1)})
+    report = model.qexport_report
+    print(f"wrote {saved.path}: {_mb(saved.bytes)} MB, layout {saved.layout}; {len(report.quantized)} layers "
+          f"quantized, {len(report.kept_float)} float; quantized in {quantize_s:.0f} s")
+    for engine, status in saved.engines.items():
+        print(f"  {engine:<13} {status}")
+    return 0
+
+
 def _with_kv_cache(recipe_name: str, kv_cache: str | None):
     """The recipe named ``recipe_name`` ('fp32': float weights) with ``--kv-cache`` added when given."""
     from qexport.config import Recipe, Rule, load_recipe
@@ -229,20 +285,9 @@ def _with_kv_cache(recipe_name: str, kv_cache: str | None):
     return recipe.with_kv_cache(kv_cache) if kv_cache is not None else recipe
 
 
-def _export_calibration(recipe_name: str | None, model_name: str, calib_text: str | None, calib_samples: int):
-    """Calibration batches for a recipe that needs them (static activations, GPTQ / AWQ), else None."""
-    from qexport.config import load_recipe
-
-    if not recipe_name:
-        return None
-    recipe = load_recipe(recipe_name)
-    if recipe.algorithm == "rtn" and not recipe.needs_calibration:
-        return None
-    from qexport.models import load_model
-
-    _, tok = load_model(model_name)
-    count = calib_samples if recipe.algorithm != "rtn" else 8
-    return _calibration_batches(tok, calib_text, count=count)
+def _calibration(args: argparse.Namespace) -> CalibrationSet:
+    """The calibration windows ``--calib-text`` / ``--calib-samples`` ask for (one sampler for every command)."""
+    return CalibrationSet(args.calib_text, _positive_int("--calib-samples", args.calib_samples))
 
 
 def _eval_onnxruntime(args: argparse.Namespace) -> int:
@@ -279,11 +324,8 @@ def _eval_onnxruntime(args: argparse.Namespace) -> int:
     if args.reference:
         from qexport.export.runtime import reference_model
 
-        source = lm.report.get("source_model")
-        recipe_file = lm.path / "recipe.json"
-        calib = _export_calibration(str(recipe_file), source, args.calib_text,
-                                    args.calib_samples) if source and recipe_file.is_file() else None
-        ref = perplexity(reference_model(lm.report, lm.path, calib), tok, text, tokens=tokens, window=window,
+        ref = perplexity(reference_model(lm.report, lm.path, _calibration(args)), tok, text, tokens=tokens,
+                         window=window,
                          progress=True, desc="ppl pytorch", kv_cache=lm.kv_cache)
         out.update(torch_ppl=ref.ppl, ppl_ratio=res.ppl / ref.ppl)
         print(f"pytorch perplexity of the same model {ref.ppl:.4f}; onnxruntime / pytorch = "
@@ -296,7 +338,13 @@ def _eval_onnxruntime(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from qexport.export import export_onnx
 
-    recipe = None if args.recipe == "fp32" and args.kv_cache is None else args.recipe
+    if _is_saved(args.model):
+        if args.recipe or args.kv_cache:
+            raise InvalidConfig(f"{args.model!r} is quantized already: export it without --recipe / --kv-cache")
+    elif not args.recipe:
+        raise InvalidConfig("--recipe is required (a preset name, a recipe JSON file, or 'fp32'), unless --model is "
+                            "a quantized folder (`qexport quantize`)")
+    recipe = None if args.recipe in (None, "fp32") and args.kv_cache is None else args.recipe
     if recipe is not None:  # a bad recipe fails before the model loads
         recipe = _with_kv_cache(recipe, args.kv_cache)
     out = Path(args.out)
@@ -305,9 +353,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         raise OutputExists(f"{args.out!r} already exists; pass --force to replace it")
     _threads()
-    calibration = _export_calibration(recipe, args.model, args.calib_text,
-                                      _positive_int("--calib-samples", args.calib_samples))
-    res = export_onnx(args.model, out, recipe, target=args.target, force=args.force, calibration=calibration,
+    res = export_onnx(args.model, out, recipe, target=args.target, force=args.force, calibration=_calibration(args),
                       fuse=args.fuse, ort_accuracy_level=args.ort_accuracy_level)
     r = res.report
     quantized = sum(1 for layer in r["layers"] if layer["status"] == "quantized")
@@ -325,15 +371,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     _check_json_target(args.json, args.force)
     _threads()
     report = load_export_report(args.folder)
-    calibration = None
-    if report.get("source_model") and (Path(args.folder) / "recipe.json").is_file():
-        calibration = _export_calibration(str(Path(args.folder) / "recipe.json"), report["source_model"],
-                                          args.calib_text, args.calib_samples)
     session_config = (None if args.ort_accuracy_level is None
                       else {"session.qdq_matmulnbits_accuracy_level": str(args.ort_accuracy_level)})
     if args.polygraphy or args.engine:  # what the comparison needs, before the reference is built
         check_polygraphy_runners(args.engine)
-    reference = reference_model(report, Path(args.folder), calibration)  # one reference for both comparisons
+    reference = reference_model(report, Path(args.folder), _calibration(args))  # one reference for both comparisons
     res = verify(args.folder, reference=reference, decode_steps=_positive_int("--decode-steps", args.decode_steps),
                  session_config=session_config)
     print(f"{args.folder}: onnxruntime vs pytorch on {res['positions']} positions ({res['prefill_tokens']} prefill "
@@ -520,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     e = sub.add_parser("eval", help="perplexity and size of one recipe against fp32")
-    e.add_argument("--model", default="smollm2", help="'smollm2' or a local Hugging Face checkpoint directory")
+    e.add_argument("--model", default="smollm2", help="'smollm2', a local Hugging Face checkpoint directory, or a "
+                                                      "quantized folder (`qexport quantize`; then no --recipe)")
     e.add_argument("folder", nargs="?", help="with --backend onnxruntime: an export folder (`qexport export`)")
     e.add_argument("--recipe", help="preset name (see `qexport recipes`) or recipe JSON file")
     e.add_argument("--text", required=True, help="UTF-8 text file to evaluate on")
@@ -540,9 +583,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="windows of 512 calibration tokens for GPTQ / AWQ recipes (default 16)")
     e.add_argument("--kv-cache", choices=tuple(KV_CACHE_PRESETS), default=None,
                    help="store the attention KV cache quantized (qexport.kvcache); --recipe fp32 keeps weights float")
+    e.add_argument("--no-float-reference", dest="float_reference", action="store_false",
+                   help="with a quantized folder as --model: skip the perplexity of its float source model")
     e.add_argument("--json", help="also write the results as JSON to this file")
     e.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
     e.set_defaults(func=cmd_eval)
+
+    q = sub.add_parser("quantize", help="quantize a model with a recipe and save the folder (load it anywhere)")
+    q.add_argument("--model", default="smollm2", help="'smollm2' or a local Hugging Face checkpoint directory")
+    q.add_argument("--recipe", required=True, help="preset name (see `qexport recipes`) or recipe JSON file")
+    q.add_argument("--out", required=True, help="folder to write (safetensors, config, tokenizer, recipe, manifest)")
+    q.add_argument("--calib-text", help="calibration text for GPTQ / AWQ / SmoothQuant and static recipes "
+                                        "(default: bundled Sense and Sensibility)")
+    q.add_argument("--calib-samples", type=int, default=16, help="calibration windows of 512 tokens (default 16)")
+    q.add_argument("--kv-cache", choices=tuple(KV_CACHE_PRESETS), default=None,
+                   help="record a quantized KV cache in the recipe (qexport.kvcache)")
+    q.add_argument("--layout", choices=("auto", "compressed-tensors", "qexport"), default="auto",
+                   help="tensor layout: compressed-tensors where every layer has that form (transformers and vLLM "
+                        "load it), else qexport's own (default auto)")
+    q.add_argument("--force", action="store_true", help="replace the --out folder if it exists")
+    q.set_defaults(func=cmd_quantize)
 
     d = sub.add_parser("demo", help="fp32 vs w8, w4g128, nf4-dq, w2g64 on SmolLM2: perplexity, size, generation")
     d.add_argument("--model", default="smollm2")
@@ -579,8 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     x = sub.add_parser("export", help="export a quantized causal LM with KV cache as an ONNX QDQ folder")
-    x.add_argument("--model", default="smollm2", help="'smollm2' or a local Hugging Face checkpoint directory")
-    x.add_argument("--recipe", required=True, help="preset name or recipe JSON file; 'fp32' for the float baseline")
+    x.add_argument("--model", default="smollm2", help="'smollm2', a local Hugging Face checkpoint directory, or a "
+                                                      "quantized folder (`qexport quantize`; then no --recipe)")
+    x.add_argument("--recipe", help="preset name or recipe JSON file; 'fp32' for the float baseline; left out when "
+                                    "--model is a quantized folder")
     x.add_argument("--format", choices=("onnx",), default="onnx")
     x.add_argument("--out", required=True, help="folder to write (model.onnx, config, tokenizer, recipe, report)")
     x.add_argument("--target", choices=("ort", "tensorrt"), default="ort",

@@ -632,6 +632,10 @@ class Recipe:
             d["kv_cache"] = self.kv_cache.to_dict()
         return d
 
+    def weights_only(self) -> "Recipe":
+        """The same weight formats, rounded to nearest, activations float: what this recipe stores, for sizing."""
+        return Recipe(name=self.name, rules=tuple(Rule(r.pattern, r.weight) for r in self.rules), exclude=self.exclude)
+
     def with_kv_cache(self, kv_cache: "KVCacheSpec | Mapping | str | None") -> "Recipe":
         """This recipe with its KV cache stored as ``kv_cache`` (None: float), named e.g. ``w4g128-kv8``."""
         spec = KVCacheSpec.parse(kv_cache)
@@ -669,6 +673,8 @@ class Recipe:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise InvalidConfig(f"recipe file {str(p)!r} is not valid JSON: {e}") from None
+        if isinstance(data, Mapping) and isinstance(data.get("recipe"), Mapping) and "provenance" in data:
+            data = data["recipe"]  # the recipe.json of a saved quantized folder: the recipe with its provenance
         return cls.from_dict(data)
 
 
@@ -704,6 +710,10 @@ PRESETS: dict[str, Recipe] = {
                 "int4 weights, groups of 128, symmetric, restricted range [-7, 7]: TensorRT-ready (scales > 0)"),
         _single("w4g64", QuantSpec(bits=4, group_size=64, symmetric=False),
                 "int4 weights, groups of 64, asymmetric"),
+        # Groups of 64 divide SmolLM2's 576 and 1536 inputs, and symmetric codes need no zero points: the int4
+        # form that `qexport quantize` saves as compressed-tensors for transformers and vLLM alike.
+        _single("w4g64-sym", QuantSpec(bits=4, group_size=64, symmetric=True),
+                "int4 weights, groups of 64, symmetric (saved as compressed-tensors: transformers and vLLM load it)"),
         _single("nf4-dq", QuantSpec(bits=4, format="nf4", group_size=64, double_quant=True),
                 "NF4 weights, blocks of 64, scales double-quantized to int8 in blocks of 256"),
         _single("w2g64", QuantSpec(bits=2, group_size=64, symmetric=False),

@@ -40,3 +40,7 @@ class UnsupportedOp(QExportError):
 
 class CalibrationError(QExportError):
     """Calibration data is missing, empty or of the wrong kind, or a static model was used uncalibrated."""
+
+
+class CheckpointError(ModelLoadError):
+    """A saved quantized folder is incomplete, malformed, or in a form qexport does not read."""

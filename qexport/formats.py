@@ -63,6 +63,7 @@ __all__ = [
     "double_dequantize",
     "quantize_weight",
     "fake_quantize",
+    "stored_layout",
 ]
 
 
@@ -382,6 +383,32 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def stored_layout(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The dtype and shape of every tensor :func:`quantize_weight` stores for a ``[N, K]`` weight and ``spec``,
+    by the names of :meth:`QuantizedWeight.tensors` (what a saved checkpoint must hold for that layer)."""
+    n, k = shape
+    g = _group_size(spec, k)
+    rows = 1 if spec.granularity is Granularity.PER_TENSOR else n
+    groups = 1 if spec.granularity is Granularity.PER_TENSOR else _num_groups(k, g)
+    signed = spec.format is NumberFormat.INT and spec.symmetric
+
+    def stored(r: int, c: int, is_signed: bool) -> tuple[torch.dtype, tuple[int, ...]]:
+        if spec.bits == 8:
+            return (torch.int8 if is_signed else torch.uint8), (r, c)
+        return torch.uint8, (r, -(-c * spec.bits // 8))
+
+    out = {"qdata": stored(n, k, signed)}
+    if spec.double_quant:
+        out["qscale"] = (torch.int8, (rows, groups))
+        out["scale2"] = (torch.float32, (-(-rows * groups // spec.double_quant_block),))
+        out["scale_offset"] = (torch.float32, ())
+    else:
+        out["scale"] = (torch.float32, (rows, groups))
+    if spec.format is NumberFormat.INT and not spec.symmetric:
+        out["zero_point"] = stored(rows, groups, False)
+    return out
 
 
 def dequantize_stored(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: str,

@@ -254,8 +254,8 @@ def test_atomic_write_force_and_external_data(exported, tok, tmp_path):
         qexport.export_onnx(tiny_llama(), folder, MIXED, tok)  # the top-level alias
     assert sorted(p.name for p in folder.iterdir()) == before
     failing = tmp_path / "out"
-    with pytest.raises(CalibrationError):  # static recipe without calibration: nothing is left behind
-        export_onnx(tiny_llama(), failing, "w8a8-static", tok)
+    with pytest.raises(CalibrationError):  # static recipe, no calibration, no tokenizer: nothing is left behind
+        export_onnx(tiny_llama(), failing, "w8a8-static")
     assert not failing.exists() and not list(tmp_path.iterdir())
     # the same graph with its tensors in model.onnx.data loads and runs the same
     ext = tmp_path / "ext"

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qexport._io import OutputExists
+from qexport._io import OutputExists, replace_folder
 from qexport.errors import CalibrationError, InvalidConfig, ModelLoadError, UnsupportedOp
 
 __all__ = ["export_onnx", "ExportResult", "EXTERNAL_DATA_BYTES", "MODEL_FILE", "DATA_FILE", "REPORT_FILE",
@@ -129,9 +129,9 @@ class _KVCacheLM(nn.Module):
 
 def _prepare(model, recipe, tokenizer, calibration):
     """(quantized model, tokenizer, source model name or None) from a name / folder / module and a recipe."""
-    import qexport
     from qexport.config import load_recipe
     from qexport.modules import QLinear
+    from qexport.prepare import quantize_model, recipe_needs_data
 
     source = None
     if isinstance(model, (str, os.PathLike)):
@@ -153,19 +153,10 @@ def _prepare(model, recipe, tokenizer, calibration):
         raise InvalidConfig("export_onnx(): this model is already quantized; pass recipe=None to export it as is")
     if source is None:
         model = copy.deepcopy(model)
-    model.eval()
-    tokens = None
-    if recipe.algorithm != "rtn":
-        if not calibration:
-            raise CalibrationError(f"recipe {recipe.name!r} ({recipe.algorithm}) needs calibration token batches")
-        tokens = torch.cat(list(calibration))
-    model = qexport.quantize(model, recipe, calibration=tokens)
-    if recipe.needs_calibration:
-        if not calibration:
-            raise CalibrationError(f"recipe {recipe.name!r} quantizes activations statically: pass calibration "
-                                   "token batches")
-        qexport.calibrate(model, calibration)
-    return model, tokenizer, source
+    if recipe_needs_data(recipe) and calibration is None and tokenizer is None:
+        raise CalibrationError(f"recipe {recipe.name!r} needs calibration data: pass calibration= (a CalibrationSet "
+                               "with the tokenizer, or token ids [N, L])")
+    return quantize_model(model, recipe, tokenizer, calibration), tokenizer, source
 
 
 def check_tensorrt_modules(model: nn.Module) -> None:
@@ -298,23 +289,6 @@ def _layer_table(model: nn.Module, qdq) -> list[dict[str, Any]]:
     return rows
 
 
-def _replace_folder(tmp: Path, out: Path, force: bool) -> None:
-    """Move the finished ``tmp`` folder to ``out``; an existing ``out`` is replaced only with ``force``."""
-    if out.exists():
-        if not force:
-            raise OutputExists(f"{str(out)!r} already exists; pass force=True / --force to replace it")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
 def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, target: str = "ort",
                 force: bool = False, calibration=None, external_data: bool | None = None,
                 nf4_form: str = "auto", fuse: bool = True, ort_accuracy_level: int | None = None) -> ExportResult:
@@ -408,7 +382,7 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
             "export_s": round(time.perf_counter() - t0, 2),
         }
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        _replace_folder(tmp, out, force)
+        replace_folder(tmp, out, force)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

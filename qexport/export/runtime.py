@@ -166,29 +166,24 @@ def reference_cache(report: dict[str, Any]):
     return QuantizedKVCache(spec)
 
 
-def reference_model(report: dict[str, Any], path: Path, calibration):
-    """The PyTorch reference of an export: its source model quantized again with the folder's recipe (the
-    float model for a float export)."""
-    import qexport
+def reference_model(report: dict[str, Any], path: Path, calibration=None):
+    """The PyTorch reference of an export: the saved quantized folder it was exported from, loaded as it is;
+    for an export made from a recipe, its source model quantized again with the folder's recipe and
+    ``calibration`` (:func:`qexport.prepare.quantize_model`); the float model for a float export."""
+    from qexport.checkpoint import is_quantized_folder
     from qexport.config import Recipe
     from qexport.export.onnx import RECIPE_FILE
     from qexport.models import load_model
+    from qexport.prepare import quantize_model
 
     source = report.get("source_model")
     if not source:
         raise InvalidConfig(f"{str(path)!r} was exported from an in-memory model: pass reference=<the quantized "
                             "torch model> to verify()")
-    model, _ = load_model(source)
-    if not (path / RECIPE_FILE).is_file():  # a float export: the reference is the float model
+    model, tok = load_model(source)
+    if is_quantized_folder(source) or not (path / RECIPE_FILE).is_file():  # saved quantized, or a float export
         return model
-    recipe = Recipe.from_json(path / RECIPE_FILE)
-    tokens = torch.cat(list(calibration)) if calibration and recipe.algorithm != "rtn" else None
-    model = qexport.quantize(model, recipe, calibration=tokens)
-    if recipe.needs_calibration:
-        if not calibration:
-            raise InvalidConfig(f"recipe {recipe.name!r} is static: verify needs the export's calibration batches")
-        qexport.calibrate(model, calibration)
-    return model
+    return quantize_model(model, Recipe.from_json(path / RECIPE_FILE), tok, calibration)
 
 
 @torch.no_grad()

@@ -104,11 +104,20 @@ def _resolve(model: str | os.PathLike) -> Path:
 
 
 def load_model(model: str | os.PathLike = "smollm2"):
-    """``(model, tokenizer)`` for ``'smollm2'`` or a local checkpoint directory, in fp32, in eval mode."""
+    """``(model, tokenizer)`` for ``'smollm2'`` or a local checkpoint directory, in fp32, in eval mode.
+
+    A folder written by ``qexport quantize`` / :func:`qexport.save_quantized` loads as the quantized model it
+    holds (:func:`qexport.load_quantized`): nothing is quantized again."""
     path = _resolve(model)
     _offline()
+    from qexport.checkpoint import is_quantized_folder
+
+    if is_quantized_folder(path):
+        from qexport.checkpoint import load_quantized
+
+        return load_quantized(path), _tokenizer(path)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -116,12 +125,17 @@ def load_model(model: str | os.PathLike = "smollm2"):
         m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     except Exception as e:  # transformers raises many types; report one line
         raise ModelLoadError(f"could not load a causal LM from {str(path)!r}: {str(e).splitlines()[0]}") from e
+    m.eval()
+    return m, _tokenizer(path)
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
         raise ModelLoadError(f"could not load the tokenizer from {str(path)!r}: {str(e).splitlines()[0]}") from e
-    m.eval()
-    return m, tok
 
 
 def read_text(path: str | os.PathLike) -> str:

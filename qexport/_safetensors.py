@@ -1,0 +1,168 @@
+"""safetensors files written one tensor at a time, and read back with every check a loader needs.
+
+The ``safetensors`` package writes a file from a dict of tensors and serializes the whole dict in memory
+first; a quantized checkpoint may convert each layer's tensors to another layout as it goes (the
+compressed-tensors packing), so the writer here takes tensors lazily: the header is built from shapes and
+dtypes known in advance, then each tensor is produced, written and dropped. The bytes are the format's own
+(an 8-byte little-endian header length, a JSON header padded with spaces to 8 bytes, then the raw
+little-endian data in header order), so the ``safetensors`` package, transformers and vLLM read the files;
+reading goes through ``safetensors.safe_open``, never through pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from qexport.errors import CheckpointError
+
+__all__ = ["TensorEntry", "write_safetensors", "shard_entries", "SafetensorsFolder", "DTYPES"]
+
+DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle stream / torch.save's zip archive
+
+
+@dataclass
+class TensorEntry:
+    """One tensor to write: its name, dtype and shape up front, and a function that makes it when written."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for d in self.shape:
+            count *= d
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> "TensorEntry":
+        return cls(name, tensor.dtype, tuple(tensor.shape), lambda: tensor)
+
+
+def write_safetensors(path: str | os.PathLike, entries: Iterable[TensorEntry], metadata: dict[str, str] | None = None
+                      ) -> int:
+    """Write ``entries`` to ``path`` one at a time; returns the bytes of tensor data written."""
+    entries = list(entries)
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for e in entries:
+        if e.dtype not in DTYPES:
+            raise CheckpointError(f"{e.name}: dtype {e.dtype} cannot be stored in safetensors")
+        header[e.name] = {"dtype": DTYPES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * ((-len(raw)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for e in entries:
+            t = e.make().detach().to("cpu")
+            if t.dtype != e.dtype or tuple(t.shape) != e.shape:
+                raise CheckpointError(f"{e.name}: made {t.dtype} {tuple(t.shape)}, announced {e.dtype} {e.shape}")
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    return offset
+
+
+def shard_entries(entries: list[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:
+    """Consecutive entries grouped into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[TensorEntry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards
+
+
+class SafetensorsFolder:
+    """The tensors of a checkpoint folder: ``model.safetensors``, or the shards an index names.
+
+    Shard paths must be plain file names inside the folder; a file that is not safetensors (a pickle, a
+    truncated file) is refused with a :class:`~qexport.errors.CheckpointError` naming it. Tensors are read one
+    at a time (``get``), so a caller can keep its peak memory to the tensors it holds.
+    """
+
+    def __init__(self, folder: Path, single: str = "model.safetensors", index: str = "model.safetensors.index.json"):
+        self.folder = folder
+        self._where: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        if (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{str(folder / index)!r} is not a safetensors index (weight_map): {e}") from None
+            for name, file in weight_map.items():
+                self._where[name] = self._shard(file, index)
+        elif (folder / single).is_file():
+            self._where = {name: folder / single for name in self._open(folder / single).keys()}
+        else:
+            pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+            extra = f" (it has {', '.join(pickles)}: qexport reads safetensors only, never pickle)" if pickles else ""
+            raise CheckpointError(f"{str(folder)!r} has no {single} or {index}{extra}")
+        for path in set(self._where.values()):
+            self._open(path)
+
+    def _shard(self, file: object, index: str) -> Path:
+        if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+            raise CheckpointError(f"{index} names the shard {file!r}, which is not a file inside {str(self.folder)!r}")
+        return self.folder / file
+
+    def _open(self, path: Path):
+        if path in self._handles:
+            return self._handles[path]
+        from safetensors import safe_open
+
+        if not path.is_file():
+            raise CheckpointError(f"{str(path)!r} is missing (named by the folder's safetensors index)")
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(_PICKLE_MAGIC):
+            raise CheckpointError(f"{str(path)!r} is a pickle / torch.save file, not safetensors: qexport never "
+                                  "unpickles; save the tensors with safetensors")
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for truncated or malformed files
+            raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({str(e).splitlines()[0]}): "
+                                  "it may be truncated; save the checkpoint again") from None
+        self._handles[path] = handle
+        return handle
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str, dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The tensor ``name``; with ``dtype`` / ``shape``, checked against them (a clear error, not a later crash)."""
+        if name not in self._where:
+            raise CheckpointError(f"{str(self.folder)!r} lacks the tensor {name!r}: the checkpoint is incomplete")
+        handle = self._open(self._where[name])
+        if name not in handle.keys():
+            raise CheckpointError(f"{str(self._where[name])!r} lacks the tensor {name!r} its index names")
+        if shape is not None:
+            got = tuple(handle.get_slice(name).get_shape())
+            if got != tuple(shape):
+                raise CheckpointError(f"tensor {name!r} has shape {list(got)}, expected {list(shape)}")
+        t = handle.get_tensor(name)
+        if dtype is not None and t.dtype != dtype:
+            raise CheckpointError(f"tensor {name!r} is {t.dtype}, expected {dtype}")
+        return t

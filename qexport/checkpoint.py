@@ -1,0 +1,444 @@
+"""Quantized checkpoints: quantize once, save the folder, load it anywhere.
+
+:func:`save_quantized` writes a model quantized by :func:`qexport.quantize` (and, for static activations,
+:func:`qexport.calibrate`) to a folder; :func:`load_quantized` rebuilds exactly that model, bit for bit, without
+running any algorithm and without materializing the float model. The folder::
+
+    model.safetensors               every stored tensor (shards + model.safetensors.index.json past
+                                    ``max_shard_bytes``), written one tensor at a time
+    config.json                     the Hugging Face config; with a ``quantization_config`` in the
+                                    compressed-tensors format when every quantized layer has a
+                                    compressed-tensors form (then transformers and vLLM load the folder),
+                                    else a config that other engines refuse (model type ``qexport``)
+    generation_config.json, tokenizer files
+    recipe.json                     {"recipe", "provenance", "report"}: the recipe with its options, how the
+                                    model was made (calibration text SHA-256, samples, sequence length, seed,
+                                    versions) and the quantization report
+    qexport_quantization.json       qexport's own section: the stored form of every quantized layer, the
+                                    rotation structure, the KV-cache spec, and which engines load the folder
+
+Two tensor layouts: ``compressed-tensors`` (:mod:`qexport.compressed`: ``weight_packed`` / ``weight_scale``
+/ ``weight_zero_point`` as compressed-tensors defines them, converted losslessly from and to qexport's codes)
+for what compressed-tensors expresses, and ``qexport`` (each ``QLinear`` buffer under its module path, as
+:meth:`qexport.formats.QuantizedWeight.tensors` names them) for the rest: NF4 with double quantization, int2,
+rotation with its online ``down_proj`` rotation, LLM.int8(), static activations with their fallback layers,
+groups that do not divide the input size, and anything else compressed-tensors cannot state.
+Only safetensors and JSON are read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qexport._io import OutputExists, replace_folder
+from qexport._safetensors import SafetensorsFolder, TensorEntry, shard_entries, write_safetensors
+from qexport.errors import CalibrationError, CheckpointError, InvalidConfig
+
+__all__ = ["save_quantized", "load_quantized", "is_quantized_folder", "read_manifest", "SavedFolder",
+           "MANIFEST_FILE", "RECIPE_FILE", "FORMAT", "FORMAT_VERSION", "DEFAULT_SHARD_BYTES"]
+
+MANIFEST_FILE = "qexport_quantization.json"
+RECIPE_FILE = "recipe.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+FORMAT = "qexport-quantized"
+FORMAT_VERSION = 1
+# transformers' own default shard size; a folder past it is sharded with an index
+DEFAULT_SHARD_BYTES = 5 * 1000**3
+# config.json of a folder in qexport's own layout: a model type no other engine has, so transformers and vLLM
+# refuse the folder with "does not recognize this architecture" instead of loading float weights that are not there
+QEXPORT_MODEL_TYPE = "qexport"
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
+
+
+@dataclass
+class SavedFolder:
+    """What :func:`save_quantized` wrote: the folder, its tensor layout, and which engines load it (and why not)."""
+
+    path: Path
+    layout: str  # "compressed-tensors" or "qexport"
+    engines: dict[str, str]
+    files: dict[str, int]  # file name -> bytes
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.files.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Provenance
+# ----------------------------------------------------------------------------------------------------
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str | None]:
+    """The versions of qexport and of the libraries that shape what it saves."""
+    import importlib.metadata as md
+
+    import qexport
+
+    out: dict[str, str | None] = {"qexport": qexport.__version__, "torch": torch.__version__}
+    for dist in ("transformers", "compressed-tensors", "safetensors"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------------
+def _qlinears(model: nn.Module) -> dict[str, nn.Module]:
+    from qexport.modules import QLinear
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, QLinear)}
+
+
+def _layer_entry(mod) -> dict[str, Any]:
+    """qexport's record of one quantized layer: enough to rebuild the module around its stored tensors."""
+    return {
+        "shape": [mod.out_features, mod.in_features],
+        "group": mod.group,
+        "weight": mod.spec.to_dict(),
+        "activation": mod.act_spec.to_dict() if mod.act_spec is not None else None,
+        "act_zero_point": int(mod.act_zero_point),
+        "activation_fallback": mod.activation_fallback,
+        "bias": mod.bias is not None,
+        "weight_dtype": _DTYPE_NAMES[mod.weight_dtype],
+    }
+
+
+def _float_entries(model: nn.Module, quantized: dict[str, nn.Module]) -> tuple[list[TensorEntry], dict[str, str]]:
+    """Every tensor of the state dict outside the quantized layers' stored weights, each storage once: the
+    entries to write, and the names that alias a written one (tied embeddings, the shared online rotation)."""
+    prefixes = tuple(f"{name}." for name in quantized)
+    seen: dict[tuple, str] = {}
+    entries, aliases = [], {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        if name.startswith(prefixes):
+            continue
+        if t.device.type == "meta":
+            raise CheckpointError(f"{name} is on the meta device: load or materialize the model before saving it")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        entries.append(TensorEntry.of(name, t))
+    return entries, aliases
+
+
+def _native_entries(name: str, mod) -> list[TensorEntry]:
+    """A quantized layer in qexport's layout: its buffers (and bias) under the module path."""
+    tensors = dict(mod.quantized_weight().tensors())
+    if mod.bias is not None:
+        tensors["bias"] = mod.bias
+    if mod.needs_calibration:
+        tensors["act_scale"] = mod.act_scale
+    return [TensorEntry.of(f"{name}.{k}", t) for k, t in tensors.items()]
+
+
+def _check_saveable(model: nn.Module, quantized: dict[str, nn.Module]) -> None:
+    if not isinstance(model, nn.Module) or not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
+        raise InvalidConfig("save_quantized() expects a Hugging Face model (with .config) quantized by qexport.quantize")
+    if not quantized:
+        raise InvalidConfig("save_quantized(): this model has no quantized layer; quantize it first "
+                            "(qexport.quantize(model, recipe))")
+    for name, mod in quantized.items():
+        if mod.needs_calibration and not mod.calibrated:
+            raise CalibrationError(f"{name} quantizes activations statically but is not calibrated: run "
+                                   "qexport.calibrate(model, batches) before saving")
+
+
+def _write_tensors(folder: Path, entries: list[TensorEntry], max_shard_bytes: int) -> list[str]:
+    shards = shard_entries(entries, max_shard_bytes)
+    if len(shards) == 1:
+        write_safetensors(folder / WEIGHTS_FILE, shards[0])
+        return [WEIGHTS_FILE]
+    files, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        total += write_safetensors(folder / file, shard)
+        weight_map.update({e.name: file for e in shard})
+        files.append(file)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return files + [INDEX_FILE]
+
+
+def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, force: bool = False,
+                   provenance: dict[str, Any] | None = None, layout: str = "auto",
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> SavedFolder:
+    """Save a model quantized by :func:`qexport.quantize` as a folder (see the module docstring).
+
+    Args:
+        model: a Hugging Face causal LM quantized by qexport (static activations calibrated).
+        out: the folder to write, atomically (built under a temporary name, then renamed). An existing one is
+            replaced only with ``force``.
+        tokenizer: saved into the folder.
+        provenance: how the model was made (calibration text SHA-256, samples, ...), stored in ``recipe.json``
+            with the library versions (:func:`qexport.prepare.quantize_model` returns it).
+        layout: ``'auto'`` (compressed-tensors when every quantized layer has that form, else qexport's own),
+            ``'compressed-tensors'`` (refused with the reason when it does not fit) or ``'qexport'``.
+        max_shard_bytes: past this many bytes of tensors the weights are sharded with an index.
+    """
+    from qexport import compressed
+
+    if layout not in ("auto", "compressed-tensors", "qexport"):
+        raise InvalidConfig(f"layout={layout!r} is not valid; allowed: 'auto', 'compressed-tensors', 'qexport'")
+    quantized = _qlinears(model)
+    _check_saveable(model, quantized)
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise OutputExists(f"{str(out)!r} already exists; pass force=True / --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputExists(f"{str(out)!r} is a file, not a folder; remove it or choose another output")
+    report = getattr(model, "qexport_report", None)
+    recipe = report.recipe if report is not None else None
+    why_not = compressed.why_not_expressible(model, quantized, recipe)
+    if layout == "compressed-tensors" and why_not:
+        raise InvalidConfig(f"this model has no compressed-tensors form: {why_not}")
+    use_ct = layout != "qexport" and why_not is None
+    entries, aliases = _float_entries(model, quantized)
+    for name, mod in quantized.items():
+        entries += compressed.layer_entries(name, mod) if use_ct else _native_entries(name, mod)
+    reason = None if use_ct else (why_not or "the qexport layout, as asked")
+    engines = compressed.engines(reason, quantized)
+
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "layout": "compressed-tensors" if use_ct else "qexport",
+        "engines": engines,
+        "layers": {name: _layer_entry(mod) for name, mod in quantized.items()},
+        "aliases": aliases,
+        "rotation": report.rotation if report is not None else None,
+        "kv_cache": (recipe or {}).get("kv_cache"),
+        "config": {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"},
+    }
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    if not use_ct:
+        config = {"model_type": QEXPORT_MODEL_TYPE, "architectures": ["QExportQuantizedModel"],
+                  "qexport": f"quantized by qexport in its own layout ({reason}); load it with "
+                             "qexport.load_quantized(DIR) or `qexport eval --model DIR`"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        _write_tensors(tmp, entries, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if use_ct:
+            compressed.write_quantization_config(tmp, quantized, model)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        recipe_file = {"recipe": recipe, "provenance": {**(provenance or {}), "versions": versions(),
+                                                        "saved": datetime.datetime.now(datetime.timezone.utc)
+                                                        .isoformat(timespec="seconds")},
+                       "report": report.to_dict() if report is not None else None}
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe_file, indent=2) + "\n")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        replace_folder(tmp, out, force)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return SavedFolder(out, manifest["layout"], engines, files)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------
+def is_quantized_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder written by :func:`save_quantized`."""
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """qexport's section of a saved folder, checked for its format and version."""
+    path = Path(folder) / MANIFEST_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{str(folder)!r} is not a qexport quantized folder: no {MANIFEST_FILE} in it "
+                              "(write one with `qexport quantize` or qexport.save_quantized)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a {FORMAT} manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{str(path)!r} has format version {manifest.get('version')!r}; this qexport reads "
+                              f"version {FORMAT_VERSION}: upgrade qexport or save the model again")
+    if manifest.get("layout") not in ("qexport", "compressed-tensors"):
+        raise CheckpointError(f"{str(path)!r} names the tensor layout {manifest.get('layout')!r}, which qexport "
+                              "does not know (known: 'qexport', 'compressed-tensors')")
+    return manifest
+
+
+def _hf_config(folder: Path, manifest: dict[str, Any]):
+    from transformers import AutoConfig
+
+    base = dict(manifest["config"])
+    model_type = base.pop("model_type", None)
+    try:
+        config = AutoConfig.for_model(model_type, **base)
+    except Exception as e:  # transformers raises ValueError / KeyError for unknown model types
+        raise CheckpointError(f"{str(folder)!r}: transformers cannot build a {model_type!r} config: "
+                              f"{str(e).splitlines()[0]}") from None
+    if manifest["layout"] == "compressed-tensors":
+        from qexport import compressed
+
+        on_disk = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+        compressed.check_quantization_config(on_disk, folder)
+    return config
+
+
+def _skeleton(config, manifest: dict[str, Any]) -> nn.Module:
+    """The model's modules with empty (meta) parameters; buffers computed from the config (rotary tables)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from qexport.algorithms.rotate import OnlineRotation, RotatedMLP, RotationReport
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    rotation = manifest.get("rotation")
+    if rotation:
+        layers = model.model.layers
+        inter = layers[0].mlp.down_proj.in_features
+        online = OnlineRotation(torch.empty(inter, inter, device="meta"))
+        for layer in layers:
+            layer.mlp = RotatedMLP(layer.mlp, online)
+        model.qexport_rotation = RotationReport(**rotation)
+    return model
+
+
+def _build_layer(name: str, entry: dict[str, Any], tensors: SafetensorsFolder, layout: str):
+    """The ``QLinear`` of one saved layer, its tensors read and checked against what its spec stores."""
+    from qexport import compressed
+    from qexport.config import QuantSpec
+    from qexport.formats import DoubleQuant, QuantizedWeight, stored_layout
+    from qexport.modules import QLinear
+
+    try:
+        spec = QuantSpec.from_dict(entry["weight"])
+        act = QuantSpec.from_dict(entry["activation"]) if entry.get("activation") else None
+        n, k = (int(v) for v in entry["shape"])
+        dtype = getattr(torch, entry.get("weight_dtype", "float32"))
+    except (KeyError, TypeError, ValueError, AttributeError, InvalidConfig) as e:
+        raise CheckpointError(f"{MANIFEST_FILE}: layer {name!r} has an unreadable entry: {e}") from None
+    expected = stored_layout(spec, (n, k))
+    if layout == "compressed-tensors":
+        stored = compressed.read_layer(name, spec, (n, k), tensors)
+    else:
+        stored = {key: tensors.get(f"{name}.{key}", dt, shape) for key, (dt, shape) in expected.items()}
+    for key, (dt, shape) in expected.items():
+        t = stored.get(key)
+        if t is None or t.dtype != dt or tuple(t.shape) != shape:
+            raise CheckpointError(f"layer {name!r}: stored {key} does not match its spec {spec.describe()}")
+    dq = None
+    if spec.double_quant:
+        dq = DoubleQuant(stored["qscale"], stored["scale2"], stored["scale_offset"], spec.double_quant_block)
+    group = int(entry["group"])
+    qw = QuantizedWeight(spec, (n, k), group, stored["qdata"], stored.get("scale"), stored.get("zero_point"), dq)
+    bias = tensors.get(f"{name}.bias", dtype, (n,)) if entry.get("bias") else None
+    mod = QLinear(qw, bias, weight_dtype=dtype, act_spec=act)
+    mod.act_zero_point = int(entry.get("act_zero_point", 0))
+    mod.activation_fallback = entry.get("activation_fallback")
+    if mod.needs_calibration:
+        mod.act_scale = tensors.get(f"{name}.act_scale", torch.float32, ())
+    return mod
+
+
+def read_provenance(folder: str | os.PathLike) -> dict[str, Any]:
+    """The provenance a saved folder's ``recipe.json`` records (empty when it has none)."""
+    try:
+        data = json.loads((Path(folder) / RECIPE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return data.get("provenance") or {} if isinstance(data, dict) else {}
+
+
+def _report(folder: Path):
+    from qexport.api import LayerReport, QuantizationReport
+
+    path = folder / RECIPE_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        report = data["report"]
+        layers = [LayerReport(**{**row, "shape": tuple(row["shape"]) if row.get("shape") else None})
+                  for row in report["layers"]]
+        return QuantizationReport(recipe=report["recipe"], layers=layers, rotation=report.get("rotation"),
+                                  calibration=report.get("calibration"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{str(path)!r} is missing or has no readable quantization report: {e}") from None
+
+
+@torch.no_grad()
+def load_quantized(path: str | os.PathLike) -> nn.Module:
+    """The model saved in ``path`` by :func:`save_quantized`, rebuilt exactly (same logits, bit for bit).
+
+    Modules are built empty (meta device) and filled from the safetensors files one tensor at a time, so the
+    peak memory is about the folder's size, not the float model's. No algorithm runs; nothing is unpickled.
+    ``model.qexport_report`` is the report saved with it; the recipe's KV-cache spec is in its ``recipe``.
+    """
+    from qexport.api import _set_submodule
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"{str(folder)!r} is not a folder")
+    manifest = read_manifest(folder)
+    config = _hf_config(folder, manifest)
+    tensors = SafetensorsFolder(folder, WEIGHTS_FILE, INDEX_FILE)
+    report = _report(folder)
+    model = _skeleton(config, manifest)
+    layers = manifest.get("layers") or {}
+    if not isinstance(layers, dict) or not layers:
+        raise CheckpointError(f"{MANIFEST_FILE} in {str(folder)!r} lists no quantized layer")
+    for name, entry in layers.items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{MANIFEST_FILE} names the layer {name!r}, which this {config.model_type} "
+                                  "model does not have") from None
+        _set_submodule(model, name, _build_layer(name, entry, tensors, manifest["layout"]))
+    aliases = manifest.get("aliases") or {}
+    quantized_prefixes = tuple(f"{name}." for name in layers)
+    state, read = {}, {}
+    for name, param in model.state_dict(keep_vars=True).items():
+        if name.startswith(quantized_prefixes):
+            continue
+        source = aliases.get(name, name)  # a tied or shared tensor is read once and shared again
+        if source not in read:
+            read[source] = tensors.get(source, param.dtype, tuple(param.shape))
+        state[name] = read[source]
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            raise CheckpointError(f"{str(folder)!r} does not hold {name}: the checkpoint is incomplete")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.qexport_report = report
+    model.eval()
+    return model
