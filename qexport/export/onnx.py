@@ -9,6 +9,8 @@ The folder (written atomically: built under a temporary name, then renamed)::
     recipe.json           the recipe, as ``qexport recipes --show`` prints it
     export_report.json    which layers were quantized how, which stayed float and why, ORT session
                           settings, inputs / outputs, sizes
+    genai_config.json     what onnxruntime-genai needs to run the folder (``og.Model(DIR)``), unless the report's
+                          ``genai`` entry says why it cannot (:mod:`qexport.export.genai`)
 
 Graph interface (optimum's names, so ``ORTModelForCausalLM``-style callers find what they expect):
 inputs ``input_ids`` [batch, seq] int64, ``attention_mask`` [batch, past + seq] int64, ``position_ids``
@@ -381,6 +383,9 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
             "not_linear": "embeddings and norms stay float32; a tied embedding / lm_head is written once",
             "export_s": round(time.perf_counter() - t0, 2),
         }
+        from qexport.export.genai import genai_entry
+
+        report["genai"] = genai_entry(tmp, qmodel.config, report)  # genai_config.json, or why not
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         replace_folder(tmp, out, force)
     finally:
