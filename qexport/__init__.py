@@ -31,7 +31,33 @@ def export_onnx(model, out, recipe=None, tokenizer=None, **options):
     return _export_onnx(model, out, recipe, tokenizer, **options)
 
 
+def save_quantized(model, out, tokenizer=None, **options):
+    """Save a quantized model as a folder that qexport (and, where it fits, transformers and vLLM) loads: see
+    :func:`qexport.checkpoint.save_quantized`."""
+    from qexport.checkpoint import save_quantized as _save
+
+    return _save(model, out, tokenizer, **options)
+
+
+def load_quantized(path):
+    """The model saved by :func:`save_quantized`, rebuilt bit for bit: see :func:`qexport.checkpoint.load_quantized`."""
+    from qexport.checkpoint import load_quantized as _load
+
+    return _load(path)
+
+
+def load_model(model="smollm2"):
+    """``(model, tokenizer)``: ``'smollm2'``, a Hugging Face checkpoint folder, or a saved quantized folder (loaded
+    as it is): see :func:`qexport.models.load_model`."""
+    from qexport.models import load_model as _load_model
+
+    return _load_model(model)
+
+
 __all__ = [
+    "save_quantized",
+    "load_quantized",
+    "load_model",
     "quantize",
     "calibrate",
     "allocate",

@@ -29,6 +29,7 @@ DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_FROM_CODE = {code: dtype for dtype, code in DTYPES.items()}
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle stream / torch.save's zip archive
 
 
@@ -96,14 +97,16 @@ class SafetensorsFolder:
     """The tensors of a checkpoint folder: ``model.safetensors``, or the shards an index names.
 
     Shard paths must be plain file names inside the folder; a file that is not safetensors (a pickle, a
-    truncated file) is refused with a :class:`~qexport.errors.CheckpointError` naming it. Tensors are read one
-    at a time (``get``), so a caller can keep its peak memory to the tensors it holds.
+    truncated file) is refused with a :class:`~qexport.errors.CheckpointError` naming it (``safe_open``
+    validates each file's header and extent). Tensors are read one at a time (``get``) with plain file reads
+    into fresh memory, not through a memory map: a tensor converted on load (compressed-tensors' packing) then
+    leaves no mapped pages behind, so the peak memory is about the tensors kept.
     """
 
     def __init__(self, folder: Path, single: str = "model.safetensors", index: str = "model.safetensors.index.json"):
         self.folder = folder
         self._where: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[dict, int]] = {}  # file -> (header, offset of its data)
         if (folder / index).is_file():
             try:
                 weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
@@ -125,9 +128,10 @@ class SafetensorsFolder:
             raise CheckpointError(f"{index} names the shard {file!r}, which is not a file inside {str(self.folder)!r}")
         return self.folder / file
 
-    def _open(self, path: Path):
-        if path in self._handles:
-            return self._handles[path]
+    def _open(self, path: Path) -> dict:
+        """The header of ``path`` (tensor name -> dtype, shape, offsets), after ``safe_open`` validated the file."""
+        if path in self._headers:
+            return self._headers[path][0]
         from safetensors import safe_open
 
         if not path.is_file():
@@ -138,12 +142,17 @@ class SafetensorsFolder:
             raise CheckpointError(f"{str(path)!r} is a pickle / torch.save file, not safetensors: qexport never "
                                   "unpickles; save the tensors with safetensors")
         try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
+            with safe_open(str(path), framework="pt", device="cpu"):
+                pass
         except Exception as e:  # safetensors raises its own error types for truncated or malformed files
             raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({str(e).splitlines()[0]}): "
                                   "it may be truncated; save the checkpoint again") from None
-        self._handles[path] = handle
-        return handle
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        self._headers[path] = (header, 8 + length)
+        return header
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -155,14 +164,22 @@ class SafetensorsFolder:
         """The tensor ``name``; with ``dtype`` / ``shape``, checked against them (a clear error, not a later crash)."""
         if name not in self._where:
             raise CheckpointError(f"{str(self.folder)!r} lacks the tensor {name!r}: the checkpoint is incomplete")
-        handle = self._open(self._where[name])
-        if name not in handle.keys():
-            raise CheckpointError(f"{str(self._where[name])!r} lacks the tensor {name!r} its index names")
-        if shape is not None:
-            got = tuple(handle.get_slice(name).get_shape())
-            if got != tuple(shape):
-                raise CheckpointError(f"tensor {name!r} has shape {list(got)}, expected {list(shape)}")
-        t = handle.get_tensor(name)
-        if dtype is not None and t.dtype != dtype:
-            raise CheckpointError(f"tensor {name!r} is {t.dtype}, expected {dtype}")
+        path = self._where[name]
+        header = self._open(path)
+        if name not in header:
+            raise CheckpointError(f"{str(path)!r} lacks the tensor {name!r} its index names")
+        info = header[name]
+        got = tuple(info["shape"])
+        if shape is not None and got != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} has shape {list(got)}, expected {list(shape)}")
+        stored = _FROM_CODE.get(info["dtype"])
+        if stored is None or (dtype is not None and stored != dtype):
+            raise CheckpointError(f"tensor {name!r} is {stored or info['dtype']}, expected {dtype}")
+        t = torch.empty(got, dtype=stored)
+        begin, end = info["data_offsets"]
+        buf = t.reshape(-1).view(torch.uint8).numpy()
+        with open(path, "rb") as f:
+            f.seek(self._headers[path][1] + begin)
+            if end - begin != buf.nbytes or f.readinto(memoryview(buf)) != buf.nbytes:
+                raise CheckpointError(f"tensor {name!r} in {str(path)!r} is cut short: save the checkpoint again")
         return t

@@ -194,8 +194,10 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, 
         out: the folder to write, atomically (built under a temporary name, then renamed). An existing one is
             replaced only with ``force``.
         tokenizer: saved into the folder.
-        provenance: how the model was made (calibration text SHA-256, samples, ...), stored in ``recipe.json``
-            with the library versions (:func:`qexport.prepare.quantize_model` returns it).
+        provenance: more facts to record in ``recipe.json`` (``qexport quantize`` gives the source model and the
+            quantize time); the calibration windows' provenance (text SHA-256, samples, sequence length, seed,
+            as :func:`qexport.prepare.quantize_model` records it in the report) and the library versions are
+            added to it.
         layout: ``'auto'`` (compressed-tensors when every quantized layer has that form, else qexport's own),
             ``'compressed-tensors'`` (refused with the reason when it does not fit) or ``'qexport'``.
         max_shard_bytes: past this many bytes of tensors the weights are sharded with an index.
@@ -251,9 +253,10 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, 
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        recipe_file = {"recipe": recipe, "provenance": {**(provenance or {}), "versions": versions(),
-                                                        "saved": datetime.datetime.now(datetime.timezone.utc)
-                                                        .isoformat(timespec="seconds")},
+        saved_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        provenance = {**(provenance or {}), "calibration": report.calibration if report is not None else None,
+                      "versions": versions(), "saved": saved_at}
+        recipe_file = {"recipe": recipe, "provenance": provenance,
                        "report": report.to_dict() if report is not None else None}
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe_file, indent=2) + "\n")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -364,8 +367,9 @@ def _build_layer(name: str, entry: dict[str, Any], tensors: SafetensorsFolder, l
     mod = QLinear(qw, bias, weight_dtype=dtype, act_spec=act)
     mod.act_zero_point = int(entry.get("act_zero_point", 0))
     mod.activation_fallback = entry.get("activation_fallback")
-    if mod.needs_calibration:
-        mod.act_scale = tensors.get(f"{name}.act_scale", torch.float32, ())
+    if mod.needs_calibration:  # the calibrated activation scale: compressed-tensors' input_scale is [1]
+        key, shape = ("input_scale", (1,)) if layout == "compressed-tensors" else ("act_scale", ())
+        mod.act_scale = tensors.get(f"{name}.{key}", torch.float32, shape).reshape(())
     return mod
 
 
@@ -376,6 +380,22 @@ def read_provenance(folder: str | os.PathLike) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
     return data.get("provenance") or {} if isinstance(data, dict) else {}
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
+
+    Converting a layer from compressed-tensors' packing frees a few transient buffers between long-lived ones;
+    glibc keeps such holes in its heap, which took the peak resident size of loading an int8 SmolLM2 folder to
+    1.9x its tensors (docs/checkpoints.md)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to hand back this way
+        pass
 
 
 def _report(folder: Path):
@@ -421,6 +441,8 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
             raise CheckpointError(f"{MANIFEST_FILE} names the layer {name!r}, which this {config.model_type} "
                                   "model does not have") from None
         _set_submodule(model, name, _build_layer(name, entry, tensors, manifest["layout"]))
+        if manifest["layout"] == "compressed-tensors":
+            _release_freed_memory()  # the conversion's transient buffers, before the next layer's
     aliases = manifest.get("aliases") or {}
     quantized_prefixes = tuple(f"{name}." for name in layers)
     state, read = {}, {}

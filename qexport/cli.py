@@ -245,6 +245,12 @@ def _eval_saved(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source_name(model: str) -> str:
+    """How a saved folder names its source model: an alias as it is, a folder by its absolute path."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from qexport.checkpoint import save_quantized
     from qexport.models import load_model
@@ -263,7 +269,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model = quantize_model(model, recipe, tok, _calibration(args), progress=True)
     quantize_s = time.perf_counter() - t0
     saved = save_quantized(model, out, tok, force=args.force, layout=args.layout,
-                           provenance={"source_model": str(args.model), "quantize_s": round(quantize_s, 1)})
+                           provenance={"source_model": _source_name(args.model), "quantize_s": round(quantize_s, 1)})
     report = model.qexport_report
     print(f"wrote {saved.path}: {_mb(saved.bytes)} MB, layout {saved.layout}; {len(report.quantized)} layers "
           f"quantized, {len(report.kept_float)} float; quantized in {quantize_s:.0f} s")

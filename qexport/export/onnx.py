@@ -139,7 +139,8 @@ def _prepare(model, recipe, tokenizer, calibration):
     if isinstance(model, (str, os.PathLike)):
         from qexport.models import load_model
 
-        source = str(model)
+        model_path = Path(model).expanduser()  # a folder is recorded absolute, so verify finds it from anywhere
+        source = str(model_path.resolve()) if model_path.is_dir() else str(model)
         model, loaded_tok = load_model(model)
         tokenizer = tokenizer or loaded_tok
     elif not isinstance(model, nn.Module):
