@@ -210,8 +210,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _is_saved(model: str) -> bool:
     from qexport.checkpoint import is_quantized_folder
+    from qexport.models import MODEL_ALIASES
 
-    return model not in ("smollm2",) and is_quantized_folder(model)
+    return model not in MODEL_ALIASES and is_quantized_folder(model)
 
 
 def _eval_saved(args: argparse.Namespace) -> int:
@@ -233,7 +234,12 @@ def _eval_saved(args: argparse.Namespace) -> int:
     q = _measure(name, model, tok, text, tokens, window)
     rows, source = [q], read_provenance(args.model).get("source_model")
     if args.float_reference and source:
-        rows.insert(0, _measure("fp32", load_model(source)[0], tok, text, tokens, window))
+        from qexport.errors import ModelLoadError
+
+        try:
+            rows.insert(0, _measure("fp32", load_model(source)[0], tok, text, tokens, window))
+        except ModelLoadError as e:
+            print(f"qexport: no float reference: the source model cannot be loaded here ({e})", file=sys.stderr)
     print(f"model {args.model}  text {args.text}  {q['tokens']} tokens in {q['windows']} windows of {window}")
     print(_table(rows, rows[0]["ppl"]))
     if args.json:

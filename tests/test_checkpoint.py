@@ -194,6 +194,15 @@ def test_export_and_verify_a_folder_without_quantizing(saved_dir, tmp_path, monk
     assert main(["export", "--model", str(saved_dir / "q"), "--recipe", "w8", "--out", str(tmp_path / "x")]) == 2
 
 
+def test_tensorrt_export_of_a_folder(tmp_path):
+    from qexport.export import export_onnx, lint_tensorrt
+
+    saved = save_quantized(_quantized("w8-trt"), tmp_path / "q", word_tokenizer())
+    res = export_onnx(saved.path, tmp_path / "trt", target="tensorrt")
+    assert res.report["target"] == "tensorrt" and not lint_tensorrt(res.path / "model.onnx")
+    assert res.report["source_model"] == str(saved.path.resolve())
+
+
 def test_bench_measures_a_folder_eagerly_and_exported(saved_dir, tmp_path):
     q = str(saved_dir / "q")
     argv = ["bench", "--model", str(saved_dir / "ck"), "--variants", f"eager:{q},onnx:{q}", "--prompt-tokens", "8",

@@ -31,7 +31,7 @@ PRESET_NAMES = list(PRESETS)
 # Presets: validation and round-trips
 # ------------------------------------------------------------------------------------------------
 def test_preset_names():
-    assert set(PRESET_NAMES) == {"w8", "w4g128", "w4g128-sym", "w4g64", "nf4-dq", "w2g64", "w2g64-mse",
+    assert set(PRESET_NAMES) == {"w8", "w4g128", "w4g128-sym", "w4g64", "w4g64-sym", "nf4-dq", "w2g64", "w2g64-mse",
                                  "w8a8-dynamic", "w8a8-llmint8", "w8a8-static", "w8-trt", "w4g128-trt",
                                  "w4g128-head8"}
     for name, recipe in PRESETS.items():
