@@ -30,7 +30,12 @@ DTYPES = {
     torch.bool: "BOOL",
 }
 _FROM_CODE = {code: dtype for dtype, code in DTYPES.items()}
-_PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle stream / torch.save's zip archive
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive
+
+
+def _looks_pickled(head: bytes) -> bool:
+    """A torch.save zip archive, or a pickle stream (protocol 2-5: ``\\x80`` then the protocol number)."""
+    return head.startswith(_ZIP_MAGIC) or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 @dataclass
@@ -112,6 +117,8 @@ class SafetensorsFolder:
                 weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{str(folder / index)!r} is not a safetensors index (weight_map): {e}") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{str(folder / index)!r}: weight_map must map tensor names to shard files")
             for name, file in weight_map.items():
                 self._where[name] = self._shard(file, index)
         elif (folder / single).is_file():
@@ -124,7 +131,8 @@ class SafetensorsFolder:
             self._open(path)
 
     def _shard(self, file: object, index: str) -> Path:
-        if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+        inside = isinstance(file, str) and file and Path(file).name == file and file not in (".", "..")
+        if not inside or (self.folder / file).resolve().parent != self.folder.resolve():  # a link that leads out
             raise CheckpointError(f"{index} names the shard {file!r}, which is not a file inside {str(self.folder)!r}")
         return self.folder / file
 
@@ -136,15 +144,15 @@ class SafetensorsFolder:
 
         if not path.is_file():
             raise CheckpointError(f"{str(path)!r} is missing (named by the folder's safetensors index)")
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head.startswith(_PICKLE_MAGIC):
-            raise CheckpointError(f"{str(path)!r} is a pickle / torch.save file, not safetensors: qexport never "
-                                  "unpickles; save the tensors with safetensors")
         try:
             with safe_open(str(path), framework="pt", device="cpu"):
                 pass
         except Exception as e:  # safetensors raises its own error types for truncated or malformed files
+            with open(path, "rb") as f:
+                head = f.read(4)
+            if _looks_pickled(head):
+                raise CheckpointError(f"{str(path)!r} is a pickle / torch.save file, not safetensors: qexport never "
+                                      "unpickles; save the tensors with safetensors") from None
             raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({str(e).splitlines()[0]}): "
                                   "it may be truncated; save the checkpoint again") from None
         with open(path, "rb") as f:

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from qexport.config import Recipe, load_recipe
+from qexport.config import Recipe, Rule, load_recipe
 from qexport.errors import CalibrationError, InvalidConfig
 
 __all__ = ["qexport_backend", "BackendOptions", "GraphReport", "reports", "calibrating", "is_compiled_with_qexport"]
@@ -223,9 +223,24 @@ class QExportGraph:
         return self.compiled(*args)
 
 
+# The recipe of a graph quantized before compiling: every float linear stays float.
+AS_QUANTIZED = Recipe(name="as-quantized", rules=(Rule("*", None),),
+                      description="quantized before compiling: no further layer is quantized")
+
+
+def _holds_quantized_ops(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and str(n.target).startswith("qexport.") for n in gm.graph.nodes)
+
+
 def qexport_backend(gm: fx.GraphModule, example_inputs, options: dict[str, Any] | None = None, **kwargs):
-    """Dynamo back-end entry point (registered as ``"qexport"`` through the ``torch_dynamo_backends`` group)."""
+    """Dynamo back-end entry point (registered as ``"qexport"`` through the ``torch_dynamo_backends`` group).
+
+    A graph that already holds qexport's quantized ops (a model quantized by ``qexport.quantize`` or loaded by
+    ``qexport.load_quantized``) and no ``recipe`` option is compiled as it is: the layers its recipe kept float
+    stay float, rather than getting the default ``w8``."""
     if kwargs.get("mode") not in (None, "default"):
         raise InvalidConfig("torch.compile(mode=...) is not used by the qexport back-end: pass options={...}")
+    if "recipe" not in (options or {}) and _holds_quantized_ops(gm):
+        options = {**(options or {}), "recipe": AS_QUANTIZED}
     opts = BackendOptions.from_dict(options)
     return QExportGraph(gm, example_inputs, opts)

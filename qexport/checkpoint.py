@@ -21,14 +21,16 @@ Two tensor layouts: ``compressed-tensors`` (:mod:`qexport.compressed`: ``weight_
 / ``weight_zero_point`` as compressed-tensors defines them, converted losslessly from and to qexport's codes)
 for what compressed-tensors expresses, and ``qexport`` (each ``QLinear`` buffer under its module path, as
 :meth:`qexport.formats.QuantizedWeight.tensors` names them) for the rest: NF4 with double quantization, int2,
-rotation with its online ``down_proj`` rotation, LLM.int8(), static activations with their fallback layers,
-groups that do not divide the input size, and anything else compressed-tensors cannot state.
+per-tensor weight scales, rotation with its online ``down_proj`` rotation, LLM.int8(), asymmetric activations,
+groups that do not divide the input size, a quantized KV cache, weights that are not float32
+(:func:`qexport.compressed.why_not_expressible`).
 Only safetensors and JSON are read: nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -43,7 +45,7 @@ from torch import nn
 
 from qexport._io import OutputExists, replace_folder
 from qexport._safetensors import SafetensorsFolder, TensorEntry, shard_entries, write_safetensors
-from qexport.errors import CalibrationError, CheckpointError, InvalidConfig
+from qexport.errors import CalibrationError, CheckpointError, InvalidConfig, QExportError
 
 __all__ = ["save_quantized", "load_quantized", "is_quantized_folder", "read_manifest", "SavedFolder",
            "MANIFEST_FILE", "RECIPE_FILE", "FORMAT", "FORMAT_VERSION", "DEFAULT_SHARD_BYTES"]
@@ -61,6 +63,21 @@ DEFAULT_SHARD_BYTES = 5 * 1000**3
 QEXPORT_MODEL_TYPE = "qexport"
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                 torch.float64: "float64"}
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+def _dtype(name: Any, what: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise CheckpointError(f"{MANIFEST_FILE}: {what} has the dtype {name!r}; known: {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's float weights (the embedding's, else the first float parameter's)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 @dataclass
@@ -159,9 +176,13 @@ def _native_entries(name: str, mod) -> list[TensorEntry]:
 def _check_saveable(model: nn.Module, quantized: dict[str, nn.Module]) -> None:
     if not isinstance(model, nn.Module) or not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
         raise InvalidConfig("save_quantized() expects a Hugging Face model (with .config) quantized by qexport.quantize")
-    if not quantized:
-        raise InvalidConfig("save_quantized(): this model has no quantized layer; quantize it first "
-                            "(qexport.quantize(model, recipe))")
+    if not quantized or getattr(model, "qexport_report", None) is None:
+        raise InvalidConfig("save_quantized(): this model has no quantized layer or no quantization report "
+                            "(model.qexport_report); quantize it with qexport.quantize(model, recipe) first")
+    dtype = _float_dtype(model)
+    if dtype not in _DTYPE_NAMES:
+        raise InvalidConfig(f"save_quantized(): float weights of dtype {dtype} are not supported; use float32, "
+                            "bfloat16 or float16")
     for name, mod in quantized.items():
         if mod.needs_calibration and not mod.calibrated:
             raise CalibrationError(f"{name} quantizes activations statically but is not calibrated: run "
@@ -213,8 +234,8 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, 
         raise OutputExists(f"{str(out)!r} already exists; pass force=True / --force to replace it")
     if out.exists() and not out.is_dir():
         raise OutputExists(f"{str(out)!r} is a file, not a folder; remove it or choose another output")
-    report = getattr(model, "qexport_report", None)
-    recipe = report.recipe if report is not None else None
+    report = model.qexport_report
+    recipe = report.recipe
     why_not = compressed.why_not_expressible(model, quantized, recipe)
     if layout == "compressed-tensors" and why_not:
         raise InvalidConfig(f"this model has no compressed-tensors form: {why_not}")
@@ -232,8 +253,9 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, 
         "engines": engines,
         "layers": {name: _layer_entry(mod) for name, mod in quantized.items()},
         "aliases": aliases,
-        "rotation": report.rotation if report is not None else None,
+        "rotation": report.rotation,
         "kv_cache": (recipe or {}).get("kv_cache"),
+        "dtype": _DTYPE_NAMES[_float_dtype(model)],
         "config": {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"},
     }
     config = model.config.to_dict()
@@ -254,10 +276,9 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         saved_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        provenance = {**(provenance or {}), "calibration": report.calibration if report is not None else None,
-                      "versions": versions(), "saved": saved_at}
-        recipe_file = {"recipe": recipe, "provenance": provenance,
-                       "report": report.to_dict() if report is not None else None}
+        provenance = {**(provenance or {}), "calibration": report.calibration, "versions": versions(),
+                      "saved": saved_at}
+        recipe_file = {"recipe": recipe, "provenance": provenance, "report": report.to_dict()}
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe_file, indent=2) + "\n")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -323,7 +344,7 @@ def _skeleton(config, manifest: dict[str, Any]) -> nn.Module:
     from qexport.algorithms.rotate import OnlineRotation, RotatedMLP, RotationReport
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=_dtype(manifest.get("dtype", "float32"), "the model"))
     rotation = manifest.get("rotation")
     if rotation:
         layers = model.model.layers
@@ -346,12 +367,13 @@ def _build_layer(name: str, entry: dict[str, Any], tensors: SafetensorsFolder, l
         spec = QuantSpec.from_dict(entry["weight"])
         act = QuantSpec.from_dict(entry["activation"]) if entry.get("activation") else None
         n, k = (int(v) for v in entry["shape"])
-        dtype = getattr(torch, entry.get("weight_dtype", "float32"))
+        group = int(entry["group"])
     except (KeyError, TypeError, ValueError, AttributeError, InvalidConfig) as e:
         raise CheckpointError(f"{MANIFEST_FILE}: layer {name!r} has an unreadable entry: {e}") from None
+    dtype = _dtype(entry.get("weight_dtype", "float32"), f"layer {name!r}")
     expected = stored_layout(spec, (n, k))
     if layout == "compressed-tensors":
-        stored = compressed.read_layer(name, spec, (n, k), tensors)
+        stored = compressed.read_layer(name, spec, (n, k), tensors, int_quantized=act is not None)
     else:
         stored = {key: tensors.get(f"{name}.{key}", dt, shape) for key, (dt, shape) in expected.items()}
     for key, (dt, shape) in expected.items():
@@ -361,7 +383,6 @@ def _build_layer(name: str, entry: dict[str, Any], tensors: SafetensorsFolder, l
     dq = None
     if spec.double_quant:
         dq = DoubleQuant(stored["qscale"], stored["scale2"], stored["scale_offset"], spec.double_quant_block)
-    group = int(entry["group"])
     qw = QuantizedWeight(spec, (n, k), group, stored["qdata"], stored.get("scale"), stored.get("zero_point"), dq)
     bias = tensors.get(f"{name}.bias", dtype, (n,)) if entry.get("bias") else None
     mod = QLinear(qw, bias, weight_dtype=dtype, act_spec=act)
@@ -388,14 +409,21 @@ def _release_freed_memory() -> None:
     Converting a layer from compressed-tensors' packing frees a few transient buffers between long-lived ones;
     glibc keeps such holes in its heap, which took the peak resident size of loading an int8 SmolLM2 folder to
     1.9x its tensors (docs/checkpoints.md)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None elsewhere (looked up once: find_library runs a subprocess)."""
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc: nothing to hand back this way
-        pass
+        return ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
 
 
 def _report(folder: Path):
@@ -419,13 +447,26 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
 
     Modules are built empty (meta device) and filled from the safetensors files one tensor at a time, so the
     peak memory is about the folder's size, not the float model's. No algorithm runs; nothing is unpickled.
+    Buffers that are not saved (rotary tables) are computed from the config, as transformers' ``from_pretrained``
+    computes them.
     ``model.qexport_report`` is the report saved with it; the recipe's KV-cache spec is in its ``recipe``.
+    Raises :class:`~qexport.errors.CheckpointError` for a folder that is incomplete or not well formed.
     """
-    from qexport.api import _set_submodule
-
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"{str(folder)!r} is not a folder")
+    try:
+        return _load(folder)
+    except QExportError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, OSError, UnicodeDecodeError) as e:  # a damaged file
+        raise CheckpointError(f"{str(folder)!r} is not a well-formed quantized folder ({type(e).__name__}: {e}); "
+                              "save it again") from None
+
+
+def _load(folder: Path) -> nn.Module:
+    from qexport.api import _set_submodule
+
     manifest = read_manifest(folder)
     config = _hf_config(folder, manifest)
     tensors = SafetensorsFolder(folder, WEIGHTS_FILE, INDEX_FILE)

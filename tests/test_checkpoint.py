@@ -38,6 +38,15 @@ MIXED = Recipe(name="mixed", rules=(
     Rule("*.v_proj", None),
     Rule("*", QuantSpec(bits=2, group_size=32, symmetric=False, observer="mse")),
 ))
+G32_SYM = Recipe(name="w4g32-sym", rules=(Rule("*", QuantSpec(bits=4, group_size=32)),))  # 32 divides 64 and 160
+G32_ASYM = Recipe(name="w4g32", rules=(Rule("*", QuantSpec(bits=4, group_size=32, symmetric=False)),))
+ATTN8_MLP4 = Recipe(name="attn8-mlp4", rules=(
+    Rule("*.self_attn.*", QuantSpec(bits=8)),
+    Rule("*.down_proj", None),
+    Rule("*", QuantSpec(bits=4, group_size=32)),
+))
+GPTQ_SYM = Recipe(name="gptq-g32-sym", algorithm="gptq", rules=(Rule("*", QuantSpec(bits=4, group_size=32)),))
+AWQ_SYM = Recipe(name="awq-g32-sym", algorithm="awq", rules=(Rule("*", QuantSpec(bits=4, group_size=32)),))
 
 
 def _quantized(recipe, tie=False, calibration=None):
@@ -128,7 +137,7 @@ def test_transformers_refuses_a_qexport_layout_folder(tmp_path):
 
     saved = save_quantized(_quantized("nf4-dq"), tmp_path / "q", word_tokenizer())
     assert saved.layout == "qexport" and saved.engines["transformers"].startswith("refuses")
-    with pytest.raises(Exception, match="qexport"):
+    with pytest.raises(ValueError, match="model type `qexport`"):
         AutoModelForCausalLM.from_pretrained(saved.path)
 
 
@@ -194,6 +203,17 @@ def test_export_and_verify_a_folder_without_quantizing(saved_dir, tmp_path, monk
     assert main(["export", "--model", str(saved_dir / "q"), "--recipe", "w8", "--out", str(tmp_path / "x")]) == 2
 
 
+def test_verify_of_a_calibrated_export_rebuilds_it_from_the_recorded_windows(saved_dir, tmp_path):
+    """An export made from a recipe (not a folder) records its calibration windows; verify draws the same."""
+    out = tmp_path / "gptq"
+    assert main(["export", "--model", str(saved_dir / "ck"), "--recipe", "w4g128-gptq", "--calib-samples", "2",
+                 "--out", str(out)]) == 0
+    recorded = json.loads((out / "export_report.json").read_text())["calibration"]
+    assert recorded["samples"] == 2 and recorded["seed"] == 0
+    assert main(["verify", str(out), "--json", str(tmp_path / "v.json")]) == 0
+    assert json.loads((tmp_path / "v.json").read_text())["max_abs"] < 1e-4
+
+
 def test_tensorrt_export_of_a_folder(tmp_path):
     from qexport.export import export_onnx, lint_tensorrt
 
@@ -228,12 +248,18 @@ def test_quantize_command_refuses_in_one_line(saved_dir, capsys):
     assert not Path(q + "-ct").exists() and not Path(q + "-again").exists()
 
 
-def test_compile_backend_runs_a_loaded_folder(saved_dir):
+@torch.no_grad()
+def test_compile_backend_runs_a_loaded_folder_as_it_is(tmp_path):
+    """No recipe option: the layers the saved recipe kept float stay float (not the back-end's default w8)."""
+    from qexport.backend import reports
+
     torch._dynamo.reset()
-    model = load_quantized(saved_dir / "q")
+    keep_v = Recipe(name="v-float", rules=(Rule("*.v_proj", None), Rule("*", QuantSpec(bits=4, group_size=32))))
+    model = load_quantized(save_quantized(_quantized(keep_v), tmp_path / "q").path)
     ref = model(IDS).logits
     compiled = torch.compile(model, backend="qexport", options={"target": "eager"})
-    assert torch.allclose(compiled(IDS).logits, ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(compiled(IDS).logits, ref, atol=1e-6, rtol=1e-6)
+    assert {r.recipe for r in reports()} == {"as-quantized"}
     torch._dynamo.reset()
 
 
@@ -295,6 +321,19 @@ def _unknown_version(folder):
     _rewrite_json(folder / MANIFEST_FILE, lambda d: d.update(version=99))
 
 
+def _group_missing(folder):
+    _rewrite_json(folder / MANIFEST_FILE, lambda d: d["layers"]["model.layers.0.mlp.up_proj"].pop("group"))
+
+
+def _weight_dtype_not_a_dtype(folder):
+    _rewrite_json(folder / MANIFEST_FILE, lambda d: d["layers"]["model.layers.0.mlp.up_proj"].update(weight_dtype="save"))
+
+
+def _weight_map_not_a_map(folder):
+    (folder / WEIGHTS_FILE).rename(folder / "model-00001-of-00001.safetensors")
+    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": []}))
+
+
 @pytest.mark.parametrize("damage, message", [
     (_missing_tensor, "lacks the tensor 'model.layers.0.mlp.up_proj.scale'"),
     (_misshaped_tensor, "model.layers.1.self_attn.q_proj.qdata' has shape"),
@@ -303,6 +342,9 @@ def _unknown_version(folder):
     (_pickle, "never unpickles"),
     (_unknown_layout, "'gguf'"),
     (_unknown_version, "format version 99"),
+    (_group_missing, "unreadable entry"),
+    (_weight_dtype_not_a_dtype, "dtype 'save'"),
+    (_weight_map_not_a_map, "weight_map must map"),
 ])
 def test_damaged_folders_are_refused_in_one_line(folder, damage, message, capsys):
     damage(folder)
@@ -329,20 +371,51 @@ def test_save_refuses_what_it_cannot_save(tmp_path):
     assert load_quantized(tmp_path / "q").qexport_report.recipe["name"] == "w4g128"
 
 
+def test_a_failed_save_leaves_the_old_folder_and_no_temporary_one(tmp_path, monkeypatch):
+    from qexport import compressed
+
+    done = save_quantized(_quantized(G32_SYM), tmp_path / "q")
+    before = {p.name: p.read_bytes() for p in done.path.iterdir()}
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(compressed, "write_quantization_config", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(_quantized("w8"), tmp_path / "q", force=True)
+    assert {p.name: p.read_bytes() for p in done.path.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
+
+
+def test_a_header_whose_length_starts_like_a_pickle_is_read(tmp_path):
+    """The first byte of a safetensors file is its header length's low byte: 0x80 there is no pickle."""
+    from qexport._safetensors import SafetensorsFolder, TensorEntry, write_safetensors
+
+    for n in range(1, 200):
+        path = tmp_path / f"m{n}.safetensors"
+        write_safetensors(path, [TensorEntry.of("a" * n, torch.arange(3.0))])
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no name length gave a 128-byte header")
+    path.rename(tmp_path / WEIGHTS_FILE)
+    assert torch.equal(SafetensorsFolder(tmp_path).get("a" * n), torch.arange(3.0))
+
+
+def test_bfloat16_model_round_trip(tmp_path):
+    """A bfloat16 model as transformers loads one (rotary tables, which are not saved, computed in float32)."""
+    from transformers import AutoModelForCausalLM
+
+    ck = save_tiny_checkpoint(tmp_path / "ck")
+    model = quantize_model(AutoModelForCausalLM.from_pretrained(ck, dtype=torch.bfloat16).eval(), G32_SYM)
+    saved, loaded, ref, got = _round_trip(model, tmp_path / "q")
+    assert torch.equal(ref, got) and loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert saved.layout == "qexport" and "bfloat16" in saved.engines["transformers"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The compressed-tensors layout, read by transformers
 # ----------------------------------------------------------------------------------------------------
-G32_SYM = Recipe(name="w4g32-sym", rules=(Rule("*", QuantSpec(bits=4, group_size=32)),))  # 32 divides 64 and 160
-G32_ASYM = Recipe(name="w4g32", rules=(Rule("*", QuantSpec(bits=4, group_size=32, symmetric=False)),))
-ATTN8_MLP4 = Recipe(name="attn8-mlp4", rules=(
-    Rule("*.self_attn.*", QuantSpec(bits=8)),
-    Rule("*.down_proj", None),
-    Rule("*", QuantSpec(bits=4, group_size=32)),
-))
-GPTQ_SYM = Recipe(name="gptq-g32-sym", algorithm="gptq", rules=(Rule("*", QuantSpec(bits=4, group_size=32)),))
-AWQ_SYM = Recipe(name="awq-g32-sym", algorithm="awq", rules=(Rule("*", QuantSpec(bits=4, group_size=32)),))
-
-
 def _transformers_logits(path):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
@@ -366,7 +439,11 @@ def test_compressed_tensors_folder_gives_transformers_the_same_logits(recipe, tm
     assert float((hf - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
-@pytest.mark.parametrize("recipe", ["w8a8-dynamic", "w8a8-static"])
+DYNAMIC_PER_TENSOR = Recipe(name="w8a8-dynamic-tensor", rules=(
+    Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_tensor", dynamic=True)),))
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-dynamic", DYNAMIC_PER_TENSOR, "w8a8-static"])
 def test_compressed_tensors_w8a8_runs_activations_by_its_own_rule(recipe, tmp_path):
     """W8A8: the same int8 weights. transformers fake-quantizes activations with compressed-tensors' rule:
     dynamic scales absmax / 127.5 where qexport (and vLLM) use absmax / 127, so those logits are close, not
@@ -374,10 +451,14 @@ def test_compressed_tensors_w8a8_runs_activations_by_its_own_rule(recipe, tmp_pa
     model = _quantized(recipe, calibration=CALIB)
     saved, loaded, ref, got = _round_trip(model, tmp_path / "q")
     assert torch.equal(ref, got) and saved.layout == "compressed-tensors"
-    assert "127.5" in saved.engines["transformers"]
+    dynamic = recipe != "w8a8-static"
+    assert ("127.5" in saved.engines["transformers"]) == dynamic
+    scheme = json.loads((saved.path / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert scheme["input_activations"]["strategy"] == ("token" if recipe == "w8a8-dynamic" else "tensor")
+    assert scheme["input_activations"]["dynamic"] == dynamic
     hf = _transformers_logits(saved.path)
     err = float((hf - ref).abs().max() / ref.abs().max())
-    assert err < (0.05 if recipe == "w8a8-dynamic" else 1e-4), err
+    assert err < (0.05 if dynamic else 1e-4), err
 
 
 def test_asymmetric_groups_are_written_as_compressed_tensors_packs_them(tmp_path):
@@ -409,4 +490,12 @@ def test_layout_choice_and_unknown_formats(tmp_path):
 
     _rewrite_json(ct.path / "config.json", unknown)
     with pytest.raises(CheckpointError, match="'nvfp4-pack-quantized', which qexport does not read"):
+        load_quantized(ct.path)
+    from safetensors.torch import load_file, save_file
+
+    ct = save_quantized(_quantized(G32_SYM), tmp_path / "ct2")
+    state = load_file(ct.path / WEIGHTS_FILE)
+    state.pop("model.layers.1.mlp.down_proj.weight_packed")
+    save_file(state, ct.path / WEIGHTS_FILE)
+    with pytest.raises(CheckpointError, match="lacks the tensor 'model.layers.1.mlp.down_proj.weight_packed'"):
         load_quantized(ct.path)

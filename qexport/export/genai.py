@@ -44,11 +44,13 @@ def _token_id(value) -> int | list[int] | None:
     return None if value is None else int(value)
 
 
-def genai_config(hf_config, report: dict[str, Any]) -> dict[str, Any]:
+def genai_config(hf_config, report: dict[str, Any], generation_config=None) -> dict[str, Any]:
     """The ``genai_config.json`` contents for an export folder (pure: nothing is read or written).
 
     Args:
         hf_config: the exported model's Hugging Face config (``model.config``).
+        generation_config: its generation config, whose special token ids (a chat model's several EOS ids)
+            win over the model config's.
         report: the folder's export report as :func:`qexport.export.export_onnx` builds it (``inputs``,
             ``outputs``, ``kv_cache``, ``ort_session_config``, ``files``).
 
@@ -72,11 +74,17 @@ def genai_config(hf_config, report: dict[str, Any]) -> dict[str, Any]:
     context = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
     if context < 1:
         raise UnsupportedOp("the model's config has no max_position_embeddings: genai needs a context length")
-    eos = _token_id(getattr(hf_config, "eos_token_id", None))
+    def special(name: str):
+        value = getattr(generation_config, name, None)
+        try:
+            return _token_id(value if value is not None else getattr(hf_config, name, None))
+        except (TypeError, ValueError):
+            raise UnsupportedOp(f"the model's {name} is not a token id or a list of them") from None
+
+    eos = special("eos_token_id")
     if eos is None:
         raise UnsupportedOp("the model's config has no eos_token_id: genai needs one to stop generating")
-    bos = _token_id(getattr(hf_config, "bos_token_id", None))
-    pad = _token_id(getattr(hf_config, "pad_token_id", None))
+    bos, pad = special("bos_token_id"), special("pad_token_id")
     first_eos = eos[0] if isinstance(eos, list) else eos
     session_options = {"log_id": "qexport", "provider_options": [],  # CPU
                        **{k: str(v) for k, v in (report.get("ort_session_config") or {}).items()}}
@@ -129,24 +137,26 @@ def genai_config(hf_config, report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_genai_config(folder: str | os.PathLike, hf_config, report: dict[str, Any]) -> Path:
+def write_genai_config(folder: str | os.PathLike, hf_config, report: dict[str, Any], generation_config=None
+                       ) -> Path:
     """Write :func:`genai_config` into ``folder`` as ``genai_config.json``; returns the file's path.
 
     Raises:
         UnsupportedOp: the export cannot run in onnxruntime-genai (nothing is written).
     """
-    config = genai_config(hf_config, report)
+    config = genai_config(hf_config, report, generation_config)
     path = Path(folder) / GENAI_CONFIG_FILE
     path.write_text(json.dumps(config, indent=2) + "\n")
     return path
 
 
-def genai_entry(folder: str | os.PathLike, hf_config, report: dict[str, Any]) -> dict[str, Any]:
+def genai_entry(folder: str | os.PathLike, hf_config, report: dict[str, Any], generation_config=None
+                ) -> dict[str, Any]:
     """Write ``genai_config.json`` into ``folder`` when onnxruntime-genai can run the export, and return the
     export report's ``genai`` entry: ``{"written": true}``, or ``{"written": false, "reason": ...}`` (an export
     genai cannot run is still a good ONNX Runtime export, so the refusal is recorded, not raised)."""
     try:
-        write_genai_config(folder, hf_config, report)
+        write_genai_config(folder, hf_config, report, generation_config)
     except UnsupportedOp as e:
         return {"written": False, "reason": str(e)}
     return {"written": True}

@@ -306,7 +306,9 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
         tokenizer: saved into the folder (loaded with the model when ``model`` is a name or folder).
         target: ``'ort'`` (ONNX Runtime) or ``'tensorrt'`` (TensorRT's QDQ rules: symmetric weights, no dynamic
             activations, int4 blocked; checked again by :func:`qexport.export.lint_tensorrt`).
-        calibration: token batches ``[1, L]`` for static-activation recipes and GPTQ / AWQ.
+        calibration: for recipes that need data (GPTQ / AWQ / SmoothQuant, static activations): a
+            :class:`qexport.prepare.CalibrationSet`, token ids ``[N, L]`` or a list of ``[1, L]`` rows; left out,
+            the default CalibrationSet when a tokenizer is at hand (:func:`qexport.prepare.quantize_model`).
         external_data: force (True) or forbid (False) ``model.onnx.data``; default: only past 1 GiB of weights.
         nf4_form: NF4 layers for ``target='ort'``: ``'auto'`` (ONNX Runtime's ``MatMulBnb4`` where its block
             layout fits, else the lookup form) or ``'lookup'`` (standard ONNX only: ``Gather`` of the code book
@@ -381,12 +383,14 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
             "notes": qdq.notes,
             **({"tensorrt_saturation": qdq.to_dict()["tensorrt_saturation"]} if target == "tensorrt" else {}),
             "tied_embeddings": bool(getattr(qmodel.config, "tie_word_embeddings", False)),
+            # where the calibration windows came from (qexport.prepare), so verify rebuilds the same reference
+            "calibration": getattr(getattr(qmodel, "qexport_report", None), "calibration", None),
             "not_linear": "embeddings and norms stay float32; a tied embedding / lm_head is written once",
             "export_s": round(time.perf_counter() - t0, 2),
         }
         from qexport.export.genai import genai_entry
 
-        report["genai"] = genai_entry(tmp, qmodel.config, report)  # genai_config.json, or why not
+        report["genai"] = genai_entry(tmp, qmodel.config, report, getattr(qmodel, "generation_config", None))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         replace_folder(tmp, out, force)
     finally:

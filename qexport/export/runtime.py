@@ -174,7 +174,7 @@ def reference_model(report: dict[str, Any], path: Path, calibration=None):
     from qexport.config import Recipe
     from qexport.export.onnx import RECIPE_FILE
     from qexport.models import load_model
-    from qexport.prepare import quantize_model
+    from qexport.prepare import quantize_model, recipe_needs_data
 
     source = report.get("source_model")
     if not source:
@@ -183,7 +183,28 @@ def reference_model(report: dict[str, Any], path: Path, calibration=None):
     model, tok = load_model(source)
     if is_quantized_folder(source) or not (path / RECIPE_FILE).is_file():  # saved quantized, or a float export
         return model
-    return quantize_model(model, Recipe.from_json(path / RECIPE_FILE), tok, calibration)
+    recipe = Recipe.from_json(path / RECIPE_FILE)
+    if calibration is None and recipe_needs_data(recipe):
+        calibration = _recorded_calibration(report, path)
+    return quantize_model(model, recipe, tok, calibration)
+
+
+def _recorded_calibration(report: dict[str, Any], path: Path):
+    """The calibration windows an export's report records (qexport.prepare's provenance), checked against the
+    text's SHA-256; the default set when the report has none (exports from before it was recorded)."""
+    from qexport.checkpoint import sha256_file
+    from qexport.prepare import CalibrationSet
+
+    cal = report.get("calibration") or {}
+    if not cal.get("text"):
+        if cal:  # token ids were given to the export: they are not in the folder
+            raise InvalidConfig(f"{str(path)!r} was calibrated on token ids given to export_onnx(): pass the same "
+                                "calibration to verify, or export from a saved folder (`qexport quantize`)")
+        return CalibrationSet()
+    if not Path(cal["text"]).is_file() or sha256_file(cal["text"]) != cal.get("sha256"):
+        raise InvalidConfig(f"{str(path)!r} was calibrated on {cal['text']!r}, which is missing or changed: give "
+                            "--calib-text / --calib-samples, or export from a saved folder (`qexport quantize`)")
+    return CalibrationSet(cal["text"], cal["samples"], cal["seq_len"], cal["seed"])
 
 
 @torch.no_grad()

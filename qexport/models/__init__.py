@@ -122,7 +122,9 @@ def load_model(model: str | os.PathLike = "smollm2"):
 
     hf_logging.set_verbosity_error()
     try:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        # safetensors only: a checkpoint's pickled *.bin weights are never loaded
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+                                                 use_safetensors=True)
     except Exception as e:  # transformers raises many types; report one line
         raise ModelLoadError(f"could not load a causal LM from {str(path)!r}: {str(e).splitlines()[0]}") from e
     m.eval()
