@@ -175,7 +175,8 @@ def _native_entries(name: str, mod) -> list[TensorEntry]:
 
 def _check_saveable(model: nn.Module, quantized: dict[str, nn.Module]) -> None:
     if not isinstance(model, nn.Module) or not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
-        raise InvalidConfig("save_quantized() expects a Hugging Face model (with .config) quantized by qexport.quantize")
+        raise InvalidConfig("save_quantized() expects a Hugging Face model (with .config) quantized by "
+                            "qexport.quantize")
     if not quantized or getattr(model, "qexport_report", None) is None:
         raise InvalidConfig("save_quantized(): this model has no quantized layer or no quantization report "
                             "(model.qexport_report); quantize it with qexport.quantize(model, recipe) first")

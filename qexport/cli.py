@@ -180,7 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     fp = _measure("fp32", model, tok, text, tokens, window)
     q = _measure(recipe.name, model, tok, text, tokens, window, recipe=recipe, backend=args.backend,
                  target=args.target, calib_text=args.calib_text,
-                 calib_samples=_positive_int("--calib-samples", args.calib_samples or 16))
+                 calib_samples=_positive_int("--calib-samples", _calib_samples(args)))
     print(f"model {args.model}  text {args.text}  {q['tokens']} tokens in {q['windows']} windows of {window}")
     print(_table([fp, q], fp["ppl"]))
     if args.json:
@@ -223,7 +223,8 @@ def _eval_saved(args: argparse.Namespace) -> int:
 
     if args.recipe or args.kv_cache or args.backend != "eager":
         raise InvalidConfig(f"{args.model!r} is quantized already: evaluate it without --recipe / --kv-cache, with "
-                            "--backend eager (its ONNX export: `qexport export --model DIR`, then --backend onnxruntime)")
+                            "--backend eager (its ONNX export: `qexport export --model DIR`, then --backend "
+                            "onnxruntime)")
     tokens = _positive_int("--tokens", args.tokens)
     window = _positive_int("--window", args.window)
     text = read_text(args.text)
@@ -299,7 +300,11 @@ def _with_kv_cache(recipe_name: str, kv_cache: str | None):
 
 def _calibration(args: argparse.Namespace) -> CalibrationSet:
     """The calibration windows ``--calib-text`` / ``--calib-samples`` ask for (one sampler for every command)."""
-    return CalibrationSet(args.calib_text, _positive_int("--calib-samples", args.calib_samples or 16))
+    return CalibrationSet(args.calib_text, _positive_int("--calib-samples", _calib_samples(args)))
+
+
+def _calib_samples(args: argparse.Namespace) -> int:
+    return 16 if args.calib_samples is None else args.calib_samples
 
 
 def _reference_calibration(args: argparse.Namespace) -> CalibrationSet | None:

@@ -35,9 +35,9 @@ class CalibrationSet:
     def __post_init__(self) -> None:
         for name in ("samples", "seq_len", "seed"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1):
-                raise CalibrationError(f"calibration {name} must be a {'non-negative' if name == 'seed' else 'positive'} "
-                                       f"integer, got {v!r}")
+            least = 0 if name == "seed" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise CalibrationError(f"calibration {name} must be an integer >= {least}, got {v!r}")
 
     @property
     def path(self) -> Path:
