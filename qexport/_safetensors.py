@@ -12,6 +12,7 @@ reading goes through ``safetensors.safe_open``, never through pickle.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -49,10 +50,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for d in self.shape:
-            count *= d
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor) -> "TensorEntry":
@@ -79,7 +77,7 @@ def write_safetensors(path: str | os.PathLike, entries: Iterable[TensorEntry], m
             t = e.make().detach().to("cpu")
             if t.dtype != e.dtype or tuple(t.shape) != e.shape:
                 raise CheckpointError(f"{e.name}: made {t.dtype} {tuple(t.shape)}, announced {e.dtype} {e.shape}")
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # the buffer itself, not a copy
         f.flush()
         os.fsync(f.fileno())
     return offset
@@ -161,12 +159,6 @@ class SafetensorsFolder:
         header.pop("__metadata__", None)
         self._headers[path] = (header, 8 + length)
         return header
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
 
     def get(self, name: str, dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The tensor ``name``; with ``dtype`` / ``shape``, checked against them (a clear error, not a later crash)."""

@@ -146,6 +146,8 @@ def _layer_entry(mod) -> dict[str, Any]:
 def _float_entries(model: nn.Module, quantized: dict[str, nn.Module]) -> tuple[list[TensorEntry], dict[str, str]]:
     """Every tensor of the state dict outside the quantized layers' stored weights, each storage once: the
     entries to write, and the names that alias a written one (tied embeddings, the shared online rotation)."""
+    from qexport.api import _tensor_key
+
     prefixes = tuple(f"{name}." for name in quantized)
     seen: dict[tuple, str] = {}
     entries, aliases = [], {}
@@ -154,7 +156,7 @@ def _float_entries(model: nn.Module, quantized: dict[str, nn.Module]) -> tuple[l
             continue
         if t.device.type == "meta":
             raise CheckpointError(f"{name} is on the meta device: load or materialize the model before saving it")
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        key = _tensor_key(t)
         if key in seen:
             aliases[name] = seen[key]
             continue

@@ -51,13 +51,13 @@ def _mb(n: int) -> str:
 # ----------------------------------------------------------------------------------------------------
 def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=None,
              prompt: str | None = None, max_new_tokens: int = 0, backend: str = "eager",
-             target: str | None = None, calib_text: str | None = None, calib_samples: int = 16) -> dict[str, Any]:
+             target: str | None = None, calibration: CalibrationSet | None = None) -> dict[str, Any]:
     import qexport
     from qexport.eval import generate, perplexity
 
     row: dict[str, Any] = {"variant": name}
     t0 = time.perf_counter()
-    calibration = CalibrationSet(calib_text, calib_samples)
+    calibration = calibration or CalibrationSet()
     if recipe is not None and backend == "compile":
         import torch
 
@@ -85,7 +85,12 @@ def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=
             _report_row(row, model)
         size = qexport.model_size(model)
     t1 = time.perf_counter()
-    kv_cache = recipe.kv_cache if recipe is not None else _saved_kv_cache(model)
+    if recipe is not None:
+        kv_cache = recipe.kv_cache
+    else:  # a saved quantized model records its KV-cache spec in its recipe (None for a float model)
+        from qexport.export.onnx import kv_cache_spec
+
+        kv_cache = kv_cache_spec(model)
     res = perplexity(model, tok, text, tokens=tokens, window=window, progress=True, desc=f"ppl {name}",
                      kv_cache=kv_cache)
     if kv_cache is not None:
@@ -107,14 +112,6 @@ def _report_row(row: dict[str, Any], model) -> None:
     row["recipe"] = report.recipe
     row["layers_quantized"] = len(report.quantized)
     row["layers_float"] = len(report.kept_float)
-
-
-def _saved_kv_cache(model):
-    """The KV-cache spec of a saved quantized model's recipe (None for a float model or a float cache)."""
-    from qexport.config import KVCacheSpec
-
-    report = getattr(model, "qexport_report", None)
-    return KVCacheSpec.parse((report.recipe or {}).get("kv_cache")) if report is not None else None
 
 
 def _table(rows: list[dict[str, Any]], fp_ppl: float) -> str:
@@ -144,7 +141,7 @@ def _write_json(path: str, data: dict[str, Any], force: bool) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def _check_json_target(path: str | None, force: bool) -> None:
+def _check_output(path: str | None, force: bool) -> None:
     """Fail before the long work, not after it, when the output file would be overwritten."""
     if path and Path(path).exists() and not force:
         from qexport._io import OutputExists
@@ -174,13 +171,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InvalidConfig("--kv-cache is measured with --backend eager (or an export folder with --backend "
                             "onnxruntime); the compile back-end keeps a float cache")
     text = read_text(args.text)
-    _check_json_target(args.json, args.force)
+    _check_output(args.json, args.force)
     _threads()
     model, tok = load_model(args.model)
     fp = _measure("fp32", model, tok, text, tokens, window)
     q = _measure(recipe.name, model, tok, text, tokens, window, recipe=recipe, backend=args.backend,
-                 target=args.target, calib_text=args.calib_text,
-                 calib_samples=_positive_int("--calib-samples", _calib_samples(args)))
+                 target=args.target, calibration=_calibration(args))
     print(f"model {args.model}  text {args.text}  {q['tokens']} tokens in {q['windows']} windows of {window}")
     print(_table([fp, q], fp["ppl"]))
     if args.json:
@@ -228,7 +224,7 @@ def _eval_saved(args: argparse.Namespace) -> int:
     tokens = _positive_int("--tokens", args.tokens)
     window = _positive_int("--window", args.window)
     text = read_text(args.text)
-    _check_json_target(args.json, args.force)
+    _check_output(args.json, args.force)
     _threads()
     model, tok = load_model(args.model)
     name = model.qexport_report.recipe.get("name", "saved") if model.qexport_report.recipe else "saved"
@@ -252,22 +248,12 @@ def _eval_saved(args: argparse.Namespace) -> int:
     return 0
 
 
-def _source_name(model: str) -> str:
-    """How a saved folder names its source model: an alias as it is, a folder by its absolute path."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.is_dir() else model
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
     from qexport.checkpoint import save_quantized
-    from qexport.models import load_model
+    from qexport.models import load_model, source_name
 
     recipe = _with_kv_cache(args.recipe, args.kv_cache)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        from qexport._io import OutputExists
-
-        raise OutputExists(f"{args.out!r} already exists; pass --force to replace it")
+    _check_output(args.out, args.force)
     if _is_saved(args.model):
         raise InvalidConfig(f"{args.model!r} is quantized already; quantize its float source model instead")
     _threads()
@@ -275,8 +261,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model)
     model = quantize_model(model, recipe, tok, _calibration(args), progress=True)
     quantize_s = time.perf_counter() - t0
-    saved = save_quantized(model, out, tok, force=args.force, layout=args.layout,
-                           provenance={"source_model": _source_name(args.model), "quantize_s": round(quantize_s, 1)})
+    saved = save_quantized(model, args.out, tok, force=args.force, layout=args.layout,
+                           provenance={"source_model": source_name(args.model), "quantize_s": round(quantize_s, 1)})
     report = model.qexport_report
     print(f"wrote {saved.path}: {_mb(saved.bytes)} MB, layout {saved.layout}; {len(report.quantized)} layers "
           f"quantized, {len(report.kept_float)} float; quantized in {quantize_s:.0f} s")
@@ -300,11 +286,8 @@ def _with_kv_cache(recipe_name: str, kv_cache: str | None):
 
 def _calibration(args: argparse.Namespace) -> CalibrationSet:
     """The calibration windows ``--calib-text`` / ``--calib-samples`` ask for (one sampler for every command)."""
-    return CalibrationSet(args.calib_text, _positive_int("--calib-samples", _calib_samples(args)))
-
-
-def _calib_samples(args: argparse.Namespace) -> int:
-    return 16 if args.calib_samples is None else args.calib_samples
+    samples = 16 if args.calib_samples is None else args.calib_samples
+    return CalibrationSet(args.calib_text, _positive_int("--calib-samples", samples))
 
 
 def _reference_calibration(args: argparse.Namespace) -> CalibrationSet | None:
@@ -327,7 +310,7 @@ def _eval_onnxruntime(args: argparse.Namespace) -> int:
     tokens = _positive_int("--tokens", args.tokens)
     window = _positive_int("--window", args.window)
     text = read_text(args.text)
-    _check_json_target(args.json, args.force)
+    _check_output(args.json, args.force)
     _threads()
     import torch
 
@@ -347,9 +330,9 @@ def _eval_onnxruntime(args: argparse.Namespace) -> int:
     if args.reference:
         from qexport.export.runtime import reference_model
 
-        ref = perplexity(reference_model(lm.report, lm.path, _reference_calibration(args)), tok, text, tokens=tokens,
-                         window=window,
-                         progress=True, desc="ppl pytorch", kv_cache=lm.kv_cache)
+        reference = reference_model(lm.report, lm.path, _reference_calibration(args))
+        ref = perplexity(reference, tok, text, tokens=tokens, window=window, progress=True, desc="ppl pytorch",
+                         kv_cache=lm.kv_cache)
         out.update(torch_ppl=ref.ppl, ppl_ratio=res.ppl / ref.ppl)
         print(f"pytorch perplexity of the same model {ref.ppl:.4f}; onnxruntime / pytorch = "
               f"{res.ppl / ref.ppl:.5f}")
@@ -370,14 +353,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     recipe = None if args.recipe in (None, "fp32") and args.kv_cache is None else args.recipe
     if recipe is not None:  # a bad recipe fails before the model loads
         recipe = _with_kv_cache(recipe, args.kv_cache)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        from qexport._io import OutputExists
-
-        raise OutputExists(f"{args.out!r} already exists; pass --force to replace it")
+    _check_output(args.out, args.force)
     _threads()
-    res = export_onnx(args.model, out, recipe, target=args.target, force=args.force, calibration=_calibration(args),
-                      fuse=args.fuse, ort_accuracy_level=args.ort_accuracy_level)
+    res = export_onnx(args.model, args.out, recipe, target=args.target, force=args.force,
+                      calibration=_calibration(args), fuse=args.fuse, ort_accuracy_level=args.ort_accuracy_level)
     r = res.report
     quantized = sum(1 for layer in r["layers"] if layer["status"] == "quantized")
     print(f"wrote {res.path}: {', '.join(f'{f} {_mb(n)} MB' for f, n in r['files'].items())}; opset {r['opset']}, "
@@ -391,7 +370,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from qexport.export.polygraphy_check import check_polygraphy_runners
     from qexport.export.runtime import load_export_report, reference_model
 
-    _check_json_target(args.json, args.force)
+    _check_output(args.json, args.force)
     _threads()
     report = load_export_report(args.folder)
     session_config = (None if args.ort_accuracy_level is None
@@ -469,7 +448,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     recipes = [load_recipe(r) for r in args.recipes.split(",") if r]
     text_path = args.text or bundled_text("emma")
     text = read_text(text_path)
-    _check_json_target(args.json, args.force)
+    _check_output(args.json, args.force)
     _threads()
     t0 = time.perf_counter()
     print(f"qexport demo: {args.model}, perplexity on {Path(text_path).name} ({tokens} tokens, windows of 512), "
@@ -518,7 +497,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InvalidConfig(f"--ppl-tokens must be 0 (off) or positive, got {args.ppl_tokens}")
     if args.out:
         for name in ("bench.json", "bench.csv", "bench.md", "bench.png"):
-            _check_json_target(str(Path(args.out) / name), args.force)
+            _check_output(str(Path(args.out) / name), args.force)
     _threads()
     result = run_bench(args.model, variants, _positive_int("--prompt-tokens", args.prompt_tokens),
                        _positive_int("--new-tokens", args.new_tokens), ppl_tokens=args.ppl_tokens,
@@ -542,7 +521,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     candidates = resolve_candidates([c for c in args.candidates.split(",") if c])
     samples = _positive_int("--calib-samples", args.calib_samples)
     seq_len = _positive_int("--seq-len", args.seq_len)
-    _check_json_target(args.out, args.force)
+    _check_output(args.out, args.force)
     _threads()
     model, tok = load_model(args.model)
     sens = None

@@ -128,8 +128,15 @@ def write_quantization_config(folder: Path, quantized: dict[str, nn.Module], mod
     ModelCompressor(quantization_config=quantization_config(quantized, model)).update_config(str(folder))
 
 
-def _offset(bits: int) -> int:
-    return 1 << (bits - 1)
+def _shift(spec) -> int:
+    """What turns qexport's codes into compressed-tensors' signed ones: 0 for symmetric (signed already),
+    ``2^(b-1)`` for asymmetric (unsigned codes and zero points)."""
+    return 0 if spec.symmetric else 1 << (spec.bits - 1)
+
+
+def _words(count: int, bits: int) -> int:
+    """int32 words ``pack_to_int32`` packs ``count`` codes of ``bits`` into (dense, no padding bits)."""
+    return -(-count * bits // 32)
 
 
 def layer_entries(name: str, mod) -> list:
@@ -148,12 +155,12 @@ def layer_entries(name: str, mod) -> list:
         if mod.needs_calibration:
             entries.append(TensorEntry(f"{name}.input_scale", torch.float32, (1,), lambda: mod.act_scale.reshape(1)))
     else:
-        shift = 0 if qw.spec.symmetric else _offset(bits)  # unsigned codes -> compressed-tensors' signed ones
-        entries.append(TensorEntry(f"{name}.weight_packed", torch.int32, (n, -(-k * bits // 32)),
+        shift = _shift(qw.spec)
+        entries.append(TensorEntry(f"{name}.weight_packed", torch.int32, (n, _words(k, bits)),
                                    lambda: pack_to_int32((qw.codes() - shift).to(torch.int8), bits)))
         entries.append(TensorEntry(f"{name}.weight_shape", torch.int64, (2,), lambda: torch.tensor([n, k])))
         if not qw.spec.symmetric:
-            entries.append(TensorEntry(f"{name}.weight_zero_point", torch.int32, (-(-rows * bits // 32), groups),
+            entries.append(TensorEntry(f"{name}.weight_zero_point", torch.int32, (_words(rows, bits), groups),
                                        lambda: pack_to_int32((qw.zero_points() - shift).to(torch.int8), bits,
                                                              packed_dim=0)))
     entries.append(TensorEntry.of(f"{name}.weight_scale", qw.scale))
@@ -180,12 +187,12 @@ def read_layer(name: str, spec, shape: tuple[int, int], tensors, int_quantized: 
     stored_shape = tensors.get(f"{name}.weight_shape", torch.int64, (2,))
     if stored_shape.tolist() != [n, k]:
         raise CheckpointError(f"{name}.weight_shape is {stored_shape.tolist()}, expected {[n, k]}")
-    packed = tensors.get(f"{name}.weight_packed", torch.int32, (n, -(-k * bits // 32)))
-    shift = 0 if spec.symmetric else _offset(bits)
+    packed = tensors.get(f"{name}.weight_packed", torch.int32, (n, _words(k, bits)))
+    shift = _shift(spec)
     codes = unpack_from_int32(packed, bits, torch.Size([n, k])).to(torch.int16) + shift
     out["qdata"] = _store(codes, bits, spec.symmetric)
     if not spec.symmetric:
-        zp = tensors.get(f"{name}.weight_zero_point", torch.int32, (-(-rows * bits // 32), groups))
+        zp = tensors.get(f"{name}.weight_zero_point", torch.int32, (_words(rows, bits), groups))
         zp = unpack_from_int32(zp, bits, torch.Size([rows, groups]), packed_dim=0).to(torch.int16) + shift
         out["zero_point"] = _store(zp, bits, False)
     return out

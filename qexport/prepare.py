@@ -59,6 +59,20 @@ class CalibrationSet:
         return {"text": str(self.path), "sha256": sha256_file(self.path), "samples": self.samples,
                 "seq_len": self.seq_len, "seed": self.seed}
 
+    @classmethod
+    def from_provenance(cls, provenance: dict[str, Any]) -> "CalibrationSet":
+        """The set :meth:`provenance` described, its text checked against the recorded SHA-256."""
+        from qexport.checkpoint import sha256_file
+
+        text = provenance.get("text")
+        if not text:
+            raise CalibrationError("the calibration was token ids given in memory, which were not recorded: pass "
+                                   "the same calibration again")
+        if not Path(text).is_file() or sha256_file(text) != provenance.get("sha256"):
+            raise CalibrationError(f"the calibration text {text!r} is missing or has changed since it was used: give "
+                                   "the text again (--calib-text / --calib-samples)")
+        return cls(text, provenance["samples"], provenance["seq_len"], provenance["seed"])
+
 
 def recipe_needs_data(recipe) -> bool:
     """Whether quantizing with ``recipe`` needs calibration windows (GPTQ / AWQ / SmoothQuant, static scales)."""

@@ -213,6 +213,18 @@ def test_verify_of_a_calibrated_export_rebuilds_it_from_the_recorded_windows(sav
     assert json.loads((tmp_path / "v.json").read_text())["max_abs"] < 1e-4
 
 
+def test_calibration_set_from_its_provenance_checks_the_text(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("some calibration text")
+    recorded = CalibrationSet(str(text), samples=3, seq_len=8, seed=1).provenance()
+    assert CalibrationSet.from_provenance(recorded) == CalibrationSet(str(text), 3, 8, 1)
+    text.write_text("another text")
+    with pytest.raises(CalibrationError, match="has changed since it was used"):
+        CalibrationSet.from_provenance(recorded)
+    with pytest.raises(CalibrationError, match="token ids given in memory"):
+        CalibrationSet.from_provenance({"token_ids_sha256": "0" * 64, "samples": 2, "seq_len": 8})
+
+
 def test_tensorrt_export_of_a_folder(tmp_path):
     from qexport.export import export_onnx, lint_tensorrt
 

