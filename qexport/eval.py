@@ -87,7 +87,7 @@ def perplexity(model, tokenizer, text: str, tokens: int = DEFAULT_TOKENS, window
         else:
             from qexport.kvcache import QuantizedKVCache
 
-            logits = model(input_ids=inp, past_key_values=QuantizedKVCache(kv_spec), use_cache=True).logits
+            logits = model(input_ids=inp, cache=QuantizedKVCache(kv_spec), use_cache=True).logits
         nll = F.cross_entropy(logits[0, :-1].float(), inp[0, 1:], reduction="sum")
         total_nll += float(nll)
         predicted += chunk.numel() - 1

@@ -166,7 +166,7 @@ class QuantizedKVLayer(DynamicLayer):
         if value is not None:
             raise AttributeError("QuantizedKVLayer.values is read-only: use update()")
 
-    def lazy_initialization(self, key_states: torch.Tensor) -> None:
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         self.spec.groups(key_states.shape[-1])  # a spec that does not fit head_dim fails here, clearly
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
@@ -177,8 +177,8 @@ class QuantizedKVLayer(DynamicLayer):
         self.qkeys, self.qvalues = keys, values
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor,
-               cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states)
         qk, qv = quantize_kv(key_states, self.spec), quantize_kv(value_states, self.spec)
@@ -227,10 +227,10 @@ class QuantizedKVLayer(DynamicLayer):
 
 class QuantizedKVCache(Cache):
     """A Hugging Face ``Cache`` whose layers store keys and values quantized by ``spec``
-    (:class:`QuantizedKVLayer`). Pass it as ``past_key_values`` to a forward pass or to ``generate()``::
+    (:class:`QuantizedKVLayer`). Pass it as ``cache`` to a forward pass or to ``generate()``::
 
         cache = QuantizedKVCache("int8")
-        model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+        model.generate(**inputs, cache=cache, max_new_tokens=32)
 
     Args:
         spec: a :class:`~qexport.config.KVCacheSpec`, a dict, or a name in ``KV_CACHE_PRESETS``.

@@ -249,7 +249,8 @@ def test_onnxruntime_target_generate_with_dynamic_shapes():
     # one grouped-query SDPA per layer without repeat_kv's copies (tiny_llama: 2 layers, 4 heads, 2 kv heads)
     fused = [{name: n for f in o.fusions for name, n in f.changed.items()} for o in dynamic]
     decode = {"rms_norm": 5, "rotate_half": 4, "gqa": 2}
-    assert decode in fused, fused
+    # transformers 5 passes enable_gqa itself when the decode step has no mask: nothing left for fuse_gqa
+    assert decode in fused or {k: v for k, v in decode.items() if k != 'gqa'} in fused, fused
     assert all(r.rms_norm == 5 for o in dynamic for r in o.reports)
     assert all(r.attention == 2 for o in dynamic for r in o.reports)  # opset 23: one Attention node per layer
 

@@ -487,7 +487,7 @@ def test_asymmetric_groups_are_written_as_compressed_tensors_packs_them(tmp_path
         zp = f.get_tensor("model.layers.0.self_attn.q_proj.weight_zero_point")
         assert zp.dtype == torch.int32 and tuple(zp.shape) == (64 * 4 // 32, 2)
     assert saved.engines["transformers"].startswith("refuses")
-    with pytest.raises(Exception, match="weight_zero_point"):
+    with pytest.raises(Exception, match="weight_zero_point|ignore_mismatched_sizes"):
         _transformers_logits(saved.path)
 
 

@@ -97,10 +97,10 @@ def test_cache_prefill_equals_token_by_token_decode_and_stores_codes():
         ref = model(input_ids=ids).logits
         for spec in (KVCacheSpec(8), KVCacheSpec(4, group_size=8)):
             full_cache = QuantizedKVCache(spec)
-            full = model(input_ids=ids, past_key_values=full_cache, use_cache=True).logits
+            full = model(input_ids=ids, cache=full_cache, use_cache=True).logits
             cache = QuantizedKVCache(spec)
-            steps = [model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True).logits]
-            steps += [model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+            steps = [model(input_ids=ids[:, :5], cache=cache, use_cache=True).logits]
+            steps += [model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits
                       for t in range(5, 20)]
             torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
             layer = cache.layers[0]
@@ -114,7 +114,7 @@ def test_cache_prefill_equals_token_by_token_decode_and_stores_codes():
             assert cache.stored_bytes() < float_bytes / 3  # head_dim 16: scales weigh much more than at 64
             err = float((full - ref).abs().max() / ref.abs().max())
             assert 0 < err < (0.01 if spec.bits == 8 else 0.1), err
-            assert torch.allclose(cache[0][0], layer.keys) and cache[0][0].dtype == torch.float32
+            assert torch.allclose(cache.layers[0].keys, layer.keys) and cache.layers[0].keys.dtype == torch.float32
 
 
 def test_generate_with_quantized_cache_matches_a_greedy_loop():
@@ -122,11 +122,11 @@ def test_generate_with_quantized_cache_matches_a_greedy_loop():
     prompt = torch.randint(3, 512, (1, 6), generator=torch.Generator().manual_seed(1))
     spec = KVCacheSpec(4, group_size=8)
     with torch.no_grad():
-        out = model.generate(prompt, past_key_values=QuantizedKVCache(spec), max_new_tokens=10, do_sample=False,
+        out = model.generate(prompt, cache=QuantizedKVCache(spec), max_new_tokens=10, do_sample=False,
                              pad_token_id=0, eos_token_id=None)
         cache, ids, new = QuantizedKVCache(spec), prompt, []
         for _ in range(10):
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=ids, cache=cache, use_cache=True).logits
             ids = logits[:, -1:].argmax(-1)
             new.append(int(ids))
     assert out[0, 6:].tolist() == new
@@ -177,7 +177,7 @@ def test_bad_kv_spec_in_recipe_and_model_errors():
     with pytest.raises(InvalidConfig, match="recipe 'x': kv_cache='int3' is not valid; use one of int8"):
         Recipe(name="x", rules=(Rule("*", None),), kv_cache="int3")
     with pytest.raises(InvalidConfig, match="group_size=32 does not divide the model's head_dim=16"):
-        tiny_llama()(input_ids=torch.ones(1, 3, dtype=torch.long), past_key_values=QuantizedKVCache("int4"))
+        tiny_llama()(input_ids=torch.ones(1, 3, dtype=torch.long), cache=QuantizedKVCache("int4"))
     with pytest.raises(InvalidConfig, match="needs a KV-cache spec"):
         QuantizedKVCache(None)
 
@@ -227,7 +227,7 @@ def test_onnx_export_matches_torch_cache(spec, tmp_path):
     assert present[0].shape == (2, 2, 12, 8 if spec.bits == 4 else 16)
     cache = QuantizedKVCache(spec)
     with torch.no_grad():
-        ref = q(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        ref = q(input_ids=ids, cache=cache, use_cache=True).logits
     mismatched = 0
     for a, b in zip(_flat_codes(present, spec), _flat_codes(flat_from_cache(cache), spec)):
         if a.dtype == torch.float64 and b.abs().max() < 1e3 and not torch.equal(a.round(), a):

@@ -112,12 +112,11 @@ def _attention_forward(original, halves: _RotaryHalves):
 
     from qexport.export.onnx import kv_geometry
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None,
-                cache_position=None, **kwargs):
-        layers = getattr(past_key_values, "layers", None)
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        layers = getattr(kwargs.get("cache"), "layers", None)
         if attention_mask is None or layers is None or not getattr(layers[self.layer_idx], "is_initialized", False):
-            return original(self, hidden_states, position_embeddings, attention_mask, past_key_values,
-                            cache_position, **kwargs)
+            return original(self, hidden_states, position_embeddings=position_embeddings,
+                            attention_mask=attention_mask, **kwargs)
         cos, sin = halves(*position_embeddings)
         heads, kv_heads = self.config.num_attention_heads, kv_geometry(self.config)[1]
         q = rotary_embedding(self.q_proj(hidden_states), cos, sin, num_heads=heads)
@@ -156,7 +155,7 @@ def fused_ops(model: nn.Module, past_in_attention: bool = False) -> Iterator[Non
     try:
         # HF repeats the kv heads before SDPA unless it may pass enable_gqa, which it allows only without a
         # mask; SDPA's math with enable_gqa and a mask is the same computation, and ONNX's Attention has both.
-        sdpa.use_gqa_in_sdpa = lambda attention_mask, key: True
+        sdpa.use_gqa_in_sdpa = lambda attention_mask, key, value: True
         modeling.apply_rotary_pos_emb = _apply_rotary(halves)
         for cls in norms:
             cls.forward = _rms_norm_forward

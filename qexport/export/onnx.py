@@ -114,17 +114,17 @@ class _KVCacheLM(nn.Module):
 
             cache = cache_from_flat(self.kv_cache, past, self.layers)
             out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-            return (out.logits, *flat_from_cache(out.past_key_values))
+                         cache=cache, use_cache=True)
+            return (out.logits, *flat_from_cache(out.cache))
         cache = DynamicCache()
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
             # the inputs themselves, not update()'s concatenation of them to an empty tensor
             cache.layers[i].keys, cache.layers[i].values = past[2 * i], past[2 * i + 1]
         out = self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     past_key_values=cache, use_cache=True)
+                     cache=cache, use_cache=True)
         present = []
-        for layer in out.past_key_values.layers:
+        for layer in out.cache.layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 

@@ -109,9 +109,9 @@ def _torch_runner(model, session, layers: int):
             out = model(input_ids=torch.from_numpy(feed_dict["input_ids"]),
                         attention_mask=torch.from_numpy(feed_dict["attention_mask"]),
                         position_ids=torch.from_numpy(feed_dict["position_ids"]),
-                        past_key_values=cache, use_cache=True)
+                        cache=cache, use_cache=True)
             outputs = OrderedDict(logits=out.logits.float().numpy())
-            for i, layer in enumerate(out.past_key_values.layers[:layers]):
+            for i, layer in enumerate(out.cache.layers[:layers]):
                 outputs[f"present.{i}.key"] = layer.keys.float().numpy()
                 outputs[f"present.{i}.value"] = layer.values.float().numpy()
             self.inference_time = time.time() - start

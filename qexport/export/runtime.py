@@ -228,13 +228,13 @@ def verify(path: str | os.PathLike, reference=None, input_ids: torch.Tensor | No
     prefill = input_ids.shape[1] - decode_steps
     ids = input_ids[:, :prefill]
     cache = reference_cache(lm.report)
-    ref_steps = [reference(input_ids=ids, past_key_values=cache, use_cache=True).logits]
+    ref_steps = [reference(input_ids=ids, cache=cache, use_cache=True).logits]
     mask = np.ones(ids.shape, np.int64)
     logits, past = lm.step(ids.numpy(), mask, lm.empty_past(ids.shape[0]))
     ort_steps = [logits]
     for t in range(prefill, input_ids.shape[1]):
         tok = input_ids[:, t:t + 1]
-        ref_steps.append(reference(input_ids=tok, past_key_values=cache, use_cache=True).logits)
+        ref_steps.append(reference(input_ids=tok, cache=cache, use_cache=True).logits)
         mask = np.concatenate([mask, np.ones((tok.shape[0], 1), np.int64)], axis=1)
         logits, past = lm.step(tok.numpy(), mask, past)
         ort_steps.append(logits)

@@ -63,7 +63,7 @@ def smollm2_checkpoint(progress: bool = True) -> Path:
     gguf = _smollm2_gguf()
     _offline()
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     if progress:
         print(f"qexport: converting {gguf.name} to an fp32 checkpoint in {target} (once)", flush=True)
@@ -71,7 +71,9 @@ def smollm2_checkpoint(progress: bool = True) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # dense fp32 weights (GgufConfig(dequantize=True)): no GGUF quantizer is kept on the model, so it saves
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True))
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "qexport-source.json").write_text(
@@ -121,6 +123,7 @@ def load_model(model: str | os.PathLike = "smollm2"):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # transformers 5: a 'Loading weights' bar on stderr
     try:
         # safetensors only: a checkpoint's pickled *.bin weights are never loaded
         m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
