@@ -44,3 +44,7 @@ class CalibrationError(QExportError):
 
 class CheckpointError(ModelLoadError):
     """A saved quantized folder is incomplete, malformed, or in a form qexport does not read."""
+
+
+class NoBosToken(InvalidConfig):
+    """Windows were asked to start with a BOS token (``bos=True`` / ``--bos``) that the tokenizer does not have."""

@@ -1,10 +1,14 @@
 """Evaluation: perplexity with one fixed protocol, and greedy generation.
 
 Perplexity protocol (the same for every back-end, so numbers compare across tools): tokenize the text
-with the model's tokenizer without special tokens, take the first ``tokens`` tokens (default 8192), split
-them into non-overlapping windows of ``window`` tokens (default 512; a shorter last window is kept), run
-each window independently, and report ``exp(mean NLL)`` over all predicted tokens (``window - 1`` per
-window).
+with the model's tokenizer without special tokens and take the first ``tokens`` tokens (default 8192).
+When the tokenizer adds a BOS token by default (:func:`adds_bos`; the lm-evaluation-harness convention),
+every window starts with it: the tokens are split into non-overlapping chunks of ``window - 1``, each window
+is ``[BOS] + chunk``, and every text token is predicted (the first one from BOS). Otherwise the tokens are
+split into non-overlapping windows of ``window`` tokens and the first token of each window is context only
+(``window - 1`` predictions per window). ``bos=True`` / ``False`` overrides the tokenizer's default. A
+shorter last window is kept; each window runs independently, and the result is ``exp(mean NLL)`` over all
+predicted tokens. Calibration windows (:mod:`qexport.algorithms.calibration`) follow the same BOS rule.
 
 With a quantized KV cache (``kv_cache=``, :mod:`qexport.kvcache`) each window runs as one prefill into a fresh
 :class:`~qexport.kvcache.QuantizedKVCache`: every token attends to the quantized keys and values of the
@@ -22,9 +26,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from qexport.errors import DataError, InvalidConfig
+from qexport.errors import DataError, InvalidConfig, NoBosToken
 
-__all__ = ["PerplexityResult", "perplexity", "tokenize", "generate"]
+__all__ = ["PerplexityResult", "perplexity", "perplexity_windows", "tokenize", "adds_bos", "resolve_bos",
+           "generate"]
 
 DEFAULT_TOKENS = 8192
 DEFAULT_WINDOW = 512
@@ -35,9 +40,10 @@ class PerplexityResult:
     ppl: float
     nll: float  # mean negative log-likelihood per predicted token (nats)
     tokens: int  # tokens evaluated
-    predicted: int  # tokens predicted (tokens - windows)
+    predicted: int  # tokens predicted (tokens - windows without BOS, tokens with BOS)
     windows: int
-    window: int
+    window: int  # window length, BOS included
+    bos: bool = False  # whether every window started with the tokenizer's BOS token
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,28 +55,73 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+_BOS_PROBE = "Hello, world."
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` starts its encodings with its BOS token by default: what it does, not what a config
+    flag says (encoding a short text with and without special tokens)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    special = tokenizer(_BOS_PROBE, add_special_tokens=True, verbose=False)["input_ids"]
+    plain = tokenizer(_BOS_PROBE, add_special_tokens=False, verbose=False)["input_ids"]
+    return bool(special) and special[0] == bos and (not plain or plain[0] != bos)
+
+
+def resolve_bos(tokenizer, bos: bool | None = None) -> bool:
+    """``bos`` as given, or the tokenizer's default when None (:func:`adds_bos`).
+
+    Raises:
+        NoBosToken: ``bos=True`` and the tokenizer has no BOS token.
+    """
+    if bos is None:
+        return adds_bos(tokenizer)
+    if not isinstance(bos, bool):
+        raise InvalidConfig(f"bos must be True, False or None (the tokenizer's default), got {bos!r}")
+    if bos and getattr(tokenizer, "bos_token_id", None) is None:
+        raise NoBosToken(f"windows cannot start with a BOS token: the tokenizer ({type(tokenizer).__name__}) has "
+                         "none; pass bos=False (--no-bos) or leave it to the tokenizer's default")
+    return bos
+
+
+def perplexity_windows(ids: torch.Tensor, window: int, bos_id: int | None = None) -> list[torch.Tensor]:
+    """The perplexity windows of the 1-D token ids ``ids`` (see the module docstring): with ``bos_id``, chunks of
+    ``window - 1`` tokens each behind ``bos_id``; without, chunks of ``window``. Windows of one token are dropped
+    (they predict nothing)."""
+    if bos_id is None:
+        return [c for c in ids.split(window) if c.numel() >= 2]
+    head = torch.tensor([bos_id], dtype=ids.dtype)
+    return [torch.cat([head, c]) for c in ids.split(window - 1) if c.numel() >= 1]
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, tokens: int = DEFAULT_TOKENS, window: int = DEFAULT_WINDOW,
-               progress: bool = False, desc: str = "perplexity", kv_cache=None) -> PerplexityResult:
+               progress: bool = False, desc: str = "perplexity", kv_cache=None, bos: bool | None = None
+               ) -> PerplexityResult:
     """Perplexity of ``model`` on ``text`` with the protocol described in the module docstring.
 
     ``kv_cache``: a :class:`~qexport.config.KVCacheSpec` or its name (``'int8'``, ``'int4'``): run each window
-    through a quantized KV cache (a Hugging Face model only; an ONNX export quantizes its cache itself)."""
+    through a quantized KV cache (a Hugging Face model only; an ONNX export quantizes its cache itself).
+    ``bos``: start every window with the tokenizer's BOS token (True), never (False), or as the tokenizer does
+    by default (None)."""
     from qexport.config import KVCacheSpec
 
     kv_spec = KVCacheSpec.parse(kv_cache)
-    if not isinstance(tokens, int) or tokens < 2:
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
         raise InvalidConfig(f"tokens must be an integer >= 2, got {tokens!r}")
-    if not isinstance(window, int) or window < 2:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise InvalidConfig(f"window must be an integer >= 2, got {window!r}")
+    bos = resolve_bos(tokenizer, bos)
     ids = tokenize(tokenizer, text)
-    if ids.numel() < window:
+    text_per_window = window - 1 if bos else window
+    if ids.numel() < text_per_window:
         raise DataError(f"the text has {ids.numel()} tokens, fewer than one window of {window}: give a longer text")
     if ids.numel() < tokens:
         warnings.warn(f"the text has {ids.numel()} tokens, fewer than the {tokens} asked for; using all of them",
                       stacklevel=2)
     ids = ids[:tokens]
-    chunks = [c for c in ids.split(window) if c.numel() >= 2]
+    chunks = perplexity_windows(ids, window, tokenizer.bos_token_id if bos else None)
 
     iterator = chunks
     if progress:
@@ -92,7 +143,8 @@ def perplexity(model, tokenizer, text: str, tokens: int = DEFAULT_TOKENS, window
         total_nll += float(nll)
         predicted += chunk.numel() - 1
     mean = total_nll / predicted
-    return PerplexityResult(math.exp(mean), mean, int(sum(c.numel() for c in chunks)), predicted, len(chunks), window)
+    text_tokens = sum(c.numel() for c in chunks) - (len(chunks) if bos else 0)
+    return PerplexityResult(math.exp(mean), mean, int(text_tokens), predicted, len(chunks), window, bos)
 
 
 @torch.no_grad()

@@ -8,6 +8,10 @@ Sampling: the text is tokenized as the perplexity protocol does (no special toke
 ``samples * seq_len`` tokens, the samples are distinct non-overlapping windows, chosen at random (with a
 random shift) from the ``len // seq_len`` windows it holds; otherwise each sample starts at a random
 position and samples overlap (with a warning). The choice depends only on ``seed``.
+
+BOS, as in :mod:`qexport.eval`: when the tokenizer adds a BOS token by default (or ``bos=True``), each sample is
+``[BOS]`` followed by ``seq_len - 1`` text tokens (the windows above are drawn with length ``seq_len - 1``), so
+the model is calibrated on activations it sees in use; otherwise the sampling is exactly as above.
 """
 
 from __future__ import annotations
@@ -25,21 +29,31 @@ __all__ = ["calibration_tokens", "calibration_from_file", "calibration_batches",
 DEFAULT_BATCH = 8  # sequences per forward pass while calibrating
 
 
-def calibration_tokens(text: str, tokenizer, samples: int = 128, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
-    """``[samples, seq_len]`` int64 token ids drawn from ``text`` (see the module docstring)."""
-    from qexport.eval import tokenize
+def calibration_tokens(text: str, tokenizer, samples: int = 128, seq_len: int = 512, seed: int = 0,
+                       bos: bool | None = None) -> torch.Tensor:
+    """``[samples, seq_len]`` int64 token ids drawn from ``text`` (see the module docstring). ``bos``: start
+    every sample with the tokenizer's BOS token (True), never (False), or as the tokenizer does by default
+    (None, :func:`qexport.eval.adds_bos`)."""
+    from qexport.eval import resolve_bos, tokenize
 
     for name, v in (("samples", samples), ("seq_len", seq_len)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise CalibrationError(f"calibration {name} must be a positive integer, got {v!r}")
     if not isinstance(text, str) or not text.strip():
         raise CalibrationError("the calibration text is empty: give a text of at least one sample's length")
+    bos = resolve_bos(tokenizer, bos)
+    if bos and seq_len < 2:
+        raise CalibrationError(f"calibration seq_len {seq_len} leaves no text token after BOS: give seq_len >= 2 "
+                               "or bos=False (--no-bos)")
     ids = tokenize(tokenizer, text)
-    return sample_windows(ids, samples, seq_len, seed)
+    if not bos:
+        return sample_windows(ids, samples, seq_len, seed)
+    text_windows = sample_windows(ids, samples, seq_len - 1, seed)
+    return torch.cat([torch.full((samples, 1), tokenizer.bos_token_id, dtype=torch.long), text_windows], dim=1)
 
 
 def calibration_from_file(path: str | os.PathLike, tokenizer, samples: int = 128, seq_len: int = 512,
-                          seed: int = 0) -> torch.Tensor:
+                          seed: int = 0, bos: bool | None = None) -> torch.Tensor:
     """:func:`calibration_tokens` of a UTF-8 text file."""
     from qexport.errors import DataError
     from qexport.models import read_text
@@ -48,7 +62,7 @@ def calibration_from_file(path: str | os.PathLike, tokenizer, samples: int = 128
         text = read_text(Path(path))
     except DataError as e:
         raise CalibrationError(f"calibration text: {e}") from None
-    return calibration_tokens(text, tokenizer, samples, seq_len, seed)
+    return calibration_tokens(text, tokenizer, samples, seq_len, seed, bos)
 
 
 def sample_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:

@@ -172,7 +172,7 @@ def compare_runtimes(path: str | os.PathLike, reference=None, engine: str | os.P
         reference = reference_model(lm.report, lm.path, calibration)
     reference.eval()
     if input_ids is None:
-        input_ids = _sample_ids(lm.path, reference.config.vocab_size, 32 + decode_steps)
+        input_ids, _ = _sample_ids(lm.path, reference.config.vocab_size, 32 + decode_steps)
     if input_ids.shape[1] <= decode_steps:
         raise InvalidConfig(f"input_ids need more than decode_steps={decode_steps} tokens")
     feeds = _feeds(lm, input_ids.numpy().astype(np.int64), decode_steps)

@@ -191,12 +191,12 @@ def reference_model(report: dict[str, Any], path: Path, calibration=None):
 
 def _recorded_calibration(report: dict[str, Any], path: Path):
     """The calibration windows an export's report records; the default set when it records none (exports from
-    before it was recorded)."""
+    before it was recorded, whose windows had no BOS)."""
     from qexport.errors import CalibrationError
     from qexport.prepare import CalibrationSet
 
     if not report.get("calibration"):
-        return CalibrationSet()
+        return CalibrationSet(bos=False)
     try:
         return CalibrationSet.from_provenance(report["calibration"])
     except CalibrationError as e:
@@ -213,7 +213,8 @@ def verify(path: str | os.PathLike, reference=None, input_ids: torch.Tensor | No
     when the folder has no tokenizer) and then ``decode_steps`` single-token steps through the KV cache
     (teacher-forced with the same next tokens in both), and reports over all those logits: ``max_abs``,
     ``max_rel`` (max abs error / max |reference logit|) and ``top1_agreement`` (fraction of positions whose
-    argmax token agrees). ``reference``: the quantized torch model (default: the folder's source model,
+    argmax token agrees), and ``bos`` (whether the default rows start with the tokenizer's BOS token, as
+    they do when it adds one by default). ``reference``: the quantized torch model (default: the folder's source model,
     quantized again with its recipe).
     """
     lm = OnnxCausalLM(path, threads=threads, session_config=session_config)
@@ -221,8 +222,9 @@ def verify(path: str | os.PathLike, reference=None, input_ids: torch.Tensor | No
         reference = reference_model(lm.report, lm.path, calibration)
     reference.eval()
     total = 32 + decode_steps
+    bos = None  # ids given by the caller
     if input_ids is None:
-        input_ids = _sample_ids(lm.path, reference.config.vocab_size, total)
+        input_ids, bos = _sample_ids(lm.path, reference.config.vocab_size, total)
     if input_ids.shape[1] <= decode_steps:
         raise InvalidConfig(f"input_ids need more than decode_steps={decode_steps} tokens")
     prefill = input_ids.shape[1] - decode_steps
@@ -253,12 +255,14 @@ def verify(path: str | os.PathLike, reference=None, input_ids: torch.Tensor | No
         "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
         "ort_session_config": lm.session_config,
         "kv_cache": lm.kv_cache,
+        "bos": bos,
     }
 
 
-def _sample_ids(path: Path, vocab: int, total: int) -> torch.Tensor:
-    """Two rows of ``total`` token ids: from the bundled Emma text with the folder's tokenizer, else random."""
-    from qexport.eval import tokenize
+def _sample_ids(path: Path, vocab: int, total: int) -> tuple[torch.Tensor, bool]:
+    """Two rows of ``total`` token ids: from the bundled Emma text with the folder's tokenizer (each row behind
+    its BOS token when it adds one by default), else random; and whether the rows start with BOS."""
+    from qexport.eval import adds_bos, tokenize
     from qexport.models import bundled_text, read_text
 
     try:
@@ -268,7 +272,12 @@ def _sample_ids(path: Path, vocab: int, total: int) -> torch.Tensor:
     except Exception:  # no tokenizer saved in the folder
         tok = None
     if tok is not None:
+        bos = adds_bos(tok)
         ids = tokenize(tok, read_text(bundled_text("emma"))[:20000])
-        if ids.numel() >= 2 * total:
-            return ids[: 2 * total].reshape(2, total)
-    return torch.randint(0, vocab, (2, total), generator=torch.Generator().manual_seed(0))
+        n = total - int(bos)
+        if ids.numel() >= 2 * n:
+            rows = ids[: 2 * n].reshape(2, n)
+            if bos:
+                rows = torch.cat([torch.full((2, 1), tok.bos_token_id, dtype=torch.long), rows], dim=1)
+            return rows, bos
+    return torch.randint(0, vocab, (2, total), generator=torch.Generator().manual_seed(0)), False
