@@ -33,7 +33,9 @@ windows of 512, as ``qexport eval``), ``size_bytes`` (every parameter and buffer
 and ``bits_per_weight`` (of the quantized linears; codes, scales and zero points); compiled variants are
 sized by the same recipe applied eagerly. Recipes whose algorithm needs data (GPTQ, AWQ) are calibrated on
 ``calib_samples`` windows of 512 tokens of the bundled *Sense and Sensibility* slice (seed 0), as eager
-variants only. :func:`write_results` then also draws perplexity against size (``bench.png``).
+variants only. Perplexity and calibration windows start with the tokenizer's BOS token when it adds one by
+default, or as ``bos`` says (:mod:`qexport.eval`); the result records it (``bos``). :func:`write_results` then
+also draws perplexity against size (``bench.png``).
 """
 
 from __future__ import annotations
@@ -200,7 +202,7 @@ def measure(model, prompt: torch.Tensor, spec: dict[str, str], new_tokens: int,
     return row
 
 
-def _quality(model, tok, text: str, tokens: int):
+def _quality(model, tok, text: str, tokens: int, bos: bool = False):
     """The ``quality`` callback of :func:`measure`: perplexity of the built model, size of the recipe."""
     import qexport
     from qexport.eval import perplexity
@@ -224,7 +226,7 @@ def _quality(model, tok, text: str, tokens: int):
             size_bytes, bits = size.total_bytes, size.bits_per_weight
         if spec["kind"] in ("onnx", "onnx-dir"):  # the files on disk: what the export really stores
             size_bytes = built.report.get("onnx_bytes", size_bytes)
-        ppl = perplexity(built, tok, text, tokens=tokens).ppl
+        ppl = perplexity(built, tok, text, tokens=tokens, bos=bos).ppl
         return {"ppl": ppl, "size_bytes": size_bytes, "bits_per_weight": bits}
 
     return quality
@@ -263,13 +265,15 @@ def summarize(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]
 
 def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tokens: int = 128,
               new_tokens: int = 64, progress: bool = True, ppl_tokens: int = 0,
-              calib_samples: int = 16, rounds: int = 1, baseline: str | None = None) -> dict[str, Any]:
+              calib_samples: int = 16, rounds: int = 1, baseline: str | None = None, bos: bool | None = None
+              ) -> dict[str, Any]:
     """Measure every variant ``rounds`` times, round-robin (each round builds and times every variant
     again, so slow phases of a shared machine hit all variants alike); ``summary`` gives per-variant medians
     and per-round ratios against ``baseline`` (default: ``onnx:fp32``, else ``inductor-fp32``, else the first
-    variant)."""
+    variant). ``bos``: perplexity and calibration windows start with BOS (True), not (False), or as the
+    tokenizer does by default (None)."""
     from qexport.config import load_recipe
-    from qexport.eval import tokenize
+    from qexport.eval import resolve_bos, tokenize
     from qexport.models import bundled_text, load_model, read_text
 
     variants = list(variants)
@@ -288,14 +292,15 @@ def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tok
             raise InvalidConfig(f"variant {name!r}: a calibrated recipe runs as eager:{spec['recipe']} in the bench "
                                 "(the compile back-end takes round-to-nearest recipes)")
     model, tok = load_model(model_name)
+    bos = resolve_bos(tok, bos)
     text = read_text(bundled_text("emma"))
     prompt = tokenize(tok, text)[:prompt_tokens][None]
     calibration = None
     if any(_needs_data(s) for _, s in specs):
         from qexport.prepare import CalibrationSet
 
-        calibration = CalibrationSet(samples=calib_samples).tokens(tok)
-    quality = _quality(model, tok, text, ppl_tokens) if ppl_tokens else None
+        calibration = CalibrationSet(samples=calib_samples, bos=bos).tokens(tok)
+    quality = _quality(model, tok, text, ppl_tokens, bos) if ppl_tokens else None
     rows = []
     seen: dict[str, int] = {}
     for name, spec in specs:
@@ -316,7 +321,7 @@ def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tok
                 r[f"decode_vs_{suffix}"] = r["decode_tok_s"] / base["decode_tok_s"]
             r[f"prefill_vs_{suffix}"] = base["prefill_s"] / r["prefill_s"]
     return {"model": model_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "ppl_tokens": ppl_tokens,
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "ppl_tokens": ppl_tokens, "bos": bos,
             "rounds": max(seen.values()),  # a variant list given N times counts N rounds too
             "baseline": baseline, "results": rows, "summary": summarize(rows, baseline)}
 

@@ -51,7 +51,8 @@ def _mb(n: int) -> str:
 # ----------------------------------------------------------------------------------------------------
 def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=None,
              prompt: str | None = None, max_new_tokens: int = 0, backend: str = "eager",
-             target: str | None = None, calibration: CalibrationSet | None = None) -> dict[str, Any]:
+             target: str | None = None, calibration: CalibrationSet | None = None, bos: bool | None = None
+             ) -> dict[str, Any]:
     import qexport
     from qexport.eval import generate, perplexity
 
@@ -92,10 +93,10 @@ def _measure(name: str, model, tok, text: str, tokens: int, window: int, recipe=
 
         kv_cache = kv_cache_spec(model)
     res = perplexity(model, tok, text, tokens=tokens, window=window, progress=True, desc=f"ppl {name}",
-                     kv_cache=kv_cache)
+                     kv_cache=kv_cache, bos=bos)
     if kv_cache is not None:
         row["kv_cache"] = kv_cache.to_dict()
-    row.update(ppl=res.ppl, nll=res.nll, tokens=res.tokens, windows=res.windows, window=res.window,
+    row.update(ppl=res.ppl, nll=res.nll, tokens=res.tokens, windows=res.windows, window=res.window, bos=res.bos,
                eval_s=round(time.perf_counter() - t1, 2))
     row.update(size_bytes=size.total_bytes, quantized_linear_bytes=size.quantized_bytes,
                fp16_size_bytes=size.quantized_fp16_bytes, quantized_ratio_vs_fp16=size.quantized_ratio_vs_fp16,
@@ -174,10 +175,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_output(args.json, args.force)
     _threads()
     model, tok = load_model(args.model)
-    fp = _measure("fp32", model, tok, text, tokens, window)
+    fp = _measure("fp32", model, tok, text, tokens, window, bos=args.bos)
     q = _measure(recipe.name, model, tok, text, tokens, window, recipe=recipe, backend=args.backend,
-                 target=args.target, calibration=_calibration(args))
-    print(f"model {args.model}  text {args.text}  {q['tokens']} tokens in {q['windows']} windows of {window}")
+                 target=args.target, calibration=_calibration(args), bos=args.bos)
+    print(f"model {args.model}  text {args.text}  {q['tokens']} tokens in {q['windows']} windows of {window}"
+          f"{_bos_note(q['bos'])}")
     print(_table([fp, q], fp["ppl"]))
     if args.json:
         out = {
@@ -196,6 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "tokens": q["tokens"],
             "window": window,
             "windows": q["windows"],
+            "bos": q["bos"],
             "layers_quantized": q.get("layers_quantized"),
             "layers_float": q.get("layers_float"),
             "backend": q.get("backend", "eager"),
@@ -228,22 +231,23 @@ def _eval_saved(args: argparse.Namespace) -> int:
     _threads()
     model, tok = load_model(args.model)
     name = model.qexport_report.recipe.get("name", "saved") if model.qexport_report.recipe else "saved"
-    q = _measure(name, model, tok, text, tokens, window)
+    q = _measure(name, model, tok, text, tokens, window, bos=args.bos)
     rows, source = [q], read_provenance(args.model).get("source_model")
     if args.float_reference and source:
         from qexport.errors import ModelLoadError
 
         try:
-            rows.insert(0, _measure("fp32", load_model(source)[0], tok, text, tokens, window))
+            rows.insert(0, _measure("fp32", load_model(source)[0], tok, text, tokens, window, bos=args.bos))
         except ModelLoadError as e:
             print(f"qexport: no float reference: the source model cannot be loaded here ({e})", file=sys.stderr)
-    print(f"model {args.model}  text {args.text}  {q['tokens']} tokens in {q['windows']} windows of {window}")
+    print(f"model {args.model}  text {args.text}  {q['tokens']} tokens in {q['windows']} windows of {window}"
+          f"{_bos_note(q['bos'])}")
     print(_table(rows, rows[0]["ppl"]))
     if args.json:
         out = {"model": str(args.model), "text": str(args.text), "recipe": model.qexport_report.recipe,
                "ppl": q["ppl"], "nll": q["nll"], "tokens": q["tokens"], "window": window, "windows": q["windows"],
-               "size_bytes": q["size_bytes"], "bits_per_weight": q["bits_per_weight"], "backend": "eager",
-               "source_model": source, **({"fp_ppl": rows[0]["ppl"]} if len(rows) > 1 else {})}
+               "bos": q["bos"], "size_bytes": q["size_bytes"], "bits_per_weight": q["bits_per_weight"],
+               "backend": "eager", "source_model": source, **({"fp_ppl": rows[0]["ppl"]} if len(rows) > 1 else {})}
         _write_json(args.json, out, args.force)
     return 0
 
@@ -287,7 +291,11 @@ def _with_kv_cache(recipe_name: str, kv_cache: str | None):
 def _calibration(args: argparse.Namespace) -> CalibrationSet:
     """The calibration windows ``--calib-text`` / ``--calib-samples`` ask for (one sampler for every command)."""
     samples = 16 if args.calib_samples is None else args.calib_samples
-    return CalibrationSet(args.calib_text, _positive_int("--calib-samples", samples))
+    return CalibrationSet(args.calib_text, _positive_int("--calib-samples", samples), bos=args.bos)
+
+
+def _bos_note(bos: bool) -> str:
+    return ", each behind BOS" if bos else ""
 
 
 def _reference_calibration(args: argparse.Namespace) -> CalibrationSet | None:
@@ -320,19 +328,21 @@ def _eval_onnxruntime(args: argparse.Namespace) -> int:
     except Exception as e:
         raise InvalidConfig(f"{args.folder!r} has no tokenizer to evaluate text with: {str(e).splitlines()[0]}") from e
     t0 = time.perf_counter()
-    res = perplexity(lm, tok, text, tokens=tokens, window=window, progress=True, desc="ppl onnxruntime")
+    res = perplexity(lm, tok, text, tokens=tokens, window=window, progress=True, desc="ppl onnxruntime",
+                     bos=args.bos)
     out = {"folder": str(args.folder), "recipe": lm.report.get("recipe"), "backend": "onnxruntime",
            "ppl": res.ppl, "nll": res.nll, "tokens": res.tokens, "window": window, "windows": res.windows,
+           "bos": res.bos,
            "eval_s": round(time.perf_counter() - t0, 2), "onnx_bytes": lm.report.get("onnx_bytes"),
            "ort_session_config": lm.session_config}
     print(f"{args.folder}: recipe {out['recipe']}, onnxruntime perplexity {res.ppl:.4f} on {res.tokens} tokens "
-          f"({res.windows} windows of {window})")
+          f"({res.windows} windows of {window}{_bos_note(res.bos)})")
     if args.reference:
         from qexport.export.runtime import reference_model
 
         reference = reference_model(lm.report, lm.path, _reference_calibration(args))
         ref = perplexity(reference, tok, text, tokens=tokens, window=window, progress=True, desc="ppl pytorch",
-                         kv_cache=lm.kv_cache)
+                         kv_cache=lm.kv_cache, bos=res.bos)
         out.update(torch_ppl=ref.ppl, ppl_ratio=res.ppl / ref.ppl)
         print(f"pytorch perplexity of the same model {ref.ppl:.4f}; onnxruntime / pytorch = "
               f"{res.ppl / ref.ppl:.5f}")
@@ -347,6 +357,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if _is_saved(args.model):
         if args.recipe or args.kv_cache:
             raise InvalidConfig(f"{args.model!r} is quantized already: export it without --recipe / --kv-cache")
+        if args.bos is not None:
+            raise InvalidConfig(f"{args.model!r} is quantized already (its calibration windows, BOS or not, are "
+                                "recorded in it): export it without --bos / --no-bos")
     elif not args.recipe:
         raise InvalidConfig("--recipe is required (a preset name, a recipe JSON file, or 'fp32'), unless --model is "
                             "a quantized folder (`qexport quantize`)")
@@ -370,6 +383,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from qexport.export.polygraphy_check import check_polygraphy_runners
     from qexport.export.runtime import load_export_report, reference_model
 
+    if args.bos is not None and args.calib_text is None and args.calib_samples is None:
+        raise InvalidConfig("verify: --bos / --no-bos shape the calibration windows of the reference given with "
+                            "--calib-text / --calib-samples; without them the windows the export records are used")
     _check_output(args.json, args.force)
     _threads()
     report = load_export_report(args.folder)
@@ -454,11 +470,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"qexport demo: {args.model}, perplexity on {Path(text_path).name} ({tokens} tokens, windows of 512), "
           f"{torch.get_num_threads()} threads", file=sys.stderr)
     model, tok = load_model(args.model)
-    rows = [_measure("fp32", model, tok, text, tokens, 512, prompt=args.prompt, max_new_tokens=args.max_new_tokens)]
+    rows = [_measure("fp32", model, tok, text, tokens, 512, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
+                     bos=args.bos)]
+    calibration = CalibrationSet(bos=args.bos)
     for recipe in recipes:
         print(f"  {recipe.name}: {recipe.description or recipe.rules[0].weight.describe()}", file=sys.stderr)
         rows.append(_measure(recipe.name, model, tok, text, tokens, 512, recipe=recipe, prompt=args.prompt,
-                             max_new_tokens=args.max_new_tokens))
+                             max_new_tokens=args.max_new_tokens, calibration=calibration, bos=args.bos))
     fp_ppl = rows[0]["ppl"]
     print()
     print(f"{args.model}: perplexity on {Path(text_path).name}, first {rows[0]['tokens']} tokens; sizes in MB")
@@ -471,7 +489,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\ntotal time {time.perf_counter() - t0:.0f} s")
     if args.json:
         _write_json(args.json, {"model": str(args.model), "text": str(text_path), "tokens": tokens,
-                                "fp_ppl": fp_ppl, "variants": rows}, args.force)
+                                "bos": rows[0]["bos"], "fp_ppl": fp_ppl, "variants": rows}, args.force)
     return 0
 
 
@@ -502,7 +520,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(args.model, variants, _positive_int("--prompt-tokens", args.prompt_tokens),
                        _positive_int("--new-tokens", args.new_tokens), ppl_tokens=args.ppl_tokens,
                        calib_samples=_positive_int("--calib-samples", args.calib_samples),
-                       rounds=_positive_int("--rounds", args.rounds), baseline=args.baseline)
+                       rounds=_positive_int("--rounds", args.rounds), baseline=args.baseline, bos=args.bos)
     print(to_markdown(result))
     if args.out:
         for path in write_results(result, args.out, args.force):
@@ -524,12 +542,17 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     _check_output(args.out, args.force)
     _threads()
     model, tok = load_model(args.model)
+    from qexport.eval import resolve_bos
+
+    bos = resolve_bos(tok, args.bos)
     sens = None
     cache = Path(args.sensitivities) if args.sensitivities else None
     key = {"model": str(args.model), "calib_text": str(args.calib_text), "samples": samples, "seq_len": seq_len,
-           "seed": args.seed}
+           "seed": args.seed, "bos": bos}
     if cache is not None and cache.is_file():
         data = json.loads(cache.read_text(encoding="utf-8"))
+        if isinstance(data.get("key"), dict):  # caches from before BOS was recorded: windows without BOS
+            data["key"] = {"bos": False, **data["key"]}
         if data.get("key") != key:
             raise InvalidConfig(f"{str(cache)!r} holds sensitivities of another calibration set ({data.get('key')}); "
                                 "give another --sensitivities file or remove it")
@@ -541,7 +564,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         from qexport.models import bundled_text, read_text
 
         calibration = calibration_tokens(read_text(args.calib_text or bundled_text("sensesensibility")), tok,
-                                         samples=samples, seq_len=seq_len, seed=args.seed)
+                                         samples=samples, seq_len=seq_len, seed=args.seed, bos=bos)
     plan = plan_allocation(model, calibration, target_bytes=target_bytes, bits_per_weight=args.target_bits,
                            candidates=candidates, method=args.method, exclude=DEFAULT_EXCLUDE,
                            algorithm=args.algorithm, name=args.name, sensitivity=sens, progress=True)
@@ -553,8 +576,14 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     plan.recipe.to_json(args.out, overwrite=args.force)
     print(f"wrote {args.out}", file=sys.stderr)
     if args.json:
-        _write_json(args.json, plan.to_dict(), args.force)
+        _write_json(args.json, {**plan.to_dict(), "bos": bos}, args.force)
     return 0
+
+
+def _bos_option(parser: argparse.ArgumentParser, windows: str) -> None:
+    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"start every {windows} window with the tokenizer's BOS token (--bos) or not (--no-bos); "
+                             "default: as the tokenizer does by default (recorded in the outputs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -588,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the attention KV cache quantized (qexport.kvcache); --recipe fp32 keeps weights float")
     e.add_argument("--no-float-reference", dest="float_reference", action="store_false",
                    help="with a quantized folder as --model: skip the perplexity of its float source model")
+    _bos_option(e, "perplexity and calibration")
     e.add_argument("--json", help="also write the results as JSON to this file")
     e.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
     e.set_defaults(func=cmd_eval)
@@ -601,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int, default=16, help="calibration windows of 512 tokens (default 16)")
     q.add_argument("--kv-cache", choices=tuple(KV_CACHE_PRESETS), default=None,
                    help="record a quantized KV cache in the recipe (qexport.kvcache)")
+    _bos_option(q, "calibration")
     q.add_argument("--layout", choices=("auto", "compressed-tensors", "qexport"), default="auto",
                    help="tensor layout: compressed-tensors where every layer has that form (transformers and vLLM "
                         "load it), else qexport's own (default auto)")
@@ -614,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--recipes", default=",".join(DEMO_RECIPES), help="comma-separated presets or JSON files")
     d.add_argument("--prompt", default=DEMO_PROMPT)
     d.add_argument("--max-new-tokens", type=int, default=24)
+    _bos_option(d, "perplexity and calibration")
     d.add_argument("--json", help="also write the results as JSON to this file")
     d.add_argument("--force", action="store_true", help="overwrite the --json file if it exists")
     d.set_defaults(func=cmd_demo)
@@ -637,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-round ratios (default 1)")
     b.add_argument("--baseline", help="the variant the summary's ratios are against (default: onnx:fp32, else "
                                       "inductor-fp32, else the first variant)")
+    _bos_option(b, "perplexity and calibration")
     b.add_argument("--out", help="folder for bench.json, bench.csv, bench.md (and bench.png with --ppl-tokens)")
     b.add_argument("--force", action="store_true", help="overwrite existing result files")
     b.set_defaults(func=cmd_bench)
@@ -660,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="ONNX Runtime target: write attention, rotary embeddings and RMSNorm out in elementwise ops "
                         "(opset 21) instead of opset 23's Attention / RotaryEmbedding / RMSNormalization")
+    _bos_option(x, "calibration")
     x.add_argument("--force", action="store_true", help="replace the --out folder if it exists")
     x.set_defaults(func=cmd_export)
 
@@ -672,6 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--calib-samples", type=int, default=None,
                    help="with --calib-text: the calibration windows of an export made from a recipe (default: "
                         "those its report records)")
+    _bos_option(v, "calibration (with --calib-text / --calib-samples)")
     v.add_argument("--ort-accuracy-level", type=int, choices=(0, 4),
                    help="run ONNX Runtime's MatMulNBits at this accuracy level instead of the folder's (0: float "
                         "activations, the reference's numerics; 4: int8 activations)")
@@ -722,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     al.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
     al.add_argument("--sensitivities", help="JSON cache of the sensitivities: read when it exists (same model and "
                                             "calibration), written otherwise; reuse it for several targets")
+    _bos_option(al, "calibration")
     al.add_argument("--json", help="also write the allocation (per-layer choices, bytes, sensitivities) as JSON")
     al.add_argument("--force", action="store_true", help="overwrite --out / --json if they exist")
     al.set_defaults(func=cmd_allocate)
