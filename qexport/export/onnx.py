@@ -5,7 +5,9 @@ The folder (written atomically: built under a temporary name, then renamed)::
     model.onnx            the graph; weights inside, or in model.onnx.data when they pass EXTERNAL_DATA_BYTES
     model.onnx.data       (large models only) external tensor data
     config.json           the Hugging Face config (+ generation_config.json when the model has one)
-    tokenizer files       when a tokenizer was given
+    tokenizer files       when a tokenizer was given: tokenizer.json, tokenizer_config.json, special_tokens_map.json
+                          and chat_template.jinja, what transformers, ONNX Runtime GenAI and onnxruntime-extensions
+                          read (a sentencepiece tokenizer.model only for a tokenizer without tokenizer.json)
     recipe.json           the recipe, as ``qexport recipes --show`` prints it
     export_report.json    which layers were quantized how, which stayed float and why, ORT session
                           settings, inputs / outputs, sizes
@@ -45,7 +47,7 @@ from qexport._io import OutputExists, replace_folder
 from qexport.errors import CalibrationError, InvalidConfig, ModelLoadError, UnsupportedOp
 
 __all__ = ["export_onnx", "ExportResult", "EXTERNAL_DATA_BYTES", "MODEL_FILE", "DATA_FILE", "REPORT_FILE",
-           "RECIPE_FILE", "input_names", "output_names"]
+           "RECIPE_FILE", "TOKENIZER_FILES", "save_tokenizer", "input_names", "output_names"]
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -54,6 +56,22 @@ RECIPE_FILE = "recipe.json"
 # Tensors go to an external data file past this total: far below protobuf's 2 GiB limit on one message.
 EXTERNAL_DATA_BYTES = 1 << 30
 _EXAMPLE = dict(batch=2, seq=6, past=5)  # distinct sizes, none 0 or 1, so that no axis is specialized
+# The tokenizer files an export folder's runtimes read, when the tokenizer has a tokenizer.json.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> list[str]:
+    """Save ``tokenizer``'s files into ``folder``: only :data:`TOKENIZER_FILES` (those present) when it has a
+    ``tokenizer.json``, which holds the whole tokenizer (a sentencepiece ``tokenizer.model`` beside it is ~100 MB
+    nothing reads); everything ``save_pretrained`` writes otherwise. Returns the names written."""
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix=".tokenizer.", dir=folder) as tmp:
+        tokenizer.save_pretrained(tmp)
+        written = sorted(p.name for p in Path(tmp).iterdir() if p.is_file())
+        keep = [f for f in written if f in TOKENIZER_FILES] if "tokenizer.json" in written else written
+        for name in keep:
+            shutil.move(os.path.join(tmp, name), folder / name)
+    return keep
 
 
 @dataclass
@@ -358,7 +376,7 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
         if getattr(qmodel, "generation_config", None) is not None:
             qmodel.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         recipe_dict = qmodel.qexport_report.recipe if hasattr(qmodel, "qexport_report") else None
         if recipe_dict is not None:
             (tmp / RECIPE_FILE).write_text(json.dumps(recipe_dict, indent=2) + "\n")
