@@ -12,7 +12,7 @@ from torch import nn
 
 from qexport.config import Recipe, load_recipe
 from qexport.errors import CalibrationError, InvalidConfig, QExportError
-from qexport.modules import QLinear
+from qexport.modules import QEmbedding, QLinear
 
 __all__ = ["quantize", "calibrate", "LayerReport", "QuantizationReport", "SizeReport", "model_size"]
 
@@ -62,9 +62,12 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", calibration
     """Quantize the weights of ``model`` in place according to ``recipe``; returns ``model``.
 
     Every ``nn.Linear`` whose name matches a rule of the recipe (and no ``exclude`` pattern) is replaced by
-    a :class:`~qexport.modules.QLinear` that stores packed integer weights. A layer that cannot be
-    quantized (NaN/inf weights, an unsupported shape) stays in float with a warning. What happened to
-    each layer is in ``model.qexport_report`` (a :class:`QuantizationReport`).
+    a :class:`~qexport.modules.QLinear` that stores packed integer weights, and every ``nn.Embedding`` that a
+    rule names (catch-all patterns do not reach embeddings: :meth:`Recipe.rule_for`) by a
+    :class:`~qexport.modules.QEmbedding` (integer grids, rounded to nearest whatever the algorithm). Modules
+    that share one float weight (a tied embedding and ``lm_head``) and get the same format share one stored
+    weight. A layer that cannot be quantized (NaN/inf weights, an unsupported shape) stays in float with a
+    warning. What happened to each layer is in ``model.qexport_report`` (a :class:`QuantizationReport`).
 
     Args:
         model: any ``nn.Module``.
@@ -88,11 +91,15 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", calibration
 
         report.rotation = rotate_model(model, recipe.rotation, recipe.options["rotate_seed"]).to_dict()
 
-    candidates = []
+    candidates, embeddings = [], []
     for name, mod in model.named_modules():
-        if isinstance(mod, QLinear):
-            report.layers.append(LayerReport(name, "QLinear", "quantized", mod.spec.describe(),
-                                             "already quantized", (mod.out_features, mod.in_features)))
+        if isinstance(mod, (QLinear, QEmbedding)):
+            report.layers.append(LayerReport(name, type(mod).__name__, "quantized", mod.spec.describe(),
+                                             "already quantized", tuple(mod.quantized_weight().shape)))
+        elif isinstance(mod, nn.Embedding):
+            rule = recipe.rule_for(name, embedding=True)
+            if rule is not None and rule.weight is not None:  # embeddings no rule names are not listed
+                embeddings.append((name, mod, rule))
         elif isinstance(mod, nn.Linear):
             rule = recipe.rule_for(name)
             shape = tuple(mod.weight.shape)
@@ -116,6 +123,9 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", calibration
         finally:
             model.train(was_training)
 
+    shared: dict[tuple, Any] = {}  # (float weight, spec) -> its QuantizedWeight: tied weights quantized once
+    for name, mod, rule in embeddings:
+        _quantize_embedding(model, name, mod, rule, shared, report)
     iterator = candidates
     if progress and computed is None:
         from tqdm.auto import tqdm
@@ -125,7 +135,8 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", calibration
         shape = tuple(mod.weight.shape)
         try:
             if computed is None:
-                qmod = QLinear.from_linear(mod, rule.weight, name=name, act_spec=rule.activation)
+                qw, note = _shared_weight(shared, mod.weight, rule.weight, name)
+                qmod = QLinear(qw, mod.bias, weight_dtype=mod.weight.dtype, act_spec=rule.activation)
             else:
                 qmod = _qlinear_from_result(computed.get(name), mod, name, rule)
         except QExportError as e:
@@ -134,9 +145,42 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", calibration
             continue
         _set_submodule(model, name, qmod)
         desc = rule.weight.describe() + (f", act {rule.activation.describe()}" if rule.activation else "")
-        report.layers.append(LayerReport(name, "Linear", "quantized", desc, "", shape))
+        report.layers.append(LayerReport(name, "Linear", "quantized", desc, note if computed is None else "", shape))
     model.qexport_report = report
     return model
+
+
+def _shared_weight(shared: dict, weight: torch.Tensor, spec, name: str):
+    """The QuantizedWeight of ``weight`` in ``spec``, quantized once for every module that holds that tensor,
+    and a note naming the module it is shared with ("" for the first)."""
+    key = (_tensor_key(weight), spec)
+    if key in shared:
+        qw, first = shared[key]
+        return qw, f"shares its stored weight with {first} (tied)"
+    from qexport.formats import quantize_weight
+
+    qw = quantize_weight(weight, spec, name=name)
+    shared[key] = (qw, name)
+    return qw, ""
+
+
+def _quantize_embedding(model: nn.Module, name: str, mod: nn.Embedding, rule, shared: dict,
+                        report: QuantizationReport) -> None:
+    shape = tuple(mod.weight.shape)
+    try:
+        if type(mod) is not nn.Embedding:  # a subclass (a scaled embedding ...) computes more than a lookup
+            raise QExportError(f"{type(mod).__name__} is a subclass of nn.Embedding whose forward qexport does "
+                               "not reproduce")
+        if rule.weight.format.value != "int" or rule.weight.double_quant:
+            raise QExportError(f"embeddings are stored as integer grids, not {rule.weight.describe()}")
+        qw, note = _shared_weight(shared, mod.weight, rule.weight, name)
+        qmod = QEmbedding.from_embedding(mod, rule.weight, name=name, qweight=qw)
+    except QExportError as e:
+        warnings.warn(f"qexport: {name} stays float: {e}", stacklevel=3)
+        report.layers.append(LayerReport(name, type(mod).__name__, "float", None, str(e), shape))
+        return
+    _set_submodule(model, name, qmod)
+    report.layers.append(LayerReport(name, "Embedding", "quantized", rule.weight.describe(), note, shape))
 
 
 def _algorithm_batches(recipe: Recipe, calibration) -> list | None:
@@ -262,10 +306,11 @@ def _excluded(recipe: Recipe, name: str) -> bool:
 class SizeReport:
     """Bytes actually held by a model, deduplicated across tied tensors.
 
-    ``total_bytes``: every parameter and buffer. ``quantized_bytes``: what the quantized linears store
-    (codes + scales + zero points + double-quant tensors + bias). ``quantized_fp16_bytes``: the same
-    linears' weights and biases at 2 bytes per element, the usual baseline for weight compression.
-    ``float_bytes``: everything else (embeddings, norms, layers kept float).
+    ``total_bytes``: every parameter and buffer. ``quantized_bytes``: what the quantized layers (linears and
+    embeddings) store (codes + scales + zero points + double-quant tensors + bias), a weight shared by a tied
+    embedding and ``lm_head`` once. ``quantized_fp16_bytes``: the same layers' weights and biases at 2 bytes
+    per element, the usual baseline for weight compression. ``float_bytes``: everything else (float
+    embeddings, norms, layers kept float).
     """
 
     total_bytes: int
@@ -300,17 +345,20 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 def model_size(model: nn.Module) -> SizeReport:
     seen: set[tuple] = set()
     quantized = fp16 = params = 0
-    qmods = [m for m in model.modules() if isinstance(m, QLinear)]
+    qmods = [m for m in model.modules() if isinstance(m, (QLinear, QEmbedding))]
     for m in qmods:
+        shared = _tensor_key(m.qdata) in seen  # a tied weight, counted with the first module that holds it
         for t in list(m.buffers()) + list(m.parameters()):
             key = _tensor_key(t)
             if key in seen:
                 continue
             seen.add(key)
             quantized += t.numel() * t.element_size()
-        n_weights = m.out_features * m.in_features
+        n, k = m.quantized_weight().shape
+        n_weights = 0 if shared else n * k
+        bias = getattr(m, "bias", None)
         params += n_weights
-        fp16 += 2 * (n_weights + (m.bias.numel() if m.bias is not None else 0))
+        fp16 += 2 * (n_weights + (bias.numel() if bias is not None else 0))
     other = 0
     for t in list(model.parameters()) + list(model.buffers()):
         key = _tensor_key(t)

@@ -526,6 +526,8 @@ KV_CACHE_PRESETS: dict[str, KVCacheSpec] = {
 
 
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*embed*")
+# Patterns that match every module name: they apply to linear layers, never to embeddings (Recipe.rule_for).
+CATCH_ALL_PATTERNS = frozenset({"*", "**", "re:.*", "re:.+"})
 
 
 @dataclass(frozen=True)
@@ -606,11 +608,18 @@ class Recipe:
         """True when some rule quantizes activations with calibrated (static) scales."""
         return any(r.activation is not None and not r.activation.dynamic for r in self.rules)
 
-    def rule_for(self, module_name: str) -> Rule | None:
-        """The rule that applies to ``module_name``, or None when it stays float."""
+    def rule_for(self, module_name: str, embedding: bool = False) -> Rule | None:
+        """The rule that applies to ``module_name``, or None when it stays float.
+
+        ``embedding``: the module is an embedding table (``nn.Embedding``). Embeddings follow the same rules,
+        except that a catch-all pattern (``*``, ``re:.*``) does not reach them: a recipe quantizes an embedding
+        only by a rule that names it (``*embed_tokens``), so recipes written for linear layers keep every
+        embedding float, whatever its name (``wte``, ``embed_positions`` ...)."""
         if any(match_pattern(p, module_name) for p in self.exclude):
             return None
         for rule in self.rules:
+            if embedding and rule.pattern in CATCH_ALL_PATTERNS:
+                continue
             if match_pattern(rule.pattern, module_name):
                 return rule
         return None

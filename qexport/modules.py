@@ -1,4 +1,5 @@
-"""``QLinear``: an ``nn.Linear`` replacement that stores packed integer weights and their scales."""
+"""``QLinear`` and ``QEmbedding``: ``nn.Linear`` / ``nn.Embedding`` replacements that store packed integer weights
+and their scales."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 from qexport import ops
-from qexport.config import Granularity, QuantSpec
+from qexport.config import Granularity, NumberFormat, QuantSpec
 from qexport.errors import CalibrationError, InvalidTensor
 from qexport.formats import DoubleQuant, QuantizedWeight, quantize_weight
 
@@ -145,3 +146,52 @@ class QLinear(nn.Module):
     def extra_repr(self) -> str:
         act = f", act {self.act_spec.describe()}" if self.act_spec is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.describe()}{act}"
+
+
+class QEmbedding(nn.Module):
+    """An ``nn.Embedding`` replacement that stores its ``[num_embeddings, embedding_dim]`` table quantized: one
+    row per token, groups along the hidden dimension (the layout of a ``QLinear`` weight ``[N, K]``, so a tied
+    ``lm_head`` reads the very same tensors: :func:`qexport.quantize` shares one :class:`QuantizedWeight`
+    between them). The forward pass gathers the codes, scales and zero points of the rows asked for and
+    dequantizes only those rows (``qexport::qembedding``), in the table's original dtype.
+    """
+
+    def __init__(self, qweight: QuantizedWeight, weight_dtype: torch.dtype = torch.float32,
+                 padding_idx: int | None = None):
+        super().__init__()
+        if qweight.spec.format is not NumberFormat.INT or qweight.double_quant is not None:
+            raise InvalidTensor(f"a quantized embedding stores integer grids, not {qweight.spec.describe()}")
+        self.spec = qweight.spec
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.group = qweight.group
+        self.weight_dtype = weight_dtype
+        self.padding_idx = padding_idx
+        for name, t in qweight.tensors().items():
+            self.register_buffer(name, t)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, spec: QuantSpec, name: str = "embedding",
+                       qweight: QuantizedWeight | None = None) -> "QEmbedding":
+        """The quantized form of ``emb`` (``qweight``: an already quantized form of its weight to share)."""
+        if emb.max_norm is not None:
+            raise InvalidTensor(f"{name}: an embedding with max_norm renormalizes its weight when looked up; "
+                                "it has no fixed quantized form")
+        qw = qweight if qweight is not None else quantize_weight(emb.weight, spec, name=name)
+        return cls(qw, weight_dtype=emb.weight.dtype, padding_idx=emb.padding_idx)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The stored table as a :class:`QuantizedWeight` view on this module's buffers."""
+        return QuantizedWeight(spec=self.spec, shape=(self.num_embeddings, self.embedding_dim), group=self.group,
+                               qdata=self.qdata, scale=self.scale, zero_point=getattr(self, "zero_point", None))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.quantized_weight().dequantize().to(self.weight_dtype)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        y = ops.qembedding(indices, self.qdata, self.scale, getattr(self, "zero_point", None), s.format.value,
+                           s.bits, self.group, self.embedding_dim, s.symmetric)
+        return y.to(self.weight_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.spec.describe()}"

@@ -9,6 +9,10 @@ Ops
     ``dequantize_weight(qdata, scale, zero_point, fmt, bits, group, in_features, symmetric) -> W[N, K]``
     ``qlinear(x, qdata, scale, zero_point, bias, fmt, bits, group, in_features, symmetric) -> y``
         weight-only quantized linear: ``x @ dequantize_weight(...).T + bias``.
+    ``qembedding(indices, qdata, scale, zero_point, fmt, bits, group, dim, symmetric) -> y [*indices, dim]``
+        quantized embedding lookup: the rows ``indices`` of the stored ``[V, dim]`` weight (their codes, scales
+        and zero points gathered first), dequantized; float32. Equal, bit for bit, to those rows of
+        ``dequantize_weight(...)``.
     ``quantize_per_token(x) -> (xq int8, scale [..., 1])``: dynamic symmetric int8, one scale per row,
         ``scale = max|x_row| / 127``.
     ``quantize_per_tensor_dynamic(x) -> (xq int8, scale 0-d)``: the same with one scale for the tensor.
@@ -37,6 +41,7 @@ from qexport.kernels import dispatch
 __all__ = [
     "dequantize_weight",
     "qlinear",
+    "qembedding",
     "quantize_per_token",
     "quantize_per_tensor_dynamic",
     "quantize_per_tensor",
@@ -69,6 +74,25 @@ def qlinear(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Optional[Tensor
 @qlinear.register_fake
 def _(x, qdata, scale, zero_point, bias, fmt, bits, group, in_features, symmetric):
     return x.new_empty((*x.shape[:-1], qdata.shape[0]))
+
+
+@torch.library.custom_op("qexport::qembedding", mutates_args=())
+def qembedding(indices: Tensor, qdata: Tensor, scale: Tensor, zero_point: Optional[Tensor], fmt: str, bits: int,
+               group: int, dim: int, symmetric: bool) -> Tensor:
+    flat = indices.reshape(-1).long()
+    n = flat.numel()
+
+    def rows(t: Tensor) -> Tensor:  # per-tensor parameters ([1, 1]) hold for every row
+        return t.expand(n, -1) if t.shape[0] == 1 and qdata.shape[0] != 1 else t.index_select(0, flat)
+
+    zp = None if zero_point is None else rows(zero_point)
+    w = dequantize_stored(qdata.index_select(0, flat), rows(scale), zp, fmt, bits, group, dim, symmetric)
+    return w.reshape(*indices.shape, dim)
+
+
+@qembedding.register_fake
+def _(indices, qdata, scale, zero_point, fmt, bits, group, dim, symmetric):
+    return qdata.new_empty((*indices.shape, dim), dtype=torch.float32)
 
 
 def _div_127(amax: Tensor) -> Tensor:
