@@ -1,9 +1,10 @@
 """annotate: decide which nodes get which QuantSpec, from the recipe's module-name patterns.
 
 Candidates are ``linear`` calls (functional or ``nn.Linear`` modules), ``matmul`` / ``bmm`` with a 2-D
-parameter as right operand, and ``conv1d`` / ``conv2d``. The decision is stored in
-``node.meta["qexport"]`` (an :class:`~qexport.passes.context.Annotation`), with the module path, so later
-passes and reports can name the layer.
+parameter as right operand, ``conv1d`` / ``conv2d``, and embedding lookups (``F.embedding`` of a parameter),
+which a recipe reaches only by a rule that names them (:meth:`qexport.config.Recipe.rule_for`). The decision
+is stored in ``node.meta["qexport"]`` (an :class:`~qexport.passes.context.Annotation`), with the module path,
+so later passes and reports can name the layer.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from qexport.passes.context import Annotation, QuantContext
-from qexport.passes.graph_utils import arg, is_conv, is_linear, is_matmul, resolve_param
+from qexport.passes.graph_utils import arg, embedding_args, is_conv, is_linear, is_matmul, resolve_param
 from qexport.passes.pass_manager import PassResult
 
 
@@ -35,6 +36,12 @@ def _candidate(gm: fx.GraphModule, node: fx.Node, ctx: QuantContext):
         if ref is None:
             return "conv weight is not a parameter of the model"
         return "conv", ref.module_path, ref.tensor, None
+    emb = embedding_args(node)
+    if emb is not None:
+        ref = resolve_param(gm, emb[1], ctx.placeholders)
+        if ref is None or ref.tensor.dim() != 2:
+            return "embedding table is not a 2-D parameter of the model"
+        return "embedding", ref.module_path, ref.tensor, None
     if is_matmul(node):
         ref = resolve_param(gm, node.args[1], ctx.placeholders)
         if ref is None:
@@ -58,11 +65,17 @@ def annotate(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
             continue
         kind, path, param, bias = found
         weight = param.detach()
-        rule = ctx.recipe.rule_for(path)
+        rule = ctx.recipe.rule_for(path, embedding=kind == "embedding")
         if rule is None or rule.weight is None:
             result.skip(path or node.name, "excluded or no rule matches" if rule is None else "recipe keeps it float")
             continue
         w_spec, a_spec = ctx.effective_rule(rule)
+        input_index = 0
+        if kind == "embedding":
+            if w_spec.format.value != "int" or w_spec.double_quant:
+                result.skip(path, f"embeddings are stored as integer grids, not {w_spec.describe()}")
+                continue
+            a_spec, input_index = None, embedding_args(node)[2]
         if kind == "conv":
             if a_spec is not None:
                 result.skip(path, "activation quantization of conv is not supported; weights only")
@@ -72,7 +85,7 @@ def annotate(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
             weight = weight.t()  # x @ W == linear(x, W.T)
         if node.op == "call_module" and bias == "bias":
             bias = gm.get_submodule(node.target).bias
-        node.meta["qexport"] = Annotation(kind, path, weight, w_spec, a_spec, bias, weight_key=param)
+        node.meta["qexport"] = Annotation(kind, path, weight, w_spec, a_spec, bias, input_index, weight_key=param)
         result.count(kind)
         if a_spec is not None:
             result.count("act_dynamic" if a_spec.dynamic else "act_static")

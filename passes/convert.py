@@ -6,6 +6,10 @@
 * static W8A8 -> ``qexport.quantize_per_tensor(x, calibrated scale)`` then ``qexport.qlinear_a8``;
   the observer inserted by ``prepare`` is removed
 * conv -> the same conv on ``qexport.dequantize_weight(...)`` (weights stored packed)
+* embedding lookup -> ``qexport.qembedding(indices, packed table constants ...)``
+
+A weight that several annotated nodes read with one spec (a tied embedding and lm_head) is quantized once
+and its constants are shared.
 
 Packed weights, scales and zero points become buffers of the GraphModule (``get_attr`` constants); a
 double-quantized NF4 scale becomes a ``qexport.double_dequantize`` node on constants, which ``fold``
@@ -48,13 +52,20 @@ def _unwrap_observer(gm: fx.GraphModule, x):
 def convert(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
     result = PassResult("convert")
     g = gm.graph
+    shared: dict[tuple, tuple] = {}  # (weight parameter, spec) -> (QuantizedWeight, {tensor name: constant})
     for node in list(g.nodes):
         ann = node.meta.get("qexport")
         if ann is None:
             continue
         x, observer = _unwrap_observer(gm, node.args[ann.input_index])
+        key = (id(ann.weight_key), ann.weight_spec) if ann.weight_key is not None else None
         try:
-            qw = quantize_weight(ann.weight, ann.weight_spec, name=ann.module_path)
+            if key in shared:
+                qw, consts = shared[key]
+            else:
+                qw, consts = quantize_weight(ann.weight, ann.weight_spec, name=ann.module_path), {}
+                if key is not None:
+                    shared[key] = (qw, consts)
         except QExportError as e:
             warnings.warn(f"qexport: {ann.module_path} stays float: {e}", stacklevel=2)
             result.skip(ann.module_path, str(e))
@@ -65,16 +76,21 @@ def convert(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
             continue
         spec = ann.weight_spec
         prefix = f"qx_{ann.module_path or node.name}"
+        def const(suffix: str, tensor: torch.Tensor) -> fx.Node:
+            if suffix not in consts:
+                consts[suffix] = register_constant(gm, f"{prefix}_{suffix}", tensor)
+            return g.get_attr(consts[suffix])
+
         with g.inserting_before(node):
-            qdata = _const(gm, g, f"{prefix}_qdata", qw.qdata)
+            qdata = const("qdata", qw.qdata)
             if qw.double_quant is not None:
                 dq = qw.double_quant
                 scale = g.call_function(Q.double_dequantize.default, (
                     _const(gm, g, f"{prefix}_qscale", dq.qscale), _const(gm, g, f"{prefix}_scale2", dq.scale2),
                     _const(gm, g, f"{prefix}_scale_offset", dq.offset), dq.block))
             else:
-                scale = _const(gm, g, f"{prefix}_scale", qw.scale)
-            zp = _const(gm, g, f"{prefix}_zero_point", qw.zero_point) if qw.zero_point is not None else None
+                scale = const("scale", qw.scale)
+            zp = const("zero_point", qw.zero_point) if qw.zero_point is not None else None
             bias = ann.bias
             if isinstance(bias, torch.Tensor):
                 bias = _const(gm, g, f"{prefix}_bias", bias.detach())
@@ -83,6 +99,11 @@ def convert(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
             if ann.kind == "conv":
                 out = _convert_conv(gm, g, node, ann, qdata, scale, zp, wargs)
                 result.count("conv")
+            elif ann.kind == "embedding":
+                out = g.call_function(Q.qembedding.default, (x, qdata, scale, zp, *wargs))
+                if ann.weight.dtype != torch.float32:
+                    out = g.call_method("to", (out, ann.weight.dtype))
+                result.count("embedding")
             elif ann.act_spec is None:
                 out = g.call_function(Q.qlinear.default, (x, qdata, scale, zp, bias, *wargs))
                 result.count("qlinear")

@@ -22,6 +22,8 @@ MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
 CONV_FUNCS = {torch.conv1d, torch.conv2d, F.conv1d, F.conv2d}
 SOFTMAX_FUNCS = {torch.softmax, F.softmax, torch.ops.aten.softmax.int}
 TRANSPOSE_FUNCS = {torch.transpose, torch.ops.aten.transpose.int}
+EMBEDDING_FUNCS = {F.embedding}  # (input, weight, padding_idx, max_norm, ...)
+EMBEDDING_WEIGHT_FIRST = {torch.embedding, torch.ops.aten.embedding.default}  # (weight, indices, ...)
 
 
 def is_call(node: fx.Node, funcs=(), methods=()) -> bool:
@@ -42,6 +44,17 @@ def is_matmul(node: fx.Node) -> bool:
 
 def is_conv(node: fx.Node) -> bool:
     return is_call(node, CONV_FUNCS)
+
+
+def embedding_args(node: fx.Node):
+    """``(indices, weight, input index of indices)`` of an embedding lookup call, or None for other nodes."""
+    if is_call(node, EMBEDDING_FUNCS):
+        if arg(node, 3, "max_norm") is not None:
+            return None  # renormalizes its weight at lookup time: no fixed table to quantize
+        return node.args[0], node.args[1], 0
+    if is_call(node, EMBEDDING_WEIGHT_FIRST):
+        return node.args[1], node.args[0], 1
+    return None
 
 
 def is_softmax(node: fx.Node) -> bool:

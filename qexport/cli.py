@@ -369,7 +369,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     _check_output(args.out, args.force)
     _threads()
     res = export_onnx(args.model, args.out, recipe, target=args.target, force=args.force,
-                      calibration=_calibration(args), fuse=args.fuse, ort_accuracy_level=args.ort_accuracy_level)
+                      calibration=_calibration(args), fuse=args.fuse, ort_accuracy_level=args.ort_accuracy_level,
+                      embedding_form=args.embedding_form)
     r = res.report
     quantized = sum(1 for layer in r["layers"] if layer["status"] == "quantized")
     print(f"wrote {res.path}: {', '.join(f'{f} {_mb(n)} MB' for f, n in r['files'].items())}; opset {r['opset']}, "
@@ -690,6 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--ort-accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
                    help="MatMulNBits accuracy level saved in the folder's session settings: 0 fp32 activations "
                         "(exact), 4 int8 activations (faster); default 4 for all-int8 weights, else 0")
+    x.add_argument("--embedding-form", choices=("auto", "gbq", "standard"), default="auto",
+                   help="a quantized embedding: auto (ONNX Runtime's GatherBlockQuantized where it takes the weight, "
+                        "the tied lm_head MatMulNBits on the same initializers; default), gbq (that or refuse), "
+                        "standard (Gather + DequantizeLinear only)")
     x.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="ONNX Runtime target: write attention, rotary embeddings and RMSNorm out in elementwise ops "
                         "(opset 21) instead of opset 23's Attention / RotaryEmbedding / RMSNormalization")

@@ -150,7 +150,7 @@ class _KVCacheLM(nn.Module):
 def _prepare(model, recipe, tokenizer, calibration):
     """(quantized model, tokenizer, source model name or None) from a name / folder / module and a recipe."""
     from qexport.config import load_recipe
-    from qexport.modules import QLinear
+    from qexport.modules import QEmbedding, QLinear
     from qexport.prepare import quantize_model, recipe_needs_data
 
     source = None
@@ -165,7 +165,7 @@ def _prepare(model, recipe, tokenizer, calibration):
                             f"got {type(model).__name__}")
     if not hasattr(model, "config") or not hasattr(model.config, "num_hidden_layers"):
         raise ModelLoadError("export_onnx() needs a Hugging Face causal LM (a model with a decoder config)")
-    already = any(isinstance(m, QLinear) for m in model.modules())
+    already = any(isinstance(m, (QLinear, QEmbedding)) for m in model.modules())
     if recipe is None:  # as it is: quantized already, or the float reference export
         return model, tokenizer, source
     recipe = load_recipe(recipe)
@@ -205,7 +205,23 @@ def check_tensorrt_modules(model: nn.Module) -> None:
                                 "symmetric activation spec")
 
 
-def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: bool = True):
+def _layer_names(model: nn.Module) -> dict[tuple[str, str], str]:
+    """``(qexport op type, exported qdata initializer name) -> module name`` for the quantized modules that share
+    their stored weight (a tied embedding and lm_head): the exporter names the one initializer after either."""
+    from qexport.modules import QEmbedding, QLinear
+
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, (QLinear, QEmbedding))]
+    names = {}
+    for name, mod in mods:
+        op = "QEmbedding" if isinstance(mod, QEmbedding) else "QLinear"
+        for other, m in mods:
+            if m.qdata is mod.qdata:
+                names[(op, f"m.{other}.qdata")] = name
+    return names
+
+
+def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: bool = True,
+                  embedding_form: str = "auto", accuracy_level: int | None = None):
     """The lowered ``onnx.ModelProto`` of ``model`` with the KV-cache interface, its QdqReport, and why the
     whole-op forms of :mod:`qexport.export.fused_ops` were not used (None when they were)."""
     from torch.export import Dim
@@ -250,7 +266,8 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: b
     # double-quantized scales are computed in the exported graph: hand the lowering their float values
     double_quantized = {name: mod.quantized_weight().scales() for name, mod in model.named_modules()
                         if isinstance(mod, QLinear) and mod._dq_block is not None}
-    proto, report = lower_qdq(prog.model_proto, target, double_quantized, nf4_form)
+    proto, report = lower_qdq(prog.model_proto, target, double_quantized, nf4_form, embedding_form,
+                              _layer_names(model), accuracy_level)
     for node in proto.graph.node:  # the exporter's debug records (FX node, stack trace): 7% of a w4g128 file
         del node.metadata_props[:]
     return proto, report, unfused
@@ -311,7 +328,8 @@ def _layer_table(model: nn.Module, qdq) -> list[dict[str, Any]]:
 
 def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, target: str = "ort",
                 force: bool = False, calibration=None, external_data: bool | None = None,
-                nf4_form: str = "auto", fuse: bool = True, ort_accuracy_level: int | None = None) -> ExportResult:
+                nf4_form: str = "auto", fuse: bool = True, ort_accuracy_level: int | None = None,
+                embedding_form: str = "auto") -> ExportResult:
     """Export a causal LM, quantized by ``recipe``, as an ONNX QDQ folder (see the module docstring).
 
     Args:
@@ -337,17 +355,25 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
         ort_accuracy_level: the MatMulNBits accuracy level written into the folder's ``ort_session_config``
             (0: fp32 activations, exact; 4: int8 activations, faster); default 4 when every weight is 8-bit,
             else 0.
+        embedding_form: a quantized embedding for ``target='ort'``: ``'auto'`` (ONNX Runtime's
+            ``GatherBlockQuantized`` where its kernel takes the weight, else standard ops), ``'gbq'`` (always that
+            op; refused where it does not fit) or ``'standard'`` (``Gather`` + ``DequantizeLinear`` only); a
+            tied ``lm_head`` reads the same initializers, as ``MatMulNBits`` (at its own accuracy level: 4 for
+            8-bit, 0 for 4-bit codes, or ``ort_accuracy_level``) with ``'gbq'``
+            (:mod:`qexport.lowering.embedding`). TensorRT: dequantized to a float table (report entry).
 
     Raises:
         OutputExists, UnsupportedOp (a layer or op the target cannot run), CalibrationError, ModelLoadError.
     """
     from qexport.export import fused_ops
+    from qexport.lowering.embedding import check_form
     from qexport.lowering.qdq import NF4_FORMS, TARGETS, ort_session_config
 
     if target not in TARGETS:
         raise InvalidConfig(f"target={target!r} is not valid; allowed: {', '.join(TARGETS)}")
     if nf4_form not in NF4_FORMS:
         raise InvalidConfig(f"nf4_form={nf4_form!r} is not valid; allowed: {', '.join(NF4_FORMS)}")
+    check_form(embedding_form)
     ort_session_config(set(), ort_accuracy_level)  # a bad level fails before the model is quantized
     out = Path(out).expanduser()
     if out.exists() and not force:
@@ -358,7 +384,7 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
     qmodel, tokenizer, source = _prepare(model, recipe, tokenizer, calibration)
     if target == "tensorrt":
         check_tensorrt_modules(qmodel)
-    proto, qdq, unfused = _export_proto(qmodel, target, nf4_form, fuse)
+    proto, qdq, unfused = _export_proto(qmodel, target, nf4_form, fuse, embedding_form, ort_accuracy_level)
     if target == "tensorrt":
         from qexport.export.tensorrt import lint_tensorrt
 
@@ -402,7 +428,8 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
             "tied_embeddings": bool(getattr(qmodel.config, "tie_word_embeddings", False)),
             # where the calibration windows came from (qexport.prepare), so verify rebuilds the same reference
             "calibration": getattr(getattr(qmodel, "qexport_report", None), "calibration", None),
-            "not_linear": "embeddings and norms stay float32; a tied embedding / lm_head is written once",
+            "not_linear": "norms stay float32, embeddings too unless the recipe quantizes them; a tied embedding "
+                          "/ lm_head is written once (float, or quantized with one format)",
             "export_s": round(time.perf_counter() - t0, 2),
         }
         from qexport.export.genai import genai_entry

@@ -69,6 +69,10 @@ def _translations():
         return qx.DequantizeWeight(qdata, scale, zero_point, fmt=fmt, bits=bits, group=group,
                                    in_features=in_features, symmetric=int(symmetric))
 
+    def qembedding(indices, qdata, scale, zero_point, fmt: str, bits: int, group: int, dim: int, symmetric: bool):
+        return qx.QEmbedding(indices, qdata, scale, zero_point, fmt=fmt, bits=bits, group=group, in_features=dim,
+                             symmetric=int(symmetric))
+
     def quantize_per_token(x):
         xf = op.Cast(x, to=_F32)
         amax = op.ReduceMax(op.Abs(xf), op.Constant(value_ints=[-1]), keepdims=1)
@@ -103,6 +107,7 @@ def _translations():
     return {
         Q.qlinear.default: qlinear,
         Q.dequantize_weight.default: dequantize_weight,
+        Q.qembedding.default: qembedding,
         Q.quantize_per_token.default: quantize_per_token,
         Q.quantize_per_tensor_dynamic.default: quantize_per_tensor_dynamic,
         Q.quantize_per_tensor.default: quantize_per_tensor,
@@ -120,6 +125,9 @@ _SCHEMAS = {  # op -> (inputs as (name, type, optional), attributes as (name, ty
     "DequantizeWeight": ([("qdata", "Q", False), ("scale", "T", False), ("zero_point", "Q", True)],
                          [("fmt", "STRING"), ("bits", "INT"), ("group", "INT"), ("in_features", "INT"),
                           ("symmetric", "INT")]),
+    "QEmbedding": ([("indices", "I", False), ("qdata", "Q", False), ("scale", "T", False), ("zero_point", "Q", True)],
+                   [("fmt", "STRING"), ("bits", "INT"), ("group", "INT"), ("in_features", "INT"),
+                    ("symmetric", "INT")]),
     "QLinearA8": ([("xq", "Q", False), ("x_scale", "T", False), ("wq", "Q", False), ("w_scale", "T", False),
                    ("bias", "T", True)], [("x_zero_point", "INT")]),
     "RMSNorm": ([("x", "T", False), ("weight", "T", False)], [("epsilon", "FLOAT")]),
@@ -140,13 +148,16 @@ def _register_schemas() -> None:
         except Exception:  # not registered yet
             pass
         opt = OpSchema.FormalParameterOption
+        types = [("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float"),
+                 ("Q", ["tensor(uint8)", "tensor(int8)"], "stored codes")]
+        if any(t == "I" for _, t, _ in inputs):
+            types.append(("I", ["tensor(int64)", "tensor(int32)"], "indices"))
         schema = OpSchema(
             name, DOMAIN, 1,
             inputs=[OpSchema.FormalParameter(n, t, param_option=opt.Optional if o else opt.Single)
                     for n, t, o in inputs],
             outputs=[OpSchema.FormalParameter("y", "T")],
-            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float"),
-                              ("Q", ["tensor(uint8)", "tensor(int8)"], "stored codes")],
+            type_constraints=types,
             attributes=[OpSchema.Attribute(n, getattr(OpSchema.AttrType, t), "") for n, t in attrs],
         )
         defs.register_schema(schema)
@@ -161,12 +172,14 @@ class LoweringReport:
     matmulbnb4: int = 0  # NF4 linears as com.microsoft.MatMulBnb4
     nf4_lookup: int = 0  # NF4 linears in the standard-ONNX lookup form (MatMulBnb4's blocks did not fit)
     attention: int = 0  # scaled_dot_product_attention calls exported as one ONNX Attention node (opset 23)
+    gather_block_quantized: int = 0  # quantized embeddings as com.microsoft.GatherBlockQuantized
     float_fallback: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
 
     def to_dict(self) -> dict[str, Any]:
         return {"matmulnbits": self.matmulnbits, "matmulinteger": self.matmulinteger, "rms_norm": self.rms_norm,
                 "llm_int8": self.llm_int8,
                 "matmulbnb4": self.matmulbnb4, "nf4_lookup": self.nf4_lookup, "attention": self.attention,
+                "gather_block_quantized": self.gather_block_quantized,
                 "float_fallback": [{"node": n, "reason": r} for n, r in self.float_fallback]}
 
 
@@ -221,7 +234,9 @@ def _rewrite(model, report: LoweringReport, accuracy_level: int | None = None):
     from onnx import helper, numpy_helper
 
     from qexport.formats import dequantize_stored
+    from qexport.lowering.embedding import gbq_block, gbq_lookup, matmulnbits_node, nbits_weight
     from qexport.lowering.ort_matmul import BNB4_NF4, matmulbnb4_tensors, matmulnbits_tensors, nf4_lookup
+    from qexport.lowering.qdq import _rank
 
     g = model.graph
     inits = {i.name: i for i in g.initializer}
@@ -239,13 +254,55 @@ def _rewrite(model, report: LoweringReport, accuracy_level: int | None = None):
         inits[name] = t
         return name
 
+    def add_tensor(t):
+        g.initializer.append(t)
+        inits[t.name] = t
+
     new_nodes = []
+    # quantized embeddings in the GatherBlockQuantized form, by weight inputs: a linear reading the same weight
+    # (a tied lm_head) is a MatMulNBits node on the same initializers (qexport.lowering.embedding)
+    gbq_keys = {tuple(_node_parts(n)[2][1:4]) for n in g.node if n.domain == DOMAIN and n.op_type == "QEmbedding"
+                and gbq_block(*_weight_format(_attrs(n))[:4]) is not None}
+    nbits: dict[tuple, Any] = {}
+
+    def nbits_for(name, key, qdata, scale, zp, fmt, bits, group, k, sym):
+        if key not in nbits:
+            w, tensors = nbits_weight(name, qdata, scale, zp, fmt, bits, group, k, sym)
+            for t in tensors:
+                add_tensor(t)
+            nbits[key] = w
+        return nbits[key]
+
     for node in g.node:
         if node.domain != DOMAIN:
             new_nodes.append(node)
             continue
         a, name, ins = _node_parts(node)
-        if node.op_type in ("QLinear", "DequantizeWeight"):
+        if node.op_type == "QLinear" and tuple(ins[1:4]) in gbq_keys:
+            fmt, bits, group, k, sym = _weight_format(a)
+            w = nbits_for(name, tuple(ins[1:4]), value(ins[1]), value(ins[2]), value(ins[3]), fmt, bits, group, k, sym)
+            out = node.output[0] if not ins[4] else f"{name}_mm"
+            new_nodes.append(matmulnbits_node(name, ins[0], out, w, matmulnbits_accuracy(bits, accuracy_level)))
+            if ins[4]:
+                new_nodes.append(helper.make_node("Add", [out, ins[4]], [node.output[0]], name=f"{name}_bias"))
+            report.matmulnbits += 1
+        elif node.op_type == "QEmbedding":
+            fmt, bits, group, k, sym = _weight_format(a)
+            qdata, scale, zp = value(ins[1]), value(ins[2]), value(ins[3])
+            key = tuple(ins[1:4])
+            if key in gbq_keys:
+                w = nbits_for(name, key, qdata, scale, zp, fmt, bits, group, k, sym)
+                nodes, tensors, _ = gbq_lookup(name, ins[0], node.output[0], _rank(g, ins[0]), w)
+                for t in tensors:
+                    add_tensor(t)
+                new_nodes.extend(nodes)
+                report.gather_block_quantized += 1
+            else:  # 2-bit codes (INT2 needs opset 25) or groups that are not a multiple of 16: a float table
+                table = add_init(f"{name}_table", dequantize_stored(qdata, scale, zp, fmt, bits, group, k, sym).numpy())
+                new_nodes.append(helper.make_node("Gather", [table, ins[0]], [node.output[0]], name=f"{name}_Gather"))
+                report.float_fallback.append((name, f"{fmt}{bits} embedding rows in groups of {group}: no "
+                                                    "GatherBlockQuantized form; float table"))
+        elif node.op_type in ("QLinear", "DequantizeWeight"):
             fmt, bits, group, k, sym = _weight_format(a)
             qdata, scale, zp = value(ins[1]), value(ins[2]), value(ins[3])
             if node.op_type == "QLinear" and fmt == "nf4":

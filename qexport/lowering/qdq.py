@@ -64,6 +64,7 @@ import numpy as np
 import torch
 
 from qexport.errors import InvalidConfig, UnsupportedOp
+from qexport.lowering.embedding import StoredWeight
 from qexport.lowering.onnx_ort import DOMAIN, MS_DOMAIN, _node_parts, _translations, _weight_format
 
 __all__ = ["QdqReport", "translations", "lower_qdq", "ort_session_config", "check_tensorrt_weight", "positive_scales",
@@ -202,6 +203,37 @@ def positive_scales(codes: torch.Tensor, scale: torch.Tensor, bits: int, group: 
     return flipped.clamp(max=top), scale.abs()
 
 
+def weight_initializers(name: str, codes: torch.Tensor, scale: torch.Tensor, zp_codes: torch.Tensor | None, bits: int,
+                        signed: bool, group: int, k: int):
+    """A weight with codes ``[N, K]`` and per-group ``scale`` / zero point codes ``[R, G]`` as the initializers a
+    QDQ MatMul reads: ``(StoredWeight, [TensorProto])`` (codes ``[K, N]``, scale scalar / ``[N]`` / ``[G, N]``)."""
+    from onnx import numpy_helper
+
+    n = codes.shape[0]
+    if scale.numel() == 1:  # per-tensor
+        s, z, kind = scale.reshape(()), None if zp_codes is None else zp_codes.reshape(()), "per_tensor"
+    elif group >= k:  # per-channel: one scale per output channel, axis 1 of [K, N]
+        s, z, kind = scale.reshape(n), None if zp_codes is None else zp_codes.reshape(n), "per_channel"
+    else:  # blocked along K
+        s, z = scale.t().contiguous(), None if zp_codes is None else zp_codes.t().contiguous()
+        kind = "blocked"
+    tensors = [_int_tensor(f"{name}_Wq", codes.t().contiguous(), bits, signed),
+               numpy_helper.from_array(np.ascontiguousarray(s.to(torch.float32).numpy()), f"{name}_Ws")]
+    if z is not None:
+        tensors.append(_int_tensor(f"{name}_Wzp", z, bits, False))
+    w = StoredWeight(tensors[0].name, tensors[1].name, tensors[2].name if z is not None else None, bits, signed,
+                     group, k, kind)
+    return w, tensors
+
+
+def _rank(graph, name: str) -> int:
+    """The rank of value ``name`` (a graph input or a value with a shape annotation)."""
+    for v in list(graph.input) + list(graph.value_info):
+        if v.name == name and v.type.tensor_type.HasField("shape"):
+            return len(v.type.tensor_type.shape.dim)
+    raise UnsupportedOp(f"the rank of {name!r} is not known")
+
+
 def _module_name(qdata_input: str) -> str:
     """``m.model.layers.0.mlp.up_proj.qdata`` -> ``model.layers.0.mlp.up_proj`` (the exporter names
     initializers after the module path, under the wrapper's attribute)."""
@@ -230,14 +262,20 @@ def check_tensorrt_weight(layer: str, fmt: str, bits: int, symmetric: bool, grou
                             "use a grouped recipe (w4g128-trt)")
 
 
-def lower_qdq(model, target: str = "ort", scales: dict[str, torch.Tensor] | None = None, nf4_form: str = "auto"):
+def lower_qdq(model, target: str = "ort", scales: dict[str, torch.Tensor] | None = None, nf4_form: str = "auto",
+              embedding_form: str = "auto", layer_names: dict[tuple[str, str], str] | None = None,
+              accuracy_level: int | None = None):
     """Rewrite every ``qexport``-domain node of ``model`` (an ``onnx.ModelProto`` exported with
     :func:`translations`) into standard QDQ ONNX for ``target`` (``'ort'`` or ``'tensorrt'``), in place.
 
     ``scales`` maps a layer (module name) to its per-group float32 scales ``[R, G]``: used for the layers
     whose scales are not graph constants (double-quantized NF4 scales are computed in the exported graph;
     ``QuantizedWeight.scales()`` reconstructs them exactly as the PyTorch path does). ``nf4_form`` chooses
-    the ONNX Runtime form of NF4 weights (:data:`NF4_FORMS`, module docstring). The nodes left without a
+    the ONNX Runtime form of NF4 weights (:data:`NF4_FORMS`, module docstring), ``embedding_form`` that of
+    quantized embeddings (:mod:`qexport.lowering.embedding`: with ``'gbq'``, a tied ``lm_head`` becomes a
+    ``MatMulNBits`` node at ``accuracy_level``, default by its bits, reading the embedding's initializers).
+    ``layer_names`` maps ``(op type, qdata initializer)`` to a module name where the initializer's own name
+    does not tell (a tied embedding and lm_head share one, named after either). The nodes left without a
     consumer are removed.
 
     Returns ``(model, QdqReport)``. Raises UnsupportedOp for a layer that the target cannot run
@@ -246,13 +284,18 @@ def lower_qdq(model, target: str = "ort", scales: dict[str, torch.Tensor] | None
     from onnx import helper, numpy_helper
 
     from qexport.formats import _load, dequantize_stored
+    from qexport.lowering.embedding import check_form, gbq_block, gbq_lookup, matmulnbits_node, nbits_weight
+    from qexport.lowering.embedding import standard_lookup
+    from qexport.lowering.onnx_ort import matmulnbits_accuracy
     from qexport.lowering.ort_matmul import BNB4_NF4, matmulbnb4_tensors, nf4_lookup
 
     if target not in TARGETS:
         raise UnsupportedOp(f"unknown ONNX target {target!r}; choose one of {', '.join(TARGETS)}")
     if nf4_form not in NF4_FORMS:
         raise InvalidConfig(f"nf4_form={nf4_form!r} is not valid; allowed: {', '.join(NF4_FORMS)}")
+    check_form(embedding_form)
     report = QdqReport(target=target)
+    embedding_bits: set[int] = set()
     given_scales = scales or {}  # (``scales`` is reused as a node name below)
     g = model.graph
     inits = {i.name: i for i in g.initializer}
@@ -275,6 +318,31 @@ def lower_qdq(model, target: str = "ort", scales: dict[str, torch.Tensor] | None
 
     new_nodes = []
     nf4_float: list[str] = []  # TensorRT: NF4 layers kept float (one warning for all of them)
+    names = layer_names or {}
+    # Weights (their qdata, scale, zero point inputs) that a linear reads, and those a quantized embedding reads
+    # in the gbq form: a linear reading one of these is a MatMulNBits node on the embedding's initializers.
+    linear_keys = {tuple(_node_parts(n)[2][1:4]) for n in g.node if n.domain == DOMAIN and n.op_type == "QLinear"}
+    gbq_keys = set()
+    for n in g.node:
+        if n.domain == DOMAIN and n.op_type == "QEmbedding" and target == "ort" and embedding_form != "standard":
+            a, _, ins = _node_parts(n)
+            fmt, bits, group, k, _ = _weight_format(a)
+            if gbq_block(fmt, bits, group, k) is not None:
+                gbq_keys.add(tuple(ins[1:4]))
+            elif embedding_form == "gbq":
+                raise InvalidConfig(f"embedding_form='gbq': GatherBlockQuantized takes 4- and 8-bit codes in groups "
+                                    f"of a multiple of 16, not {_format_name(fmt, bits)} groups of {group} on {k}; "
+                                    "use 'auto' or 'standard'")
+    nbits: dict[tuple, Any] = {}
+
+    def nbits_for(name: str, key: tuple, qdata, scale, zp, fmt: str, bits: int, group: int, k: int, sym: bool):
+        """The MatMulNBits-layout initializers of a weight shared by a gbq embedding, made once."""
+        if key not in nbits:
+            w, tensors = nbits_weight(name, qdata, scale, zp, fmt, bits, group, k, sym)
+            for t in tensors:
+                add(t)
+            nbits[key] = w
+        return nbits[key]
 
     def matmul(x: str, w: str, bias: str, out: str, name: str) -> None:
         mm_out = out if not bias else f"{name}_mm"
@@ -282,24 +350,31 @@ def lower_qdq(model, target: str = "ort", scales: dict[str, torch.Tensor] | None
         if bias:
             new_nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=f"{name}_bias"))
 
-    def weight_dq(name: str, layer: str, codes, scale, zp_codes, bits: int, signed: bool, group: int, k: int) -> str:
-        """DequantizeLinear of a ``[K, N]`` weight from codes ``[N, K]`` and per-group ``scale`` ``[R, G]``."""
-        n = codes.shape[0]
+    stored: dict[tuple, StoredWeight] = {}  # the (qdata, scale, zero point) inputs of a node -> initializers
+
+    def stored_weight(name: str, layer: str, codes, scale, zp_codes, bits: int, signed: bool, group: int, k: int,
+                      key: tuple | None = None) -> StoredWeight:
+        """The ``[K, N]`` initializers of a weight, made once per ``key`` (the quantized node's weight inputs:
+        a tied embedding and lm_head read the same ones)."""
+        if key is not None and key in stored:
+            return stored[key]
         if target == "tensorrt" and signed:
             report.total_groups += scale.numel()
             if bool((scale < 0).any()):
                 codes, scale = positive_scales(codes, scale, bits, group, k, layer, report)
-        wq = add(_int_tensor(f"{name}_Wq", codes.t().contiguous(), bits, signed))
-        if scale.numel() == 1:  # per-tensor
-            s, z, attrs = scale.reshape(()), None if zp_codes is None else zp_codes.reshape(()), {}
-        elif group >= k:  # per-channel: one scale per output channel, axis 1 of [K, N]
-            s, z, attrs = scale.reshape(n), None if zp_codes is None else zp_codes.reshape(n), {"axis": 1}
-        else:  # blocked along K
-            s, z = scale.t().contiguous(), None if zp_codes is None else zp_codes.t().contiguous()
-            attrs = {"axis": 0, "block_size": group}
-        dq_in = [wq, add_array(f"{name}_Ws", s.to(torch.float32).numpy())]
-        if z is not None:
-            dq_in.append(add(_int_tensor(f"{name}_Wzp", z, bits, False)))
+        w, tensors = weight_initializers(name, codes, scale, zp_codes, bits, signed, group, k)
+        for t in tensors:
+            add(t)
+        if key is not None:
+            stored[key] = w
+        return w
+
+    def weight_dq(name: str, layer: str, codes, scale, zp_codes, bits: int, signed: bool, group: int, k: int,
+                  key: tuple | None = None) -> str:
+        """DequantizeLinear of a ``[K, N]`` weight from codes ``[N, K]`` and per-group ``scale`` ``[R, G]``."""
+        w = stored_weight(name, layer, codes, scale, zp_codes, bits, signed, group, k, key)
+        attrs = {"per_tensor": {}, "per_channel": {"axis": 1}, "blocked": {"axis": 0, "block_size": group}}[w.kind]
+        dq_in = [w.codes, w.scale] + ([w.zero_point] if w.zero_point else [])
         out = f"{name}_W"
         new_nodes.append(helper.make_node("DequantizeLinear", dq_in, [out], name=f"{name}_DequantizeLinear", **attrs))
         return out
@@ -315,7 +390,7 @@ def lower_qdq(model, target: str = "ort", scales: dict[str, torch.Tensor] | None
             continue
         a, name, ins = _node_parts(node)
         if node.op_type in ("QLinear", "DequantizeWeight"):
-            layer = _module_name(ins[1] if node.op_type == "QLinear" else ins[0])
+            layer = names.get((node.op_type, ins[1])) or _module_name(ins[1] if node.op_type == "QLinear" else ins[0])
             q_ins = ins[1:4] if node.op_type == "QLinear" else ins[0:3]
             fmt, bits, group, k, sym = _weight_format(a)
             qdata, zp = value(q_ins[0]), value(q_ins[2])
@@ -360,10 +435,21 @@ def lower_qdq(model, target: str = "ort", scales: dict[str, torch.Tensor] | None
                         new_nodes.append(helper.make_node("Add", [out, ins[4]], [node.output[0]], name=f"{name}_bias"))
                     report.layers[layer] = f"com.microsoft.MatMulBnb4 nf4 block {bs}{dq}"
                     continue
+            elif tuple(q_ins) in gbq_keys:  # a tied lm_head: MatMulNBits on the embedding's initializers
+                w = nbits_for(name, tuple(q_ins), qdata, scale, zp, fmt, bits, group, k, sym)
+                out = node.output[0] if not ins[4] else f"{name}_mm"
+                new_nodes.append(matmulnbits_node(name, ins[0], out, w, matmulnbits_accuracy(bits, accuracy_level)))
+                if ins[4]:
+                    new_nodes.append(helper.make_node("Add", [out, ins[4]], [node.output[0]], name=f"{name}_bias"))
+                report.layers[layer] = (f"com.microsoft.MatMulNBits int{bits} block {w.block}"
+                                        f"{'' if sym else ' + zero point'} (its initializers read by the tied "
+                                        "embedding's GatherBlockQuantized)")
+                report.weight_bits.add(bits)
+                continue
             elif fmt == "int" and bits in (2, 4, 8):
                 codes = _load(qdata, bits, k, sym)
                 zcodes = None if zp is None else _load(zp, bits, -(-k // group), False)
-                w = weight_dq(name, layer, codes, scale, zcodes, bits, sym, group, k)
+                w = weight_dq(name, layer, codes, scale, zcodes, bits, sym, group, k, key=tuple(q_ins))
                 how = "per-tensor" if per_tensor else ("per-channel" if group >= k else f"block {group}")
                 report.layers[layer] = (f"DequantizeLinear {'int' if sym else 'uint'}{bits} {how}"
                                         f"{'' if sym else ' + zero point'} -> MatMul")
@@ -372,6 +458,32 @@ def lower_qdq(model, target: str = "ort", scales: dict[str, torch.Tensor] | None
                 w = float_weight(name, layer, dequantize_stored(qdata, scale, zp, fmt, bits, group, k, sym),
                                  f"{_format_name(fmt, bits)} weights have no ONNX QDQ form")
             matmul(ins[0], w, ins[4], node.output[0], name)
+        elif node.op_type == "QEmbedding":
+            layer = names.get((node.op_type, ins[1])) or _module_name(ins[1])
+            fmt, bits, group, k, sym = _weight_format(a)
+            qdata, scale, zp = value(ins[1]), value(ins[2]), value(ins[3])
+            if target == "tensorrt":  # no quantized gather in TensorRT's QDQ rules
+                reason = "TensorRT target: quantized embeddings are dequantized at export"
+                report.float_fallback.append((layer, reason))
+                report.layers[layer] = f"float Gather ({reason})"
+                w = dequantize_stored(qdata, scale, zp, fmt, bits, group, k, sym)
+                table = add_array(f"{name}_table", w.numpy())
+                new_nodes.append(helper.make_node("Gather", [table, ins[0]], [node.output[0]], name=f"{name}_Gather"))
+                continue
+            key = tuple(ins[1:4])
+            if key in gbq_keys:
+                w = nbits_for(name, key, qdata, scale, zp, fmt, bits, group, k, sym)
+                nodes, tensors, how = gbq_lookup(name, ins[0], node.output[0], _rank(g, ins[0]), w)
+                for t in tensors:
+                    add(t)
+            else:
+                codes = _load(qdata, bits, k, sym)
+                zcodes = None if zp is None else _load(zp, bits, -(-k // group), False)
+                w = stored_weight(name, layer, codes, scale, zcodes, bits, sym, group, k, key=key)
+                nodes, how = standard_lookup(name, ins[0], node.output[0], _rank(g, ins[0]), w, key in linear_keys)
+            new_nodes.extend(nodes)
+            report.layers[layer] = how
+            embedding_bits.add(bits)
         elif node.op_type == "QLinearA8":
             xq, xs, wq, ws, bias = ins
             layer = _module_name(wq)
@@ -441,7 +553,7 @@ def lower_qdq(model, target: str = "ort", scales: dict[str, torch.Tensor] | None
     del g.initializer[:]
     g.initializer.extend(keep)
     exported = max((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), default=0)
-    report.opset = max(exported, INT2_OPSET if 2 in report.weight_bits else BLOCKED_OPSET)
+    report.opset = max(exported, INT2_OPSET if 2 in report.weight_bits | embedding_bits else BLOCKED_OPSET)
     if nf4_float:
         warnings.warn(f"{len(nf4_float)} NF4 layer(s) stay float in the TensorRT export (TensorRT has no NF4 form; "
                       f"first: {nf4_float[0]}); use a TensorRT-ready int recipe ({RESTRICTED_PRESETS}) to quantize "
