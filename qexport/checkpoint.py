@@ -124,13 +124,33 @@ def versions() -> dict[str, str | None]:
 # Saving
 # ----------------------------------------------------------------------------------------------------
 def _qlinears(model: nn.Module) -> dict[str, nn.Module]:
-    from qexport.modules import QLinear
+    """The quantized modules (``QLinear`` and ``QEmbedding``), by name."""
+    from qexport.modules import QEmbedding, QLinear
 
-    return {name: m for name, m in model.named_modules() if isinstance(m, QLinear)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QLinear, QEmbedding))}
+
+
+def _shared_with(quantized: dict[str, nn.Module]) -> dict[str, str]:
+    """Module -> the first module that holds the same stored weight (a tied embedding and lm_head)."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, mod in quantized.items():
+        key = id(mod.qdata)
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out
 
 
 def _layer_entry(mod) -> dict[str, Any]:
     """qexport's record of one quantized layer: enough to rebuild the module around its stored tensors."""
+    from qexport.modules import QEmbedding
+
+    if isinstance(mod, QEmbedding):
+        return {"kind": "embedding", "shape": [mod.num_embeddings, mod.embedding_dim], "group": mod.group,
+                "weight": mod.spec.to_dict(), "padding_idx": mod.padding_idx,
+                "weight_dtype": _DTYPE_NAMES[mod.weight_dtype]}
     return {
         "shape": [mod.out_features, mod.in_features],
         "group": mod.group,
@@ -168,9 +188,9 @@ def _float_entries(model: nn.Module, quantized: dict[str, nn.Module]) -> tuple[l
 def _native_entries(name: str, mod) -> list[TensorEntry]:
     """A quantized layer in qexport's layout: its buffers (and bias) under the module path."""
     tensors = dict(mod.quantized_weight().tensors())
-    if mod.bias is not None:
+    if getattr(mod, "bias", None) is not None:
         tensors["bias"] = mod.bias
-    if mod.needs_calibration:
+    if getattr(mod, "needs_calibration", False):
         tensors["act_scale"] = mod.act_scale
     return [TensorEntry.of(f"{name}.{k}", t) for k, t in tensors.items()]
 
@@ -187,7 +207,7 @@ def _check_saveable(model: nn.Module, quantized: dict[str, nn.Module]) -> None:
         raise InvalidConfig(f"save_quantized(): float weights of dtype {dtype} are not supported; use float32, "
                             "bfloat16 or float16")
     for name, mod in quantized.items():
-        if mod.needs_calibration and not mod.calibrated:
+        if getattr(mod, "needs_calibration", False) and not mod.calibrated:
             raise CalibrationError(f"{name} quantizes activations statically but is not calibrated: run "
                                    "qexport.calibrate(model, batches) before saving")
 
@@ -244,8 +264,12 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, 
         raise InvalidConfig(f"this model has no compressed-tensors form: {why_not}")
     use_ct = layout != "qexport" and why_not is None
     entries, aliases = _float_entries(model, quantized)
+    shared = _shared_with(quantized)  # a tied lm_head's stored weight is its embedding's: written once
     for name, mod in quantized.items():
-        entries += compressed.layer_entries(name, mod) if use_ct else _native_entries(name, mod)
+        if name in shared:
+            entries += [TensorEntry.of(f"{name}.bias", mod.bias)] if getattr(mod, "bias", None) is not None else []
+        else:
+            entries += compressed.layer_entries(name, mod) if use_ct else _native_entries(name, mod)
     reason = None if use_ct else (why_not or "the qexport layout, as asked")
     engines = compressed.engines(reason, quantized)
 
@@ -254,7 +278,8 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, 
         "version": FORMAT_VERSION,
         "layout": "compressed-tensors" if use_ct else "qexport",
         "engines": engines,
-        "layers": {name: _layer_entry(mod) for name, mod in quantized.items()},
+        "layers": {name: {**_layer_entry(mod), **({"shares": shared[name]} if name in shared else {})}
+                   for name, mod in quantized.items()},
         "aliases": aliases,
         "rotation": report.rotation,
         "kv_cache": (recipe or {}).get("kv_cache"),
@@ -359,12 +384,12 @@ def _skeleton(config, manifest: dict[str, Any]) -> nn.Module:
     return model
 
 
-def _build_layer(name: str, entry: dict[str, Any], tensors: SafetensorsFolder, layout: str):
-    """The ``QLinear`` of one saved layer, its tensors read and checked against what its spec stores."""
-    from qexport import compressed
+def _build_layer(name: str, entry: dict[str, Any], tensors: SafetensorsFolder, layout: str,
+                 built: dict[str, nn.Module] | None = None):
+    """The ``QLinear`` / ``QEmbedding`` of one saved layer, its tensors read and checked against what its spec
+    stores (a layer that ``shares`` another's stored weight takes that module's tensors from ``built``)."""
     from qexport.config import QuantSpec
-    from qexport.formats import DoubleQuant, QuantizedWeight, stored_layout
-    from qexport.modules import QLinear
+    from qexport.modules import QEmbedding, QLinear
 
     try:
         spec = QuantSpec.from_dict(entry["weight"])
@@ -374,9 +399,44 @@ def _build_layer(name: str, entry: dict[str, Any], tensors: SafetensorsFolder, l
     except (KeyError, TypeError, ValueError, AttributeError, InvalidConfig) as e:
         raise CheckpointError(f"{MANIFEST_FILE}: layer {name!r} has an unreadable entry: {e}") from None
     dtype = _dtype(entry.get("weight_dtype", "float32"), f"layer {name!r}")
+    if entry.get("kind", "linear") not in ("linear", "embedding"):
+        raise CheckpointError(f"{MANIFEST_FILE}: layer {name!r} is of kind {entry.get('kind')!r}; known: linear, "
+                              "embedding")
+    source = entry.get("shares")
+    if source is not None:  # the stored weight of another layer (a tied embedding / lm_head)
+        other = (built or {}).get(source)
+        if other is None:
+            raise CheckpointError(f"{MANIFEST_FILE}: layer {name!r} shares the weight of {source!r}, which is not a "
+                                  "saved quantized layer")
+        qw = other.quantized_weight()
+        if qw.spec != spec or tuple(qw.shape) != (n, k) or qw.group != group:
+            raise CheckpointError(f"layer {name!r}: its spec or shape differs from {source!r}, whose weight it shares")
+    if entry.get("kind") == "embedding":
+        if source is None:
+            qw = _read_weight(name, spec, (n, k), group, tensors, layout)
+        return QEmbedding(qw, weight_dtype=dtype, padding_idx=entry.get("padding_idx"))
+    if source is None:
+        qw = _read_weight(name, spec, (n, k), group, tensors, layout, int_quantized=act is not None)
+    bias = tensors.get(f"{name}.bias", dtype, (n,)) if entry.get("bias") else None
+    mod = QLinear(qw, bias, weight_dtype=dtype, act_spec=act)
+    mod.act_zero_point = int(entry.get("act_zero_point", 0))
+    mod.activation_fallback = entry.get("activation_fallback")
+    if mod.needs_calibration:  # the calibrated activation scale: compressed-tensors' input_scale is [1]
+        key, shape = ("input_scale", (1,)) if layout == "compressed-tensors" else ("act_scale", ())
+        mod.act_scale = tensors.get(f"{name}.{key}", torch.float32, shape).reshape(())
+    return mod
+
+
+def _read_weight(name: str, spec, shape: tuple[int, int], group: int, tensors: SafetensorsFolder, layout: str,
+                 int_quantized: bool = False):
+    """A layer's QuantizedWeight, its tensors read and checked against what its spec stores."""
+    from qexport import compressed
+    from qexport.formats import DoubleQuant, QuantizedWeight, stored_layout
+
+    n, k = shape
     expected = stored_layout(spec, (n, k))
     if layout == "compressed-tensors":
-        stored = compressed.read_layer(name, spec, (n, k), tensors, int_quantized=act is not None)
+        stored = compressed.read_layer(name, spec, (n, k), tensors, int_quantized=int_quantized)
     else:
         stored = {key: tensors.get(f"{name}.{key}", dt, shape) for key, (dt, shape) in expected.items()}
     for key, (dt, shape) in expected.items():
@@ -386,15 +446,7 @@ def _build_layer(name: str, entry: dict[str, Any], tensors: SafetensorsFolder, l
     dq = None
     if spec.double_quant:
         dq = DoubleQuant(stored["qscale"], stored["scale2"], stored["scale_offset"], spec.double_quant_block)
-    qw = QuantizedWeight(spec, (n, k), group, stored["qdata"], stored.get("scale"), stored.get("zero_point"), dq)
-    bias = tensors.get(f"{name}.bias", dtype, (n,)) if entry.get("bias") else None
-    mod = QLinear(qw, bias, weight_dtype=dtype, act_spec=act)
-    mod.act_zero_point = int(entry.get("act_zero_point", 0))
-    mod.activation_fallback = entry.get("activation_fallback")
-    if mod.needs_calibration:  # the calibrated activation scale: compressed-tensors' input_scale is [1]
-        key, shape = ("input_scale", (1,)) if layout == "compressed-tensors" else ("act_scale", ())
-        mod.act_scale = tensors.get(f"{name}.{key}", torch.float32, shape).reshape(())
-    return mod
+    return QuantizedWeight(spec, (n, k), group, stored["qdata"], stored.get("scale"), stored.get("zero_point"), dq)
 
 
 def read_provenance(folder: str | os.PathLike) -> dict[str, Any]:
@@ -478,13 +530,16 @@ def _load(folder: Path) -> nn.Module:
     layers = manifest.get("layers") or {}
     if not isinstance(layers, dict) or not layers:
         raise CheckpointError(f"{MANIFEST_FILE} in {str(folder)!r} lists no quantized layer")
-    for name, entry in layers.items():
+    built: dict[str, nn.Module] = {}
+    # layers holding their own stored weight first, then those that share one (a tied lm_head)
+    for name, entry in sorted(layers.items(), key=lambda item: isinstance(item[1], dict) and "shares" in item[1]):
         try:
             model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"{MANIFEST_FILE} names the layer {name!r}, which this {config.model_type} "
                                   "model does not have") from None
-        _set_submodule(model, name, _build_layer(name, entry, tensors, manifest["layout"]))
+        built[name] = _build_layer(name, entry, tensors, manifest["layout"], built)
+        _set_submodule(model, name, built[name])
         if manifest["layout"] == "compressed-tensors":
             _release_freed_memory()  # the conversion's transient buffers, before the next layer's
     aliases = manifest.get("aliases") or {}
@@ -498,8 +553,9 @@ def _load(folder: Path) -> nn.Module:
             read[source] = tensors.get(source, param.dtype, tuple(param.shape))
         state[name] = read[source]
     model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
+    embedding_quantized = any(entry.get("kind") == "embedding" for entry in layers.values())
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights") and not embedding_quantized:
+        model.tie_weights()  # a quantized embedding has no float weight to tie: its lm_head shares its stored one
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.device.type == "meta":
             raise CheckpointError(f"{str(folder)!r} does not hold {name}: the checkpoint is incomplete")

