@@ -63,9 +63,10 @@ def test_compiled_matches_eager_quantized_model(preset):
         got, want = c(IDS).logits, eager(IDS).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     counts = last_counts()
-    layers = 15 if preset == "w4g128-head8" else 14  # lm_head excluded, except by w4g128-head8
-    assert counts["annotate"]["linear"] == layers
-    assert counts["convert"]["layers"] == layers
+    layers = 15 if preset in ("w4g128-head8", "w4g64-sym-emb8") else 14  # lm_head excluded, except by these
+    embeddings = 1 if preset == "w4g64-sym-emb8" else 0
+    assert counts["annotate"]["linear"] == layers and counts["annotate"].get("embedding", 0) == embeddings
+    assert counts["convert"]["layers"] == layers + embeddings
     if preset == "w8a8-dynamic":
         assert counts["convert"]["w8a8_dynamic"] == 14
 

@@ -33,7 +33,7 @@ PRESET_NAMES = list(PRESETS)
 def test_preset_names():
     assert set(PRESET_NAMES) == {"w8", "w4g128", "w4g128-sym", "w4g64", "w4g64-sym", "nf4-dq", "w2g64", "w2g64-mse",
                                  "w8a8-dynamic", "w8a8-llmint8", "w8a8-static", "w8-trt", "w4g128-trt",
-                                 "w4g128-head8"}
+                                 "w4g128-head8", "w4g64-sym-emb8"}
     for name, recipe in PRESETS.items():
         assert recipe.name == name
         assert get_preset(name) is recipe
@@ -128,8 +128,12 @@ def test_preset_specs_are_as_documented():
     head8 = PRESETS["w4g128-head8"]  # the one preset that quantizes lm_head (int8), ahead of the int4 rule
     assert head8.exclude == ("*embed*",) and head8.rule_for("model.embed_tokens") is None
     assert head8.rule_for("lm_head").weight == w["w8"] and head8.rule_for("model.layers.0.mlp.up_proj").weight == w["w4g128"]
+    emb8 = PRESETS["w4g64-sym-emb8"]  # the one preset that quantizes the embedding (int8 rows, tied lm_head too)
+    assert emb8.exclude == () and emb8.rule_for("model.embed_tokens", embedding=True).weight == w["w8"]
+    assert emb8.rule_for("lm_head").weight == w["w8"] and emb8.rule_for("model.embed_positions", embedding=True) is None
+    assert emb8.rule_for("model.layers.0.mlp.up_proj").weight == w["w4g64-sym"]
     for r in PRESETS.values():
-        if r is head8:
+        if r is head8 or r is emb8:
             continue
         assert r.exclude == ("lm_head", "*.lm_head", "*embed*")
         assert r.rules[0].pattern == "*"
