@@ -535,7 +535,10 @@ class Recipe:
     """Ordered module-name rules; the first match wins; ``exclude`` patterns always stay float.
 
     By default ``lm_head`` and embeddings stay float (they are tied in many small LLMs and dominate the
-    error budget); remove them from ``exclude`` and add a rule to quantize them.
+    error budget); remove them from ``exclude`` and add a rule to quantize them. An embedding is quantized
+    only by a rule that names it (catch-all patterns reach linears only, :meth:`rule_for`), always rounded to
+    nearest; a tied embedding and ``lm_head`` given one spec share one stored weight (preset
+    ``w4g64-sym-emb8``).
 
     ``algorithm`` chooses how the integer codes are found: ``'rtn'`` (round to nearest, no data),
     ``'gptq'`` or ``'awq'`` (both need calibration data, ``quantize(model, recipe, calibration=...)``, and

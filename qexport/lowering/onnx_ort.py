@@ -10,7 +10,9 @@ Two steps:
    int2 linears into ``com.microsoft.MatMulNBits`` (see :mod:`qexport.lowering.ort_matmul`); NF4 linears
    (double-quantized scales are folded to float by then) into ``com.microsoft.MatMulBnb4``, or, where its
    block layout does not fit, the standard-ONNX lookup form (``Gather`` of the code book, times the
-   scale, ``MatMul``); int8 weights of W8A8 layers into ``[K, N]`` initializers for ``MatMulInteger``;
+   scale, ``MatMul``); quantized embeddings into ``com.microsoft.GatherBlockQuantized`` on MatMulNBits'
+   codes, which a tied ``lm_head`` shares (:mod:`qexport.lowering.embedding`; a float table where its blocks
+   do not fit); int8 weights of W8A8 layers into ``[K, N]`` initializers for ``MatMulInteger``;
    anything else without an ORT kernel (integer group sizes that are not multiples of 16, conv weights)
    into a float initializer, recorded in the report.
 

@@ -45,6 +45,10 @@ themselves:
   presets ``w8-trt`` / ``w4g128-trt``) have them and are exported exactly. Full-range symmetric groups with
   a negative scale are negated (:func:`positive_scales`), which saturates one code per such group: the
   export warns and the report says how many groups and codes.
+* quantized embeddings (``QEmbedding`` node), :mod:`qexport.lowering.embedding`: ONNX Runtime target,
+  ``embedding_form='auto'`` (default): ``com.microsoft.GatherBlockQuantized`` on the codes of a
+  ``com.microsoft.MatMulNBits`` weight, which a tied ``lm_head`` is (one initializer for both); ``'standard'``:
+  ``Gather`` + blocked ``DequantizeLinear`` on the QDQ ``lm_head``'s initializers. TensorRT: a float table.
 * everything without a QDQ form (conv weights; for TensorRT also asymmetric and 2-bit weights, which
   :func:`lower_qdq` refuses) stays float: its weight is dequantized once into a float initializer and the
   layer is listed, with the reason, in the report.
