@@ -18,7 +18,7 @@ from qexport.errors import (
     UnsupportedOp,
 )
 from qexport.formats import QuantizedWeight, fake_quantize, quantize_weight
-from qexport.modules import QLinear
+from qexport.modules import QEmbedding, QLinear
 
 __version__ = "0.1.0"
 
@@ -76,6 +76,7 @@ __all__ = [
     "quantize_weight",
     "fake_quantize",
     "QLinear",
+    "QEmbedding",
     "QExportError",
     "InvalidConfig",
     "UnknownPreset",

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import qexport
-from qexport import QLinear, QuantSpec, Recipe, Rule
+from qexport import QEmbedding, QLinear, QuantSpec, Recipe, Rule
 from qexport.config import PRESETS
 from qexport.errors import InvalidConfig, InvalidTensor
 from qexport.formats import fake_quantize
@@ -23,8 +23,8 @@ def fake_quant_reference(model, recipe):
     """A float copy whose quantizable weights are replaced by dequantize(quantize(w))."""
     ref = copy.deepcopy(model)
     for name, mod in ref.named_modules():
-        if isinstance(mod, nn.Linear):
-            rule = recipe.rule_for(name)
+        if isinstance(mod, (nn.Linear, nn.Embedding)):
+            rule = recipe.rule_for(name, embedding=isinstance(mod, nn.Embedding))
             if rule is not None and rule.weight is not None:
                 mod.weight.data = fake_quantize(mod.weight.data, rule.weight)
     return ref
@@ -45,9 +45,10 @@ def test_preset_replaces_linears_and_matches_fake_quant(preset):
     head = recipe.rule_for("lm_head") is not None  # w4g128-head8 quantizes lm_head (int8) too
     assert len(qlinears) == 2 * LINEARS_PER_LAYER + head
     assert isinstance(q.lm_head, QLinear) == head and isinstance(q.lm_head, nn.Linear) != head
-    assert isinstance(q.model.embed_tokens, nn.Embedding)
+    emb = recipe.rule_for("model.embed_tokens", embedding=True) is not None  # w4g64-sym-emb8 quantizes the table
+    assert isinstance(q.model.embed_tokens, QEmbedding) == emb and isinstance(q.model.embed_tokens, nn.Embedding) != emb
     report = q.qexport_report
-    assert len(report.quantized) == 2 * LINEARS_PER_LAYER + head
+    assert len(report.quantized) == 2 * LINEARS_PER_LAYER + head + emb
     if head:
         assert report.kept_float == [] and q.lm_head.spec.bits == 8
     else:
