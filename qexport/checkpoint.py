@@ -369,17 +369,13 @@ def _skeleton(config, manifest: dict[str, Any]) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from qexport.algorithms.rotate import OnlineRotation, RotatedMLP, RotationReport
+    from qexport.algorithms.rotate import RotationReport, install_online_rotation
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=_dtype(manifest.get("dtype", "float32"), "the model"))
     rotation = manifest.get("rotation")
     if rotation:
-        layers = model.model.layers
-        inter = layers[0].mlp.down_proj.in_features
-        online = OnlineRotation(torch.empty(inter, inter, device="meta"))
-        for layer in layers:
-            layer.mlp = RotatedMLP(layer.mlp, online)
+        install_online_rotation(model)
         model.qexport_rotation = RotationReport(**rotation)
     return model
 

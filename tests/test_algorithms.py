@@ -13,7 +13,7 @@ from torch import nn
 
 import qexport
 from qexport.algorithms import calibration_batches, calibration_tokens
-from qexport.algorithms.awq import fold_scales, llama_scale_groups, search_clip
+from qexport.algorithms.awq import fold_scales, scale_groups, search_clip
 from qexport.algorithms.calibration import sample_windows
 from qexport.algorithms.common import build_quantized_weight, group_ranges, quantize_with_qparams
 from qexport.algorithms.gptq import HessianAccumulator, gptq_quantize
@@ -21,6 +21,7 @@ from qexport.config import ALGORITHM_OPTIONS, CALIBRATED_PRESETS, PRESETS, Quant
 from qexport.errors import CalibrationError, InvalidConfig, QExportError, UnsupportedOp
 from qexport.formats import fake_quantize, qparams_from_range, quantize_weight
 from qexport.modules import QLinear
+from qexport.models.architectures import describe
 from tiny import tiny_llama, word_tokenizer
 
 W4G64 = QuantSpec(bits=4, group_size=64, symmetric=False)
@@ -244,13 +245,13 @@ def test_awq_fold_into_rmsnorm_and_v_proj_keeps_the_float_model():
     with torch.no_grad():
         before = model(ids).logits
     block = model.model.layers[0]
-    groups, notes = llama_scale_groups(block)
+    groups, notes = scale_groups(block, describe(model))
     assert [g.key for g in groups] == ["attn_in", "attn_out", "mlp_in", "mlp_out"] and not notes
     norm_before = block.input_layernorm.weight.clone()
     v_before = block.self_attn.v_proj.weight.clone()
     g = torch.Generator().manual_seed(0)
     for group in groups:
-        n = group.prev.weight.shape[0]
+        n = group.n_prev
         fold_scales(group, torch.exp(torch.randn(n, generator=g)))  # scales over about a factor 10
     with torch.no_grad():
         after = model(ids).logits

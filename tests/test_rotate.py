@@ -103,7 +103,7 @@ def test_rotation_is_deterministic_for_a_seed():
 
 
 def test_rotation_refuses_bad_input():
-    with pytest.raises(UnsupportedOp, match="Llama-style decoders .* not Sequential"):
+    with pytest.raises(UnsupportedOp, match="decoder layout of Sequential .*rotate='none'"):
         rotate_model(nn.Sequential(nn.Linear(4, 4)))
     model = llama()
     rotate_model(model)
@@ -114,7 +114,7 @@ def test_rotation_refuses_bad_input():
     with pytest.raises(InvalidConfig, match="allowed: 'hadamard', 'random'"):
         rotate_model(llama(), "givens")
     recipe = Recipe("r", rules=(Rule("*", W2G32),), options={"rotate": "hadamard"})
-    with pytest.raises(UnsupportedOp, match="not Sequential"):
+    with pytest.raises(UnsupportedOp, match="decoder layout of Sequential"):
         qexport.quantize(nn.Sequential(nn.Linear(64, 64)), recipe)
 
 

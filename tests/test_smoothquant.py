@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 import qexport
-from qexport.algorithms.awq import llama_scale_groups
+from qexport.algorithms.awq import scale_groups
 from qexport.backend import BackendOptions
 from qexport.algorithms.smoothquant import _input_absmax, smooth_model, smooth_scales
 from qexport.config import CALIBRATED_PRESETS, QuantSpec, Recipe, Rule, get_preset
 from qexport.errors import InvalidConfig, UnsupportedOp
+from qexport.models.architectures import describe
 from qexport.modules import QLinear
 
 from tiny import tiny_llama
@@ -79,7 +80,7 @@ def test_smoothing_is_exact_in_float_and_balances_each_group():
     # the formula, read back: with alpha 0.5, for every channel of every norm-fed group, the new activation
     # maximum equals the new weight maximum (both sqrt(max|x| max|w|) of the original model)
     for layer in model.model.layers:
-        groups, _ = llama_scale_groups(layer)
+        groups, _ = scale_groups(layer, describe(model))
         for g in groups:
             if g.prev_kind != "norm":
                 continue
@@ -141,9 +142,9 @@ def test_option_validation():
         assert Recipe.from_dict(r.to_dict()) == r
 
 
-def test_smoothquant_needs_a_llama_layout():
+def test_smoothquant_needs_a_family_of_the_architecture_table():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
-    with pytest.raises(UnsupportedOp, match="algorithm 'smoothquant' needs Llama-style decoder blocks"):
+    with pytest.raises(UnsupportedOp, match="algorithm 'smoothquant' needs the decoder layout of Sequential .*use algorithm 'rtn'"):
         qexport.quantize(model, Recipe(name="r", rules=(Rule("*", W8, PER_TOKEN),), algorithm="smoothquant"),
                          calibration=torch.randn(4, 8))
 

@@ -3,16 +3,21 @@ and a per-group clipping search; the weights are then rounded to nearest in qexp
 
 For the linears that share one input x, scaling input channel c of their weights by ``s_c`` and dividing
 x_c by ``s_c`` leaves the float function unchanged, but channels with large activations get a finer
-grid. Per decoder block (Llama layout), four groups are scaled:
+grid. Per decoder block, four groups are scaled (names from the architecture table,
+:mod:`qexport.models.architectures`; Llama's shown):
 
 =================  ==========================  =====================================  ======================
 group              linears                     1/s folded into                        error measured on
 =================  ==========================  =====================================  ======================
-attention input    q_proj, k_proj, v_proj      input_layernorm weight (and bias)      self_attn output
+attention input    q_proj, k_proj, v_proj      the norm before them (weight, bias)    attention output
 attention output   o_proj                      v_proj output rows (see below)         o_proj output
-MLP input          gate_proj, up_proj          post_attention_layernorm weight        mlp output
+MLP input          gate_proj, up_proj          the norm before them                   MLP output
 MLP output         down_proj                   up_proj output rows                    down_proj output
 =================  ==========================  =====================================  ======================
+
+Other layouts: Gemma's norms multiply by ``1 + w`` (that product absorbs the scale), LayerNorm (OPT) has
+a bias that is divided too, Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` absorb the output scales in their
+v rows / up rows, and an MLP without a gate (OPT's ``fc1`` -> ReLU -> ``fc2``) has no MLP-output group.
 
 Scale search: ``s = mean|x|^alpha`` over the calibration tokens (``duo_scaling``: divided by
 ``mean|w|^(1-alpha)``, w normalised per group), normalised by ``sqrt(max(s) min(s))``, for
@@ -45,9 +50,8 @@ columns not yet quantized (preset ``w4g128-awq-gptq``).
 
 Blocks are processed in order; each block's inputs are the outputs of the previous blocks, quantized
 (``block_inputs="float"``: the float model's hidden states, as in the reference implementation).
-AWQ needs the Llama block layout (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``,
-``input_layernorm``, ``post_attention_layernorm``); for other models use GPTQ. Layers to quantize outside
-the blocks (a quantized ``lm_head``) are rounded to nearest.
+AWQ needs a family of the architecture table; for other models use GPTQ. Layers to quantize outside the
+blocks (a quantized ``lm_head``) are rounded to nearest.
 """
 
 from __future__ import annotations
@@ -81,8 +85,9 @@ from qexport.algorithms.gptq import gptq_block
 from qexport.config import ALGORITHM_OPTIONS, Granularity, QuantSpec
 from qexport.errors import QExportError, UnsupportedOp
 from qexport.formats import QuantizedWeight, qparams_from_range, quantize_weight
+from qexport.models.architectures import ModelFacts, architecture, describe
 
-__all__ = ["quantize_model_awq", "llama_scale_groups", "fold_scales", "search_clip", "ScaleGroup"]
+__all__ = ["quantize_model_awq", "decoder_blocks", "scale_groups", "fold_scales", "search_clip", "ScaleGroup"]
 
 log = logging.getLogger(__name__)
 
@@ -90,86 +95,100 @@ FOLD_RTOL = 1e-4  # a fold may change the folded operation's output by this much
 
 
 # ----------------------------------------------------------------------------------------------------
-# The groups of a Llama block
+# The scale groups of a decoder block, from the architecture table
 # ----------------------------------------------------------------------------------------------------
 @dataclass
 class ScaleGroup:
     """Linears that share one input, and where the inverse of their input scales is folded.
 
-    ``prev_kind``: ``'norm'`` (divide a norm's weight and bias) or ``'rows'`` (divide output rows of the
-    linear ``prev``). ``tie`` maps a scale per ``prev`` channel to a scale per input channel of the
-    linears (identity when None); ``untie`` reduces a per-input-channel statistic to ``prev`` channels.
-    ``inspect`` names the module whose output error the search measures.
+    ``prev_kind``: ``'norm'`` (divide a norm's effective weight ``norm_offset + w``, and its bias) or
+    ``'rows'`` (divide the output rows ``rows`` of the linear ``prev``: all of them when None, a slice of a
+    fused ``qkv_proj`` / ``gate_up_proj``). ``tie`` maps a scale per ``prev`` channel to a scale per input
+    channel of the linears (identity when None); ``untie`` reduces a per-input-channel statistic to ``prev``
+    channels. ``inspect``: the module whose output error the search measures and the key of its input
+    (``'attn'``: the attention module, called as the block called it); ``check``: the same for the module
+    whose output a ``'rows'`` fold must leave unchanged.
     """
 
     key: str
     linears: list[nn.Linear]
     prev: nn.Module
     prev_kind: str
-    inspect: str
+    inspect: tuple[nn.Module, str]
+    check: tuple[nn.Module, str] | None = None
+    rows: slice | None = None
+    norm_offset: float = 0.0
     tie: Callable[[torch.Tensor], torch.Tensor] | None = None
     untie: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def full(self, s: torch.Tensor) -> torch.Tensor:
         return s if self.tie is None else self.tie(s)
 
+    @property
+    def n_prev(self) -> int:
+        """Channels of ``prev`` that take a scale."""
+        if self.prev_kind == "norm":
+            return self.prev.weight.shape[0]
+        return len(range(self.prev.out_features)[self.rows or slice(None)])
 
-def _is_llama_block(block: nn.Module) -> bool:
-    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
-    return (attn is not None and mlp is not None
-            and all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-            and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
-            and all(isinstance(getattr(getattr(block, n, None), "weight", None), torch.Tensor)
-                    for n in ("input_layernorm", "post_attention_layernorm")))
+    @property
+    def single_linear(self) -> bool:
+        """The search measures one linear's output (the group's only linear), from its input alone."""
+        return len(self.linears) == 1 and self.inspect[0] is self.linears[0]
 
 
-def llama_blocks(model: nn.Module, todo: list[LayerTask], probe: torch.Tensor, algorithm: str, instead: str):
-    """``(blocks, by_block, rest)`` for the tasks of an algorithm that folds scales into Llama-style decoder blocks
-    (AWQ, SmoothQuant); :class:`UnsupportedOp`, naming ``instead``, when the model has no such blocks."""
+def decoder_blocks(model: nn.Module, todo: list[LayerTask], probe: torch.Tensor, algorithm: str, instead: str):
+    """``(blocks, by_block, rest, facts)`` for an algorithm that folds scales into decoder blocks (AWQ,
+    SmoothQuant): the blocks must be those of a family in :data:`~qexport.models.architectures.ARCHITECTURES`
+    and run in order; :class:`UnsupportedOp`, naming ``instead``, otherwise."""
+    arch = architecture(model, f"algorithm {algorithm!r}", f"use algorithm {instead!r} for this model")
+    facts = describe(model, arch)
     blocks = find_blocks(model, [t.name for t in todo], probe)
-    if blocks is None or not all(_is_llama_block(b) for b in blocks.modules):
+    if blocks is None or blocks.prefix != arch.layers + ".":
         raise UnsupportedOp(
-            f"algorithm {algorithm!r} needs Llama-style decoder blocks (self_attn.q/k/v/o_proj, "
-            "mlp.gate/up/down_proj, input_layernorm, post_attention_layernorm) in a list that the model runs in "
-            f"order; use algorithm {instead!r} for this model"
+            f"algorithm {algorithm!r} folds scales into the decoder blocks of {arch.family} ({arch.layers}), which "
+            f"did not run one after another on the calibration data here; use algorithm {instead!r} for this model"
         )
     by_block, rest = split_by_block(blocks, todo)
-    return blocks, by_block, rest
+    return blocks, by_block, rest, facts
 
 
-def _head_layout(attn: nn.Module) -> tuple[int, int, int] | None:
-    """``(kv_heads, n_rep, head_dim)`` of an attention module, or None when it cannot be read."""
-    cfg = getattr(attn, "config", None)
-    head_dim = getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None)
-    heads = getattr(cfg, "num_attention_heads", None)
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    n_rep = getattr(attn, "num_key_value_groups", None) or (heads // kv if heads and kv else None)
-    if not head_dim or not n_rep:
-        return None
-    v_out, o_in = attn.v_proj.out_features, attn.o_proj.in_features
-    if v_out % head_dim or o_in != v_out * n_rep:
-        return None
-    return v_out // head_dim, n_rep, head_dim
-
-
-def llama_scale_groups(block: nn.Module) -> tuple[list[ScaleGroup], list[str]]:
-    """The four scale groups of a Llama decoder block, and notes on groups left out."""
-    attn, mlp = block.self_attn, block.mlp
-    groups = [ScaleGroup("attn_in", [attn.q_proj, attn.k_proj, attn.v_proj], block.input_layernorm, "norm", "attn")]
+def scale_groups(block: nn.Module, facts: ModelFacts) -> tuple[list[ScaleGroup], list[str]]:
+    """The scale groups of one decoder block (attention input and output, MLP input and output), and notes
+    on groups left out."""
+    arch = facts.arch
+    attn, mlp = arch.attention(block), arch.mlp_module(block)
+    qkv = [attn.get_submodule(n) for n in arch.qkv]
+    o = attn.get_submodule(arch.o)
+    mlp_in = [mlp.get_submodule(n) for n in arch.mlp_in]
+    down = mlp.get_submodule(arch.mlp_out)
+    offset = 1.0 if arch.norm == "rms_1p" else 0.0
+    groups = [ScaleGroup("attn_in", qkv, block.get_submodule(arch.attn_norm), "norm", (attn, "attn"),
+                         norm_offset=offset)]
     notes = []
-    layout = _head_layout(attn)
-    if layout is None:
-        notes.append("o_proj: the attention head layout is unknown, so its scales cannot be folded into v_proj")
+    kv, hd = facts.kv_heads, facts.head_dim
+    n_rep = facts.heads // kv
+    v_rows = slice((facts.heads + kv) * hd, (facts.heads + 2 * kv) * hd) if arch.fused_qkv else None
+    v_out = kv * hd
+    if o.in_features != v_out * n_rep or (not arch.fused_qkv and qkv[2].out_features != v_out):
+        notes.append(f"{arch.o}: the attention head layout ({facts.heads} heads, {kv} kv heads of {hd}) does not "
+                     "match the projections, so its scales cannot be folded into the values")
     else:
-        kv, n_rep, hd = layout
         groups.append(ScaleGroup(
-            "attn_out", [attn.o_proj], attn.v_proj, "rows", "o",
-            tie=lambda s: s.view(kv, 1, hd).expand(kv, n_rep, hd).reshape(-1),
-            untie=lambda x: x.view(kv, n_rep, hd).mean(1).reshape(-1),
+            "attn_out", [o], qkv[-1], "rows", (o, "attn_out"), check=(attn, "attn"), rows=v_rows,
+            tie=None if n_rep == 1 else (lambda s: s.view(kv, 1, hd).expand(kv, n_rep, hd).reshape(-1)),
+            untie=None if n_rep == 1 else (lambda x: x.view(kv, n_rep, hd).mean(1).reshape(-1)),
         ))
-    groups.append(ScaleGroup("mlp_in", [mlp.gate_proj, mlp.up_proj], block.post_attention_layernorm, "norm", "mlp"))
-    if mlp.up_proj.out_features == mlp.down_proj.in_features:
-        groups.append(ScaleGroup("mlp_out", [mlp.down_proj], mlp.up_proj, "rows", "down"))
+    inspect_mlp = (mlp, "mlp_in") if arch.mlp else (mlp_in[0], "mlp_in")
+    groups.append(ScaleGroup("mlp_in", mlp_in, block.get_submodule(arch.mlp_norm), "norm", inspect_mlp,
+                             norm_offset=offset))
+    if arch.gated:
+        up = mlp_in[-1]
+        inter = down.in_features
+        rows = slice(inter, 2 * inter) if arch.fused_gate_up else None
+        if up.out_features == (2 * inter if arch.fused_gate_up else inter):
+            groups.append(ScaleGroup("mlp_out", [down], up, "rows", (down, "mlp_out"), check=(mlp, "mlp_in"),
+                                     rows=rows))
     return groups, notes
 
 
@@ -186,12 +205,9 @@ class _BlockData:
         return self.abs_sum[key] / max(self.tokens[key], 1)
 
 
-_INPUT_OF = {"attn_in": ("self_attn", "q_proj"), "attn_out": ("self_attn", "o_proj"),
-             "mlp_in": ("mlp", "gate_proj"), "mlp_out": ("mlp", "down_proj")}
-
-
 @torch.no_grad()
-def _collect(block: nn.Module, inputs: list[BlockInput], search_batches: int) -> _BlockData:
+def _collect(block: nn.Module, groups: list[ScaleGroup], attn: nn.Module, inputs: list[BlockInput],
+             search_batches: int) -> _BlockData:
     data = _BlockData()
     state = {"batch": 0}
     hooks = []
@@ -208,11 +224,11 @@ def _collect(block: nn.Module, inputs: list[BlockInput], search_batches: int) ->
 
     def attn_hook(mod, args, kwargs):
         if state["batch"] < search_batches:
-            data.search[state["batch"]]["attn_call"] = (args, kwargs)
+            data.search[state["batch"]]["attn"] = (args, kwargs)
 
-    for key, (parent, child) in _INPUT_OF.items():
-        hooks.append(getattr(getattr(block, parent), child).register_forward_pre_hook(stat_hook(key)))
-    hooks.append(block.self_attn.register_forward_pre_hook(attn_hook, with_kwargs=True))
+    for g in groups:
+        hooks.append(g.linears[0].register_forward_pre_hook(stat_hook(g.key)))
+    hooks.append(attn.register_forward_pre_hook(attn_hook, with_kwargs=True))
     try:
         for i, inp in enumerate(inputs):
             state["batch"] = i
@@ -225,25 +241,20 @@ def _collect(block: nn.Module, inputs: list[BlockInput], search_batches: int) ->
     return data
 
 
-def _inspect(block: nn.Module, what: str, batch: dict[str, Any]) -> torch.Tensor:
-    if what == "attn":
-        args, kwargs = batch["attn_call"]
-        out = block.self_attn(*args, **kwargs)
-        return (out[0] if isinstance(out, (tuple, list)) else out).to(torch.float32)
-    if what == "o":
-        return block.self_attn.o_proj(batch["attn_out"]).to(torch.float32)
-    if what == "mlp":
-        return block.mlp(batch["mlp_in"]).to(torch.float32)
-    return block.mlp.down_proj(batch["mlp_out"]).to(torch.float32)
+def _inspect(target: tuple[nn.Module, str], batch: dict[str, Any]) -> torch.Tensor:
+    module, key = target
+    if key == "attn":
+        args, kwargs = batch["attn"]
+        out = module(*args, **kwargs)
+    else:
+        out = module(batch[key])
+    return (out[0] if isinstance(out, (tuple, list)) else out).to(torch.float32)
 
 
-_SINGLE_LINEAR = {"o": "attn_out", "down": "mlp_out"}  # inspected modules that are one linear: their input
-
-
-def _output_error(block: nn.Module, what: str, data: _BlockData, refs: list[torch.Tensor]) -> float:
+def _output_error(target: tuple[nn.Module, str], data: _BlockData, refs: list[torch.Tensor]) -> float:
     total, count = 0.0, 0
     for batch, ref in zip(data.search, refs):
-        diff = _inspect(block, what, batch) - ref
+        diff = _inspect(target, batch) - ref
         total += float(diff.pow(2).sum())
         count += diff.numel()
     return total / max(count, 1)
@@ -266,7 +277,7 @@ def _weight_mean(linears: list[nn.Linear], specs: list[QuantSpec]) -> torch.Tens
 
 
 @torch.no_grad()
-def _search_scale(block: nn.Module, group: ScaleGroup, specs: list[QuantSpec | None], data: _BlockData,
+def _search_scale(group: ScaleGroup, specs: list[QuantSpec | None], data: _BlockData,
                   options: Mapping[str, Any]) -> tuple[torch.Tensor, float, float]:
     """Best per-``prev``-channel scale, its alpha, and the search's error ratio (best / alpha=0)."""
     x_mean = data.mean_abs(group.key)
@@ -279,15 +290,15 @@ def _search_scale(block: nn.Module, group: ScaleGroup, specs: list[QuantSpec | N
         if group.untie is not None:
             w_mean = group.untie(w_mean)
     originals = [lin.weight.data for lin, _ in quantized]
-    single = group.inspect in _SINGLE_LINEAR and len(quantized) == 1
+    single = group.single_linear and len(quantized) == 1
     if single:
         # one linear: the mean squared output error is sum((dW G) * dW) / (tokens * rows), G = X^T X, which
         # is much cheaper per candidate than running the layer again
-        x = torch.cat([b[_SINGLE_LINEAR[group.inspect]].reshape(-1, originals[0].shape[1]) for b in data.search])
+        x = torch.cat([b[group.key].reshape(-1, originals[0].shape[1]) for b in data.search])
         x = x.to(torch.float32)
         gram, denom = x.T @ x, x.shape[0] * originals[0].shape[0]
     else:
-        refs = [_inspect(block, group.inspect, b) for b in data.search]
+        refs = [_inspect(group.inspect, b) for b in data.search]
     best = (math.inf, None, 0.0)
     base = None
     try:
@@ -306,7 +317,7 @@ def _search_scale(block: nn.Module, group: ScaleGroup, specs: list[QuantSpec | N
                 d = originals[0].to(torch.float32) - quantized[0][0].weight.data.to(torch.float32)
                 err = float(((d @ gram) * d).sum()) / denom
             else:
-                err = _output_error(block, group.inspect, data, refs)
+                err = _output_error(group.inspect, data, refs)
             if base is None:
                 base = err
             if err < best[0]:
@@ -324,13 +335,17 @@ def fold_scales(group: ScaleGroup, s: torch.Tensor) -> None:
     full = group.full(s)
     prev = group.prev
     if group.prev_kind == "norm":
-        prev.weight.div_(s.to(prev.weight.dtype))
+        if group.norm_offset:  # the norm multiplies by (offset + w): that product is what gets divided
+            prev.weight.copy_((prev.weight.double() + group.norm_offset) / s.double() - group.norm_offset)
+        else:
+            prev.weight.div_(s.to(prev.weight.dtype))
         if getattr(prev, "bias", None) is not None:
             prev.bias.div_(s.to(prev.bias.dtype))
     else:
-        prev.weight.div_(s.to(prev.weight.dtype)[:, None])
+        rows = group.rows or slice(None)
+        prev.weight[rows].div_(s.to(prev.weight.dtype)[:, None])
         if prev.bias is not None:
-            prev.bias.div_(s.to(prev.bias.dtype))
+            prev.bias[rows].div_(s.to(prev.bias.dtype))
     for lin in group.linears:
         lin.weight.mul_(full.to(lin.weight.dtype)[None, :])
 
@@ -340,7 +355,7 @@ def _relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _fold_checked(block: nn.Module, group: ScaleGroup, s: torch.Tensor, data: _BlockData) -> bool:
+def _fold_checked(group: ScaleGroup, s: torch.Tensor, data: _BlockData) -> bool:
     """Fold, then check that the folded operation still computes the same; undo it when it does not."""
     touched = [group.prev.weight] + ([group.prev.bias] if getattr(group.prev, "bias", None) is not None else [])
     touched += [lin.weight for lin in group.linears]
@@ -352,10 +367,9 @@ def _fold_checked(block: nn.Module, group: ScaleGroup, s: torch.Tensor, data: _B
         fold_scales(group, s)
         after = group.prev(x).to(torch.float32) * s
     else:
-        what = "attn" if group.key == "attn_out" else "mlp"
-        before = _inspect(block, what, probe)
+        before = _inspect(group.check, probe)
         fold_scales(group, s)
-        after = _inspect(block, what, probe)
+        after = _inspect(group.check, probe)
     change = _relative_change(after, before)
     if change <= FOLD_RTOL:
         return True
@@ -419,16 +433,16 @@ _GPTQ_DEFAULTS = {name: opt.default for name, opt in ALGORITHM_OPTIONS["gptq"].i
 
 
 @torch.no_grad()
-def _awq_block(block: nn.Module, tasks: list[LayerTask], inputs: list[BlockInput], options: Mapping[str, Any],
-               results: dict, notes: set[str]) -> list[BlockInput] | None:
+def _awq_block(block: nn.Module, facts: ModelFacts, tasks: list[LayerTask], inputs: list[BlockInput],
+               options: Mapping[str, Any], results: dict, notes: set[str]) -> list[BlockInput] | None:
     """AWQ of one block; returns the next block's inputs when they are the float block's outputs."""
     nxt = [inp.with_hidden(run_block(block, inp)) for inp in inputs] if options["block_inputs"] == "float" else None
     spec_of = {id(t.module): t for t in tasks}
-    groups, group_notes = llama_scale_groups(block)
+    groups, group_notes = scale_groups(block, facts)
     notes.update(group_notes)
     tokens_per_batch = inputs[0].hidden.shape[:-1].numel()
     search_batches = min(len(inputs), max(1, math.ceil(options["search_tokens"] / tokens_per_batch)))
-    data = _collect(block, inputs, search_batches)
+    data = _collect(block, groups, facts.arch.attention(block), inputs, search_batches)
 
     # 1. scales, searched on the float block; 2. folded (each fold checked)
     input_scale: dict[int, torch.Tensor] = {}  # id(linear) -> per-input-channel scale applied to its weight
@@ -437,11 +451,11 @@ def _awq_block(block: nn.Module, tasks: list[LayerTask], inputs: list[BlockInput
         specs = [spec_of[id(lin)].spec if id(lin) in spec_of else None for lin in group.linears]
         if all(sp is None for sp in specs) or group.key not in data.abs_sum:
             continue
-        s, alpha, ratio = _search_scale(block, group, specs, data, options)
+        s, alpha, ratio = _search_scale(group, specs, data, options)
         log.debug("awq %s: alpha %.2f, output error x%.3f of RTN's", group.key, alpha, ratio)
         chosen.append((group, s))
     for group, s in chosen:
-        if _fold_checked(block, group, s, data):
+        if _fold_checked(group, s, data):
             for lin in group.linears:
                 input_scale[id(lin)] = group.full(s)
 
@@ -450,13 +464,9 @@ def _awq_block(block: nn.Module, tasks: list[LayerTask], inputs: list[BlockInput
         gptq_block(block, tasks, inputs, _GPTQ_DEFAULTS, results)
         return nxt
     # 3. clipping and rounding, layer by layer; inputs are those the search saw, divided by the folded scales
-    key_of = {}
-    for key, (parent, child) in _INPUT_OF.items():
-        key_of[id(getattr(getattr(block, parent), child))] = key
-    for lin in (block.self_attn.k_proj, block.self_attn.v_proj):
-        key_of[id(lin)] = "attn_in"
-    key_of[id(block.mlp.up_proj)] = "mlp_in"
-    no_clip = {id(block.self_attn.q_proj), id(block.self_attn.k_proj)}
+    key_of = {id(lin): g.key for g in groups for lin in g.linears}
+    # q and k are not clipped (the softmax amplifies their errors); a fused qkv_proj holds both
+    no_clip = {id(lin) for lin in groups[0].linears[:2]}
     for t in tasks:
         lin, spec = t.module, t.spec
         key = key_of.get(id(lin))
@@ -491,10 +501,11 @@ def quantize_model_awq(model: nn.Module, tasks: list[LayerTask], batches: list[t
     todo = finite_tasks(tasks, results)
     if not todo:
         return results
-    blocks, by_block, rest = llama_blocks(model, todo, batches[0][:1], "awq", "gptq")
+    blocks, by_block, rest, facts = decoder_blocks(model, todo, batches[0][:1], "awq", "gptq")
     notes: set[str] = set()
     for_each_block(model, blocks, by_block, batches,
-                   lambda block, block_tasks, inputs: _awq_block(block, block_tasks, inputs, options, results, notes),
+                   lambda block, block_tasks, inputs: _awq_block(block, facts, block_tasks, inputs, options, results,
+                                                                 notes),
                    "awq", progress)
     for note in sorted(notes):
         warnings.warn(f"qexport: awq: {note}", stacklevel=3)

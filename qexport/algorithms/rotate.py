@@ -8,7 +8,8 @@ covers much better. A randomized Hadamard matrix ``diag(±1) H / sqrt(n)`` does 
 magnitude ``1/sqrt(n)``); when no Hadamard matrix of the size is known, a seeded random orthogonal matrix
 (QR of a Gaussian one) is used.
 
-What :func:`rotate_model` does to a ``LlamaForCausalLM`` (all folded into weights, computed in float64):
+What :func:`rotate_model` does to a decoder whose layout the architecture table gives
+(:mod:`qexport.models.architectures`; Llama's names below), all folded into weights, computed in float64:
 
 - RMSNorm weights are folded into the linears that read the norm's output (``input_layernorm`` into
   q/k/v_proj, ``post_attention_layernorm`` into gate/up_proj, the final ``norm`` into ``lm_head``); the norms
@@ -26,6 +27,11 @@ What :func:`rotate_model` does to a ``LlamaForCausalLM`` (all folded into weight
   :class:`RotatedMLP`); it costs one ``intermediate^2`` MatMul per layer and token (SmolLM2: 1536 x 1536,
   30 per token, ~4% of the model's multiply-adds) and stays float32.
 
+Where the math does not apply, rotation is refused with the reason (:func:`~qexport.models.architectures.
+rotation_refusal`): LayerNorm families (OPT) subtract the mean, which does not commute with ``Q``; Gemma 2 / 3
+normalize each sublayer's output with a weighted norm before the residual add, which would need two online
+rotations per layer; Phi-3's fused projections are not handled yet.
+
 The rotated model computes the same logits as the original up to float rounding (tests check it), and
 everything downstream (GPTQ, round-to-nearest, ONNX export, the compile back-end) sees ordinary linears.
 The recipe option ``rotate`` (``'hadamard'`` or ``'random'``, with ``rotate_seed``) applies it in
@@ -42,8 +48,9 @@ import torch
 from torch import nn
 
 from qexport.errors import InvalidConfig, UnsupportedOp
+from qexport.models.architectures import architecture, describe, find_architecture, rotation_refusal
 
-__all__ = ["rotate_model", "RotationReport", "RotatedMLP", "OnlineRotation", "hadamard_matrix",
+__all__ = ["rotate_model", "install_online_rotation", "RotationReport", "RotatedMLP", "OnlineRotation", "hadamard_matrix",
            "orthogonal_matrix", "ROTATIONS"]
 
 ROTATIONS = ("none", "hadamard", "random")  # values of the recipe option ``rotate``
@@ -135,7 +142,7 @@ class OnlineRotation(nn.Module):
 
 
 class RotatedMLP(nn.Module):
-    """A Llama MLP with an online rotation before down_proj: ``down(R(act(gate(x)) * up(x)))``.
+    """A gated MLP with an online rotation before down_proj: ``down(R(act(gate(x)) * up(x)))``.
 
     It keeps the original module's children and their names (``gate_proj``, ``up_proj``, ``down_proj``,
     ``act_fn``), so recipe patterns and reports name the same layers as before.
@@ -173,29 +180,40 @@ class RotationReport:
         return asdict(self)
 
 
-def _check_llama(model: nn.Module) -> None:
+def _check_rotatable(model: nn.Module):
+    """The architecture entry of a float model that rotation applies to; the reason as an error otherwise."""
     from qexport.modules import QLinear
 
-    try:
-        from transformers import LlamaForCausalLM
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        LlamaForCausalLM = ()
-    if not isinstance(model, LlamaForCausalLM):
-        raise UnsupportedOp(
-            f"rotation (recipe option 'rotate') supports Llama-style decoders (transformers LlamaForCausalLM: "
-            f"RMSNorm, q/k/v/o_proj, gate/up/down_proj), not {type(model).__name__}; use rotate='none' for this model"
-        )
+    arch = architecture(model, "rotation (recipe option 'rotate')", "use rotate='none' for this model")
+    why = rotation_refusal(arch)
+    if why is not None:
+        raise UnsupportedOp(f"rotation (recipe option 'rotate') does not apply to {arch.family}: {why}; use "
+                            "rotate='none' for this model")
     if getattr(model, "qexport_rotation", None) is not None:
         raise InvalidConfig("this model is rotated already (model.qexport_rotation); rotate a fresh copy of the "
                             "float model, once")
     if any(isinstance(m, QLinear) for m in model.modules()):
         raise InvalidConfig("rotate the float model before quantizing it: this one has quantized layers already")
-    for i, layer in enumerate(model.model.layers):
-        mlp = layer.mlp
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            if not isinstance(getattr(mlp, name, None), nn.Linear):
-                raise UnsupportedOp(f"model.layers.{i}.mlp.{name} is not an nn.Linear; rotation needs the float "
-                                    "Llama MLP")
+    for i, layer in enumerate(model.get_submodule(arch.layers)):
+        for name in (*arch.mlp_in, arch.mlp_out):
+            if not isinstance(arch.linear(layer, "mlp", name), nn.Linear):
+                raise UnsupportedOp(f"{arch.layers}.{i}.{arch.mlp}.{name} is not an nn.Linear; rotation needs the "
+                                    "float MLP")
+    return arch
+
+
+def install_online_rotation(model: nn.Module, online: "OnlineRotation | None" = None) -> None:
+    """Replace every decoder layer's MLP by a :class:`RotatedMLP` sharing ``online`` (a rotation of the right
+    size on the meta device when None: a saved folder's skeleton, filled when it loads)."""
+    arch = find_architecture(model)
+    layers = list(model.get_submodule(arch.layers))
+    if not layers:
+        return
+    if online is None:
+        inter = arch.linear(layers[0], "mlp", arch.mlp_out).in_features
+        online = OnlineRotation(torch.empty(inter, inter, device="meta"))
+    for layer in layers:
+        layer.set_submodule(arch.mlp, RotatedMLP(arch.mlp_module(layer), online))
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -224,7 +242,7 @@ def _rotate_output(linear: nn.Linear, q: torch.Tensor) -> None:
 
 @torch.no_grad()
 def rotate_model(model: nn.Module, method: str = "hadamard", seed: int = 0) -> RotationReport:
-    """Rotate a float ``LlamaForCausalLM`` in place (see the module docstring); returns what was done.
+    """Rotate a float decoder in place (see the module docstring); returns what was done.
 
     The same ``method`` and ``seed`` give the same rotated weights. Raises
     :class:`~qexport.errors.UnsupportedOp` for another architecture and
@@ -232,60 +250,60 @@ def rotate_model(model: nn.Module, method: str = "hadamard", seed: int = 0) -> R
     """
     if method not in ROTATIONS or method == "none":
         raise InvalidConfig(f"rotation method {method!r} is not valid; allowed: 'hadamard', 'random'")
-    _check_llama(model)
+    arch = _check_rotatable(model)
     cfg = model.config
-    hidden = cfg.hidden_size
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    inner = model.model
+    facts = describe(model, arch)
+    hidden, heads, kv_heads, head_dim = facts.hidden, facts.heads, facts.kv_heads, facts.head_dim
     gen = torch.Generator().manual_seed(int(seed))
     q, q_kind = orthogonal_matrix(hidden, method, gen)
     hv, hv_kind = orthogonal_matrix(head_dim, method, gen)
-    layers = list(inner.layers)
-    inter = layers[0].mlp.down_proj.in_features if layers else 0
+    layers = list(model.get_submodule(arch.layers))
+    inter = arch.linear(layers[0], "mlp", arch.mlp_out).in_features if layers else 0
     qm, qm_kind = orthogonal_matrix(inter, method, gen) if layers else (None, "none")
 
-    embed = inner.embed_tokens
-    untie = model.lm_head.weight is embed.weight
+    embed, lm_head = model.get_submodule(arch.embed), model.get_submodule(arch.lm_head)
+    untie = lm_head.weight is embed.weight
     if untie:
-        model.lm_head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+        lm_head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
         cfg.tie_word_embeddings = False
         if hasattr(cfg, "get_text_config"):
             cfg.get_text_config().tie_word_embeddings = False
     _assign(embed, "weight", _f64(embed.weight) @ q)
 
     folded = []
-    online = OnlineRotation(qm.to(layers[0].mlp.down_proj.weight.dtype)) if layers else None
+    online = OnlineRotation(qm.to(arch.linear(layers[0], "mlp", arch.mlp_out).weight.dtype)) if layers else None
     for i, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        g = _f64(layer.input_layernorm.weight)
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+        attn, mlp = arch.attention(layer), arch.mlp_module(layer)
+        norm1, norm2 = layer.get_submodule(arch.attn_norm), layer.get_submodule(arch.mlp_norm)
+        g = _f64(norm1.weight)
+        q_proj, k_proj, v = (attn.get_submodule(n) for n in arch.qkv)
+        for lin in (q_proj, k_proj, v):
             _rotate_input(lin, q, g)
-        layer.input_layernorm.weight.fill_(1.0)
+        norm1.weight.fill_(1.0)
         # values: each head's output rows by H_v (v_h -> v_h H_v), o_proj's matching input columns by H_v
-        v = attn.v_proj
         wv = _f64(v.weight).reshape(kv_heads, head_dim, -1)
         _assign(v, "weight", torch.einsum("dj,hdk->hjk", hv, wv).reshape(kv_heads * head_dim, -1))
         if v.bias is not None:
             _assign(v, "bias", (_f64(v.bias).reshape(kv_heads, head_dim) @ hv).reshape(-1))
-        o = attn.o_proj
+        o = attn.get_submodule(arch.o)
         wo = _f64(o.weight).reshape(o.out_features, heads, head_dim)
         _assign(o, "weight", (wo @ hv).reshape(o.out_features, heads * head_dim))
         _rotate_output(o, q)
 
-        g2 = _f64(layer.post_attention_layernorm.weight)
-        _rotate_input(mlp.gate_proj, q, g2)
-        _rotate_input(mlp.up_proj, q, g2)
-        layer.post_attention_layernorm.weight.fill_(1.0)
-        _rotate_output(mlp.down_proj, q)
-        _rotate_input(mlp.down_proj, qm)
-        layer.mlp = RotatedMLP(mlp, online)
-        folded += [f"model.layers.{i}.input_layernorm", f"model.layers.{i}.post_attention_layernorm"]
+        g2 = _f64(norm2.weight)
+        for name in arch.mlp_in:
+            _rotate_input(mlp.get_submodule(name), q, g2)
+        norm2.weight.fill_(1.0)
+        down = mlp.get_submodule(arch.mlp_out)
+        _rotate_output(down, q)
+        _rotate_input(down, qm)
+        folded += [f"{arch.layers}.{i}.{arch.attn_norm}", f"{arch.layers}.{i}.{arch.mlp_norm}"]
 
-    _rotate_input(model.lm_head, q, _f64(inner.norm.weight))
-    inner.norm.weight.fill_(1.0)
-    folded.append("model.norm")
+    install_online_rotation(model, online)
+    final_norm = model.get_submodule(arch.final_norm)
+    _rotate_input(lm_head, q, _f64(final_norm.weight))
+    final_norm.weight.fill_(1.0)
+    folded.append(arch.final_norm)
 
     report = RotationReport(
         method=method, seed=int(seed), residual=f"{q_kind} {hidden}",

@@ -13,12 +13,12 @@ difficulty is shared between the two: ``alpha = 0.5`` equalises the scaled chann
 Channels where either maximum is 0 keep ``s_j = 1``.
 
 The inverse scale is folded into the operation that produces x, exactly as AWQ folds its own scales (the
-groups and the fold are :func:`qexport.algorithms.awq.llama_scale_groups` and
-:func:`qexport.algorithms.awq.fold_scales`): the RMSNorm weight before q/k/v_proj and before
-gate/up_proj, the output rows of v_proj before o_proj (the scale is then shared by the query heads that
-read one kv head, so the statistic of a kv channel is the maximum over those heads), and the output rows
-of up_proj before down_proj (whose input, ``silu(gate) * up``, holds the largest outliers of a Llama
-block). No multiply is inserted: the model keeps its structure, so the compile back-end and the ONNX
+groups and the fold are :func:`qexport.algorithms.awq.scale_groups` and
+:func:`qexport.algorithms.awq.fold_scales`, read from the architecture table): the norm before q/k/v_proj
+and before the MLP's input linears, the output rows of v_proj before o_proj (the scale is then shared by the
+query heads that read one kv head, so the statistic of a kv channel is the maximum over those heads), and
+the output rows of up_proj before down_proj (whose input, ``act(gate) * up``, holds the largest outliers of
+a gated MLP). No multiply is inserted: the model keeps its structure, so the compile back-end and the ONNX
 lowering see ordinary linears. The statistics come from one float pass over the calibration batches
 (each fold only rescales the input of its own group, so the folds do not affect each other's
 statistics); the float model's logits are then checked on one batch, and when the folds changed them
@@ -26,8 +26,8 @@ beyond float rounding every fold is undone, with a warning. The weights are then
 the recipe's format; activations are quantized as the recipe's rules say (per token at run time, or per
 tensor with scales calibrated afterwards by :func:`qexport.calibrate`).
 
-SmoothQuant needs the Llama block layout (as AWQ does); layers to quantize outside the decoder blocks are
-rounded to nearest without smoothing.
+SmoothQuant needs a family of the architecture table (as AWQ does); layers to quantize outside the decoder
+blocks are rounded to nearest without smoothing.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from qexport.algorithms.awq import ScaleGroup, fold_scales, llama_blocks, llama_scale_groups
+from qexport.algorithms.awq import ScaleGroup, decoder_blocks, fold_scales, scale_groups
 from qexport.algorithms.common import LayerTask, _call_model, finite_tasks, set_weight
 from qexport.errors import QExportError
 from qexport.formats import QuantizedWeight, quantize_weight
+from qexport.models.architectures import architecture, describe
 
 __all__ = ["smooth_scales", "smooth_model", "quantize_model_smoothquant", "SMOOTH_RTOL"]
 
@@ -73,7 +74,7 @@ def _per_prev_channel_max(group: ScaleGroup, per_input: torch.Tensor) -> torch.T
     """
     if group.tie is None:
         return per_input
-    n_prev = group.prev.weight.shape[0]
+    n_prev = group.n_prev
     index = group.tie(torch.arange(n_prev, dtype=torch.float32)).round().long()
     out = torch.zeros(n_prev, dtype=per_input.dtype)
     return out.scatter_reduce(0, index, per_input, reduce="amax", include_self=True)
@@ -110,15 +111,16 @@ def _logits(out: Any) -> torch.Tensor:
 @torch.no_grad()
 def smooth_model(model: nn.Module, blocks: list[nn.Module], batches: list[torch.Tensor], alpha: float,
                  linears: set[int] | None = None) -> dict[str, Any]:
-    """Fold SmoothQuant scales into every Llama block of ``blocks`` (in place); returns a summary.
+    """Fold SmoothQuant scales into every decoder block of ``blocks`` (in place); returns a summary.
 
     Only the scale groups holding at least one linear whose ``id`` is in ``linears`` are smoothed (all
     when None). The float model's output on ``batches[0]`` is checked before and after; when it moved
     beyond float rounding (:data:`SMOOTH_RTOL`) all folds are undone and a warning says so.
     """
     plan: list[tuple[int, ScaleGroup]] = []
+    facts = describe(model, architecture(model, "algorithm 'smoothquant'", "use algorithm 'rtn' for this model"))
     for i, block in enumerate(blocks):
-        groups, notes = llama_scale_groups(block)
+        groups, notes = scale_groups(block, facts)
         for note in notes:
             warnings.warn(f"qexport: smoothquant: block {i}: {note}", stacklevel=3)
         plan += [(i, g) for g in groups if linears is None or any(id(lin) in linears for lin in g.linears)]
@@ -184,7 +186,7 @@ def quantize_model_smoothquant(model: nn.Module, tasks: list[LayerTask], batches
     todo = finite_tasks(tasks, results)
     if not todo:
         return results
-    blocks, by_block, rest = llama_blocks(model, todo, batches[0][:1], "smoothquant", "rtn")
+    blocks, by_block, rest, _ = decoder_blocks(model, todo, batches[0][:1], "smoothquant", "rtn")
     summary = smooth_model(model, [blocks.modules[i] for i in sorted(by_block)], batches, options["alpha"],
                            {id(t.module) for t in todo})
     log.info("smoothquant: %s", summary)

@@ -22,8 +22,9 @@ quantizes the new entries).
 
 :func:`fused_ops` patches a model's modeling module for the duration of an export so that its forward
 calls these; the arithmetic is the same (tests compare the exported model with the PyTorch one). Only
-model types whose attention, rotary and norm code is Llama's are patched (:data:`FUSABLE_MODEL_TYPES`);
-others export as before. The TensorRT target never uses this (its parser and QDQ rules are checked on the
+families of the architecture table whose norms are ``x / rms(x) * w``, whose attention reads separate q / k / v
+projections with rotate-half rotary embeddings, without soft-capping or sliding windows, are patched (Llama,
+Mistral, Qwen2, Qwen3: :func:`~qexport.models.architectures.fused_export_refusal`); others export as before. The TensorRT target never uses this (its parser and QDQ rules are checked on the
 opset-21 graph).
 """
 
@@ -36,29 +37,26 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FUSED_OPSET", "ONNX_OPS", "FUSABLE_MODEL_TYPES", "fusable", "fused_ops"]
+__all__ = ["FUSED_OPSET", "ONNX_OPS", "fusable", "fused_ops"]
 
 FUSED_OPSET = 23  # Attention, RotaryEmbedding, RMSNormalization
 ONNX_OPS = {"attention": "Attention", "rotary": "RotaryEmbedding", "norm": "RMSNormalization"}  # export report
-# model types whose modeling module has Llama's ``apply_rotary_pos_emb`` (rotate_half form, cos / sin with
-# duplicated halves), an ``*RMSNorm`` with ``weight`` and ``variance_epsilon``, and HF's sdpa attention
-FUSABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 def fusable(model: nn.Module) -> str | None:
     """None when :func:`fused_ops` applies to ``model``, else why not (for the export report)."""
+    from qexport.models.architectures import describe, find_architecture, fused_export_refusal
+
     config = getattr(model, "config", None)
-    kind = getattr(config, "model_type", None)
-    if kind not in FUSABLE_MODEL_TYPES:
-        return f"model type {kind!r} is not one of {', '.join(FUSABLE_MODEL_TYPES)}"
+    arch = find_architecture(model)
+    if arch is None:
+        return f"model type {getattr(config, 'model_type', None)!r} is not in the architecture table"
+    why = fused_export_refusal(arch, describe(model, arch))
+    if why is not None:
+        return why
     impl = getattr(config, "_attn_implementation", None)
     if impl != "sdpa":
         return f"attention implementation {impl!r} is not 'sdpa'"
-    from qexport.export.onnx import kv_geometry
-
-    head_dim = kv_geometry(config)[2]
-    if head_dim % 2:
-        return f"head_dim {head_dim} is odd"
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         return "partial rotary embeddings"
     try:
@@ -119,8 +117,12 @@ def _attention_forward(original, halves: _RotaryHalves):
                             attention_mask=attention_mask, **kwargs)
         cos, sin = halves(*position_embeddings)
         heads, kv_heads = self.config.num_attention_heads, kv_geometry(self.config)[1]
-        q = rotary_embedding(self.q_proj(hidden_states), cos, sin, num_heads=heads)
-        k = rotary_embedding(self.k_proj(hidden_states), cos, sin, num_heads=kv_heads)
+        q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)
+        if getattr(self, "q_norm", None) is not None:  # per-head norms before the rotary embedding (Qwen3)
+            q = self.q_norm(q.unflatten(-1, (heads, -1))).flatten(-2)
+            k = self.k_norm(k.unflatten(-1, (kv_heads, -1))).flatten(-2)
+        q = rotary_embedding(q, cos, sin, num_heads=heads)
+        k = rotary_embedding(k, cos, sin, num_heads=kv_heads)
         layer = layers[self.layer_idx]
         out, layer.keys, layer.values, _ = attention(q, k, self.v_proj(hidden_states), attention_mask, layer.keys,
                                                      layer.values, q_num_heads=heads, kv_num_heads=kv_heads,

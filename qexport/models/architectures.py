@@ -1,0 +1,194 @@
+"""Decoder architectures as data: where each family keeps its linears and norms, and what its attention does.
+
+AWQ and SmoothQuant (which norm or linear absorbs which scales), rotation (which weights fold which
+matrix), the fused ONNX export (which model code it may swap for ONNX's whole ops) and the support
+matrix (``qexport models``) all read :data:`ARCHITECTURES`; nothing else decides what a model is.
+
+An entry names modules relative to one decoder block:
+
+- ``attn_norm`` feeds the attention's input linears ``qkv`` (three names, or one for Phi-3's fused
+  ``qkv_proj`` whose rows are ``[q; k; v]``); ``o`` is the attention's output linear;
+- ``mlp_norm`` feeds the MLP's input linears ``mlp_in``: gated ``(gate, up)``, Phi-3's fused ``gate_up_proj``
+  (rows ``[gate; up]``), or one plain ``fc1``; ``mlp_out`` is the last MLP linear;
+- ``norm`` is the norms' form: ``"rms"`` (``x / rms(x) * w``), ``"rms_1p"`` (Gemma: ``x / rms(x) * (1 + w)``)
+  or ``"layernorm"`` (mean subtracted, weight and bias);
+- ``post_norms``: norms applied to a sublayer's output before the residual add (Gemma 2 and 3).
+
+Facts that vary within a family (head counts, ``head_dim``, sliding-window layers, soft-capping, tied
+embeddings) are read from the model's config by :func:`describe`.
+
+A model type that is not in the table still quantizes with round-to-nearest and GPTQ, which work on any
+``nn.Linear``; what needs the table (AWQ, SmoothQuant, rotation, the fused ONNX export) raises
+:class:`~qexport.errors.UnsupportedOp` naming the model type and what to use instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from qexport.errors import UnsupportedOp
+
+__all__ = ["Architecture", "ModelFacts", "ARCHITECTURES", "architecture", "describe", "find_architecture",
+           "rotation_refusal", "fused_export_refusal", "model_type"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    family: str
+    model_types: tuple[str, ...]
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    norm: str = "rms"  # "rms" | "rms_1p" | "layernorm"
+    attn: str = "self_attn"
+    qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    o: str = "o_proj"
+    mlp: str = "mlp"  # the module that holds the MLP linears ("" when they sit in the block itself)
+    mlp_in: tuple[str, ...] = ("gate_proj", "up_proj")
+    mlp_out: str = "down_proj"
+    gated: bool = True  # mlp_out reads act(gate) * up: up's output rows can absorb mlp_out's scales
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    post_norms: tuple[str, ...] = ()
+    qk_norm: bool = False
+    embedding_scale: bool = False  # embeddings multiplied by sqrt(hidden_size) (Gemma)
+    rotary: bool = True  # rotate-half rotary embeddings (False: learned positions)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def fused_qkv(self) -> bool:
+        return len(self.qkv) == 1
+
+    @property
+    def fused_gate_up(self) -> bool:
+        return self.gated and len(self.mlp_in) == 1
+
+    def sub(self, block: nn.Module, path: str) -> nn.Module:
+        """The module at ``path`` (relative to ``block``; "" is the block)."""
+        return block.get_submodule(path) if path else block
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        return self.sub(block, self.attn)
+
+    def mlp_module(self, block: nn.Module) -> nn.Module:
+        return self.sub(block, self.mlp)
+
+    def linear(self, block: nn.Module, part: str, name: str) -> nn.Linear:
+        """One of the block's linears: ``part`` is ``"attn"`` or ``"mlp"``."""
+        return self.sub(block, self.attn if part == "attn" else self.mlp).get_submodule(name)
+
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture("Llama", ("llama",)),
+    Architecture("Mistral", ("mistral",)),
+    Architecture("Qwen2", ("qwen2",), notes=("q/k/v_proj have biases",)),
+    Architecture("Qwen3", ("qwen3",), qk_norm=True),
+    Architecture("Gemma 2", ("gemma2",), norm="rms_1p", mlp_norm="pre_feedforward_layernorm",
+                 post_norms=("post_attention_layernorm", "post_feedforward_layernorm"), embedding_scale=True),
+    Architecture("Gemma 3", ("gemma3_text", "gemma3"), norm="rms_1p", mlp_norm="pre_feedforward_layernorm",
+                 post_norms=("post_attention_layernorm", "post_feedforward_layernorm"), embedding_scale=True,
+                 qk_norm=True),
+    Architecture("Phi-3", ("phi3",), qkv=("qkv_proj",), mlp_in=("gate_up_proj",)),
+    Architecture("OPT", ("opt",), layers="model.decoder.layers", embed="model.decoder.embed_tokens",
+                 final_norm="model.decoder.final_layer_norm", norm="layernorm", o="out_proj", mlp="",
+                 mlp_in=("fc1",), mlp_out="fc2", gated=False, attn_norm="self_attn_layer_norm",
+                 mlp_norm="final_layer_norm", rotary=False, notes=("learned positions; linears have biases",)),
+)
+_BY_TYPE = {t: a for a in ARCHITECTURES for t in a.model_types}
+
+
+def model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def find_architecture(model: nn.Module) -> Architecture | None:
+    """The table's entry for ``model``'s config ``model_type``, or None."""
+    return _BY_TYPE.get(model_type(model))
+
+
+def architecture(model: nn.Module, what: str, instead: str) -> Architecture:
+    """The entry for ``model``; :class:`UnsupportedOp` naming the model type, ``what`` needs it, and ``instead``."""
+    arch = find_architecture(model)
+    if arch is None:
+        known = ", ".join(t for a in ARCHITECTURES for t in a.model_types)
+        kind = model_type(model)
+        which = f"model type {kind!r}" if kind else f"{type(model).__name__} (no config.model_type)"
+        raise UnsupportedOp(
+            f"{what} needs the decoder layout of {which}, which qexport's architecture table lacks (it has: "
+            f"{known}); {instead}"
+        )
+    return arch
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a model's config says about its attention (the parts that vary within a family)."""
+
+    arch: Architecture
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    sliding_layers: int  # layers with sliding-window attention
+    attn_softcap: float | None
+    final_softcap: float | None
+    tied: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.arch.family, "hidden": self.hidden, "heads": self.heads, "kv_heads": self.kv_heads,
+                "head_dim": self.head_dim, "layers": self.layers, "sliding_layers": self.sliding_layers,
+                "attn_softcap": self.attn_softcap, "final_softcap": self.final_softcap, "tied": self.tied}
+
+
+def describe(model: nn.Module, arch: Architecture | None = None) -> ModelFacts:
+    arch = arch or architecture(model, "describing the model", "give a model of a supported family")
+    cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    heads = cfg.num_attention_heads
+    kinds = getattr(cfg, "layer_types", None) or []
+    sliding = sum(1 for k in kinds if "sliding" in str(k))
+    if not kinds and getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        sliding = cfg.num_hidden_layers
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    return ModelFacts(
+        arch=arch, hidden=cfg.hidden_size, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, layers=cfg.num_hidden_layers,
+        sliding_layers=sliding, attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
+        final_softcap=getattr(cfg, "final_logit_softcapping", None), tied=tied,
+    )
+
+
+def rotation_refusal(arch: Architecture) -> str | None:
+    """Why rotation does not apply to ``arch`` (None when it does)."""
+    if arch.norm == "layernorm":
+        return ("LayerNorm subtracts the mean, which does not commute with a rotation of the residual stream "
+                "(the model would first need its LayerNorms turned into RMSNorms, which qexport does not do)")
+    if arch.post_norms:
+        return ("the norms on the attention and MLP outputs (" + ", ".join(arch.post_norms) + ") scale the "
+                "rotated residual contributions channel by channel; folding them would take two online rotations "
+                "per layer")
+    if arch.fused_qkv or arch.fused_gate_up:
+        return "the fused qkv_proj / gate_up_proj layout is not handled by the rotation code yet"
+    return None
+
+
+def fused_export_refusal(arch: Architecture, facts: ModelFacts) -> str | None:
+    """Why the fused ONNX export (whole Attention / RotaryEmbedding / RMSNormalization ops) does not apply."""
+    if arch.norm != "rms":
+        return f"{arch.family}'s norms are not x / rms(x) * w"
+    if not arch.rotary:
+        return f"{arch.family} has no rotary embeddings"
+    if arch.fused_qkv:
+        return "the attention reads one fused qkv_proj"
+    if facts.attn_softcap:
+        return "attention logits are soft-capped"
+    if facts.sliding_layers:
+        return "some layers use sliding-window attention"
+    if facts.head_dim % 2:
+        return f"head_dim {facts.head_dim} is odd"
+    return None
