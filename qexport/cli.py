@@ -506,6 +506,25 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from qexport.models.architectures import ARCHITECTURES, PATHS, support, support_markdown
+
+    if args.json:
+        print(json.dumps({a.family: {"model_types": list(a.model_types),
+                                     "paths": {p: {"status": st, "note": n} for p, (st, n) in support(a).items()}}
+                          for a in ARCHITECTURES}, indent=2))
+        return 0
+    if args.markdown:
+        print(support_markdown(), end="")
+        return 0
+    width = max(len(a.family) for a in ARCHITECTURES)
+    for a in ARCHITECTURES:
+        row = ", ".join(f"{PATHS[p][0]}: {st}" for p, (st, _) in support(a).items())
+        print(f"{a.family.ljust(width)}  ({', '.join(a.model_types)})  {row}")
+    print("\nqexport models --markdown: the table with notes and what each check compares")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from qexport.bench import parse_variant, run_bench, to_markdown, write_results
 
@@ -770,6 +789,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", help="list the preset recipes, or print one as JSON")
     r.add_argument("--show", metavar="NAME", help="print this recipe as JSON")
     r.set_defaults(func=cmd_recipes)
+
+    mo = sub.add_parser("models", help="the model families qexport knows and what works for each (support matrix)")
+    fmt = mo.add_mutually_exclusive_group()
+    fmt.add_argument("--markdown", action="store_true", help="the Markdown table README shows, with notes")
+    fmt.add_argument("--json", action="store_true", help="family -> path -> status and note, as JSON")
+    mo.set_defaults(func=cmd_models)
     return p
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from qexport.errors import UnsupportedOp
 
 __all__ = ["Architecture", "ModelFacts", "ARCHITECTURES", "architecture", "describe", "find_architecture",
-           "rotation_refusal", "fused_export_refusal", "model_type"]
+           "rotation_refusal", "fused_export_refusal", "model_type", "PATHS", "support", "support_markdown"]
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ def rotation_refusal(arch: Architecture) -> str | None:
     return None
 
 
-def fused_export_refusal(arch: Architecture, facts: ModelFacts) -> str | None:
+def fused_export_refusal(arch: Architecture, facts: ModelFacts | None = None) -> str | None:
     """Why the fused ONNX export (whole Attention / RotaryEmbedding / RMSNormalization ops) does not apply."""
     if arch.norm != "rms":
         return f"{arch.family}'s norms are not x / rms(x) * w"
@@ -185,6 +185,8 @@ def fused_export_refusal(arch: Architecture, facts: ModelFacts) -> str | None:
         return f"{arch.family} has no rotary embeddings"
     if arch.fused_qkv:
         return "the attention reads one fused qkv_proj"
+    if facts is None:
+        return None
     if facts.attn_softcap:
         return "attention logits are soft-capped"
     if facts.sliding_layers:
@@ -192,3 +194,66 @@ def fused_export_refusal(arch: Architecture, facts: ModelFacts) -> str | None:
     if facts.head_dim % 2:
         return f"head_dim {facts.head_dim} is odd"
     return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The support matrix: family x path. tests/test_families.py runs every cell on a tiny model of the family
+# and checks that it behaves as stated here; `qexport models` prints it.
+# ----------------------------------------------------------------------------------------------------
+PATHS = {  # path -> (column title, what the tests compare, with the tolerance)
+    "rtn": ("RTN", "w8 logits vs float, relative error < 0.03"),
+    "gptq": ("GPTQ", "w4g64-gptq logits vs float, relative error < 0.3"),
+    "awq": ("AWQ", "folds keep float logits (< 1e-4); w4g128-awq vs float < 0.35"),
+    "smoothquant": ("SmoothQuant", "folds keep float logits (< 1e-4); w8a8-dynamic-sq vs float < 0.05"),
+    "rotation": ("rotation", "rotated float model vs float, relative error < 1e-5"),
+    "kv_cache": ("KV cache", "int8 KV cache vs float cache, relative error < 0.02"),
+    "compile_inductor": ("compile: inductor", "w8, compiled vs eager, relative error < 1e-5"),
+    "compile_onnxruntime": ("compile: onnxruntime", "w8, compiled (int8 activations in MatMulNBits) vs eager < 0.03"),
+    "onnx_ort": ("ONNX: ORT", "w8 export, prefill + decode vs eager, max relative error < 1e-5"),
+    "onnx_tensorrt": ("ONNX: TensorRT", "w8 export, TensorRT QDQ lint clean (no engine built: TensorRT absent)"),
+    "saved_folder": ("saved folder", "w4g64-sym save + load: logits bit-identical"),
+}
+EXACT_PATHS = ("rotation", "compile_inductor", "onnx_ort", "saved_folder")  # float rounding or bit-identical
+
+
+def support(arch: Architecture) -> dict[str, tuple[str, str]]:
+    """``path -> (status, note)`` for one family; status ``"exact"``, ``"approx"`` (within the stated
+    tolerance of the float model), ``"lint"`` (graph checked, not run) or ``"refused"`` (with the reason)."""
+    out = {}
+    for path in PATHS:
+        status = "exact" if path in EXACT_PATHS else "lint" if path == "onnx_tensorrt" else "approx"
+        note = ""
+        if path == "rotation" and rotation_refusal(arch):
+            status, note = "refused", rotation_refusal(arch)
+        elif path == "onnx_ort":
+            why = fused_export_refusal(arch)
+            note = "fused Attention / RotaryEmbedding / RMSNormalization" if why is None else f"unfused: {why}"
+        elif path == "awq" and not arch.gated:
+            note = "no MLP-output group (ungated MLP)"
+        out[path] = (status, note)
+    return out
+
+
+def support_markdown() -> str:
+    """The support matrix as a Markdown table (README's is this text)."""
+    mark = {"exact": "exact", "approx": "approx.", "lint": "lint only", "refused": "refused"}
+    head = "| family | model types | " + " | ".join(t for t, _ in PATHS.values()) + " |"
+    lines = [head, "|" + "---|" * (len(PATHS) + 2)]
+    notes: list[str] = []
+    for arch in ARCHITECTURES:
+        cells = []
+        for path, (status, note) in support(arch).items():
+            cell = mark[status]
+            if note and status == "refused":
+                if note not in notes:
+                    notes.append(note)
+                cell += f" ({notes.index(note) + 1})"
+            elif note and path == "onnx_ort":
+                cell += ", fused" if note.startswith("fused") else ", unfused"
+            cells.append(cell)
+        lines.append(f"| {arch.family} | {', '.join(arch.model_types)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"({i}) {n}" for i, n in enumerate(notes, 1)]
+    lines.append("")
+    lines += [f"- {title}: {what}" for title, what in PATHS.values()]
+    return "\n".join(lines) + "\n"
