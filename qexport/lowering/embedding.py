@@ -35,7 +35,7 @@ import torch
 
 from qexport.errors import InvalidConfig, UnsupportedOp
 
-__all__ = ["StoredWeight", "NBitsWeight", "FORMS", "DEFAULT_FORM", "check_form", "gbq_block", "nbits_weight",
+__all__ = ["StoredWeight", "NBitsWeight", "SharedNBitsWeights", "FORMS", "DEFAULT_FORM", "check_form", "gbq_block", "nbits_weight",
            "matmulnbits_node", "gbq_lookup", "standard_lookup"]
 
 FORMS = ("auto", "gbq", "standard")
@@ -103,6 +103,23 @@ def nbits_weight(name: str, qdata: torch.Tensor, scale: torch.Tensor, zero_point
             tensors.append(numpy_helper.from_array(blocks.reshape(n, nb, 1).numpy(), f"{name}_gbq_zp"))
             gbq_zp = tensors[-1].name
     return NBitsWeight(tensors[0].name, tensors[1].name, zp, gbq_zp, bits, bs, k, n, nb), tensors
+
+
+class SharedNBitsWeights:
+    """The MatMulNBits-layout initializers of each weight a gbq embedding shares, made once per weight (``key``)
+    and handed to ``add``; both ONNX lowerings call this."""
+
+    def __init__(self, add) -> None:
+        self._add, self._made = add, {}
+
+    def __call__(self, name: str, key: tuple, qdata, scale, zp, fmt: str, bits: int, group: int, k: int,
+                 sym: bool) -> NBitsWeight:
+        if key not in self._made:
+            w, tensors = nbits_weight(name, qdata, scale, zp, fmt, bits, group, k, sym)
+            for t in tensors:
+                self._add(t)
+            self._made[key] = w
+        return self._made[key]
 
 
 def matmulnbits_node(name: str, x: str, out: str, w: NBitsWeight, accuracy_level: int):

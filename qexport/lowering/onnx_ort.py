@@ -236,7 +236,7 @@ def _rewrite(model, report: LoweringReport, accuracy_level: int | None = None):
     from onnx import helper, numpy_helper
 
     from qexport.formats import dequantize_stored
-    from qexport.lowering.embedding import gbq_block, gbq_lookup, matmulnbits_node, nbits_weight
+    from qexport.lowering.embedding import SharedNBitsWeights, gbq_block, gbq_lookup, matmulnbits_node
     from qexport.lowering.ort_matmul import BNB4_NF4, matmulbnb4_tensors, matmulnbits_tensors, nf4_lookup
     from qexport.lowering.qdq import _rank
 
@@ -265,15 +265,7 @@ def _rewrite(model, report: LoweringReport, accuracy_level: int | None = None):
     # (a tied lm_head) is a MatMulNBits node on the same initializers (qexport.lowering.embedding)
     gbq_keys = {tuple(_node_parts(n)[2][1:4]) for n in g.node if n.domain == DOMAIN and n.op_type == "QEmbedding"
                 and gbq_block(*_weight_format(_attrs(n))[:4]) is not None}
-    nbits: dict[tuple, Any] = {}
-
-    def nbits_for(name, key, qdata, scale, zp, fmt, bits, group, k, sym):
-        if key not in nbits:
-            w, tensors = nbits_weight(name, qdata, scale, zp, fmt, bits, group, k, sym)
-            for t in tensors:
-                add_tensor(t)
-            nbits[key] = w
-        return nbits[key]
+    nbits_for = SharedNBitsWeights(add_tensor)
 
     for node in g.node:
         if node.domain != DOMAIN:

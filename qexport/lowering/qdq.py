@@ -288,7 +288,7 @@ def lower_qdq(model, target: str = "ort", scales: dict[str, torch.Tensor] | None
     from onnx import helper, numpy_helper
 
     from qexport.formats import _load, dequantize_stored
-    from qexport.lowering.embedding import check_form, gbq_block, gbq_lookup, matmulnbits_node, nbits_weight
+    from qexport.lowering.embedding import SharedNBitsWeights, check_form, gbq_block, gbq_lookup, matmulnbits_node
     from qexport.lowering.embedding import standard_lookup
     from qexport.lowering.onnx_ort import matmulnbits_accuracy
     from qexport.lowering.ort_matmul import BNB4_NF4, matmulbnb4_tensors, nf4_lookup
@@ -337,16 +337,7 @@ def lower_qdq(model, target: str = "ort", scales: dict[str, torch.Tensor] | None
                 raise InvalidConfig(f"embedding_form='gbq': GatherBlockQuantized takes 4- and 8-bit codes in groups "
                                     f"of a multiple of 16, not {_format_name(fmt, bits)} groups of {group} on {k}; "
                                     "use 'auto' or 'standard'")
-    nbits: dict[tuple, Any] = {}
-
-    def nbits_for(name: str, key: tuple, qdata, scale, zp, fmt: str, bits: int, group: int, k: int, sym: bool):
-        """The MatMulNBits-layout initializers of a weight shared by a gbq embedding, made once."""
-        if key not in nbits:
-            w, tensors = nbits_weight(name, qdata, scale, zp, fmt, bits, group, k, sym)
-            for t in tensors:
-                add(t)
-            nbits[key] = w
-        return nbits[key]
+    nbits_for = SharedNBitsWeights(add)
 
     def matmul(x: str, w: str, bias: str, out: str, name: str) -> None:
         mm_out = out if not bias else f"{name}_mm"
