@@ -507,10 +507,12 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from qexport.models.architectures import ARCHITECTURES, PATHS, support, support_markdown
 
-    if args.json:
-        print(json.dumps({a.family: {"model_types": list(a.model_types),
+    if args.json:  # each family's layout (the table's entry) and what works for it
+        print(json.dumps({a.family: {"layout": asdict(a),
                                      "paths": {p: {"status": st, "note": n} for p, (st, n) in support(a).items()}}
                           for a in ARCHITECTURES}, indent=2))
         return 0
@@ -793,7 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
     mo = sub.add_parser("models", help="the model families qexport knows and what works for each (support matrix)")
     fmt = mo.add_mutually_exclusive_group()
     fmt.add_argument("--markdown", action="store_true", help="the Markdown table README shows, with notes")
-    fmt.add_argument("--json", action="store_true", help="family -> path -> status and note, as JSON")
+    fmt.add_argument("--json", action="store_true", help="per family: its layout, and path -> status and note")
     mo.set_defaults(func=cmd_models)
     return p
 

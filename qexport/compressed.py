@@ -73,10 +73,14 @@ def why_not_expressible(model: nn.Module, quantized: dict[str, nn.Module], recip
         return "Hadamard / random rotation (an online down_proj rotation compressed-tensors cannot state)"
     if (recipe or {}).get("kv_cache"):
         return "a quantized KV cache (qexport's own)"
+    from qexport.checkpoint import _shared_with
+
+    shared = _shared_with(quantized)
+    tied = set(shared) | set(shared.values())  # layers holding one stored weight together
     for name, mod in quantized.items():
         if type(mod).__name__ == "QEmbedding":
             return f"{name}: a quantized embedding (qexport's own)"
-        if any(other is not mod and other.qdata is mod.qdata for other in quantized.values()):
+        if name in tied:
             return f"{name}: a quantized weight shared with another layer (qexport stores it once)"
         problem = _layer_problem(name, mod)
         if problem:
@@ -229,7 +233,8 @@ def engines(why_not: str | None, quantized: dict[str, nn.Module] | None = None) 
     dynamic = any(m.act_spec is not None and m.act_spec.dynamic for m in mods)
     int8_weight_only = any(m.act_spec is None and m.spec.bits == 8 for m in mods)
     if asym:
-        hf = ("refuses: transformers (4.57, 5.24) with compressed-tensors 0.20.1 cannot load packed asymmetric zero points "
+        hf = ("refuses: transformers (4.57, 5.24) with compressed-tensors 0.20.1 cannot load packed asymmetric zero "
+              "points "
               "(size mismatch; llm-compressor issue 1618)")
     elif dynamic:
         hf = (f"loads ({_INTEROP}); dynamic activations run as compressed-tensors' fake quantization (scale "

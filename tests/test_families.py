@@ -163,6 +163,21 @@ def test_cell(fam, path, tok, tmp_path):
     assert err <= tol, (fam, path, err, tol)
 
 
+def test_models_command_lists_every_family_with_its_layout(capsys):
+    import json
+
+    from qexport.cli import main
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  (")[0].strip() for line in lines[:len(ARCHITECTURES)]] == [a.family for a in ARCHITECTURES]
+    assert main(["models", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["Phi-3"]["layout"]["qkv"] == ["qkv_proj"] and data["Gemma 2"]["layout"]["norm"] == "rms_1p"
+    assert data["OPT"]["paths"]["rotation"]["status"] == "refused"
+    assert set(data["Llama"]["paths"]) == set(PATHS)
+
+
 def test_readme_table_is_the_command_output(capsys):
     from qexport.cli import main
 

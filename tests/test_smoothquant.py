@@ -144,7 +144,8 @@ def test_option_validation():
 
 def test_smoothquant_needs_a_family_of_the_architecture_table():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
-    with pytest.raises(UnsupportedOp, match="algorithm 'smoothquant' needs the decoder layout of Sequential .*use algorithm 'rtn'"):
+    with pytest.raises(UnsupportedOp,
+                       match="algorithm 'smoothquant' needs the decoder layout of Sequential .*use algorithm 'rtn'"):
         qexport.quantize(model, Recipe(name="r", rules=(Rule("*", W8, PER_TOKEN),), algorithm="smoothquant"),
                          calibration=torch.randn(4, 8))
 

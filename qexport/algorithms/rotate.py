@@ -50,8 +50,8 @@ from torch import nn
 from qexport.errors import InvalidConfig, UnsupportedOp
 from qexport.models.architectures import architecture, describe, find_architecture, rotation_refusal
 
-__all__ = ["rotate_model", "install_online_rotation", "RotationReport", "RotatedMLP", "OnlineRotation", "hadamard_matrix",
-           "orthogonal_matrix", "ROTATIONS"]
+__all__ = ["rotate_model", "install_online_rotation", "RotationReport", "RotatedMLP", "OnlineRotation",
+           "hadamard_matrix", "orthogonal_matrix", "ROTATIONS"]
 
 ROTATIONS = ("none", "hadamard", "random")  # values of the recipe option ``rotate``
 

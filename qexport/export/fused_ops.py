@@ -24,8 +24,8 @@ quantizes the new entries).
 calls these; the arithmetic is the same (tests compare the exported model with the PyTorch one). Only
 families of the architecture table whose norms are ``x / rms(x) * w``, whose attention reads separate q / k / v
 projections with rotate-half rotary embeddings, without soft-capping or sliding windows, are patched (Llama,
-Mistral, Qwen2, Qwen3: :func:`~qexport.models.architectures.fused_export_refusal`); others export as before. The TensorRT target never uses this (its parser and QDQ rules are checked on the
-opset-21 graph).
+Mistral, Qwen2, Qwen3: :func:`~qexport.models.architectures.fused_export_refusal`); others export as before.
+The TensorRT target never uses this (its parser and QDQ rules are checked on the opset-21 graph).
 """
 
 from __future__ import annotations

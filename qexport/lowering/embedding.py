@@ -35,8 +35,8 @@ import torch
 
 from qexport.errors import InvalidConfig, UnsupportedOp
 
-__all__ = ["StoredWeight", "NBitsWeight", "SharedNBitsWeights", "FORMS", "DEFAULT_FORM", "check_form", "gbq_block", "nbits_weight",
-           "matmulnbits_node", "gbq_lookup", "standard_lookup"]
+__all__ = ["StoredWeight", "NBitsWeight", "SharedNBitsWeights", "FORMS", "DEFAULT_FORM", "check_form", "gbq_block",
+           "nbits_weight", "matmulnbits_node", "gbq_lookup", "standard_lookup"]
 
 FORMS = ("auto", "gbq", "standard")
 DEFAULT_FORM = "auto"

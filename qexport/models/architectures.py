@@ -14,8 +14,9 @@ An entry names modules relative to one decoder block:
   or ``"layernorm"`` (mean subtracted, weight and bias);
 - ``post_norms``: norms applied to a sublayer's output before the residual add (Gemma 2 and 3).
 
-Facts that vary within a family (head counts, ``head_dim``, sliding-window layers, soft-capping, tied
-embeddings) are read from the model's config by :func:`describe`.
+Facts that vary within a family (head counts, ``head_dim``, sliding-window layers, soft-capping) are read
+from the model's config by :func:`describe`; whether the embedding is tied is read from the modules where it
+matters (rotation unties it).
 
 A model type that is not in the table still quantizes with round-to-nearest and GPTQ, which work on any
 ``nn.Linear``; what needs the table (AWQ, SmoothQuant, rotation, the fused ONNX export) raises
@@ -25,7 +26,6 @@ A model type that is not in the table still quantizes with round-to-nearest and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from torch import nn
 
@@ -137,12 +137,6 @@ class ModelFacts:
     sliding_layers: int  # layers with sliding-window attention
     attn_softcap: float | None
     final_softcap: float | None
-    tied: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"family": self.arch.family, "hidden": self.hidden, "heads": self.heads, "kv_heads": self.kv_heads,
-                "head_dim": self.head_dim, "layers": self.layers, "sliding_layers": self.sliding_layers,
-                "attn_softcap": self.attn_softcap, "final_softcap": self.final_softcap, "tied": self.tied}
 
 
 def describe(model: nn.Module, arch: Architecture | None = None) -> ModelFacts:
@@ -154,12 +148,11 @@ def describe(model: nn.Module, arch: Architecture | None = None) -> ModelFacts:
     sliding = sum(1 for k in kinds if "sliding" in str(k))
     if not kinds and getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         sliding = cfg.num_hidden_layers
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
     return ModelFacts(
         arch=arch, hidden=cfg.hidden_size, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, layers=cfg.num_hidden_layers,
         sliding_layers=sliding, attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
-        final_softcap=getattr(cfg, "final_logit_softcapping", None), tied=tied,
+        final_softcap=getattr(cfg, "final_logit_softcapping", None),
     )
 
 
