@@ -256,7 +256,7 @@ def calibrate(model, batches: Iterable, *, progress: bool = False) -> int:
         m.observing = True
     count = 0
     try:
-        with backend.calibrating():
+        with backend.calibrating() as observed_graphs:
             for batch in iterator:
                 _run_batch(model, batch)
                 count += 1
@@ -265,7 +265,7 @@ def calibrate(model, batches: Iterable, *, progress: bool = False) -> int:
             m.observing = False
     if count == 0:
         raise CalibrationError("the calibration set is empty: give at least one batch")
-    if compiled and not qlinears and not backend.has_static_graphs():
+    if compiled and not qlinears and not observed_graphs:
         raise CalibrationError(
             "nothing to calibrate: this compiled model has no static-activation layers (recipe e.g. 'w8a8-static')"
         )

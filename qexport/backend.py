@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -113,7 +112,6 @@ class GraphReport:
 
 
 _REPORTS: list[GraphReport] = []
-_LIVE: "weakref.WeakSet[QExportGraph]" = weakref.WeakSet()
 _STATE = threading.local()
 
 
@@ -138,22 +136,21 @@ def reports() -> list[GraphReport]:
 
 @contextlib.contextmanager
 def calibrating():
-    """While active, compiled graphs that need calibration run their observers instead of raising."""
-    prev = getattr(_STATE, "calibrating", False)
-    _STATE.calibrating = True
+    """While active, compiled graphs that need calibration run their observers instead of raising.
+
+    Yields the list of graphs that observed during this calibration (in call order, each once), so a caller can
+    tell a model with static-activation layers from one without: graphs of other models do not count."""
+    prev = getattr(_STATE, "observed", None)
+    observed: list[QExportGraph] = []
+    _STATE.observed = observed
     try:
-        yield
+        yield observed
     finally:
-        _STATE.calibrating = prev
+        _STATE.observed = prev
 
 
-def _is_calibrating() -> bool:
-    return getattr(_STATE, "calibrating", False)
-
-
-def has_static_graphs() -> bool:
-    """Whether any live qexport graph quantizes activations statically (observes while calibrating)."""
-    return any(g.needs_calibration for g in list(_LIVE))
+def _calibration_record() -> "list[QExportGraph] | None":
+    return getattr(_STATE, "observed", None)
 
 
 def is_compiled_with_qexport(model) -> bool:
@@ -194,7 +191,6 @@ class QExportGraph:
         self.compiled: Callable | None = None
         if not self.needs_calibration:
             self._finalize(example_inputs)
-        _LIVE.add(self)
 
     def _finalize(self, example_inputs) -> None:
         from qexport.passes import convert, fold, fuse_attention
@@ -213,7 +209,10 @@ class QExportGraph:
 
     def __call__(self, *args):
         if self.compiled is None:
-            if _is_calibrating():
+            record = _calibration_record()
+            if record is not None:
+                if not any(g is self for g in record):
+                    record.append(self)
                 return self.gm(*args)
             if not self._observed():
                 raise CalibrationError(

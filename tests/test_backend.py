@@ -111,9 +111,13 @@ def test_static_mode_requires_calibration_then_matches_reference():
 
 
 def test_calibrating_a_compiled_model_without_static_layers_is_an_error():
+    # a static model compiled in the same process, still alive, must not make the w8 model look calibratable
+    static = compiled(tiny_llama(seed=8), recipe="w8a8-static", target="eager")
+    assert qexport.calibrate(static, [IDS]) == 1
     c = compiled(tiny_llama(seed=8), recipe="w8", target="eager")
     with pytest.raises(CalibrationError, match="no static-activation layers"):
         qexport.calibrate(c, [IDS])
+    del static
 
 
 class WithOddOps(nn.Module):
