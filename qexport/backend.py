@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -112,6 +113,7 @@ class GraphReport:
 
 
 _REPORTS: list[GraphReport] = []
+_LIVE: "weakref.WeakSet[QExportGraph]" = weakref.WeakSet()  # for inspection (tests, debugging) only
 _STATE = threading.local()
 
 
@@ -191,6 +193,7 @@ class QExportGraph:
         self.compiled: Callable | None = None
         if not self.needs_calibration:
             self._finalize(example_inputs)
+        _LIVE.add(self)
 
     def _finalize(self, example_inputs) -> None:
         from qexport.passes import convert, fold, fuse_attention
