@@ -1,19 +1,13 @@
-"""The Triton kernels as ``torch.library`` custom ops (namespace ``qexport``), with fake kernels.
+"""The Triton weight-only kernel as a ``torch.library`` custom op (namespace ``qexport``), with a fake kernel.
 
 Registered when :mod:`qexport.kernels.triton` is imported (which needs ``triton``):
 
 ``qexport::triton_qlinear(x, qdata, scale, zero_point, bias, fmt, bits, group, in_features, symmetric) -> y``
     the arguments and result of ``qexport::qlinear`` (``y`` in ``x.dtype``).
-``qexport::triton_qlinear_nf4_dq(x, qdata, qscale, scale2, scale_offset, dq_block, bias, group, in_features) -> y``
-    NF4 whose scales are stored double-quantized (``QLinear``'s ``qscale`` / ``scale2`` / ``scale_offset``).
-``qexport::triton_qlinear_a8(xq, x_scale, x_zero_point, wq, w_scale, bias) -> y``
-    the arguments and result of ``qexport::qlinear_a8`` (float32, bit-exact).
-``qexport::triton_qlinear_a8_dynamic(x, wq, w_scale, bias) -> y``
-    ``qlinear_a8(*quantize_per_token(x), 0, wq, w_scale, bias)`` fused in one kernel (float32, bit-exact).
 
-The ops are opaque to ``torch.compile``: the fake kernels give shapes and dtypes, the real ones run at run
-time. The existing ``qexport::qlinear`` / ``qlinear_a8`` reach these kernels through
-:mod:`qexport.kernels.dispatch` without going through the ops below.
+The op is opaque to ``torch.compile``: the fake kernel gives shapes and dtypes, the real one runs at run
+time. ``qexport::qlinear`` / ``qlinear_a8`` reach the Triton kernels through :mod:`qexport.kernels.dispatch`
+without going through an op of this module; the other kernels of :mod:`.gemm` are called as functions.
 """
 
 from __future__ import annotations
@@ -25,7 +19,7 @@ from torch import Tensor
 
 from qexport.kernels.triton import gemm
 
-__all__ = ["triton_qlinear", "triton_qlinear_nf4_dq", "triton_qlinear_a8", "triton_qlinear_a8_dynamic"]
+__all__ = ["triton_qlinear"]
 
 
 @torch.library.custom_op("qexport::triton_qlinear", mutates_args=())
@@ -37,35 +31,3 @@ def triton_qlinear(x: Tensor, qdata: Tensor, scale: Tensor, zero_point: Optional
 @triton_qlinear.register_fake
 def _(x, qdata, scale, zero_point, bias, fmt, bits, group, in_features, symmetric):
     return x.new_empty((*x.shape[:-1], qdata.shape[0]))
-
-
-@torch.library.custom_op("qexport::triton_qlinear_nf4_dq", mutates_args=())
-def triton_qlinear_nf4_dq(x: Tensor, qdata: Tensor, qscale: Tensor, scale2: Tensor, scale_offset: Tensor,
-                          dq_block: int, bias: Optional[Tensor], group: int, in_features: int) -> Tensor:
-    return gemm.qlinear_nf4_dq(x, qdata, qscale, scale2, scale_offset, dq_block, bias, group, in_features)
-
-
-@triton_qlinear_nf4_dq.register_fake
-def _(x, qdata, qscale, scale2, scale_offset, dq_block, bias, group, in_features):
-    return x.new_empty((*x.shape[:-1], qdata.shape[0]))
-
-
-@torch.library.custom_op("qexport::triton_qlinear_a8", mutates_args=())
-def triton_qlinear_a8(xq: Tensor, x_scale: Tensor, x_zero_point: int, wq: Tensor, w_scale: Tensor,
-                      bias: Optional[Tensor]) -> Tensor:
-    return gemm.qlinear_a8(xq, x_scale, x_zero_point, wq, w_scale, bias)
-
-
-@triton_qlinear_a8.register_fake
-def _(xq, x_scale, x_zero_point, wq, w_scale, bias):
-    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=torch.float32)
-
-
-@torch.library.custom_op("qexport::triton_qlinear_a8_dynamic", mutates_args=())
-def triton_qlinear_a8_dynamic(x: Tensor, wq: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-    return gemm.qlinear_a8_dynamic(x, wq, w_scale, bias)
-
-
-@triton_qlinear_a8_dynamic.register_fake
-def _(x, wq, w_scale, bias):
-    return x.new_empty((*x.shape[:-1], wq.shape[0]), dtype=torch.float32)
