@@ -1,18 +1,10 @@
 """TensorRT: lint an ONNX graph against TensorRT's QDQ rules, and build an engine (TensorRT imported lazily).
 
-Rules checked by :func:`lint_tensorrt` (TensorRT 10's explicit-quantization rules for QDQ graphs):
-
-* ``opset``: the default-domain opset is between 13 (per-channel ``axis``) and 21 (blocked
-  ``DequantizeLinear``, INT4), the newest this lint knows TensorRT's parser to take QDQ from;
-* ``custom-op``: no op outside the default ONNX domain (``com.microsoft.*`` contrib ops are ORT-only);
-* ``dynamic-quantization``: no ``DynamicQuantizeLinear`` (TensorRT needs constant scales);
-* ``constant-scale`` / ``positive-scale``: every Q / DQ scale is a constant whose values are finite and > 0;
-* ``zero-point``: zero points are constants, of a signed type (INT8 / INT4), and all 0 (symmetric);
-* ``type``: quantized types are INT8 or INT4 (no UINT8 / UINT4 / 2-bit);
-* ``int4-weight-only`` / ``int4-blocked``: INT4 only in a ``DequantizeLinear`` of a 2-D constant weight,
-  blocked (``block_size``) along one axis: no per-tensor or per-channel int4;
-* ``weight-axis``: a per-channel weight scale has one value per element of the ``axis`` dimension, and that
-  axis is the output channel of the ``MatMul`` / ``Gemm`` that reads the weight.
+:func:`lint_tensorrt` checks a finished graph against TensorRT 10's explicit-quantization rules, the ones
+:mod:`qexport.lowering.tensorrt_rules` states once for the pre-export check, the lowering and this lint; each
+violation names its rule (``opset``, ``custom-op``, ``dynamic-quantization``, ``integer-op``, ``constant-scale``,
+``positive-scale``, ``zero-point``, ``type``, ``int4-weight-only``, ``int4-blocked``, ``weight-axis``) and says
+what TensorRT needs (:data:`qexport.lowering.tensorrt_rules.RULES`).
 
 :func:`build_engine` builds a strongly typed engine (precisions come from the graph's Q/DQ types) with a
 timing cache and one optimization profile covering the dynamic batch / sequence / past axes.
@@ -27,10 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from qexport.errors import InvalidConfig, ModelLoadError, QExportError, UnsupportedOp
+from qexport.lowering.tensorrt_rules import INTEGER_OPS, OPSETS as TRT_OPSETS, QUANTIZED_BITS, RULES
 
 __all__ = ["Violation", "lint_tensorrt", "build_engine", "TensorRTUnavailable", "TRT_OPSETS", "quantized_types"]
-
-TRT_OPSETS = (13, 21)
 
 
 class TensorRTUnavailable(QExportError):
@@ -89,8 +80,11 @@ def quantized_types(model) -> set[str]:
 
 
 def lint_tensorrt(model) -> list[Violation]:
-    """Every violation of TensorRT's QDQ rules (module docstring) in ``model`` (a ModelProto or a path)."""
+    """Every violation of TensorRT's QDQ rules (:data:`qexport.lowering.tensorrt_rules.RULES`) in ``model`` (a
+    ModelProto or a path)."""
     from onnx import TensorProto, helper, numpy_helper
+
+    from qexport.lowering.qdq import onnx_type
 
     proto = _load(model)
     g = proto.graph
@@ -103,26 +97,29 @@ def lint_tensorrt(model) -> list[Violation]:
             consumers.setdefault(name, []).append((n, i))
     out: list[Violation] = []
 
-    def bad(node, rule, message):
-        out.append(Violation(node.name or node.output[0], node.op_type, rule, message))
+    def bad(node, rule, what):
+        name, op = ("<model>", "opset") if node is None else (node.name or node.output[0], node.op_type)
+        out.append(Violation(name, op, rule, f"{what}: TensorRT needs {RULES[rule].requirement}"))
 
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     if not TRT_OPSETS[0] <= opset <= TRT_OPSETS[1]:
-        out.append(Violation("<model>", "opset", "opset", f"opset {opset} is outside the {TRT_OPSETS[0]}-"
-                             f"{TRT_OPSETS[1]} range TensorRT takes QDQ graphs in"))
+        bad(None, "opset", f"opset {opset}")
 
     def const(name):
         if name in inits:
             return inits[name]
         return constants.get(name)
 
-    signed_ok = {TensorProto.INT8, TensorProto.INT4}
+    signed_ok = {onnx_type(bits, True) for bits in QUANTIZED_BITS}
     for node in g.node:
         if node.domain not in ("", "ai.onnx"):
-            bad(node, "custom-op", f"{node.domain}.{node.op_type} is not an ONNX op TensorRT implements")
+            bad(node, "custom-op", f"{node.domain}.{node.op_type}")
             continue
         if node.op_type == "DynamicQuantizeLinear":
-            bad(node, "dynamic-quantization", "dynamic activation quantization: TensorRT needs constant scales")
+            bad(node, "dynamic-quantization", "dynamic activation quantization")
+            continue
+        if node.op_type in INTEGER_OPS:
+            bad(node, "integer-op", f"integer {node.op_type}")
             continue
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
@@ -133,8 +130,8 @@ def lint_tensorrt(model) -> list[Violation]:
         else:
             s = numpy_helper.to_array(scale).astype(np.float64)
             if not np.all(np.isfinite(s)) or np.any(s <= 0):
-                bad(node, "positive-scale", f"scale {node.input[1]!r} has values <= 0 or not finite "
-                    f"(min {s.min():.3g}); TensorRT needs strictly positive scales")
+                bad(node, "positive-scale",
+                    f"scale {node.input[1]!r} has values <= 0 or not finite (min {s.min():.3g})")
         qtype = None
         zp_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if zp_name:
@@ -144,22 +141,20 @@ def lint_tensorrt(model) -> list[Violation]:
             else:
                 qtype = zp.data_type
                 if np.any(numpy_helper.to_array(zp) != 0):
-                    bad(node, "zero-point", f"asymmetric zero point {zp_name!r} (non-zero values): TensorRT needs 0")
+                    bad(node, "zero-point", f"asymmetric zero point {zp_name!r} (non-zero values)")
         weight = const(node.input[0]) if node.op_type == "DequantizeLinear" else None
         if weight is not None:
             qtype = weight.data_type
         elif qtype is None:
             qtype = attrs.get("output_dtype") or TensorProto.UINT8  # ONNX's default quantized type
         if qtype not in signed_ok:
-            bad(node, "type", f"quantized type {_type_name(qtype)}: TensorRT takes INT8 and INT4 (signed, zero "
-                "point 0)")
+            bad(node, "type", f"quantized type {_type_name(qtype)}")
         if qtype in (TensorProto.INT4, TensorProto.UINT4):
             if weight is None:
-                bad(node, "int4-weight-only", "int4 on an activation: TensorRT runs int4 weights only")
+                bad(node, "int4-weight-only", "int4 on an activation")
             elif len(weight.dims) != 2 or not attrs.get("block_size"):
                 how = "per-tensor" if scale is not None and len(scale.dims) == 0 else "per-channel / unblocked"
-                bad(node, "int4-blocked", f"{how} int4 weight: TensorRT needs 2-D int4 weights quantized in blocks "
-                    "(block_size)")
+                bad(node, "int4-blocked", f"{how} int4 weight")
         if weight is not None and scale is not None and len(scale.dims) == 1 and scale.dims[0] > 1 \
                 and not attrs.get("block_size"):
             axis = attrs.get("axis", 1) % len(weight.dims)
@@ -168,7 +163,7 @@ def lint_tensorrt(model) -> list[Violation]:
             want = next((channel[(r.op_type, i)] for r, i in readers if (r.op_type, i) in channel), axis)
             if scale.dims[0] != weight.dims[axis] or axis != want:
                 bad(node, "weight-axis", f"per-channel scale of {scale.dims[0]} values on axis {axis} of a weight "
-                    f"{list(weight.dims)}: it must be the output-channel axis {want}")
+                    f"{list(weight.dims)}, not the output-channel axis {want}")
     return out
 
 

@@ -107,7 +107,7 @@ def nbits_weight(name: str, qdata: torch.Tensor, scale: torch.Tensor, zero_point
 
 class SharedNBitsWeights:
     """The MatMulNBits-layout initializers of each weight a gbq embedding shares, made once per weight (``key``)
-    and handed to ``add``; both ONNX lowerings call this."""
+    and handed to ``add`` (the embedding and the tied linear emitters of :mod:`qexport.lowering.core`)."""
 
     def __init__(self, add) -> None:
         self._add, self._made = add, {}

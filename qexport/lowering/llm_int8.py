@@ -1,9 +1,9 @@
 """LLM.int8() in standard ONNX: the ``QLinearLLMInt8`` node of the ``qexport`` domain as two matmuls.
 
-``qexport::qlinear_llm_int8`` is exported (:mod:`qexport.lowering.onnx_ort`'s translation table) as one
-``qexport``-domain node, ``QLinearLLMInt8(x, wq, w_scale, bias?, threshold=)``, so that the int8 weight is
-a single constant. Both rewrites, the compile back-end's ONNX Runtime target (``onnx_ort``) and the QDQ export
-(``qdq``), replace it by :func:`llm_int8_nodes`, standard ONNX ops only (opset >= 18)::
+``qexport::qlinear_llm_int8`` is exported (:mod:`qexport.lowering.translate`) as one ``qexport``-domain node,
+``QLinearLLMInt8(x, wq, w_scale, bias?, threshold=)``, so that the int8 weight is a single constant. The ONNX
+Runtime emitter of :mod:`qexport.lowering.core` replaces it by :func:`llm_int8_nodes`, standard ONNX ops only
+(opset >= 18)::
 
     xf        = Cast(x, float)
     outliers  = GreaterOrEqual(ReduceMax(Abs(Reshape(xf, [-1, K])), axes=[0]), threshold)      # [K] bool
@@ -19,14 +19,13 @@ The weight is stored once, as int8 ``[K, N]``; the float path gathers only the o
 time, so its cost follows the number of outlier columns (none: an empty ``MatMul`` that adds zeros). The
 numerics are those of :func:`qexport.llm_int8.reference_linear` up to float rounding.
 
-TensorRT takes no activation scales computed at run time, so the QDQ rewrite refuses this node for the
-``tensorrt`` target (as it refuses dynamic W8A8). If the decomposition cannot be built for a layer, that
-layer falls back to a float ``MatMul`` of its dequantized weight, with a warning and a report entry.
+TensorRT takes no activation scales computed at run time, so the ``tensorrt`` target refuses this node (as it
+refuses dynamic W8A8; :mod:`qexport.lowering.tensorrt_rules`). If the decomposition cannot be built for a layer,
+the core's emitter falls back to a float ``MatMul`` of its dequantized weight, with a warning and a report entry.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch
 
 from qexport.errors import UnsupportedOp
 
-__all__ = ["OP_TYPE", "SCHEMA", "llm_int8_nodes", "lower_llm_int8"]
+__all__ = ["OP_TYPE", "SCHEMA", "llm_int8_nodes"]
 
 OP_TYPE = "QLinearLLMInt8"
 # the qexport-domain schema: inputs as (name, type, optional), attributes as (name, type)
@@ -92,28 +91,3 @@ def llm_int8_nodes(name: str, x: str, wq: torch.Tensor, w_scale: torch.Tensor, b
     if bias:
         node("Add", [f"{name}_sum", bias], "bias", output=out)
     return nodes
-
-
-def lower_llm_int8(name: str, layer: str, ins: list[str], out: str, threshold: float,
-                   value: Callable[[str], torch.Tensor], add_array: Callable[[str, np.ndarray], str],
-                   float_fallback: list) -> tuple[list, bool]:
-    """The nodes that replace one ``QLinearLLMInt8`` node (inputs ``ins``: x, wq, w_scale, bias), and whether
-    they are the decomposition (True) or the float fallback (False, appended to ``float_fallback`` as
-    ``(layer, reason)`` with a warning)."""
-    from onnx import helper
-
-    x, wq_name, ws_name, bias = (list(ins) + [""] * 4)[:4]
-    wq, ws = value(wq_name), value(ws_name)
-    try:
-        return llm_int8_nodes(name, x, wq, ws, bias, out, threshold, add_array), True
-    except UnsupportedOp as e:
-        reason = f"LLM.int8() decomposition not lowered ({e}); float MatMul of the dequantized weight"
-        warnings.warn(f"qexport: {layer} stays float: {reason}", stacklevel=2)
-        float_fallback.append((layer, reason))
-        w = wq.to(torch.float32) * ws.to(torch.float32).reshape(-1, 1)
-        wt = add_array(f"{name}_WT_float", w.t().contiguous().numpy())
-        mm = out if not bias else f"{name}_mm"
-        nodes = [helper.make_node("MatMul", [x, wt], [mm], name=f"{name}_MatMul")]
-        if bias:
-            nodes.append(helper.make_node("Add", [mm, bias], [out], name=f"{name}_bias"))
-        return nodes, False
