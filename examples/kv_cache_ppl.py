@@ -21,10 +21,10 @@ import time
 import torch
 
 import qexport
-from qexport.config import KV_CACHE_PRESETS
 from qexport.eval import perplexity
 from qexport.export.onnx import kv_geometry
 from qexport.models import bundled_text, load_model, read_text
+from qexport.presets import KV_CACHE_PRESETS
 
 
 def main() -> None:

@@ -18,10 +18,11 @@ import json
 from pathlib import Path
 
 import qexport
-from qexport.config import PRESETS, QuantSpec
+from qexport.config import QuantSpec
 from qexport.eval import perplexity
 from qexport.llm_int8 import counting_outliers
 from qexport.models import bundled_text, load_model, read_text
+from qexport.presets import PRESETS
 
 
 def with_threshold(threshold: float) -> qexport.Recipe:

@@ -6,7 +6,7 @@ initialises CUDA.
 
 from qexport.algorithms.allocate import allocate, plan_allocation
 from qexport.api import QuantizationReport, SizeReport, calibrate, model_size, quantize
-from qexport.config import PRESETS, QuantSpec, Recipe, Rule, get_preset, load_recipe
+from qexport.config import QuantSpec, Recipe, Rule, load_recipe
 from qexport.errors import (
     CalibrationError,
     DataError,
@@ -19,6 +19,7 @@ from qexport.errors import (
 )
 from qexport.formats import QuantizedWeight, fake_quantize, quantize_weight
 from qexport.modules import QEmbedding, QLinear
+from qexport.presets import PRESETS, get_preset
 
 __version__ = "0.1.0"
 

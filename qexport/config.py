@@ -1,10 +1,13 @@
-"""What to quantize and how: :class:`QuantSpec`, :class:`Rule`, :class:`Recipe` and the presets.
+"""What to quantize and how: :class:`QuantSpec`, :class:`Rule`, :class:`Recipe` and :class:`KVCacheSpec`.
 
 A :class:`QuantSpec` describes one number format (bits, integer or NF4, granularity, symmetry, observer).
 A :class:`Recipe` is an ordered list of rules, each mapping a module-name pattern to a weight spec (and,
 for the graph back-ends, an activation spec). The first rule whose pattern matches a module wins; modules
 that match no rule, or match an ``exclude`` pattern, stay in floating point. Everything is validated on
 construction and round-trips through JSON, so a quantized artifact can record exactly how it was made.
+
+The named recipes are in :mod:`qexport.presets`; the algorithms a recipe may name, with their options, in
+:mod:`qexport.algorithms.registry`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from qexport.errors import InvalidConfig, UnknownPreset
+from qexport.errors import InvalidConfig
 
 __all__ = [
     "NumberFormat",
@@ -29,18 +32,22 @@ __all__ = [
     "QuantSpec",
     "Rule",
     "Recipe",
-    "PRESETS",
-    "get_preset",
     "load_recipe",
-    "ALGORITHMS",
-    "ALGORITHM_OPTIONS",
-    "CALIBRATED_PRESETS",
+    "match_pattern",
     "KVCacheSpec",
-    "KV_CACHE_PRESETS",
 ]
 
 INT_BITS = (2, 4, 8)
-ALGORITHMS = ("rtn", "gptq", "awq", "smoothquant")  # usable in a Recipe; all but rtn need calibration data
+
+
+def __getattr__(name: str) -> Any:
+    # ALGORITHMS: the registry of the algorithms a Recipe may name (qexport.algorithms.registry), imported on
+    # first use because the algorithm modules import this one
+    if name == "ALGORITHMS":
+        from qexport.algorithms.registry import registered
+
+        return registered()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class NumberFormat(str, Enum):
@@ -73,126 +80,6 @@ def _enum(cls: type[Enum], value: Any, field_name: str) -> Enum:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class _Option:
-    """One algorithm option: its default, its type (bool, int, float or str) and its allowed values."""
-
-    default: Any
-    kind: type
-    lo: float | None = None  # inclusive bounds; None: unbounded
-    hi: float | None = None
-    doc: str = ""
-    choices: tuple[str, ...] = ()  # the allowed values of a str option
-
-    def check(self, where: str, value: Any) -> Any:
-        """``value`` validated (ints accepted for floats); ``where`` names the option in error messages."""
-        if self.kind is str:
-            if value not in self.choices:
-                raise InvalidConfig(f"{where} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
-            return value
-        if self.kind is bool:
-            if not isinstance(value, bool):
-                raise InvalidConfig(f"{where} must be true or false, got {value!r}")
-            return value
-        if self.kind is int and not _is_int(value):
-            raise InvalidConfig(f"{where} must be an integer, got {value!r}")
-        if self.kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InvalidConfig(f"{where} must be a number, got {value!r}")
-            value = float(value)
-        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
-            bounds = f">= {self.lo}" if self.hi is None else f"in [{self.lo}, {self.hi}]"
-            raise InvalidConfig(f"{where} must be {bounds}, got {value!r}")
-        return value
-
-
-# Options of each algorithm, with their defaults; a Recipe stores all of them, filled in, so that its JSON
-# records exactly how a model was made. The algorithms themselves live in qexport.algorithms.
-# Rotation before quantizing (qexport.algorithms.rotate), for round-to-nearest and GPTQ. AWQ does not take
-# it: its scales are folded between up_proj and down_proj, which the online rotation separates.
-ROTATE_OPTIONS: dict[str, _Option] = {
-    "rotate": _Option("none", str, choices=("none", "hadamard", "random"),
-                      doc="rotate a Llama model by orthogonal matrices folded into its weights before quantizing "
-                          "('hadamard': randomized Hadamard where the size allows, else random orthogonal)"),
-    "rotate_seed": _Option(0, int, 0, None, "seed of the rotation's random signs / matrices"),
-}
-
-ALGORITHM_OPTIONS: dict[str, dict[str, _Option]] = {
-    "rtn": {**ROTATE_OPTIONS},
-    "gptq": {
-        "percdamp": _Option(0.01, float, 0.0, 1.0, "damping added to the Hessian diagonal, as a fraction of its mean"),
-        "act_order": _Option(True, bool, doc="quantize columns by decreasing Hessian diagonal (group ranges "
-                                              "are then fixed from the weights beforehand: static groups)"),
-        "static_groups": _Option(False, bool, doc="fix every group's range from the weights before any update "
-                                                  "(always so with act_order)"),
-        "block_size": _Option(128, int, 1, None, "columns per lazy-update block"),
-        "true_sequential": _Option(True, bool, doc="within a decoder block, quantize the linears in the order they "
-                                                   "run, each seeing the inputs of the already quantized ones"),
-        **ROTATE_OPTIONS,
-    },
-    "awq": {
-        "n_grid": _Option(20, int, 1, 1000, "points of the alpha grid (alpha = i / n_grid, i = 0 .. n_grid-1)"),
-        "duo_scaling": _Option(False, bool, doc="s = mean|x|^alpha / mean|w|^(1-alpha) instead of mean|x|^alpha"),
-        "clip": _Option(True, bool, doc="search a clipping ratio of each group's range (not for q_proj / k_proj)"),
-        "clip_grid": _Option(20, int, 1, 1000, "clip ratios tried: 1 - i / clip_grid"),
-        "max_shrink": _Option(0.5, float, 0.0, 0.95, "the smallest clip ratio tried is 1 - max_shrink"),
-        "search_tokens": _Option(4096, int, 1, None, "calibration tokens (whole sequences) on which the scale and "
-                                                     "clip searches measure output error"),
-        "rounding": _Option("rtn", str, choices=("rtn", "gptq"),
-                            doc="how the scaled weights are rounded: 'rtn' (to nearest, after the clipping "
-                                "search) or 'gptq' (GPTQ with its default options on the scaled block; no "
-                                "clipping search)"),
-        "block_inputs": _Option("quantized", str, choices=("quantized", "float"),
-                                doc="each block's calibration inputs: the outputs of the blocks before it "
-                                    "'quantized' (default), or 'float' (the float model's, as in the reference "
-                                    "implementation)"),
-    },
-    "smoothquant": {
-        "alpha": _Option(0.5, float, 0.0, 1.0, "migration strength: s_j = max|x_j|^alpha / max|w_j|^(1-alpha) "
-                                               "(0: no smoothing, 1: all of the activation range into the weights)"),
-    },
-}
-
-
-class AlgorithmOptions(Mapping):
-    """A read-only mapping of option name -> value (picklable and copyable, unlike ``MappingProxyType``)."""
-
-    __slots__ = ("_values",)
-
-    def __init__(self, values: Mapping[str, Any]):
-        self._values = dict(values)
-
-    def __getitem__(self, key: str) -> Any:
-        return self._values[key]
-
-    def __iter__(self):
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def __repr__(self) -> str:
-        return repr(self._values)
-
-
-def _resolve_options(algorithm: str, options: Any, recipe_name: str) -> AlgorithmOptions:
-    schema = ALGORITHM_OPTIONS[algorithm]
-    if options is None:
-        options = {}
-    if not isinstance(options, Mapping):
-        raise InvalidConfig(f"recipe {recipe_name!r}: options must be an object, got {type(options).__name__}")
-    unknown = sorted(set(options) - set(schema))
-    if unknown:
-        allowed = sorted(schema) if schema else "none"
-        raise InvalidConfig(
-            f"recipe {recipe_name!r}: unknown option(s) {unknown} for algorithm {algorithm!r}; allowed: {allowed}"
-        )
-    return AlgorithmOptions({
-        k: opt.check(f"recipe {recipe_name!r}: option {k!r} of algorithm {algorithm!r}", options.get(k, opt.default))
-        for k, opt in schema.items()
-    })
 
 
 @dataclass(frozen=True)
@@ -431,7 +318,8 @@ class Rule:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Rule":
         if not isinstance(d, Mapping) or "pattern" not in d or "weight" not in d:
-            raise InvalidConfig(f"a rule must be an object with 'pattern' and 'weight' (null keeps it float), got {d!r}")
+            raise InvalidConfig(f"a rule must be an object with 'pattern' and 'weight' (null keeps it float), "
+                                f"got {d!r}")
         unknown = sorted(set(d) - {"pattern", "weight", "activation"})
         if unknown:
             raise InvalidConfig(f"unknown rule field(s) {unknown}; allowed: ['activation', 'pattern', 'weight']")
@@ -503,26 +391,18 @@ class KVCacheSpec:
 
     @classmethod
     def parse(cls, value: "KVCacheSpec | Mapping | str | None") -> "KVCacheSpec | None":
-        """A spec from a spec, a dict, a name in ``KV_CACHE_PRESETS`` (``'int8'``, ``'int4'`` ...), or None."""
+        """A spec from a spec, a dict, a name in :data:`qexport.presets.KV_CACHE_PRESETS` (``'int8'``,
+        ``'int4'`` ...), or None."""
         if value is None or isinstance(value, KVCacheSpec):
             return value
         if isinstance(value, Mapping):
             return cls.from_dict(value)
+        from qexport.presets import KV_CACHE_PRESETS
+
         if isinstance(value, str) and value in KV_CACHE_PRESETS:
             return KV_CACHE_PRESETS[value]
         raise InvalidConfig(f"kv_cache={value!r} is not valid; use one of {', '.join(KV_CACHE_PRESETS)} or an "
                             "object {bits, group_size, symmetric}")
-
-
-# Named KV-cache formats (``--kv-cache NAME``). int4 uses groups of 32 along head_dim: a whole 64-wide head
-# per scale costs SmolLM2 much more perplexity (README, KV-cache section).
-KV_CACHE_PRESETS: dict[str, KVCacheSpec] = {
-    "int8": KVCacheSpec(bits=8),
-    "int8-sym": KVCacheSpec(bits=8, symmetric=True),
-    "int4": KVCacheSpec(bits=4, group_size=32),
-    "int4-g64": KVCacheSpec(bits=4, group_size=64),
-    "int4-sym": KVCacheSpec(bits=4, group_size=32, symmetric=True),
-}
 
 
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "*embed*")
@@ -541,9 +421,10 @@ class Recipe:
     ``w4g64-sym-emb8``).
 
     ``algorithm`` chooses how the integer codes are found: ``'rtn'`` (round to nearest, no data),
-    ``'gptq'`` or ``'awq'`` (both need calibration data, ``quantize(model, recipe, calibration=...)``, and
-    integer formats). ``options`` are that algorithm's settings (``ALGORITHM_OPTIONS``); the ones left out
-    take their defaults. Every algorithm stores the same format, the one the rules describe.
+    ``'gptq'``, ``'awq'`` or ``'smoothquant'`` (they need calibration data, ``quantize(model, recipe,
+    calibration=...)``, and integer formats): any name in the registry :data:`qexport.algorithms.ALGORITHMS`.
+    ``options`` are that algorithm's settings (its registered options); the ones left out take their
+    defaults. Every algorithm stores the same format, the one the rules describe.
     """
 
     name: str
@@ -551,7 +432,7 @@ class Recipe:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     algorithm: str = "rtn"
     description: str = ""
-    # Options of the algorithm (see ALGORITHM_OPTIONS), stored with every default filled in, as a read-only
+    # Options of the algorithm (its registered options), stored with every default filled in, as a read-only
     # mapping. Left out of the hash (a mapping is not hashable); equality compares it.
     options: Mapping[str, Any] | None = dataclasses.field(default=None, hash=False)
     # How the attention KV cache is stored (qexport.kvcache); None: float. A spec, a dict or a preset name.
@@ -575,26 +456,16 @@ class Recipe:
         for p in exclude:
             _check_pattern(p, "exclude pattern")
         object.__setattr__(self, "exclude", exclude)
-        if self.algorithm not in ALGORITHMS:
-            raise InvalidConfig(f"recipe {self.name!r}: unknown algorithm {self.algorithm!r}; available: {list(ALGORITHMS)}")
-        object.__setattr__(self, "options", _resolve_options(self.algorithm, self.options, self.name))
+        from qexport.algorithms.registry import lookup
+
+        algorithm = lookup(self.algorithm, f"recipe {self.name!r}: ")
+        object.__setattr__(self, "options", algorithm.resolve(self.options, self.name))
         try:
             object.__setattr__(self, "kv_cache", KVCacheSpec.parse(self.kv_cache))
         except InvalidConfig as e:
             raise InvalidConfig(f"recipe {self.name!r}: {e}") from None
-        if self.algorithm != "rtn":
-            for r in rules:
-                w = r.weight
-                if w is not None and w.format is not NumberFormat.INT:
-                    raise InvalidConfig(
-                        f"recipe {self.name!r}: algorithm {self.algorithm!r} quantizes to integer grids, but rule "
-                        f"{r.pattern!r} asks for {w.describe()}: use algorithm 'rtn' for NF4"
-                    )
-        if self.algorithm == "smoothquant" and not any(r.activation is not None for r in rules):
-            raise InvalidConfig(
-                f"recipe {self.name!r}: algorithm 'smoothquant' moves activation outliers into int8 weights, but no "
-                "rule quantizes activations: give a rule an activation spec (as in 'w8a8-dynamic'), or use 'rtn'"
-            )
+        if algorithm.check is not None:
+            algorithm.check(self)
 
     @property
     def rotation(self) -> str:
@@ -603,13 +474,21 @@ class Recipe:
 
     @property
     def algorithm_needs_data(self) -> bool:
-        """True when the algorithm (gptq, awq) needs calibration data at ``quantize()`` time."""
-        return self.algorithm != "rtn"
+        """True when the algorithm (gptq, awq, smoothquant) needs calibration data at ``quantize()`` time."""
+        from qexport.algorithms.registry import lookup
+
+        return lookup(self.algorithm).needs_data
 
     @property
     def needs_calibration(self) -> bool:
-        """True when some rule quantizes activations with calibrated (static) scales."""
+        """True when some rule quantizes activations with calibrated (static) scales (:func:`qexport.calibrate`)."""
         return any(r.activation is not None and not r.activation.dynamic for r in self.rules)
+
+    @property
+    def needs_data(self) -> bool:
+        """True when making a usable model with this recipe takes calibration data: for the algorithm
+        (:attr:`algorithm_needs_data`) or for static activation scales (:attr:`needs_calibration`)."""
+        return self.algorithm_needs_data or self.needs_calibration
 
     def rule_for(self, module_name: str, embedding: bool = False) -> Rule | None:
         """The rule that applies to ``module_name``, or None when it stays float.
@@ -635,9 +514,11 @@ class Recipe:
             "exclude": list(self.exclude),
             "rules": [r.to_dict() for r in self.rules],
         }
-        # rotation options at their defaults are left out: recipes without rotation are written as before
-        options = {k: v for k, v in self.options.items()
-                   if not (k in ROTATE_OPTIONS and v == ROTATE_OPTIONS[k].default)}
+        # options marked omit_default (rotation) are left out at their defaults: recipes without rotation are
+        # written as before
+        from qexport.algorithms.registry import lookup
+
+        options = lookup(self.algorithm).written(self.options)
         if options:
             d["options"] = options
         if self.kv_cache is not None:  # likewise without a KV-cache spec
@@ -690,145 +571,15 @@ class Recipe:
         return cls.from_dict(data)
 
 
-LLM_INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold (the paper's and bitsandbytes' default)
-# Static activations: SmolLM2's rotated down_proj inputs reach 197x (layer 11) and 17x (layer 28) their median
-# token's range (attention-sink tokens); every other linear stays under 15x.
-STATIC_FALLBACK_RATIO = 16.0
-
-
-def _single(name: str, spec: QuantSpec, description: str) -> Recipe:
-    return Recipe(name=name, rules=(Rule("*", spec),), description=description)
-
-
-PRESETS: dict[str, Recipe] = {
-    r.name: r
-    for r in (
-        _single("w8", QuantSpec(bits=8, granularity="per_channel", symmetric=True),
-                "int8 weights, per-channel symmetric"),
-        _single("w4g128", QuantSpec(bits=4, group_size=128, symmetric=False),
-                "int4 weights, groups of 128, asymmetric (uint4 + zero point)"),
-        _single("w4g128-sym", QuantSpec(bits=4, group_size=128, symmetric=True),
-                "int4 weights, groups of 128, symmetric"),
-        # The tied 49152 x 576 lm_head of SmolLM2 is a fifth of its weights and, left float, a sixth of an int4
-        # decode step: int8 per channel costs little perplexity. The embedding (a gather) stays float.
-        Recipe(name="w4g128-head8", exclude=("*embed*",),
-               description="int4 weights, groups of 128, asymmetric; lm_head int8 per-channel; embeddings float",
-               rules=(Rule("lm_head", QuantSpec(bits=8, granularity="per_channel", symmetric=True)),
-                      Rule("*.lm_head", QuantSpec(bits=8, granularity="per_channel", symmetric=True)),
-                      Rule("*", QuantSpec(bits=4, group_size=128, symmetric=False)))),
-        _single("w8-trt", QuantSpec(bits=8, granularity="per_channel", symmetric=True, restricted_range=True),
-                "int8 weights, per-channel symmetric, restricted range [-127, 127]: TensorRT-ready (scales > 0)"),
-        _single("w4g128-trt", QuantSpec(bits=4, group_size=128, symmetric=True, restricted_range=True),
-                "int4 weights, groups of 128, symmetric, restricted range [-7, 7]: TensorRT-ready (scales > 0)"),
-        _single("w4g64", QuantSpec(bits=4, group_size=64, symmetric=False),
-                "int4 weights, groups of 64, asymmetric"),
-        # Groups of 64 divide SmolLM2's 576 and 1536 inputs, and symmetric codes need no zero points: the int4
-        # form that `qexport quantize` saves as compressed-tensors for transformers and vLLM alike.
-        _single("w4g64-sym", QuantSpec(bits=4, group_size=64, symmetric=True),
-                "int4 weights, groups of 64, symmetric (saved as compressed-tensors: transformers and vLLM load it)"),
-        # SmolLM2's tied 49152 x 576 table is a fifth of its weights: int8 rows take the model from 173 to 88 MB for
-        # +0.12% perplexity; int4 rows (g32 / g64) cost +14% / +23% (docs/embedding.md). The catch-all "*" does not
-        # reach embeddings (Recipe.rule_for): the table is quantized by the rule that names it.
-        Recipe(name="w4g64-sym-emb8", exclude=(),
-               description="int4 weights, groups of 64, symmetric; the embedding and lm_head int8 per row "
-                           "(a tied table stored once)",
-               rules=(Rule("*embed_tokens", QuantSpec(bits=8, granularity="per_channel", symmetric=True)),
-                      Rule("lm_head", QuantSpec(bits=8, granularity="per_channel", symmetric=True)),
-                      Rule("*.lm_head", QuantSpec(bits=8, granularity="per_channel", symmetric=True)),
-                      Rule("*", QuantSpec(bits=4, group_size=64, symmetric=True)))),
-        _single("nf4-dq", QuantSpec(bits=4, format="nf4", group_size=64, double_quant=True),
-                "NF4 weights, blocks of 64, scales double-quantized to int8 in blocks of 256"),
-        _single("w2g64", QuantSpec(bits=2, group_size=64, symmetric=False),
-                "int2 weights, groups of 64, asymmetric (round-to-nearest)"),
-        _single("w2g64-mse", QuantSpec(bits=2, group_size=64, symmetric=False, observer="mse"),
-                "int2 weights, groups of 64, asymmetric, range chosen by MSE search"),
-        Recipe(name="w8a8-dynamic", description="int8 per-channel weights, int8 per-token dynamic activations",
-               rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_token", dynamic=True)),)),
-        Recipe(name="w8a8-llmint8",
-               description="LLM.int8(): int8 per-channel weights; input columns with an |x| >= 6 in float, "
-                           "the rest int8 per-token dynamic",
-               rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_token", dynamic=True,
-                                                             outlier_threshold=LLM_INT8_THRESHOLD)),)),
-        Recipe(name="w8a8-static", description="int8 per-channel weights, int8 per-tensor calibrated activations",
-               rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_tensor")),)),
-    )
-}
-
-
-# Presets whose algorithm needs calibration data: ``quantize(model, name, calibration=tokens)``. They are kept
-# apart from PRESETS, which holds the presets that quantize a model on their own (the CLI, the compile
-# back-end and the tests apply every one of those without data); get_preset and load_recipe know both.
-_GPTQ_SPEC = dict(bits=4, symmetric=False, observer="mse")  # GPTQ's group ranges: MSE search (README)
-_GPTQ2_SPEC = dict(_GPTQ_SPEC, bits=2)
-
-CALIBRATED_PRESETS: dict[str, Recipe] = {
-    r.name: r
-    for r in (
-        Recipe(name="w8a8-dynamic-sq", algorithm="smoothquant",
-               rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_token", dynamic=True)),),
-               description="int8 per-channel weights, int8 per-token dynamic activations, SmoothQuant scales "
-                           "folded into the norms / v_proj / up_proj (needs calibration data)"),
-        Recipe(name="w8a8-static-sq", algorithm="smoothquant",
-               rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_tensor")),),
-               description="int8 per-channel weights, int8 per-tensor calibrated activations, SmoothQuant scales "
-                           "folded into the norms / v_proj / up_proj (needs calibration data)"),
-        Recipe(name="w4g128-gptq", algorithm="gptq", rules=(Rule("*", QuantSpec(group_size=128, **_GPTQ_SPEC)),),
-               description="int4 weights, groups of 128, asymmetric, GPTQ with act-order and MSE group ranges "
-                           "(needs calibration data)"),
-        Recipe(name="w4g64-gptq", algorithm="gptq", rules=(Rule("*", QuantSpec(group_size=64, **_GPTQ_SPEC)),),
-               description="int4 weights, groups of 64, asymmetric, GPTQ with act-order and MSE group ranges "
-                           "(needs calibration data)"),
-        Recipe(name="w2g64-gptq", algorithm="gptq", rules=(Rule("*", QuantSpec(group_size=64, **_GPTQ2_SPEC)),),
-               description="int2 weights, groups of 64, asymmetric, GPTQ with act-order and MSE group ranges, no "
-                           "rotation (needs calibration data)"),
-        Recipe(name="w2g64-gptq-hadamard", algorithm="gptq", options={"rotate": "hadamard"},
-               rules=(Rule("*", QuantSpec(group_size=64, **_GPTQ2_SPEC)),),
-               description="int2 weights, groups of 64, asymmetric, GPTQ after a randomized Hadamard rotation "
-                           "folded into the weights (Llama models; one online rotation before each down_proj; "
-                           "needs calibration data)"),
-        Recipe(name="w2g64-gptq-hadamard-attn4", algorithm="gptq", options={"rotate": "hadamard"},
-               rules=(Rule("*.self_attn.*", QuantSpec(group_size=64, **_GPTQ_SPEC)),
-                      Rule("*", QuantSpec(group_size=64, **_GPTQ2_SPEC))),
-               description="int4 attention / int2 MLP weights (2.5 bits per weight on Llama-style blocks whose MLP "
-                           "holds 3/4 of the weights), groups of 64, asymmetric, GPTQ after a randomized Hadamard "
-                           "rotation (Llama models; needs calibration data)"),
-        Recipe(name="w8a8-static-hadamard", options={"rotate": "hadamard"},
-               rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_tensor",
-                                                             static_fallback_ratio=STATIC_FALLBACK_RATIO)),),
-               description="int8 per-channel weights, int8 per-tensor calibrated activations after a randomized "
-                           "Hadamard rotation (Llama models); layers whose calibrated range is > 16x the median "
-                           "token's keep float activations (needs calibration data)"),
-        Recipe(name="w4g128-awq", algorithm="awq",
-               rules=(Rule("*", QuantSpec(bits=4, group_size=128, symmetric=False)),),
-               description="int4 weights, groups of 128, asymmetric, AWQ scales and clipping (needs calibration data)"),
-        Recipe(name="w4g128-awq-gptq", algorithm="awq", options={"rounding": "gptq"},
-               rules=(Rule("*", QuantSpec(group_size=128, **_GPTQ_SPEC)),),
-               description="int4 weights, groups of 128, asymmetric, AWQ scales folded into the model, then "
-                           "GPTQ with act-order and MSE group ranges (needs calibration data)"),
-    )
-}
-
-
-def get_preset(name: str) -> Recipe:
-    if name in PRESETS:
-        return PRESETS[name]
-    if name in CALIBRATED_PRESETS:
-        return CALIBRATED_PRESETS[name]
-    for spec in KV_CACHE_PRESETS.values():  # any preset plus a KV-cache suffix: w4g128-kv8, w8-kv4g32 ...
-        base = name[: -len(spec.suffix())]
-        if name.endswith(spec.suffix()) and (base in PRESETS or base in CALIBRATED_PRESETS):
-            return get_preset(base).with_kv_cache(spec)
-    available = ", ".join([*PRESETS, *CALIBRATED_PRESETS])
-    raise UnknownPreset(f"unknown recipe preset {name!r}; available: {available}")
-
-
 def load_recipe(recipe: "Recipe | str | os.PathLike") -> Recipe:
     """A Recipe from a Recipe, a preset name, or a path to a JSON file."""
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, (str, os.PathLike)):
         s = str(recipe)
-        if s in PRESETS or s in CALIBRATED_PRESETS:
+        from qexport.presets import PRESETS, get_preset
+
+        if s in PRESETS:
             return get_preset(s)
         if s.endswith(".json") or os.sep in s or Path(s).exists():
             return Recipe.from_json(s)

@@ -93,7 +93,7 @@ class CalibrationSet:
 
 def recipe_needs_data(recipe) -> bool:
     """Whether quantizing with ``recipe`` needs calibration windows (GPTQ / AWQ / SmoothQuant, static scales)."""
-    return recipe.algorithm_needs_data or recipe.needs_calibration
+    return recipe.needs_data
 
 
 def _tokens(calibration, tokenizer) -> tuple[torch.Tensor, dict[str, Any]]:

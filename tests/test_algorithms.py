@@ -1,5 +1,5 @@
 """GPTQ and AWQ (qexport.algorithms): numerics on small synthetic problems, the tiny Llama end to end,
-calibration data, and the recipes that select them."""
+calibration data, the registry of algorithms, and the recipes that select them."""
 
 from __future__ import annotations
 
@@ -12,16 +12,19 @@ import torch
 from torch import nn
 
 import qexport
-from qexport.algorithms import calibration_batches, calibration_tokens
+import qexport.config
+from qexport.algorithms import ALGORITHMS, calibration_batches, calibration_tokens, get_algorithm
 from qexport.algorithms.awq import fold_scales, scale_groups, search_clip
 from qexport.algorithms.calibration import sample_windows
-from qexport.algorithms.common import build_quantized_weight, group_ranges, quantize_with_qparams
+from qexport.algorithms.common import LayerTask, build_quantized_weight, group_ranges, quantize_with_qparams
 from qexport.algorithms.gptq import HessianAccumulator, gptq_quantize
-from qexport.config import ALGORITHM_OPTIONS, CALIBRATED_PRESETS, PRESETS, QuantSpec, Recipe, Rule, load_recipe
+from qexport.algorithms.registry import Option, register
+from qexport.config import QuantSpec, Recipe, Rule, load_recipe
 from qexport.errors import CalibrationError, InvalidConfig, QExportError, UnsupportedOp
 from qexport.formats import fake_quantize, qparams_from_range, quantize_weight
 from qexport.modules import QLinear
 from qexport.models.architectures import describe
+from qexport.presets import PRESETS
 from tiny import tiny_llama, word_tokenizer
 
 W4G64 = QuantSpec(bits=4, group_size=64, symmetric=False)
@@ -443,18 +446,16 @@ def test_quantize_asks_for_calibration_data_before_touching_the_model():
 # ------------------------------------------------------------------------------------------------
 # Recipes
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(CALIBRATED_PRESETS))
-def test_calibrated_presets_roundtrip_json(name, tmp_path):
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_roundtrip_json_with_their_options(name, tmp_path):
     r = load_recipe(name)
-    assert r is CALIBRATED_PRESETS[name] and name not in PRESETS
-    # data at quantize() time, or (rotation + static activations) at calibrate() time
-    assert (r.algorithm in ("gptq", "awq", "smoothquant") and r.algorithm_needs_data) or (
-        r.algorithm == "rtn" and r.needs_calibration)
-    defaults = {k: o.default for k, o in ALGORITHM_OPTIONS[r.algorithm].items()}
+    assert r is PRESETS[name]
+    defaults = ALGORITHMS[r.algorithm].defaults()
     assert set(r.options) == set(defaults)
     d = r.to_dict()  # every option is written, except rotation options at their defaults
-    assert json.loads(json.dumps(d)) == d and {**defaults, **d["options"]} == dict(r.options)
-    assert set(defaults) - set(d["options"]) <= {"rotate", "rotate_seed"}
+    written = d.get("options", {})
+    assert json.loads(json.dumps(d)) == d and {**defaults, **written} == dict(r.options)
+    assert set(defaults) - set(written) <= {"rotate", "rotate_seed"}
     assert Recipe.from_dict(json.loads(json.dumps(d))) == r
     assert Recipe.from_json(r.to_json(tmp_path / f"{name}.json")) == r
     assert copy.deepcopy(r) == r and hash(r) == hash(copy.deepcopy(r))
@@ -485,3 +486,48 @@ def test_compile_backend_refuses_calibrated_recipes_with_a_pointer_to_quantize()
 
     with pytest.raises(InvalidConfig, match=r"qexport.quantize\(model, recipe, calibration=\.\.\.\)"):
         BackendOptions.from_dict({"recipe": "w4g128-gptq"})
+
+
+# ------------------------------------------------------------------------------------------------
+# The registry
+# ------------------------------------------------------------------------------------------------
+def test_registry_lists_every_algorithm():
+    assert list(ALGORITHMS) == ["rtn", "gptq", "awq", "smoothquant"]
+    assert qexport.config.ALGORITHMS is ALGORITHMS  # one registry, whichever module it is read from
+    assert {name: a.needs_data for name, a in ALGORITHMS.items()} == {
+        "rtn": False, "gptq": True, "awq": True, "smoothquant": True}
+    for name, a in ALGORITHMS.items():
+        assert a.name == name and callable(a.run) and get_algorithm(name) is a.run and a.doc
+        assert all(isinstance(o, Option) for o in a.options.values())
+        assert dict(Recipe("r", rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_token",
+                                                                                dynamic=True)),),
+                           algorithm=name).options) == a.defaults()
+    assert {r.algorithm for r in PRESETS.values()} == set(ALGORITHMS)  # every algorithm has a preset
+    assert set(ALGORITHMS["rtn"].options) == {"rotate", "rotate_seed"} < set(ALGORITHMS["gptq"].options)
+
+
+def test_unknown_algorithm_or_option_names_what_exists():
+    with pytest.raises(InvalidConfig, match=r"recipe 'r': unknown algorithm 'hqq'; available: rtn, gptq, awq, "
+                                            r"smoothquant"):
+        Recipe("r", rules=(Rule("*", W4G64),), algorithm="hqq")
+    with pytest.raises(InvalidConfig, match=r"unknown algorithm 'hqq'; available: rtn, gptq, awq, smoothquant"):
+        get_algorithm("hqq")
+    with pytest.raises(InvalidConfig, match=r"unknown algorithm \['gptq'\]"):
+        Recipe("r", rules=(Rule("*", W4G64),), algorithm=["gptq"])
+    with pytest.raises(InvalidConfig, match=r"unknown option\(s\) \['steps'\] for algorithm 'awq'; "
+                                            r"allowed: \['block_inputs', 'clip'"):
+        Recipe("r", rules=(Rule("*", W4G64),), algorithm="awq", options={"steps": 2})
+    with pytest.raises(InvalidConfig, match=r"unknown option\(s\) \['rotate'\] for algorithm 'smoothquant'; "
+                                            r"allowed: \['alpha'\]"):
+        Recipe("r", rules=(Rule("*", QuantSpec(bits=8), QuantSpec(bits=8, granularity="per_token", dynamic=True)),),
+               algorithm="smoothquant", options={"rotate": "hadamard"})
+    with pytest.raises(InvalidConfig, match="already registered"):
+        register("gptq", needs_data=True)(lambda *a, **k: {})
+
+
+def test_rtn_entry_rounds_like_quantize():
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    tasks = [LayerTask(str(i), model[i], W4G64) for i in (0, 2)]
+    got = get_algorithm("rtn")(model, tasks, None, ALGORITHMS["rtn"].defaults())
+    for t in tasks:
+        torch.testing.assert_close(got[t.name].dequantize(), quantize_weight(t.module.weight, W4G64).dequantize())

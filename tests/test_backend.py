@@ -54,7 +54,7 @@ def test_bad_options_are_clear_errors(options, match):
             compiled(nn.Linear(4, 4), **options)(torch.randn(2, 4))
 
 
-@pytest.mark.parametrize("preset", sorted(n for n in qexport.PRESETS if n != "w8a8-static"))
+@pytest.mark.parametrize("preset", sorted(n for n, r in qexport.PRESETS.items() if not r.needs_data))
 def test_compiled_matches_eager_quantized_model(preset):
     model = tiny_llama(seed=7)
     eager = qexport.quantize(copy.deepcopy(model), preset)

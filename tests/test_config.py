@@ -1,30 +1,40 @@
-"""Tests of :mod:`qexport.config`: QuantSpec / Rule / Recipe validation, presets, JSON round-trips, matching."""
+"""Tests of :mod:`qexport.config` and :mod:`qexport.presets`: QuantSpec / Rule / Recipe validation, the preset
+table, JSON round-trips, matching."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import qexport
+import qexport.config
+import qexport.presets
+from qexport.algorithms import ALGORITHMS
 from qexport.config import (
-    ALGORITHMS,
-    PRESETS,
     Granularity,
     NumberFormat,
     Observer,
     QuantSpec,
     Recipe,
     Rule,
-    get_preset,
     load_recipe,
     match_pattern,
 )
-from qexport.errors import InvalidConfig, QExportError, UnknownPreset
+from qexport.errors import CalibrationError, InvalidConfig, QExportError, UnknownPreset
+from qexport.presets import PRESETS, get_preset
 
 PRESET_NAMES = list(PRESETS)
+# the presets that need calibration data: for their algorithm at quantize() time, or for static activations
+NEEDS_DATA = {"w8a8-static", "w8a8-static-hadamard", "w8a8-dynamic-sq", "w8a8-static-sq", "w4g128-gptq",
+              "w4g64-gptq", "w2g64-gptq", "w2g64-gptq-hadamard", "w2g64-gptq-hadamard-attn4", "w4g128-awq",
+              "w4g128-awq-gptq"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -33,17 +43,58 @@ PRESET_NAMES = list(PRESETS)
 def test_preset_names():
     assert set(PRESET_NAMES) == {"w8", "w4g128", "w4g128-sym", "w4g64", "w4g64-sym", "nf4-dq", "w2g64", "w2g64-mse",
                                  "w8a8-dynamic", "w8a8-llmint8", "w8a8-static", "w8-trt", "w4g128-trt",
-                                 "w4g128-head8", "w4g64-sym-emb8"}
+                                 "w4g128-head8", "w4g64-sym-emb8"} | NEEDS_DATA
     for name, recipe in PRESETS.items():
         assert recipe.name == name
         assert get_preset(name) is recipe
         assert load_recipe(name) is recipe
+    assert qexport.PRESETS is PRESETS and qexport.get_preset is get_preset
+
+
+def test_one_preset_table():
+    """Every named recipe is in PRESETS, in no other table, and `qexport recipes` lists every one."""
+    assert not hasattr(qexport.presets, "CALIBRATED_PRESETS")
+    for name in ("PRESETS", "CALIBRATED_PRESETS", "KV_CACHE_PRESETS", "get_preset"):
+        assert not hasattr(qexport.config, name), name
+    assert {n for n, r in PRESETS.items() if r.needs_data} == NEEDS_DATA
+    from qexport.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["recipes"]) == 0
+    firsts = [line.split()[0] for line in out.getvalue().splitlines() if line.strip()]
+    assert [w for w in firsts if w in PRESETS] == PRESET_NAMES
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_preset_needs_data_mark_is_what_quantizing_requires(name):
+    """A preset's needs_data mark agrees with quantize() / calibrate(): presets whose algorithm needs data
+    refuse to quantize without it; static-activation presets quantize, then refuse to run until calibrated;
+    the others give a working model from the weights alone."""
+    from tiny import tiny_llama
+
+    r = PRESETS[name]
+    assert r.needs_data == (r.algorithm_needs_data or r.needs_calibration)
+    assert r.algorithm_needs_data == ALGORITHMS[r.algorithm].needs_data
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama()
+    if r.algorithm_needs_data:
+        with pytest.raises(CalibrationError, match="needs calibration data"):
+            qexport.quantize(model, name)
+        return
+    qexport.quantize(model, name)
+    with torch.no_grad():
+        if r.needs_calibration:
+            with pytest.raises(CalibrationError, match="calibrate"):
+                model(ids)
+            qexport.calibrate(model, [ids])
+        assert torch.isfinite(model(ids).logits).all()
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)
 def test_preset_validates_and_roundtrips_dict(name):
     r = PRESETS[name]
-    assert isinstance(r, Recipe) and r.rules and r.algorithm in ALGORITHMS
+    assert isinstance(r, Recipe) and r.rules and r.algorithm in ALGORITHMS and r.algorithm in qexport.config.ALGORITHMS
     for rule in r.rules:
         assert isinstance(rule, Rule) and isinstance(rule.weight, QuantSpec)
         # re-validating the spec from its own fields gives the same spec
@@ -127,13 +178,14 @@ def test_preset_specs_are_as_documented():
     assert w["w2g64-mse"].observer is Observer.MSE
     head8 = PRESETS["w4g128-head8"]  # the one preset that quantizes lm_head (int8), ahead of the int4 rule
     assert head8.exclude == ("*embed*",) and head8.rule_for("model.embed_tokens") is None
-    assert head8.rule_for("lm_head").weight == w["w8"] and head8.rule_for("model.layers.0.mlp.up_proj").weight == w["w4g128"]
+    assert head8.rule_for("lm_head").weight == w["w8"]
+    assert head8.rule_for("model.layers.0.mlp.up_proj").weight == w["w4g128"]
     emb8 = PRESETS["w4g64-sym-emb8"]  # the one preset that quantizes the embedding (int8 rows, tied lm_head too)
     assert emb8.exclude == () and emb8.rule_for("model.embed_tokens", embedding=True).weight == w["w8"]
     assert emb8.rule_for("lm_head").weight == w["w8"] and emb8.rule_for("model.embed_positions", embedding=True) is None
     assert emb8.rule_for("model.layers.0.mlp.up_proj").weight == w["w4g64-sym"]
     for r in PRESETS.values():
-        if r is head8 or r is emb8:
+        if r is head8 or r is emb8 or r.name == "w2g64-gptq-hadamard-attn4":  # attn4: int4 attention rule first
             continue
         assert r.exclude == ("lm_head", "*.lm_head", "*embed*")
         assert r.rules[0].pattern == "*"
@@ -333,7 +385,8 @@ def test_rule_validation():
 def test_recipe_with_activation_and_float_rule_roundtrips(tmp_path):
     r = Recipe(
         "mixed",
-        rules=[Rule("*.mlp.down_proj", None), Rule("re:.*\\.self_attn\\..*", W8, QuantSpec(bits=8, granularity="per_token", dynamic=True)),
+        rules=[Rule("*.mlp.down_proj", None),
+               Rule("re:.*\\.self_attn\\..*", W8, QuantSpec(bits=8, granularity="per_token", dynamic=True)),
                Rule("*", W4)],
         exclude=["lm_head"],
         description="keep down_proj float",

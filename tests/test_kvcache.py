@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import qexport
-from qexport.config import KV_CACHE_PRESETS, KVCacheSpec, Recipe, Rule, get_preset, load_recipe
+from qexport.config import KVCacheSpec, Recipe, Rule, load_recipe
 from qexport.errors import InvalidConfig
 from qexport.kvcache import (QuantizedKVCache, dequantize_kv, kv_cache_bytes, pack_int4, quantize_kv,
                              unpack_int4)
+from qexport.presets import KV_CACHE_PRESETS, get_preset
 from tiny import tiny_llama, word_tokenizer
 
 SPECS = [KVCacheSpec(8), KVCacheSpec(8, symmetric=True), KVCacheSpec(4, group_size=8),

@@ -20,9 +20,9 @@ import torch
 import qexport
 import qexport.backend as B
 from qexport import QLinear, QuantSpec, Recipe, Rule
-from qexport.config import PRESETS
 from qexport.errors import InvalidConfig, UnsupportedOp
 from qexport.llm_int8 import outlier_columns, outlier_mask
+from qexport.presets import PRESETS
 
 from tiny import tiny_llama, word_tokenizer
 

@@ -12,10 +12,10 @@ from torch import nn
 
 import qexport
 from qexport import QuantSpec, Recipe, Rule
-from qexport.config import PRESETS
 from qexport.formats import fake_quantize
 from qexport.passes import PassManager, QuantContext, annotate, convert, fold, fuse_attention, prepare
 from qexport.passes.context import act_range_for
+from qexport.presets import PRESETS
 
 Q = torch.ops.qexport
 

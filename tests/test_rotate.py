@@ -13,9 +13,10 @@ from torch import nn
 
 import qexport
 from qexport.algorithms.rotate import OnlineRotation, RotatedMLP, hadamard_matrix, orthogonal_matrix, rotate_model
-from qexport.config import CALIBRATED_PRESETS, QuantSpec, Recipe, Rule, load_recipe
+from qexport.config import QuantSpec, Recipe, Rule, load_recipe
 from qexport.errors import InvalidConfig, UnsupportedOp
 from qexport.modules import QLinear
+from qexport.presets import PRESETS
 from tiny import tiny_llama, word_tokenizer
 
 W2G32 = QuantSpec(bits=2, group_size=32, symmetric=False)
@@ -125,8 +126,8 @@ def test_rotate_recipe_option_validation_and_json(tmp_path):
     assert load_recipe(tmp_path / "r.json") == r
     plain = Recipe("p", rules=(Rule("*", W2G32),))
     assert plain.rotation == "none" and "options" not in plain.to_dict()  # written as before
-    assert "rotate" not in CALIBRATED_PRESETS["w4g128-gptq"].to_dict()["options"]
-    preset = CALIBRATED_PRESETS["w2g64-gptq-hadamard"]
+    assert "rotate" not in PRESETS["w4g128-gptq"].to_dict()["options"]
+    preset = PRESETS["w2g64-gptq-hadamard"]
     assert preset.algorithm == "gptq" and preset.rotation == "hadamard" and preset.rules[0].weight.bits == 2
     with pytest.raises(InvalidConfig, match="option 'rotate' of algorithm 'rtn' must be one of 'none', 'hadamard'"):
         Recipe("r", rules=(Rule("*", W2G32),), options={"rotate": "quarot"})

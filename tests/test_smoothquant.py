@@ -17,12 +17,13 @@ from torch import nn
 
 import qexport
 from qexport.algorithms.awq import scale_groups
-from qexport.backend import BackendOptions
 from qexport.algorithms.smoothquant import _input_absmax, smooth_model, smooth_scales
-from qexport.config import CALIBRATED_PRESETS, QuantSpec, Recipe, Rule, get_preset
+from qexport.backend import BackendOptions
+from qexport.config import QuantSpec, Recipe, Rule
 from qexport.errors import InvalidConfig, UnsupportedOp
 from qexport.models.architectures import describe
 from qexport.modules import QLinear
+from qexport.presets import PRESETS, get_preset
 
 from tiny import tiny_llama
 
@@ -138,7 +139,7 @@ def test_option_validation():
     # the presets round-trip through JSON with their options
     for name in ("w8a8-dynamic-sq", "w8a8-static-sq"):
         r = get_preset(name)
-        assert r is CALIBRATED_PRESETS[name] and r.algorithm == "smoothquant"
+        assert r is PRESETS[name] and r.algorithm == "smoothquant" and r.needs_data
         assert Recipe.from_dict(r.to_dict()) == r
 
 

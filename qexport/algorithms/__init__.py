@@ -1,11 +1,13 @@
-"""Quantization algorithms that use calibration data: GPTQ, AWQ and SmoothQuant.
+"""Quantization algorithms: round to nearest, GPTQ, AWQ and SmoothQuant, and the calibration data they use.
 
-Each algorithm is a function ``fn(model, tasks, batches, options, progress) -> {name: QuantizedWeight |
-QExportError}``: ``tasks`` are the linears the recipe quantizes (:class:`~qexport.algorithms.common.LayerTask`),
-``batches`` the calibration batches, ``options`` the recipe's (validated) algorithm options. It returns the
-stored weight of every task, in qexport's own format, or the error that keeps that layer float; the caller
-(:func:`qexport.quantize`) swaps in the :class:`~qexport.modules.QLinear` modules. Modules are imported when
-an algorithm is first used, so ``import qexport`` stays light.
+Every algorithm registers itself in :data:`ALGORITHMS` (:mod:`qexport.algorithms.registry`) beside its
+code, with its recipe options and whether it needs calibration data. An algorithm's ``run`` is a function
+``fn(model, tasks, batches, options, progress) -> {name: QuantizedWeight | QExportError}``: ``tasks`` are the
+linears the recipe quantizes (:class:`~qexport.algorithms.common.LayerTask`), ``batches`` the calibration
+batches, ``options`` the recipe's (validated) algorithm options. It returns the stored weight of every task,
+in qexport's own format, or the error that keeps that layer float; the caller (:func:`qexport.quantize`)
+swaps in the :class:`~qexport.modules.QLinear` modules. The algorithm modules need only torch, so importing
+them keeps ``import qexport`` light.
 
     from qexport.algorithms import calibration_tokens
     calib = calibration_tokens(text, tokenizer, samples=128, seq_len=512, seed=0)
@@ -14,37 +16,11 @@ an algorithm is first used, so ``import qexport`` stays light.
 
 from __future__ import annotations
 
-from typing import Callable
-
+from qexport.algorithms import rtn, gptq, awq, smoothquant  # isort: skip (registered in this order)
 from qexport.algorithms.calibration import calibration_batches, calibration_from_file, calibration_tokens
-from qexport.errors import InvalidConfig
+from qexport.algorithms.registry import ALGORITHMS, Algorithm, Option, get_algorithm, register
 
-__all__ = ["ALGORITHMS", "get_algorithm", "calibration_tokens", "calibration_from_file", "calibration_batches"]
+BUILTIN = (rtn, gptq, awq, smoothquant)  # the modules of the built-in algorithms: each registers itself on import
 
-
-def _gptq(*args, **kwargs):
-    from qexport.algorithms.gptq import quantize_model_gptq
-
-    return quantize_model_gptq(*args, **kwargs)
-
-
-def _awq(*args, **kwargs):
-    from qexport.algorithms.awq import quantize_model_awq
-
-    return quantize_model_awq(*args, **kwargs)
-
-
-def _smoothquant(*args, **kwargs):
-    from qexport.algorithms.smoothquant import quantize_model_smoothquant
-
-    return quantize_model_smoothquant(*args, **kwargs)
-
-
-ALGORITHMS: dict[str, Callable] = {"gptq": _gptq, "awq": _awq, "smoothquant": _smoothquant}
-
-
-def get_algorithm(name: str) -> Callable:
-    try:
-        return ALGORITHMS[name]
-    except KeyError:
-        raise InvalidConfig(f"no calibrated algorithm {name!r}; available: {', '.join(ALGORITHMS)}") from None
+__all__ = ["ALGORITHMS", "Algorithm", "Option", "register", "get_algorithm", "calibration_tokens",
+           "calibration_from_file", "calibration_batches"]

@@ -53,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qexport.config import DEFAULT_EXCLUDE, Observer, QuantSpec, Recipe, Rule, get_preset, match_pattern
+from qexport.config import DEFAULT_EXCLUDE, Observer, QuantSpec, Recipe, Rule, match_pattern
 from qexport.errors import CalibrationError, InvalidConfig
+from qexport.presets import get_preset
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -217,19 +218,10 @@ def _batches(calibration, batch_size: int) -> list[torch.Tensor]:
     return batches
 
 
-def _logits(out: Any) -> torch.Tensor:
-    logits = getattr(out, "logits", out)
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        raise InvalidConfig("allocate() needs a causal LM whose output has logits [batch, seq, vocab]")
-    return logits
-
-
 def _nll_sum(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
-    from qexport.algorithms.common import _call_model
+    from qexport.algorithms.common import model_logits
 
-    logits = _logits(_call_model(model, batch))
+    logits = model_logits(model, batch, "allocate()")
     target = batch[:, 1:].to(logits.device)
     nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
     return nll, target.numel()
@@ -520,7 +512,8 @@ class Allocation:
                 cells.append(f"[{s}]" if c == layer.spec else s)
             rows.append(cells)
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-        fmt = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+        fmt = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w)  # noqa: E731
+                                      for i, (c, w) in enumerate(zip(cells, widths)))
         summary = (f"{len(self.layers)} layers, {self.total_bytes} bytes of {self.target_bytes} "
                    f"({self.bits_per_weight:.3f} bits/weight), predicted loss increase "
                    f"{self.predicted_loss_increase:.4g} nats ({self.sensitivity.method}); "

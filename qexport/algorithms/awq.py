@@ -77,21 +77,44 @@ from qexport.algorithms.common import (
     group_ranges,
     group_size,
     quantize_with_qparams,
+    round_to_nearest,
     run_block,
     set_weight,
     split_by_block,
 )
+from qexport.algorithms.gptq import OPTIONS as GPTQ_OPTIONS
 from qexport.algorithms.gptq import gptq_block
-from qexport.config import ALGORITHM_OPTIONS, Granularity, QuantSpec
+from qexport.algorithms.registry import Option, integer_grids_only, register
+from qexport.config import Granularity, QuantSpec
 from qexport.errors import QExportError, UnsupportedOp
-from qexport.formats import QuantizedWeight, qparams_from_range, quantize_weight
+from qexport.formats import QuantizedWeight, qparams_from_range
 from qexport.models.architectures import ModelFacts, architecture, describe
 
-__all__ = ["quantize_model_awq", "decoder_blocks", "scale_groups", "fold_scales", "search_clip", "ScaleGroup"]
+__all__ = ["quantize_model_awq", "decoder_blocks", "scale_groups", "fold_scales", "search_clip", "ScaleGroup",
+           "OPTIONS"]
 
 log = logging.getLogger(__name__)
 
 FOLD_RTOL = 1e-4  # a fold may change the folded operation's output by this much (relative), float rounding
+
+# The recipe options of algorithm 'awq' (a recipe stores all of them, defaults filled in). No rotation: AWQ's
+# scales are folded between up_proj and down_proj, which the online rotation separates.
+OPTIONS: dict[str, Option] = {
+    "n_grid": Option(20, int, 1, 1000, "points of the alpha grid (alpha = i / n_grid, i = 0 .. n_grid-1)"),
+    "duo_scaling": Option(False, bool, doc="s = mean|x|^alpha / mean|w|^(1-alpha) instead of mean|x|^alpha"),
+    "clip": Option(True, bool, doc="search a clipping ratio of each group's range (not for q_proj / k_proj)"),
+    "clip_grid": Option(20, int, 1, 1000, "clip ratios tried: 1 - i / clip_grid"),
+    "max_shrink": Option(0.5, float, 0.0, 0.95, "the smallest clip ratio tried is 1 - max_shrink"),
+    "search_tokens": Option(4096, int, 1, None, "calibration tokens (whole sequences) on which the scale and "
+                                                "clip searches measure output error"),
+    "rounding": Option("rtn", str, choices=("rtn", "gptq"),
+                       doc="how the scaled weights are rounded: 'rtn' (to nearest, after the clipping search) or "
+                           "'gptq' (GPTQ with its default options on the scaled block; no clipping search)"),
+    "block_inputs": Option("quantized", str, choices=("quantized", "float"),
+                           doc="each block's calibration inputs: the outputs of the blocks before it "
+                               "'quantized' (default), or 'float' (the float model's, as in the reference "
+                               "implementation)"),
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,6 +174,14 @@ def decoder_blocks(model: nn.Module, todo: list[LayerTask], probe: torch.Tensor,
         )
     by_block, rest = split_by_block(blocks, todo)
     return blocks, by_block, rest, facts
+
+
+def warn_outside_blocks(algorithm: str, rest: list[LayerTask], how: str = "") -> None:
+    """Warn, at the caller of :func:`qexport.quantize`, that the layers ``rest`` (outside the decoder blocks)
+    are rounded to nearest ``how``."""
+    if rest:
+        warnings.warn(f"qexport: {algorithm}: {len(rest)} layer(s) outside the decoder blocks ({rest[0].name}, ...) "
+                      f"are rounded to nearest{how}", stacklevel=4)
 
 
 def scale_groups(block: nn.Module, facts: ModelFacts) -> tuple[list[ScaleGroup], list[str]]:
@@ -419,17 +450,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, clip_grid: in
 # ----------------------------------------------------------------------------------------------------
 # Whole models
 # ----------------------------------------------------------------------------------------------------
-def _rtn(task: LayerTask, results: dict) -> None:
-    try:
-        qw = quantize_weight(task.module.weight, task.spec, name=task.name)
-    except QExportError as e:
-        results[task.name] = e
-        return
-    set_weight(task.module, qw.dequantize())
-    results[task.name] = qw
-
-
-_GPTQ_DEFAULTS = {name: opt.default for name, opt in ALGORITHM_OPTIONS["gptq"].items()}
+_GPTQ_DEFAULTS = {name: opt.default for name, opt in GPTQ_OPTIONS.items()}
 
 
 @torch.no_grad()
@@ -472,7 +493,7 @@ def _awq_block(block: nn.Module, facts: ModelFacts, tasks: list[LayerTask], inpu
         key = key_of.get(id(lin))
         if (not options["clip"] or key is None or id(lin) in no_clip
                 or spec.granularity is Granularity.PER_TENSOR):
-            _rtn(t, results)
+            round_to_nearest(t, results)
             continue
         x = torch.cat([b[key].reshape(-1, b[key].shape[-1]) for b in data.search]).float()
         if id(lin) in input_scale:
@@ -489,6 +510,8 @@ def _awq_block(block: nn.Module, facts: ModelFacts, tasks: list[LayerTask], inpu
     return nxt
 
 
+@register("awq", options=OPTIONS, needs_data=True, check=integer_grids_only,
+          doc="AWQ: activation-aware per-channel scales folded into the model, then clipping (calibration data)")
 @torch.no_grad()
 def quantize_model_awq(model: nn.Module, tasks: list[LayerTask], batches: list[torch.Tensor],
                        options: Mapping[str, Any], progress: bool = False) -> dict[str, QuantizedWeight | QExportError]:
@@ -509,9 +532,7 @@ def quantize_model_awq(model: nn.Module, tasks: list[LayerTask], batches: list[t
                    "awq", progress)
     for note in sorted(notes):
         warnings.warn(f"qexport: awq: {note}", stacklevel=3)
-    if rest:
-        warnings.warn(f"qexport: awq: {len(rest)} layer(s) outside the decoder blocks ({rest[0].name}, ...) are "
-                      "rounded to nearest", stacklevel=3)
-        for t in rest:
-            _rtn(t, results)
+    warn_outside_blocks("awq", rest)
+    for t in rest:
+        round_to_nearest(t, results)
     return results

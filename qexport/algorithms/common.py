@@ -1,7 +1,8 @@
-"""What GPTQ and AWQ share: building stored weights from codes, group ranges, and walking a model block by block.
+"""What the algorithms share: building stored weights from codes, group ranges, rounding a layer to nearest
+(:func:`round_to_nearest`), a model's logits (:func:`model_logits`), and walking a model block by block.
 
 Stored format
-    Both algorithms end with integer codes, per-group scales and (asymmetric) zero points in exactly the
+    GPTQ and AWQ end with integer codes, per-group scales and (asymmetric) zero points in exactly the
     layout of :func:`qexport.formats.quantize_weight`; :func:`build_quantized_weight` stores them as a
     :class:`~qexport.formats.QuantizedWeight`, whose ``dequantize()`` gives back ``(codes - zp) * scale``
     bit for bit.
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from qexport.config import Granularity, NumberFormat, QuantSpec
-from qexport.errors import InvalidTensor
+from qexport.errors import InvalidConfig, InvalidTensor, QExportError
 from qexport.formats import (
     QuantizedWeight,
     dequantize_codes,
@@ -35,6 +36,7 @@ from qexport.formats import (
     pack,
     qparams_from_range,
     quantize_codes,
+    quantize_weight,
 )
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
     "check_weight",
     "fake_quantize_fast",
     "set_weight",
+    "round_to_nearest",
+    "model_logits",
     "Blocks",
     "find_blocks",
     "capture_block_inputs",
@@ -156,6 +160,18 @@ def set_weight(module: nn.Linear, value: torch.Tensor) -> None:
     module.weight = nn.Parameter(value.to(module.weight.dtype), requires_grad=False)
 
 
+def round_to_nearest(task: LayerTask, results: dict) -> None:
+    """Round ``task``'s weight to nearest: its stored weight (or the error that keeps it float) goes into
+    ``results``, and the module gets the dequantized weight, so that later layers see its quantized output."""
+    try:
+        qw = quantize_weight(task.module.weight, task.spec, name=task.name)
+    except QExportError as e:
+        results[task.name] = e
+        return
+    set_weight(task.module, qw.dequantize())
+    results[task.name] = qw
+
+
 def check_weight(w: torch.Tensor, name: str) -> torch.Tensor:
     """The weight as a float32 copy, after checking that it is finite (as ``quantize_weight`` does)."""
     w = w.detach().to(torch.float32, copy=True)
@@ -180,6 +196,22 @@ def _call_model(model: nn.Module, batch: torch.Tensor) -> Any:
     if batch.dtype in (torch.int64, torch.int32) and config is not None and hasattr(config, "use_cache"):
         return model(input_ids=batch, use_cache=False)  # a Hugging Face model: no KV cache to build
     return model(batch)
+
+
+def model_logits(model: nn.Module, batch: torch.Tensor, who: str | None = None) -> torch.Tensor:
+    """The logits of ``model`` on ``batch``: the output's ``logits``, its first element, or the output itself.
+
+    ``who`` (e.g. ``"allocate()"``): the caller needs a causal LM, so anything but a ``[batch, seq, vocab]``
+    tensor is an InvalidConfig naming it."""
+    out = _call_model(model, batch)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = out
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    if who is not None and (not isinstance(logits, torch.Tensor) or logits.dim() != 3):
+        raise InvalidConfig(f"{who} needs a causal LM whose output has logits [batch, seq, vocab]")
+    return logits
 
 
 @dataclass

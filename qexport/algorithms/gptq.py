@@ -57,6 +57,8 @@ from qexport.algorithms.common import (
     set_weight,
     split_by_block,
 )
+from qexport.algorithms.registry import Option, integer_grids_only, register
+from qexport.algorithms.rotate import ROTATE_OPTIONS
 from qexport.config import Granularity, QuantSpec
 from qexport.errors import QExportError
 from qexport.formats import (
@@ -68,9 +70,22 @@ from qexport.formats import (
     quantize_weight,
 )
 
-__all__ = ["gptq_quantize", "gptq_block", "quantize_model_gptq", "HessianAccumulator"]
+__all__ = ["gptq_quantize", "gptq_block", "quantize_model_gptq", "HessianAccumulator", "OPTIONS"]
 
 MAX_DAMP_TRIES = 12
+
+# The recipe options of algorithm 'gptq' (a recipe stores all of them, defaults filled in)
+OPTIONS: dict[str, Option] = {
+    "percdamp": Option(0.01, float, 0.0, 1.0, "damping added to the Hessian diagonal, as a fraction of its mean"),
+    "act_order": Option(True, bool, doc="quantize columns by decreasing Hessian diagonal (group ranges are then "
+                                        "fixed from the weights beforehand: static groups)"),
+    "static_groups": Option(False, bool, doc="fix every group's range from the weights before any update "
+                                             "(always so with act_order)"),
+    "block_size": Option(128, int, 1, None, "columns per lazy-update block"),
+    "true_sequential": Option(True, bool, doc="within a decoder block, quantize the linears in the order they "
+                                              "run, each seeing the inputs of the already quantized ones"),
+    **ROTATE_OPTIONS,
+}
 
 
 class HessianAccumulator:
@@ -326,6 +341,8 @@ def _one_pass(model: nn.Module, tasks: list[LayerTask], batches: list[torch.Tens
         _quantize_task(t, collector.acc[t.name], options, results)
 
 
+@register("gptq", options=OPTIONS, needs_data=True, check=integer_grids_only,
+          doc="GPTQ: column-by-column rounding, each column's error spread over the rest (calibration data)")
 @torch.no_grad()
 def quantize_model_gptq(model: nn.Module, tasks: list[LayerTask], batches: list[torch.Tensor],
                         options: Mapping[str, Any], progress: bool = False

@@ -47,13 +47,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from qexport.algorithms.registry import Option
 from qexport.errors import InvalidConfig, UnsupportedOp
 from qexport.models.architectures import architecture, describe, find_architecture, rotation_refusal
 
 __all__ = ["rotate_model", "install_online_rotation", "RotationReport", "RotatedMLP", "OnlineRotation",
-           "hadamard_matrix", "orthogonal_matrix", "ROTATIONS"]
+           "hadamard_matrix", "orthogonal_matrix", "ROTATIONS", "ROTATE_OPTIONS"]
 
 ROTATIONS = ("none", "hadamard", "random")  # values of the recipe option ``rotate``
+
+# The options of the algorithms that may rotate first (rtn and gptq). AWQ does not take them: its scales are
+# folded between up_proj and down_proj, which the online rotation separates. At their defaults they are left
+# out of a recipe's JSON, so recipes without rotation are written as before.
+ROTATE_OPTIONS: dict[str, Option] = {
+    "rotate": Option("none", str, choices=ROTATIONS, omit_default=True,
+                     doc="rotate a Llama model by orthogonal matrices folded into its weights before quantizing "
+                         "('hadamard': randomized Hadamard where the size allows, else random orthogonal)"),
+    "rotate_seed": Option(0, int, 0, None, "seed of the rotation's random signs / matrices", omit_default=True),
+}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -39,18 +39,25 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from qexport.algorithms.awq import ScaleGroup, decoder_blocks, fold_scales, scale_groups
-from qexport.algorithms.common import LayerTask, _call_model, finite_tasks, set_weight
-from qexport.errors import QExportError
-from qexport.formats import QuantizedWeight, quantize_weight
+from qexport.algorithms.awq import ScaleGroup, decoder_blocks, fold_scales, scale_groups, warn_outside_blocks
+from qexport.algorithms.common import LayerTask, _call_model, finite_tasks, model_logits, round_to_nearest
+from qexport.algorithms.registry import Option, integer_grids_only, register
+from qexport.errors import InvalidConfig, QExportError
+from qexport.formats import QuantizedWeight
 from qexport.models.architectures import architecture, describe
 
-__all__ = ["smooth_scales", "smooth_model", "quantize_model_smoothquant", "SMOOTH_RTOL"]
+__all__ = ["smooth_scales", "smooth_model", "quantize_model_smoothquant", "SMOOTH_RTOL", "OPTIONS"]
 
 log = logging.getLogger(__name__)
 
 SMOOTH_RTOL = 1e-4  # the folds may change the float logits by this much (relative norm): float rounding
 MIN_SCALE = 1e-5  # smallest scale kept (a channel that is almost 0 in x but not in w)
+
+# The recipe options of algorithm 'smoothquant' (a recipe stores all of them, defaults filled in)
+OPTIONS: dict[str, Option] = {
+    "alpha": Option(0.5, float, 0.0, 1.0, "migration strength: s_j = max|x_j|^alpha / max|w_j|^(1-alpha) "
+                                          "(0: no smoothing, 1: all of the activation range into the weights)"),
+}
 
 
 def smooth_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -101,13 +108,6 @@ def _input_absmax(model: nn.Module, linears: list[nn.Linear], batches: list[torc
     return stats
 
 
-def _logits(out: Any) -> torch.Tensor:
-    t = getattr(out, "logits", None)
-    if t is None:
-        t = out[0] if isinstance(out, (tuple, list)) else out
-    return t.detach().to(torch.float32)
-
-
 @torch.no_grad()
 def smooth_model(model: nn.Module, blocks: list[nn.Module], batches: list[torch.Tensor], alpha: float,
                  linears: set[int] | None = None) -> dict[str, Any]:
@@ -132,7 +132,7 @@ def smooth_model(model: nn.Module, blocks: list[nn.Module], batches: list[torch.
         return summary
     x_stats = _input_absmax(model, [g.linears[0] for _, g in plan], batches)
     probe = batches[0][:1]
-    before = _logits(_call_model(model, probe))
+    before = model_logits(model, probe).detach().to(torch.float32)
     touched = []
     for _, g in plan:
         touched += [g.prev.weight] + ([g.prev.bias] if getattr(g.prev, "bias", None) is not None else [])
@@ -148,7 +148,7 @@ def smooth_model(model: nn.Module, blocks: list[nn.Module], batches: list[torch.
         fold_scales(g, s.to(g.prev.weight.device))
         scales.append(s)
         log.debug("smoothquant block %d %s: scales in [%.3g, %.3g]", i, g.key, float(s.min()), float(s.max()))
-    after = _logits(_call_model(model, probe))
+    after = model_logits(model, probe).detach().to(torch.float32)
     change = float((after - before).norm() / before.norm().clamp_min(1e-30))
     if not change <= SMOOTH_RTOL:
         for t, v in zip(touched, saved):
@@ -163,16 +163,19 @@ def smooth_model(model: nn.Module, blocks: list[nn.Module], batches: list[torch.
     return summary
 
 
-def _rtn(task: LayerTask, results: dict) -> None:
-    try:
-        qw = quantize_weight(task.module.weight, task.spec, name=task.name)
-    except QExportError as e:
-        results[task.name] = e
-        return
-    set_weight(task.module, qw.dequantize())
-    results[task.name] = qw
+def check_recipe(recipe) -> None:
+    """A smoothquant recipe: integer weight grids, and some rule that quantizes activations."""
+    integer_grids_only(recipe)
+    if not any(r.activation is not None for r in recipe.rules):
+        raise InvalidConfig(
+            f"recipe {recipe.name!r}: algorithm 'smoothquant' moves activation outliers into int8 weights, but no "
+            "rule quantizes activations: give a rule an activation spec (as in 'w8a8-dynamic'), or use 'rtn'"
+        )
 
 
+@register("smoothquant", options=OPTIONS, needs_data=True, check=check_recipe,
+          doc="SmoothQuant: activation outliers moved into the weights by folded scales, then round to nearest "
+              "(calibration data)")
 @torch.no_grad()
 def quantize_model_smoothquant(model: nn.Module, tasks: list[LayerTask], batches: list[torch.Tensor],
                                options: Mapping[str, Any], progress: bool = False
@@ -190,9 +193,7 @@ def quantize_model_smoothquant(model: nn.Module, tasks: list[LayerTask], batches
     summary = smooth_model(model, [blocks.modules[i] for i in sorted(by_block)], batches, options["alpha"],
                            {id(t.module) for t in todo})
     log.info("smoothquant: %s", summary)
-    if rest:
-        warnings.warn(f"qexport: smoothquant: {len(rest)} layer(s) outside the decoder blocks ({rest[0].name}, ...) "
-                      "are rounded to nearest without smoothing", stacklevel=3)
+    warn_outside_blocks("smoothquant", rest, " without smoothing")
     for t in todo:
-        _rtn(t, results)
+        round_to_nearest(t, results)
     return results
