@@ -1,4 +1,4 @@
-"""fuse_rmsnorm: RMSNorm written out by hand -> ``qexport::rms_norm`` (float32 graphs).
+"""fuse_rmsnorm: RMSNorm written out by hand -> ``torch.nn.functional.rms_norm`` (float32 graphs, ONNX targets).
 
 Matched on the torch-level graph, reading backwards from the final multiply (LlamaRMSNorm's form)::
 
@@ -9,10 +9,10 @@ Matched on the torch-level graph, reading backwards from the final multiply (Lla
     out = weight * y                             # or y * weight; weight 1-D over the last dim
 
 Every intermediate must have no other user, and ``h``, ``weight`` and ``out`` must be float32 (the
-fused op computes in float32, as the pattern does). The ONNX Runtime lowering turns the op into one
-``SimplifiedLayerNormalization`` node; on a SmolLM2 decode step that removes ~370 of ~2600 nodes. Not
-run for inductor, which fuses the elementwise chain itself. Counters: ``rms_norm`` (fused), with skip
-reasons for every rsqrt that looked like a norm but was not fused.
+fused op computes in float32, as the pattern does). ``torch.onnx.export`` writes ``F.rms_norm`` as one
+``RMSNormalization`` node (opset 23); on a SmolLM2 decode step that removes ~370 of ~2600 nodes. Not run for
+inductor, which fuses the elementwise chain itself. Counters: ``rms_norm`` (fused), with skip reasons for
+every rsqrt that looked like a norm but was not fused.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def fuse_rmsnorm(gm: fx.GraphModule, ctx=None) -> PassResult:
             continue
         h, weight, eps = m
         with g.inserting_before(node):
-            fused = g.call_function(torch.ops.qexport.rms_norm.default, (h, weight, eps))
+            fused = g.call_function(torch.nn.functional.rms_norm, (h, (node_value(h).shape[-1],), weight, eps))
         fused.meta.update(node.meta)
         node.replace_all_uses_with(fused)
         erase_unused(g, [node])

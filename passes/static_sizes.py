@@ -59,6 +59,9 @@ def static_sizes(gm: fx.GraphModule, ctx=None) -> PassResult:
         if got is None:
             continue
         sizes, packed = got
+        if any(isinstance(s, fx.Node) and _sym(s) is None for s in sizes):
+            result.skip(node.name, "a size argument is not a number or a symbolic size (a shape tuple)")
+            continue
         symbolic = [i for i, s in enumerate(sizes) if isinstance(s, fx.Node)]
         if not symbolic:
             continue

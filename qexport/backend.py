@@ -4,8 +4,10 @@ Dynamo hands the back-end a torch-level FX graph whose parameters are placeholde
 module path, with their real values. The back-end runs the qexport passes on it::
 
     annotate -> prepare -> [calibrate, static mode only] -> convert -> fold -> fuse_attention
+        -> [onnxruntime target: ONNX_FUSIONS: fuse_rmsnorm -> fuse_rotary -> fuse_gqa -> fuse_kv_attention
+            -> static_sizes, the same rewrites ``qexport export`` runs for ONNX Runtime]
 
-and lowers the result to the chosen target: ``"inductor"`` (aot_autograd + inductor; the qexport
+Every pass's counts and skip reasons are in :func:`reports`. The result is lowered to the chosen target: ``"inductor"`` (aot_autograd + inductor; the qexport
 custom ops run as extern kernels) or ``"eager"`` (the rewritten graph run as is, for debugging and fast
 tests). Options:
 
@@ -196,10 +198,12 @@ class QExportGraph:
         _LIVE.add(self)
 
     def _finalize(self, example_inputs) -> None:
-        from qexport.passes import convert, fold, fuse_attention
+        from qexport.passes import ONNX_FUSIONS, convert, fold, fuse_attention
         from qexport.passes.pass_manager import PassManager
 
         passes = [convert, fold] + ([fuse_attention] if self.opts.fuse_attention else [])
+        if self.opts.target == "onnxruntime":  # one node per norm, rotation and attention in the ONNX graph
+            passes += list(ONNX_FUSIONS)
         self.report.results += PassManager(passes).run(self.gm, self.ctx)
         self.ctx.placeholders = {}  # drop references to the float weights
         self.compiled = _lower(self.gm, example_inputs, self.opts.target, self.opts)

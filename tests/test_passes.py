@@ -296,7 +296,7 @@ def test_fuse_attention_leaves_look_alikes(cls, reason):
 
 
 # ------------------------------------------------------------------------------------------------------
-# ONNX Runtime target rewrites: fuse_rmsnorm, static_sizes
+# ONNX fusions (ONNX_FUSIONS): fuse_rmsnorm, fuse_rotary, fuse_gqa, fuse_kv_attention, static_sizes
 # ------------------------------------------------------------------------------------------------------
 class RMSNormBlock(nn.Module):
     """LlamaRMSNorm written out, then a linear; ``variant`` plants a look-alike."""
@@ -331,7 +331,7 @@ def test_fuse_rmsnorm_rewrites_to_one_op(variant):
     gm = _traced(copy.deepcopy(model), x)
     res = fuse_rmsnorm(gm)
     assert res.changed == {"rms_norm": 1} and not res.skipped
-    assert count(gm, Q.rms_norm.default) == 1
+    assert count(gm, F.rms_norm) == 1
     assert count(gm, torch.rsqrt) == 0 and sum(n.target in ("pow", "mean") for n in gm.graph.nodes) == 0
     torch.testing.assert_close(gm(x), model(x), atol=1e-6, rtol=1e-5)
 
@@ -343,7 +343,7 @@ def test_fuse_rmsnorm_leaves_look_alikes(variant, reason):
     model, x = RMSNormBlock(variant).eval(), torch.randn(3, 5, 32)
     gm = _traced(model, x)
     res = fuse_rmsnorm(gm)
-    assert res.changed == {} and count(gm, Q.rms_norm.default) == 0
+    assert res.changed == {} and count(gm, F.rms_norm) == 0
     assert (reason is None and not res.skipped) or (reason in res.skipped[0][1])
 
 
@@ -383,38 +383,133 @@ def test_static_sizes_makes_repeat_kv_shapes_constant():
     assert results and results[0].changed == {"expand": 1, "reshape": 1}
 
 
-class Rotary(nn.Module):
-    """``q * cos + rotate_half(q) * sin``; ``swapped`` plants a look-alike (halves not negated the same way)."""
-
-    def __init__(self, swapped=False):
-        super().__init__()
-        self.swapped = swapped
-
-    def forward(self, q, cos, sin):
-        x1, x2 = q[..., : q.shape[-1] // 2], q[..., q.shape[-1] // 2 :]
-        rot = torch.cat((x1, -x2), dim=-1) if self.swapped else torch.cat((-x2, x1), dim=-1)
-        return q * cos + rot * sin
-
-
-@pytest.mark.parametrize("swapped", [False, True])
-def test_fuse_rotate_half(swapped):
+def test_static_sizes_leaves_a_shape_tuple_alone():
+    """``y.view(x.size())``: one argument that is a whole shape, not a size; rewriting it to -1 would flatten."""
     import torch._dynamo
 
-    from qexport.passes.fuse_rotate_half import fuse_rotate_half
+    from qexport.passes.static_sizes import static_sizes
+
+    def f(x, y):
+        return (y * 2).view(x.size())
 
     results = []
 
     def backend(gm, example_inputs):
-        results.append(fuse_rotate_half(gm))
-        results.append(count(gm, Q.rotate_half.default))
+        results.append(static_sizes(gm))
         return gm.forward
 
     torch._dynamo.reset()
-    model = Rotary(swapped)
-    q, cos, sin = torch.randn(2, 3, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
-    out = torch.compile(model, backend=backend)(q, cos, sin)
-    torch.testing.assert_close(out, model(q, cos, sin), atol=0, rtol=0)
-    assert results[0].changed == ({} if swapped else {"rotate_half": 1}) and results[1] == (0 if swapped else 1)
+    g = torch.compile(f, backend=backend)
+    for n in (3, 5):
+        x, y = torch.randn(n, 4), torch.randn(n * 4)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(y, 0)
+        torch.testing.assert_close(g(x, y), f(x, y), atol=0, rtol=0)
+    assert results and "reshape" not in results[0].changed
+
+
+class Rotary(nn.Module):
+    """Hugging Face's rotary embedding: ``cos`` / ``sin`` of ``cat((f, f))`` times a scaling, unsqueezed at 1, and
+    ``q * cos + rotate_half(q) * sin``. Look-alikes: ``swapped`` (halves not negated the same way), ``untied``
+    (``cos`` of ``cat((f, g))``: its halves differ, so the first half is not all of it)."""
+
+    def __init__(self, variant="hf"):
+        super().__init__()
+        self.variant = variant
+
+    def forward(self, q, freqs, other):
+        emb = torch.cat((freqs, other if self.variant == "untied" else freqs), dim=-1)
+        cos, sin = (emb.cos() * 1.0).to(q.dtype).unsqueeze(1), (emb.sin() * 1.0).to(q.dtype).unsqueeze(1)
+        x1, x2 = q[..., : q.shape[-1] // 2], q[..., q.shape[-1] // 2 :]
+        rot = torch.cat((x1, -x2), dim=-1) if self.variant == "swapped" else torch.cat((-x2, x1), dim=-1)
+        return q * cos + rot * sin
+
+
+def _compiled_pass(model, pass_fn, *args):
+    """``(pass result, rewritten graph, output)`` of ``pass_fn`` run on dynamo's graph of ``model(*args)``."""
+    import torch._dynamo
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append((pass_fn(gm), gm))
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=backend)(*args)
+    return (*seen[0], out)
+
+
+@pytest.mark.parametrize("variant, reason", [("hf", None), ("swapped", None), ("untied", "first half")])
+def test_fuse_rotary(variant, reason):
+    from torch.onnx.ops import rotary_embedding
+
+    from qexport.passes.fuse_rotary import fuse_rotary
+
+    model = Rotary(variant)
+    q, freqs, other = torch.randn(2, 3, 5, 8), torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    res, gm, out = _compiled_pass(model, fuse_rotary, q, freqs, other)
+    torch.testing.assert_close(out, model(q, freqs, other), atol=1e-6, rtol=1e-6)
+    assert res.changed == ({"rotary": 1} if variant == "hf" else {})
+    assert count(gm, rotary_embedding) == (1 if variant == "hf" else 0)
+    assert (reason is None and not res.skipped) or reason in res.skipped[0][1]
+    if variant == "hf":  # the fused graph is one RotaryEmbedding on the first half of cos / sin
+        assert count(gm, torch.neg) + sum(n.target == "neg" for n in gm.graph.nodes) == 0
+
+
+class CachedAttention(nn.Module):
+    """A grouped-query attention step with a KV-cache update (Hugging Face's DynamicLayer.update + sdpa):
+    returns the attention and the present key / value. ``variant``: ``causal`` asks SDPA for a causal mask with a
+    past, ``one_cat`` updates only the key."""
+
+    def __init__(self, variant="cache"):
+        super().__init__()
+        self.variant = variant
+
+    def forward(self, q, k, v, past_k, past_v, mask):
+        keys = torch.cat((past_k, k), dim=-2)
+        values = torch.cat((past_v, v), dim=-2) if self.variant != "one_cat" else v
+        causal = self.variant == "causal"
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=None if causal else mask, scale=0.25,
+                                             is_causal=causal, enable_gqa=True)
+        return out, keys, values
+
+
+@pytest.mark.parametrize("variant, reason", [("cache", None), ("causal", "is_causal with a past"),
+                                             ("one_cat", "only one of key and value")])
+def test_fuse_kv_attention(variant, reason):
+    from torch.onnx.ops import attention
+
+    from qexport.passes.fuse_kv_attention import fuse_kv_attention
+
+    torch.manual_seed(0)
+    b, h, kv, s, p, d = 2, 4, 2, 3, 5, 8
+    q, k, v = torch.randn(b, h, s, d), torch.randn(b, kv, s, d), torch.randn(b, kv, s if variant != "one_cat" else
+                                                                                p + s, d)
+    past_k, past_v = torch.randn(b, kv, p, d), torch.randn(b, kv, p, d)
+    mask = torch.ones(s, p + s, dtype=torch.bool).tril(p)
+    model = CachedAttention(variant)
+    res, gm, out = _compiled_pass(model, fuse_kv_attention, q, k, v, past_k, past_v, mask)
+    for got, want in zip(out, model(q, k, v, past_k, past_v, mask)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    fused = variant == "cache"
+    assert res.changed == ({"attention": 1, "with_past": 1} if fused else {})
+    assert count(gm, attention) == int(fused) and count(gm, F.scaled_dot_product_attention) == int(not fused)
+    assert (reason is None and not res.skipped) or reason in res.skipped[0][1]
+    if fused:  # the cache update is inside the fused node: the returned cache reads its present outputs
+        assert count(gm, torch.cat) == 0
+
+
+def test_fuse_kv_attention_without_a_cache():
+    from torch.onnx.ops import attention
+
+    from qexport.passes.fuse_kv_attention import fuse_kv_attention
+
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)
+    f = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    res, gm, out = _compiled_pass(f, fuse_kv_attention, q, k, v)
+    torch.testing.assert_close(out, f(q, k, v), atol=1e-5, rtol=1e-5)
+    assert res.changed == {"attention": 1} and count(gm, attention) == 1
 
 
 class RepeatKVAttention(nn.Module):
