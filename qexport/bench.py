@@ -48,7 +48,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -162,20 +162,22 @@ def _generate(m, prompt: torch.Tensor, new_tokens: int, on_token) -> None:
 
 @torch.no_grad()
 def measure(model, prompt: torch.Tensor, spec: dict[str, str], new_tokens: int,
-            calibration: torch.Tensor | None = None, quality=None) -> dict[str, Any]:
-    """Speed of one variant; ``quality(built_model, spec) -> dict`` adds its columns after the speed runs."""
+            calibration: torch.Tensor | None = None, quality=None, clock: Callable[[], float] = time.perf_counter
+            ) -> dict[str, Any]:
+    """Speed of one variant (the protocol of the module docstring); ``quality(built_model, spec) -> dict`` adds
+    its columns after the speed runs. ``clock``: the seconds every time is read from (a monotonic clock)."""
     torch._dynamo.reset()
     with tempfile.TemporaryDirectory(prefix="qexport-bench-") as workdir:
-        t0 = time.perf_counter()
+        t0 = clock()
         m = _build(model, spec, calibration, Path(workdir))
-        built = time.perf_counter() - t0
+        built = clock() - t0
         m(prompt, use_cache=False)
-        first = time.perf_counter() - t0
+        first = clock() - t0
         times = []
         for _ in range(3):
-            t0 = time.perf_counter()
+            t0 = clock()
             m(prompt, use_cache=False)
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         prefill = statistics.median(times)
         row: dict[str, Any] = {"first_call_s": first, "prefill_s": prefill,
                                "prefill_tok_s": prompt.shape[1] / prefill, "decode_tok_s": None}
@@ -189,9 +191,9 @@ def measure(model, prompt: torch.Tensor, spec: dict[str, str], new_tokens: int,
         rates, totals = [], []
         for _ in range(3):
             stamps.clear()
-            t0 = time.perf_counter()
-            _generate(m, prompt, new_tokens, lambda: stamps.append(time.perf_counter()))
-            totals.append(time.perf_counter() - t0)
+            t0 = clock()
+            _generate(m, prompt, new_tokens, lambda: stamps.append(clock()))
+            totals.append(clock() - t0)
             if len(stamps) > 1 and stamps[-1] > stamps[0]:
                 rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
         row["generate_s"] = statistics.median(totals)
@@ -322,6 +324,7 @@ def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tok
             r[f"prefill_vs_{suffix}"] = base["prefill_s"] / r["prefill_s"]
     return {"model": model_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "ppl_tokens": ppl_tokens, "bos": bos,
+            "calib_samples": calib_samples if calibration is not None else None,  # None: no variant calibrated
             "rounds": max(seen.values()),  # a variant list given N times counts N rounds too
             "baseline": baseline, "results": rows, "summary": summarize(rows, baseline)}
 
