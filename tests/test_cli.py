@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from qexport.cli import main
 
@@ -181,6 +182,9 @@ def test_eval_calibrated_recipe_uses_calibration_windows(tiny_dir, tmp_path, cap
     data = json.loads(out.read_text())
     assert data["recipe"]["algorithm"] == "gptq" and data["recipe"]["options"]["act_order"] is True
     assert data["layers_quantized"] == 14 and data["ppl"] != data["fp_ppl"]
+    assert main(["eval", "--model", str(tiny_dir), "--recipe", "w4g128-gptq", "--text", str(EMMA), "--tokens", "512",
+                 "--calib-samples", "2", "--calib-text", str(EMMA), "--json", str(out), "--force"]) == 0
+    assert json.loads(out.read_text())["ppl"] != data["ppl"]  # other calibration windows (default: Sense)
     assert main(["eval", "--model", str(tiny_dir), "--recipe", "w4g128-gptq", "--text", str(EMMA),
                  "--calib-samples", "0"]) == 2
     assert "--calib-samples" in capsys.readouterr().err
@@ -202,3 +206,406 @@ def test_bench_quality_columns_and_plot(tiny_dir, tmp_path, capsys):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["bench", "--model", str(tiny_dir), "--variants", "qexport:w4g128-gptq:eager"]) == 2
     assert "eager:w4g128-gptq" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every command and flag: each test below checks that a flag's value reaches the result
+# ----------------------------------------------------------------------------------------------------
+SENSE = EMMA.parent / "sensesensibility.txt"
+
+
+def _table_rows(printed: str) -> list[str]:
+    """The variant names of the comparison table in ``printed`` (the lines after its dashed rule)."""
+    lines = printed.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("-------"))
+    names = []
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        names.append(line.split()[0])
+    return names
+
+
+def test_demo_on_a_tiny_checkpoint(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    argv = ["demo", "--model", str(tiny_dir), "--tokens", "512", "--recipes", "w8,w2g64", "--prompt", "Emma",
+            "--max-new-tokens", "2", "--json", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert f"{tiny_dir}: perplexity on emma.txt, first 512 tokens; sizes in MB" in printed  # the default text
+    assert printed.splitlines()[2].split() == ["variant", "ppl", "x", "fp32", "model", "MB", "linears", "MB", "vs",
+                                               "fp16", "bits/w"]
+    assert _table_rows(printed) == ["fp32", "w8", "w2g64"]
+    assert "greedy generation, prompt: 'Emma'" in printed and "total time" in printed
+    assert "qexport demo:" in captured.err and "w2g64: int2 weights" in captured.err
+    data = json.loads(out.read_text())
+    assert [v["variant"] for v in data["variants"]] == ["fp32", "w8", "w2g64"]
+    assert data["tokens"] == 512 and all(v["tokens"] == 512 for v in data["variants"])
+    assert all(len(v["generation"]) > 0 for v in data["variants"]) and data["bos"] is False
+    assert data["variants"][2]["bits_per_weight"] < data["variants"][1]["bits_per_weight"] < 9
+    # another text, BOS windows, no generation; the JSON file is replaced only with --force
+    argv2 = ["demo", "--model", str(tiny_dir), "--text", str(SENSE), "--tokens", "600", "--recipes", "w8",
+             "--max-new-tokens", "0", "--bos", "--json", str(out)]
+    assert main(argv2) == 2 and "already exists" in capsys.readouterr().err
+    assert main(argv2 + ["--force"]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity on sensesensibility.txt" in printed and "greedy generation" not in printed
+    again = json.loads(out.read_text())
+    assert again["bos"] is True and again["tokens"] == 600 and "generation" not in again["variants"][0]
+    assert again["fp_ppl"] != data["fp_ppl"]
+    for bad, expect in ((["--recipes", "w5"], "unknown recipe preset 'w5'"), (["--tokens", "0"], "--tokens"),
+                        (["--max-new-tokens", "-1"], "--max-new-tokens")):
+        assert main(["demo", "--model", str(tiny_dir), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expect in err
+
+
+def test_demo_library_call_matches_the_command(tiny_dir):
+    from qexport.demo import format_demo, run_demo
+
+    lines = []
+    result = run_demo(str(tiny_dir), ["w8"], EMMA, tokens=512, max_new_tokens=0, log=lines.append)
+    assert [v["variant"] for v in result["variants"]] == ["fp32", "w8"] and lines[0].startswith("qexport demo:")
+    text = format_demo(result)
+    assert _table_rows(text) == ["fp32", "w8"] and f"{result['fp_ppl']:.3f}" in text
+
+
+def test_eval_window_and_compile_backend(tiny_dir, tmp_path, capsys):
+    eager, compiled = tmp_path / "eager.json", tmp_path / "compile.json"
+    common = ["eval", "--model", str(tiny_dir), "--recipe", "w8", "--text", str(EMMA), "--tokens", "256",
+              "--window", "128"]
+    assert main([*common, "--json", str(eager)]) == 0
+    assert main([*common, "--backend", "compile", "--target", "eager", "--json", str(compiled)]) == 0
+    assert "128 windows" not in capsys.readouterr().out
+    e, c = (json.loads(p.read_text()) for p in (eager, compiled))
+    assert (e["backend"], c["backend"]) == ("eager", "compile/eager")
+    assert e["window"] == c["window"] == 128 and e["windows"] == c["windows"] == 2
+    assert c["ppl"] == pytest.approx(e["ppl"], rel=1e-3) and c["size_bytes"] == e["size_bytes"]
+    for bad, expect in ((["--target", "eager"], "add --backend compile"),
+                        (["--backend", "compile", "--kv-cache", "int8"], "compile back-end keeps a float cache"),
+                        (["--reference"], "--backend onnxruntime"),
+                        (["--no-float-reference"], "quantized folder")):
+        assert main([*common, *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expect in err
+
+
+def test_eval_kv_cache_with_float_weights(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "kv.json"
+    assert main(["eval", "--model", str(tiny_dir), "--recipe", "fp32", "--kv-cache", "int8", "--text", str(EMMA),
+                 "--tokens", "256", "--window", "128", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["recipe"]["name"].startswith("fp32") and data["layers_quantized"] == 0
+    assert data["kv_cache"]["bits"] == 8 and data["recipe"]["kv_cache"]["bits"] == 8
+    assert data["size_bytes"] == data["fp_size_bytes"] and data["ppl"] != data["fp_ppl"]
+    assert data["ppl"] == pytest.approx(data["fp_ppl"], rel=0.05)
+    assert main(["eval", "--model", str(tiny_dir), "--recipe", "fp32", "--text", str(EMMA)]) == 2
+    assert "--recipe fp32 only makes sense with --kv-cache" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def static_export(tiny_dir, tmp_path_factory):
+    """A calibrated export: static activation scales from 2 windows of Emma, each behind BOS."""
+    out = tmp_path_factory.mktemp("static") / "w8a8"
+    assert main(["export", "--model", str(tiny_dir), "--recipe", "w8a8-static", "--calib-text", str(EMMA),
+                 "--calib-samples", "2", "--bos", "--out", str(out)]) == 0
+    return out
+
+
+def test_calibrated_export_then_verify(static_export, tmp_path, capsys):
+    report = json.loads((static_export / "export_report.json").read_text())
+    assert report["recipe"] == "w8a8-static" and report["target"] == "ort"
+    assert report["calibration"]["samples"] == 2 and report["calibration"]["text"] == str(EMMA)
+    assert report["calibration"]["bos"] is True
+    v = tmp_path / "v.json"
+    assert main(["verify", str(static_export), "--decode-steps", "2", "--json", str(v)]) == 0
+    assert "top-1 agreement 1.0000" in capsys.readouterr().out
+    same = json.loads(v.read_text())
+    assert same["decode_steps"] == 2 and same["top1_agreement"] == 1.0 and same["max_abs"] < 1e-4
+    # the reference calibrated on other windows (--calib-text / --calib-samples / --no-bos) differs from the export
+    for other in (["--calib-samples", "3"], ["--calib-text", str(SENSE), "--calib-samples", "2"],
+                  ["--calib-text", str(EMMA), "--calib-samples", "2", "--no-bos"]):
+        assert main(["verify", str(static_export), "--decode-steps", "1", *other, "--json", str(v), "--force"]) == 0
+        assert json.loads(v.read_text())["max_abs"] > 1e-3, other
+    capsys.readouterr()
+    assert main(["verify", str(static_export), "--atol", "0.1"]) == 2
+    assert "add --polygraphy" in capsys.readouterr().err
+    assert main(["verify", str(static_export), "--max-new-tokens", "3"]) == 2
+    assert "add --prompt" in capsys.readouterr().err
+    assert main(["verify", str(static_export), "--decode-steps", "0"]) == 2
+    assert "--decode-steps must be a positive integer" in capsys.readouterr().err
+
+
+def test_export_kv_cache_embedding_form_and_verify_accuracy_level(tiny_dir, tmp_path, capsys):
+    out, v = tmp_path / "w4kv", tmp_path / "v.json"
+    assert main(["export", "--model", str(tiny_dir), "--recipe", "w4g64-sym-emb8", "--kv-cache", "int8",
+                 "--embedding-form", "standard", "--out", str(out)]) == 0
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["kv_cache"]["quantized"]["bits"] == 8
+    # by default (auto) ONNX Runtime's GatherBlockQuantized would take this int8 per-row table
+    assert [layer["onnx"] for layer in report["layers"] if layer["name"] == "model.embed_tokens"] == [
+        "Gather + DequantizeLinear int8 per-row"]
+    assert report["ort_session_config"] == {"session.qdq_matmulnbits_accuracy_level": "0"}
+    assert main(["verify", str(out), "--decode-steps", "1", "--ort-accuracy-level", "4", "--json", str(v)]) == 0
+    res = json.loads(v.read_text())
+    assert res["ort_session_config"] == {"session.qdq_matmulnbits_accuracy_level": "4"}
+    assert res["kv_cache"]["bits"] == 8 and res["max_abs"] > 0
+    # an export folder is evaluated as exported: --model / --recipe / --kv-cache do not apply
+    capsys.readouterr()
+    assert main(["eval", "--backend", "onnxruntime", str(out), "--text", str(EMMA), "--recipe", "w8"]) == 2
+    assert "as it was exported" in capsys.readouterr().err
+
+
+def test_export_for_tensorrt_then_build_engine(tiny_dir, tmp_path, monkeypatch, capsys):
+    import fake_tensorrt
+
+    out = tmp_path / "trt"
+    assert main(["export", "--model", str(tiny_dir), "--recipe", "w8-trt", "--target", "tensorrt", "--out",
+                 str(out)]) == 0
+    assert json.loads((out / "export_report.json").read_text())["target"] == "tensorrt"
+    assert main(["lint-trt", str(out)]) == 0
+    assert "follows TensorRT's QDQ rules" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
+    plan, cache = tmp_path / "model.plan", tmp_path / "t.cache"
+    argv = ["build-engine", str(out), "--out", str(plan), "--int8", "--max-batch", "2", "--max-seq", "16",
+            "--max-past", "32", "--timing-cache", str(cache)]
+    assert main(argv) == 0
+    assert plan.read_bytes() == fake_tensorrt.ENGINE and cache.read_bytes() == b"timing-cache:"
+    (profile,) = fake_tensorrt.calls[-1].config.profiles
+    assert profile.shapes["input_ids"][2] == (2, 16) and profile.shapes["attention_mask"][2] == (2, 16 + 32)
+    assert main(argv) == 2 and "--force" in capsys.readouterr().err
+    assert main(argv + ["--force"]) == 0
+    assert main(["build-engine", str(out), "--out", str(tmp_path / "x.plan"), "--int4"]) == 2
+    assert "int4" in capsys.readouterr().err.lower()
+    assert main(["build-engine", str(out), "--out", str(tmp_path / "x.plan"), "--max-seq", "0"]) == 2
+    assert "--max-seq must be a positive integer" in capsys.readouterr().err
+
+
+def test_quantize_layout_kv_cache_and_calibration_then_eval(tiny_dir, tmp_path, capsys):
+    folder = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_dir), "--recipe", "w8a8-static", "--kv-cache", "int8",
+                 "--calib-text", str(SENSE), "--calib-samples", "2", "--layout", "qexport", "--out",
+                 str(folder)]) == 0
+    assert "layout qexport" in capsys.readouterr().out
+    saved = json.loads((folder / "recipe.json").read_text())
+    assert saved["recipe"]["name"] == "w8a8-static-kv8" and saved["recipe"]["kv_cache"]["bits"] == 8
+    calibration = saved["provenance"]["calibration"]
+    assert calibration["text"] == str(SENSE) and calibration["samples"] == 2
+    # a quantized KV cache has no compressed-tensors form: asking for that layout is refused
+    assert main(["quantize", "--model", str(tiny_dir), "--recipe", "w8", "--kv-cache", "int8", "--layout",
+                 "compressed-tensors", "--out", str(tmp_path / "ct")]) == 2
+    assert "compressed-tensors" in capsys.readouterr().err
+    # a saved folder: with the float source model's row, or without it (--no-float-reference)
+    common = ["eval", "--model", str(folder), "--text", str(EMMA), "--tokens", "256", "--window", "128"]
+    assert main(common) == 0
+    assert _table_rows(capsys.readouterr().out) == ["fp32", "w8a8-static-kv8"]
+    assert main([*common, "--no-float-reference", "--json", str(tmp_path / "e.json")]) == 0
+    assert _table_rows(capsys.readouterr().out) == ["w8a8-static-kv8"]
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert "fp_ppl" not in data and data["source_model"]
+    assert main(["quantize", "--model", str(tiny_dir), "--recipe", "w8", "--out", str(folder)]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_allocate_flags_reach_the_plan(tiny_dir, tmp_path, capsys):
+    cache, recipe, plan = tmp_path / "sens.json", tmp_path / "mixed.json", tmp_path / "plan.json"
+    common = ["allocate", "--model", str(tiny_dir), "--calib-text", str(SENSE), "--calib-samples", "2",
+              "--seq-len", "32", "--seed", "1", "--sensitivities", str(cache)]
+    assert main([*common, "--target-bits", "6", "--candidates", "w8,w4g128", "--method", "loss",
+                 "--algorithm", "gptq", "--name", "mixed", "--out", str(recipe), "--json", str(plan)]) == 0
+    assert f"wrote {cache}" in capsys.readouterr().err
+    r = json.loads(recipe.read_text())
+    assert r["name"] == "mixed" and r["algorithm"] == "gptq"
+    assert {(rule["weight"]["bits"], rule["weight"].get("group_size")) for rule in r["rules"]} <= {(8, None),
+                                                                                                   (4, 128)}
+    p = json.loads(plan.read_text())
+    assert p["method"] == "loss" and p["bos"] is False
+    cached = json.loads(cache.read_text())
+    assert cached["method"] == "loss" and cached["tokens"] == 2 * 31  # 2 windows of 32 tokens, 31 predicted each
+    key = cached["key"]
+    assert (key["calib_text"], key["samples"], key["seq_len"], key["seed"]) == (str(SENSE), 2, 32, 1)
+    # other windows (--seed, --bos) do not match the cache
+    for other in (["--seed", "2"], ["--bos"]):
+        argv = [*common, *other, "--target-bits", "6", "--out", str(tmp_path / "other.json")]
+        assert main(argv) == 2, other
+        assert "another calibration set" in capsys.readouterr().err
+
+
+def test_bench_flags_reach_the_result(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tiny_dir), "--variants", "eager-fp32,eager:w8", "--prompt-tokens", "8",
+                 "--new-tokens", "3", "--baseline", "eager:w8", "--bos", "--out", str(out)]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert (data["prompt_tokens"], data["new_tokens"], data["bos"], data["calib_samples"]) == (8, 3, True, None)
+    assert data["baseline"] == "eager:w8"
+    assert {i["variant"]: i["vs_baseline_median"] for i in data["summary"]}["eager:w8"] == 1.0
+    assert "Over rounds" not in capsys.readouterr().out  # one round: no summary table
+    assert main(["bench", "--model", str(tiny_dir), "--variants", "eager:w4g128-gptq", "--prompt-tokens", "8",
+                 "--new-tokens", "2", "--calib-samples", "3", "--out", str(out), "--force"]) == 0
+    assert json.loads((out / "bench.json").read_text())["calib_samples"] == 3
+    assert main(["bench", "--variants", "eager-fp32", "--ppl-tokens", "-1"]) == 2
+    assert "--ppl-tokens" in capsys.readouterr().err
+
+
+class FakeClock:
+    """Seconds that move only when told: every duration the bench reads is exact."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimedModel:
+    """A stand-in model whose calls take known times on ``clock``: the first forward 2 s (compilation), later
+    forwards 0.25 s, a generate() 0.5 s of set-up then 0.125 s per token."""
+
+    clock = FakeClock()  # a class attribute: the bench's deepcopy of the model keeps the same clock
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, ids, use_cache=False):
+        self.calls += 1
+        self.clock.now += 2.0 if self.calls == 1 else 0.25
+
+    def generate(self, ids, max_new_tokens, logits_processor, **kwargs):
+        self.clock.now += 0.5
+        for _ in range(max_new_tokens):
+            self.clock.now += 0.125
+            logits_processor[0](ids, None)
+
+
+def test_bench_timing_with_a_known_answer():
+    from qexport.bench import measure
+
+    prompt = torch.zeros(1, 16, dtype=torch.long)
+    row = measure(TimedModel(), prompt, {"kind": "eager-fp32"}, new_tokens=9, clock=TimedModel.clock)
+    assert row["first_call_s"] == 2.0 and row["prefill_s"] == 0.25 and row["prefill_tok_s"] == 64.0
+    # 9 tokens: 8 intervals of 0.125 s between the first and the last -> 8 tokens/s; generate() 0.5 + 9 * 0.125
+    assert row["decode_tok_s"] == 8.0 and row["generate_s"] == 1.625
+
+
+def test_recipes_marks_the_presets_that_need_data(capsys):
+    from qexport.presets import PRESETS
+
+    assert main(["recipes"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    for name, recipe in PRESETS.items():
+        assert lines[name][len(name):].lstrip().startswith("[data]") == recipe.needs_data, name
+    assert "[data]" in lines["w4g128-gptq"] and "[data]" in lines["w8a8-static"] and "[data]" not in lines["w8"]
+    assert main(["recipes", "--show", "w5"]) == 2
+    assert "unknown recipe preset" in capsys.readouterr().err
+
+
+# Where each flag of each command is tested: "file::test" (a test that fails when the flag is ignored).
+FLAG_TESTS = {
+    "eval": {
+        "--model": "test_cli.py::test_eval_end_to_end_writes_json",
+        "folder": "test_export.py::test_cli_export_verify_eval",
+        "--recipe": "test_cli.py::test_eval_end_to_end_writes_json",
+        "--text": "test_cli.py::test_bad_input_is_one_line_exit_2",
+        "--tokens": "test_cli.py::test_eval_end_to_end_writes_json",
+        "--window": "test_cli.py::test_eval_window_and_compile_backend",
+        "--backend": "test_cli.py::test_eval_window_and_compile_backend",
+        "--reference": "test_export.py::test_cli_export_verify_eval",
+        "--target": "test_cli.py::test_eval_window_and_compile_backend",
+        "--calib-text": "test_cli.py::test_eval_calibrated_recipe_uses_calibration_windows",
+        "--calib-samples": "test_cli.py::test_eval_calibrated_recipe_uses_calibration_windows",
+        "--kv-cache": "test_cli.py::test_eval_kv_cache_with_float_weights",
+        "--no-float-reference": "test_cli.py::test_quantize_layout_kv_cache_and_calibration_then_eval",
+        "--bos": "test_bos.py::test_cli_eval_records_bos",
+        "--json": "test_cli.py::test_eval_end_to_end_writes_json",
+        "--force": "test_cli.py::test_eval_end_to_end_writes_json",
+    },
+    "quantize": {
+        "--model": "test_checkpoint.py::test_eval_of_a_folder_equals_eval_of_its_recipe",
+        "--recipe": "test_cli.py::test_quantize_layout_kv_cache_and_calibration_then_eval",
+        "--out": "test_cli.py::test_quantize_layout_kv_cache_and_calibration_then_eval",
+        "--calib-text": "test_cli.py::test_quantize_layout_kv_cache_and_calibration_then_eval",
+        "--calib-samples": "test_cli.py::test_quantize_layout_kv_cache_and_calibration_then_eval",
+        "--kv-cache": "test_cli.py::test_quantize_layout_kv_cache_and_calibration_then_eval",
+        "--layout": "test_cli.py::test_quantize_layout_kv_cache_and_calibration_then_eval",
+        "--bos": "test_bos.py::test_cli_quantize_records_bos_in_recipe_provenance",
+        "--force": "test_cli.py::test_quantize_layout_kv_cache_and_calibration_then_eval",
+    },
+    "demo": {flag: "test_cli.py::test_demo_on_a_tiny_checkpoint" for flag in (
+        "--model", "--text", "--tokens", "--recipes", "--prompt", "--max-new-tokens", "--bos", "--json", "--force")},
+    "bench": {
+        "--model": "test_cli.py::test_bench_on_tiny_checkpoint_writes_results",
+        "--variants": "test_cli.py::test_bench_on_tiny_checkpoint_writes_results",
+        "--prompt-tokens": "test_cli.py::test_bench_flags_reach_the_result",
+        "--new-tokens": "test_cli.py::test_bench_flags_reach_the_result",
+        "--ppl-tokens": "test_cli.py::test_bench_quality_columns_and_plot",
+        "--calib-samples": "test_cli.py::test_bench_flags_reach_the_result",
+        "--rounds": "test_cli.py::test_bench_on_tiny_checkpoint_writes_results",
+        "--baseline": "test_cli.py::test_bench_flags_reach_the_result",
+        "--bos": "test_cli.py::test_bench_flags_reach_the_result",
+        "--out": "test_cli.py::test_bench_on_tiny_checkpoint_writes_results",
+        "--force": "test_cli.py::test_bench_flags_reach_the_result",
+    },
+    "export": {
+        "--model": "test_cli.py::test_calibrated_export_then_verify",
+        "--recipe": "test_cli.py::test_calibrated_export_then_verify",
+        "--out": "test_cli.py::test_calibrated_export_then_verify",
+        "--target": "test_cli.py::test_export_for_tensorrt_then_build_engine",
+        "--calib-text": "test_cli.py::test_calibrated_export_then_verify",
+        "--calib-samples": "test_cli.py::test_calibrated_export_then_verify",
+        "--kv-cache": "test_cli.py::test_export_kv_cache_embedding_form_and_verify_accuracy_level",
+        "--ort-accuracy-level": "test_export.py::test_cli_export_verify_eval",
+        "--embedding-form": "test_cli.py::test_export_kv_cache_embedding_form_and_verify_accuracy_level",
+        "--no-fuse": "test_export.py::test_cli_export_verify_eval",
+        "--bos": "test_cli.py::test_calibrated_export_then_verify",
+        "--force": "test_export.py::test_cli_export_verify_eval",
+    },
+    "verify": {
+        "folder": "test_cli.py::test_calibrated_export_then_verify",
+        "--decode-steps": "test_cli.py::test_calibrated_export_then_verify",
+        "--prompt": "test_export.py::test_cli_export_verify_eval",
+        "--max-new-tokens": "test_export.py::test_cli_export_verify_eval",
+        "--calib-text": "test_cli.py::test_calibrated_export_then_verify",
+        "--calib-samples": "test_cli.py::test_calibrated_export_then_verify",
+        "--bos": "test_cli.py::test_calibrated_export_then_verify",
+        "--ort-accuracy-level": "test_cli.py::test_export_kv_cache_embedding_form_and_verify_accuracy_level",
+        "--polygraphy": "test_export.py::test_cli_export_verify_eval",
+        "--engine": "test_export.py::test_cli_export_verify_eval",
+        "--atol": "test_export.py::test_cli_export_verify_eval",
+        "--rtol": "test_export.py::test_cli_export_verify_eval",
+        "--json": "test_cli.py::test_calibrated_export_then_verify",
+        "--force": "test_cli.py::test_calibrated_export_then_verify",
+    },
+    "lint-trt": {"model": "test_cli.py::test_export_for_tensorrt_then_build_engine"},
+    "build-engine": {flag: "test_cli.py::test_export_for_tensorrt_then_build_engine" for flag in (
+        "model", "--out", "--int8", "--int4", "--max-batch", "--max-seq", "--max-past", "--timing-cache", "--force")},
+    "allocate": {
+        **{flag: "test_cli.py::test_allocate_flags_reach_the_plan" for flag in (
+            "--model", "--target-bits", "--out", "--candidates", "--method", "--algorithm", "--name", "--calib-text",
+            "--calib-samples", "--seq-len", "--seed", "--sensitivities", "--bos", "--json")},
+        "--target-size": "test_allocate.py::test_cli_allocate_then_eval",
+        "--force": "test_allocate.py::test_cli_allocate_then_eval",
+    },
+    "recipes": {"--show": "test_cli.py::test_recipes_list_and_show"},
+    "models": {"--markdown": "test_families.py::test_readme_table_is_the_command_output",
+               "--json": "test_families.py::test_models_command_lists_every_family_with_its_layout"},
+}
+
+
+def test_every_command_and_flag_has_a_test():
+    import argparse
+    import re
+
+    from qexport.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    tests_dir = Path(__file__).resolve().parent
+    for command, parser in sub.choices.items():
+        flags = {max(a.option_strings, key=len) if a.option_strings else a.dest for a in parser._actions
+                 if not isinstance(a, argparse._HelpAction)}
+        flags = {"--bos" if f == "--no-bos" else f for f in flags}
+        assert flags == set(FLAG_TESTS.get(command, {})), f"{command}: flags without a test listed here"
+        for flag, where in FLAG_TESTS[command].items():
+            file, name = where.split("::")
+            source = (tests_dir / file).read_text()
+            assert re.search(rf"^def {name}\(", source, re.M), f"{command} {flag}: {where} does not exist"

@@ -71,3 +71,35 @@ def test_bad_protocol_arguments(model_and_tok, kw):
     model, tok = model_and_tok
     with pytest.raises(InvalidConfig):
         perplexity(model, tok, EMMA.read_text()[:5000], **kw)
+
+
+def test_comparison_table_format():
+    """The table `qexport eval` / `qexport demo` print (README quotes it): columns, widths, number formats."""
+    from qexport.report import comparison_table
+
+    rows = [{"variant": "fp32", "ppl": 20.0, "size_bytes": 538_000_000, "quantized_linear_bytes": 0,
+             "quantized_ratio_vs_fp16": None, "bits_per_weight": None},
+            {"variant": "w8", "ppl": 20.5, "size_bytes": 200_049_999, "quantized_linear_bytes": 100_000_000,
+             "quantized_ratio_vs_fp16": 0.5, "bits_per_weight": 8.0},
+            {"variant": "w2g64", "ppl": 123456.0, "size_bytes": 90_000_000, "quantized_linear_bytes": 30_000_000,
+             "quantized_ratio_vs_fp16": 0.15, "bits_per_weight": 2.5}]
+    assert comparison_table(rows, 20.0).splitlines() == [
+        "variant       ppl    x fp32  model MB  linears MB  vs fp16  bits/w",
+        "-------  --------  --------  --------  ----------  -------  ------",
+        "fp32       20.000    1.0000     538.0           -        -      32",
+        "w8         20.500    1.0250     200.0       100.0    0.500    8.00",
+        "w2g64    1.23e+05  6.17e+03      90.0        30.0    0.150    2.50",
+    ]
+
+
+def test_measure_variant_leaves_the_model_float(model_and_tok):
+    from qexport.report import measure_variant
+
+    model, tok = model_and_tok
+    text = EMMA.read_text()[:20000]
+    before = model.model.layers[0].mlp.down_proj.weight.clone()
+    row = measure_variant("w8", model, tok, text, tokens=256, window=64, recipe="w8")
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)  # a copy was quantized
+    assert row["layers_quantized"] == 14 and 7.9 < row["bits_per_weight"] < 8.5
+    assert row["ppl"] == pytest.approx(perplexity(model, tok, text, tokens=256, window=64).ppl, rel=0.05)
+    assert row["tokens"] == 256 and row["windows"] == 4 and "generation" not in row
