@@ -174,9 +174,10 @@ def test_folder_layout_kv_cache_and_generation(exported, tok):
 
 
 def test_fused_attention_rotary_and_norm_ops(tok, tmp_path):
-    """The ORT export writes Llama attention, rotary embeddings and RMSNorm as opset-23 Attention /
-    RotaryEmbedding / RMSNormalization (qexport.export.fused_ops): fewer nodes, the same logits as the
-    PyTorch model and as the unfused export, with the KV cache and a left-padded batch."""
+    """The ORT export runs the ONNX fusion passes on dynamo's graph of the model: attention with its cache update,
+    rotary embeddings and RMSNorm become opset-23 Attention / RotaryEmbedding / RMSNormalization nodes: fewer
+    nodes, the same logits as the PyTorch model and as the unfused export, with the KV cache and a left-padded
+    batch."""
     model = tiny_llama()
     fused = export_onnx(model, tmp_path / "fused", "w8", tok)
     plain = export_onnx(model, tmp_path / "plain", "w8", tok, fuse=False, ort_accuracy_level=0)
@@ -194,8 +195,10 @@ def test_fused_attention_rotary_and_norm_ops(tok, tmp_path):
         ([f"past_key_values.{i}.key", f"past_key_values.{i}.value"], [f"present.{i}.key", f"present.{i}.value"])
         for i in range(2)]
     assert fused.report["opset"] == 23 and plain.report["opset"] == 21
-    assert fused.report["fused_ops"]["attention"] == "Attention"
-    assert plain.report["fused_ops"] == {"not_used": "not asked for"}
+    counts = {p["name"]: p["changed"] for p in fused.report["fusions"]}
+    assert counts["fuse_rmsnorm"] == {"rms_norm": 5} and counts["fuse_rotary"] == {"rotary": 4}
+    assert counts["fuse_kv_attention"] == {"attention": 2, "with_past": 2}
+    assert plain.report["fusions"] == {"not_used": "not asked for"}
     ref = reference("w8")
     for r in (fused, plain):  # prefill, then 4 decode steps with the KV cache
         res = verify(r.path, reference=ref, session_config=EXACT, decode_steps=4)
@@ -218,10 +221,13 @@ def test_fused_attention_rotary_and_norm_ops(tok, tmp_path):
         torch.testing.assert_close(torch.from_numpy(step)[:, -1], full, atol=1e-4, rtol=0)
 
 
-def test_unfusable_model_exports_unfused_with_reason(tok, tmp_path):
+def test_eager_attention_is_fused_from_its_written_out_form(tok, tmp_path):
+    """A model with eager (hand-written) attention: fuse_attention turns it into SDPA first, then the ONNX fusions
+    apply as to an sdpa model."""
     res = export_onnx(tiny_llama(attn_implementation="eager"), tmp_path / "eager", "w8", tok)
-    assert res.report["fused_ops"] == {"not_used": "attention implementation 'eager' is not 'sdpa'"}
-    assert res.report["opset"] == 21
+    counts = {p["name"]: p["changed"] for p in res.report["fusions"]}
+    assert counts["fuse_attention"] == {"sdpa": 2} and counts["fuse_kv_attention"] == {"attention": 2, "with_past": 2}
+    assert res.report["opset"] == 23
     res = verify(res.path, reference=reference("w8"), session_config=EXACT, decode_steps=2)
     assert res["max_abs"] < 1e-4, res
 
@@ -598,10 +604,10 @@ def test_cli_export_verify_eval(tmp_path, capsys):
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["ppl_ratio"] == pytest.approx(1.0, abs=1e-4)
     report = json.loads((out / "export_report.json").read_text())
-    assert report["opset"] == 23 and report["fused_ops"]["attention"] == "Attention"
+    assert report["opset"] == 23 and {"attention": 2, "with_past": 2} in [p["changed"] for p in report["fusions"]]
     # the export flags reach export_onnx: elementwise form, accuracy level 4 in the folder's session settings
     assert main(["export", "--model", str(ckpt), "--recipe", "w4g128", "--out", str(out), "--force", "--no-fuse",
                  "--ort-accuracy-level", "4"]) == 0
     report = json.loads((out / "export_report.json").read_text())
-    assert report["opset"] == 21 and report["fused_ops"] == {"not_used": "not asked for"}
+    assert report["opset"] == 21 and report["fusions"] == {"not_used": "not asked for"}
     assert report["ort_session_config"] == {"session.qdq_matmulnbits_accuracy_level": "4"}

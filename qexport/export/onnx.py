@@ -21,14 +21,16 @@ outputs ``logits`` [batch, seq, vocab] and ``present.{i}.key`` / ``.value`` [bat
 head_dim]. Batch, sequence and past lengths are dynamic (past may be 0 for the first step).
 
 The graph is the canonical quantized form (``qexport`` custom ops, as every back-end sees it) exported by
-``torch.onnx.export`` and lowered by :func:`qexport.lowering.qdq.lower_qdq`: no second quantizer. For the ONNX
-Runtime target, Llama-style attention, rotary embeddings and RMSNorm are exported as opset 23's ``Attention`` /
-``RotaryEmbedding`` / ``RMSNormalization`` (:mod:`qexport.export.fused_ops`; ``fuse=False`` writes them out).
+``torch.onnx.export`` and lowered by :mod:`qexport.lowering`: no second quantizer. For the ONNX Runtime target
+the model is captured by dynamo as one torch-level graph (:func:`capture`) and the compile back-end's ONNX
+fusions run on it under the pass manager (:data:`qexport.passes.ONNX_FUSIONS`: RMSNorm, rotary embeddings,
+grouped-query attention with its KV-cache update, static sizes), so that each becomes one opset-23 node
+(``RMSNormalization``, ``RotaryEmbedding``, ``Attention``); the report's ``fusions`` has each pass's counts and
+skip reasons. ``fuse=False`` and the TensorRT target export the model as traced, written out at opset 21.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -55,6 +57,7 @@ REPORT_FILE = "export_report.json"
 RECIPE_FILE = "recipe.json"
 # Tensors go to an external data file past this total: far below protobuf's 2 GiB limit on one message.
 EXTERNAL_DATA_BYTES = 1 << 30
+FUSED_OPSET = 23  # Attention (with the KV cache), RotaryEmbedding, RMSNormalization: the fusions' ONNX ops
 _EXAMPLE = dict(batch=2, seq=6, past=5)  # distinct sizes, none 0 or 1, so that no axis is specialized
 # The tokenizer files an export folder's runtimes read, when the tokenizer has a tokenizer.json.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -180,29 +183,20 @@ def _prepare(model, recipe, tokenizer, calibration):
 
 
 def check_tensorrt_modules(model: nn.Module) -> None:
-    """TensorRT's QDQ rules applied to the quantized layers before exporting (the same rules the lowering
-    enforces, :func:`qexport.lowering.qdq.lower_qdq`), so that a refusal comes before the slow export."""
-    from qexport.lowering.qdq import check_tensorrt_weight
+    """TensorRT's QDQ rules (:mod:`qexport.lowering.tensorrt_rules`, the ones the lowering and the graph lint
+    apply) on the quantized layers before exporting, so that a refusal comes before the slow export."""
+    from qexport.lowering.tensorrt_rules import check_activation, check_weight
     from qexport.modules import QLinear
 
     for name, mod in model.named_modules():
         if not isinstance(mod, QLinear):
             continue
-        spec = mod.spec
-        per_tensor = spec.granularity.value == "per_tensor"
-        check_tensorrt_weight(name, spec.format.value, spec.bits, spec.symmetric, mod.group, mod.in_features,
-                              per_tensor)
-        act = mod.act_spec
-        if act is not None and act.outlier_threshold is not None:
-            raise UnsupportedOp(f"{name}: LLM.int8() quantizes activations at run time (outlier columns and "
-                                "per-token scales), which has no TensorRT QDQ form; use a static recipe "
-                                "(w8a8-static) or a weight-only one (w8, w4g128-sym)")
-        if act is not None and act.dynamic:
-            raise UnsupportedOp(f"{name}: dynamic activation quantization has no TensorRT QDQ form; use a static "
-                                "recipe (w8a8-static) or a weight-only one (w8, w4g128-sym)")
-        if act is not None and not act.symmetric:
-            raise UnsupportedOp(f"{name}: TensorRT needs a symmetric activation scale (zero point 0); use a "
-                                "symmetric activation spec")
+        spec, act = mod.spec, mod.act_spec
+        check_weight(name, spec.format.value, spec.bits, spec.symmetric, mod.group, mod.in_features,
+                     spec.granularity.value == "per_tensor")
+        if act is not None:
+            check_activation(name, dynamic=act.dynamic, symmetric=act.symmetric,
+                             llm_int8=act.outlier_threshold is not None)
 
 
 def _layer_names(model: nn.Module) -> dict[tuple[str, str], str]:
@@ -220,13 +214,60 @@ def _layer_names(model: nn.Module) -> dict[tuple[str, str], str]:
     return names
 
 
+def _set_constant(root: nn.Module, target: str, value: torch.Tensor) -> None:
+    """Register ``value`` as parameter or buffer ``target`` (a dotted path) of ``root``, making the submodules on
+    the way."""
+    *path, leaf = target.split(".")
+    mod = root
+    for part in path:
+        if not isinstance(getattr(mod, part, None), nn.Module):
+            mod.add_module(part, nn.Module())
+        mod = getattr(mod, part)
+    if isinstance(value, nn.Parameter):
+        mod.register_parameter(leaf, value)
+    else:
+        mod.register_buffer(leaf, value)
+
+
+def capture(wrapper: nn.Module, args: tuple, dynamic_shapes) -> "torch.fx.GraphModule":
+    """``wrapper`` as one torch-level FX graph (dynamo, the graph form the compile back-end's passes read),
+    inputs in ``wrapper``'s order, parameters and buffers as ``get_attr`` nodes named after their module paths
+    (``m.model.layers.0.mlp.up_proj.qdata``), so that the ONNX initializers and the lowering report name the
+    layers. Raises what dynamo raises when the model does not fit one graph."""
+    import itertools
+
+    gm = torch._dynamo.export(wrapper, dynamic_shapes=dynamic_shapes)(*args).graph_module
+    paths: dict[int, str] = {}
+    for name, t in itertools.chain(wrapper.named_parameters(remove_duplicate=False),
+                                   wrapper.named_buffers(remove_duplicate=False)):
+        paths.setdefault(id(t), name)
+    renamed = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in renamed.values():
+            continue
+        value = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        path = paths.get(id(value))
+        if path is None or path == node.target:
+            continue
+        if node.target not in renamed:
+            _set_constant(gm, path, value)
+            renamed[node.target] = path
+        node.target = renamed[node.target]
+    for old in renamed:
+        if hasattr(gm, old):
+            delattr(gm, old)
+    gm.recompile()
+    return gm
+
+
 def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: bool = True,
                   embedding_form: str = "auto", accuracy_level: int | None = None):
-    """The lowered ``onnx.ModelProto`` of ``model`` with the KV-cache interface, its QdqReport, and why the
-    whole-op forms of :mod:`qexport.export.fused_ops` were not used (None when they were)."""
+    """The lowered ``onnx.ModelProto`` of ``model`` with the KV-cache interface, its lowering report, and the
+    fusion passes' results (``PassResult`` list), or why none ran (a string)."""
     from torch.export import Dim
 
-    from qexport.export import fused_ops
     from qexport.lowering.qdq import BLOCKED_OPSET, lower_qdq, translations
 
     from qexport.modules import QLinear
@@ -250,17 +291,31 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: b
     dyn = Dim.DYNAMIC
     shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, tuple({0: dyn, 2: dyn} for _ in past))
     wrapper = _KVCacheLM(model, layers, kv).eval()
-    unfused = "not asked for" if not fuse else "TensorRT target" if target == "tensorrt" else fused_ops.fusable(model)
-    table, opset, patches = translations(), BLOCKED_OPSET, contextlib.nullcontext()
-    if unfused is None:
-        opset, patches = fused_ops.FUSED_OPSET, fused_ops.fused_ops(model, past_in_attention=kv is None)
-    with warnings.catch_warnings(), torch.no_grad(), patches:
+    table = translations()
+    names = dict(input_names=input_names(layers, kv), output_names=output_names(layers, kv))
+    fusions: list | str = "not asked for" if not fuse else "TensorRT target (opset 21)" if target == "tensorrt" else []
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        if isinstance(fusions, list):
+            try:
+                gm = capture(wrapper, args, shapes)
+            except Exception as e:  # dynamo could not capture the model in one graph: no fusions
+                fusions = f"dynamo could not capture the model in one graph ({str(e).strip().splitlines()[0]})"
+            else:
+                from qexport.passes import ONNX_FUSIONS, PassManager, fuse_attention
+
+                # as the compile back-end does: hand-written attention to SDPA, then the ONNX fusions
+                fusions = PassManager([fuse_attention, *ONNX_FUSIONS]).run(gm, None)
+                flat = shapes[:3] + shapes[3]
         try:
-            prog = torch.onnx.export(wrapper, args, dynamic_shapes=shapes, dynamo=True, opset_version=opset,
-                                     custom_translation_table=table, optimize=False, verbose=False,
-                                     report=False, input_names=input_names(layers, kv),
-                                     output_names=output_names(layers, kv))
+            if isinstance(fusions, list):
+                prog = torch.onnx.export(gm, args, dynamic_shapes=flat, dynamo=True, opset_version=FUSED_OPSET,
+                                         custom_translation_table=table, optimize=True, verbose=False,
+                                         report=False, **names)
+            else:
+                prog = torch.onnx.export(wrapper, args, dynamic_shapes=shapes, dynamo=True,
+                                         opset_version=BLOCKED_OPSET, custom_translation_table=table, optimize=False,
+                                         verbose=False, report=False, **names)
         except Exception as e:  # the exporter raises many types; the first line names the failing op
             raise UnsupportedOp(f"torch.onnx.export failed on this model: {str(e).strip().splitlines()[0]}") from e
     # double-quantized scales are computed in the exported graph: hand the lowering their float values
@@ -270,7 +325,7 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: b
                               _layer_names(model), accuracy_level)
     for node in proto.graph.node:  # the exporter's debug records (FX node, stack trace): 7% of a w4g128 file
         del node.metadata_props[:]
-    return proto, report, unfused
+    return proto, report, fusions
 
 
 def _kv_report(layers: int, kv_heads: int, head_dim: int, kv) -> dict[str, Any]:
@@ -349,9 +404,10 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
             layout fits, else the lookup form) or ``'lookup'`` (standard ONNX only: ``Gather`` of the code book
             times the scale, then ``MatMul``, for runtimes without ``com.microsoft`` ops). TensorRT keeps NF4
             float (report entry).
-        fuse: ONNX Runtime target, Llama-style models: attention, rotary embeddings and RMSNorm as opset 23's
-            ``Attention`` / ``RotaryEmbedding`` / ``RMSNormalization`` (:mod:`qexport.export.fused_ops`); False
-            writes them out in elementwise ops (opset 21). The report's ``fused_ops`` says which was done.
+        fuse: ONNX Runtime target: run the ONNX fusion passes (:data:`qexport.passes.ONNX_FUSIONS`), so that
+            attention with its cache update, rotary embeddings and RMSNorm are opset 23's ``Attention`` /
+            ``RotaryEmbedding`` / ``RMSNormalization`` nodes; False writes them out in elementwise ops (opset 21).
+            The report's ``fusions`` gives each pass's counts and skip reasons, or why none ran.
         ort_accuracy_level: the MatMulNBits accuracy level written into the folder's ``ort_session_config``
             (0: fp32 activations, exact; 4: int8 activations, faster); default 4 when every weight is 8-bit,
             else 0.
@@ -365,7 +421,6 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
     Raises:
         OutputExists, UnsupportedOp (a layer or op the target cannot run), CalibrationError, ModelLoadError.
     """
-    from qexport.export import fused_ops
     from qexport.lowering.embedding import check_form
     from qexport.lowering.qdq import NF4_FORMS, TARGETS, ort_session_config
 
@@ -384,7 +439,7 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
     qmodel, tokenizer, source = _prepare(model, recipe, tokenizer, calibration)
     if target == "tensorrt":
         check_tensorrt_modules(qmodel)
-    proto, qdq, unfused = _export_proto(qmodel, target, nf4_form, fuse, embedding_form, ort_accuracy_level)
+    proto, qdq, fusions = _export_proto(qmodel, target, nf4_form, fuse, embedding_form, ort_accuracy_level)
     if target == "tensorrt":
         from qexport.export.tensorrt import lint_tensorrt
 
@@ -414,7 +469,7 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
             "recipe": recipe_dict.get("name") if recipe_dict else None,
             "target": target,
             "opset": qdq.opset,
-            "fused_ops": dict(fused_ops.ONNX_OPS) if unfused is None else {"not_used": unfused},
+            "fusions": ([r.to_dict() for r in fusions] if isinstance(fusions, list) else {"not_used": fusions}),
             "files": {f: (tmp / f).stat().st_size for f in files},
             "onnx_bytes": sum((tmp / f).stat().st_size for f in files),
             "inputs": input_names(layers, kv),

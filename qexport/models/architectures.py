@@ -32,7 +32,7 @@ from torch import nn
 from qexport.errors import UnsupportedOp
 
 __all__ = ["Architecture", "ModelFacts", "ARCHITECTURES", "architecture", "describe", "find_architecture",
-           "rotation_refusal", "fused_export_refusal", "model_type", "PATHS", "support", "support_markdown"]
+           "rotation_refusal", "onnx_fusions", "ONNX_FUSION_OPS", "model_type", "PATHS", "support", "support_markdown"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class Architecture:
     qk_norm: bool = False
     embedding_scale: bool = False  # embeddings multiplied by sqrt(hidden_size) (Gemma)
     rotary: bool = True  # rotate-half rotary embeddings (False: learned positions)
+    attn_softcap: bool = False  # attention logits soft-capped by default (Gemma 2): eager attention, no SDPA
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -88,7 +89,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("Qwen2", ("qwen2",), notes=("q/k/v_proj have biases",)),
     Architecture("Qwen3", ("qwen3",), qk_norm=True),
     Architecture("Gemma 2", ("gemma2",), norm="rms_1p", mlp_norm="pre_feedforward_layernorm",
-                 post_norms=("post_attention_layernorm", "post_feedforward_layernorm"), embedding_scale=True),
+                 post_norms=("post_attention_layernorm", "post_feedforward_layernorm"), embedding_scale=True,
+                 attn_softcap=True),
     Architecture("Gemma 3", ("gemma3_text", "gemma3"), norm="rms_1p", mlp_norm="pre_feedforward_layernorm",
                  post_norms=("post_attention_layernorm", "post_feedforward_layernorm"), embedding_scale=True,
                  qk_norm=True),
@@ -170,23 +172,19 @@ def rotation_refusal(arch: Architecture) -> str | None:
     return None
 
 
-def fused_export_refusal(arch: Architecture, facts: ModelFacts | None = None) -> str | None:
-    """Why the fused ONNX export (whole Attention / RotaryEmbedding / RMSNormalization ops) does not apply."""
-    if arch.norm != "rms":
-        return f"{arch.family}'s norms are not x / rms(x) * w"
-    if not arch.rotary:
-        return f"{arch.family} has no rotary embeddings"
-    if arch.fused_qkv:
-        return "the attention reads one fused qkv_proj"
-    if facts is None:
-        return None
-    if facts.attn_softcap:
-        return "attention logits are soft-capped"
-    if facts.sliding_layers:
-        return "some layers use sliding-window attention"
-    if facts.head_dim % 2:
-        return f"head_dim {facts.head_dim} is odd"
-    return None
+ONNX_FUSION_OPS = {"attention": ("fuse_kv_attention", "Attention"), "rotary": ("fuse_rotary", "RotaryEmbedding"),
+                   "norm": ("fuse_rmsnorm", "RMSNormalization")}  # what -> (pass, opset-23 ONNX op)
+
+
+def onnx_fusions(arch: Architecture) -> dict[str, str | None]:
+    """What the ONNX fusion passes (:data:`qexport.passes.ONNX_FUSIONS`) make of a model of this family, from
+    its layout: ``{"attention" | "rotary" | "norm": None when fused into one ONNX node, else why not}``. The
+    passes decide by matching the graph; tests/test_families.py checks this says what they do."""
+    return {
+        "attention": "attention logits are soft-capped (eager attention)" if arch.attn_softcap else None,
+        "rotary": None if arch.rotary else "learned positions, no rotary embeddings",
+        "norm": None if arch.norm in ("rms", "rms_1p") else "LayerNorm (RMSNorm only)",
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,8 +217,8 @@ def support(arch: Architecture) -> dict[str, tuple[str, str]]:
         if path == "rotation" and rotation_refusal(arch):
             status, note = "refused", rotation_refusal(arch)
         elif path == "onnx_ort":
-            why = fused_export_refusal(arch)
-            note = "fused Attention / RotaryEmbedding / RMSNormalization" if why is None else f"unfused: {why}"
+            fused = [what for what, why in onnx_fusions(arch).items() if why is None]
+            note = "fused: " + ", ".join(fused) if fused else "nothing fused"
         elif path == "awq" and not arch.gated:
             note = "no MLP-output group (ungated MLP)"
         out[path] = (status, note)
@@ -242,7 +240,7 @@ def support_markdown() -> str:
                     notes.append(note)
                 cell += f" ({notes.index(note) + 1})"
             elif note and path == "onnx_ort":
-                cell += ", fused" if note.startswith("fused") else ", unfused"
+                cell += ", " + note
             cells.append(cell)
         lines.append(f"| {arch.family} | {', '.join(arch.model_types)} | " + " | ".join(cells) + " |")
     lines.append("")
