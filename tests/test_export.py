@@ -604,7 +604,7 @@ def test_cli_export_verify_eval(tmp_path, capsys):
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["ppl_ratio"] == pytest.approx(1.0, abs=1e-4)
     report = json.loads((out / "export_report.json").read_text())
-    assert report["opset"] == 23 and {"attention": 2, "with_past": 2} in [p["changed"] for p in report["fusions"]]
+    assert report["opset"] == 23 and {"attention": 1, "with_past": 1} in [p["changed"] for p in report["fusions"]]
     # the export flags reach export_onnx: elementwise form, accuracy level 4 in the folder's session settings
     assert main(["export", "--model", str(ckpt), "--recipe", "w4g128", "--out", str(out), "--force", "--no-fuse",
                  "--ort-accuracy-level", "4"]) == 0
