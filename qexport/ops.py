@@ -184,36 +184,3 @@ def double_dequantize(qscale: Tensor, scale2: Tensor, offset: Tensor, block: int
 @double_dequantize.register_fake
 def _(qscale, scale2, offset, block):
     return qscale.new_empty(qscale.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("qexport::rms_norm", mutates_args=())
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """``weight * x / sqrt(mean(x^2 over the last dim) + eps)`` in float32: LlamaRMSNorm's arithmetic.
-
-    Produced by the ``fuse_rmsnorm`` pass for the ONNX Runtime target, which lowers it to one
-    ``SimplifiedLayerNormalization`` node instead of seven elementwise ones.
-    """
-    xf = x.to(torch.float32)
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
-
-
-@rms_norm.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("qexport::rotate_half", mutates_args=())
-def rotate_half(x: Tensor) -> Tensor:
-    """``cat(-x2, x1)`` over the last dim, with ``x1, x2`` its halves: rotary embeddings' rotation.
-
-    Produced by the ``fuse_rotate_half`` pass for the ONNX Runtime target, which lowers it to one ``MatMul``
-    by a constant signed permutation (exact: one non-zero term per output) instead of Slice, Slice, Neg
-    and Concat.
-    """
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
-@rotate_half.register_fake
-def _(x):
-    return torch.empty_like(x)

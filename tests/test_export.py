@@ -564,14 +564,14 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys, tok):
         err = capsys.readouterr().err
         assert err.startswith("qexport: error:") and len(err.strip().splitlines()) == 1, err
     # an op with no ONNX lowering is named
-    from qexport.lowering.qdq import lower_qdq
+    from qexport.lowering.core import lower
     from onnx import helper
 
     node = helper.make_node("Mystery", ["x"], ["y"], domain="qexport")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [1])],
                               [helper.make_tensor_value_info("y", 1, [1])])
     with pytest.raises(UnsupportedOp, match="Mystery"):
-        lower_qdq(helper.make_model(graph))
+        lower(helper.make_model(graph))
     with pytest.raises(QExportError, match="target"):
         export_onnx(tiny_llama(), tmp_path / "x", "w8", tok, target="tflite")
 

@@ -275,32 +275,8 @@ def test_llm_int8_emitters():
 
 
 # ----------------------------------------------------------------------------------------------------
-# The compile target's fused ops, and an op without an emitter
+# An op without an emitter
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("target,want", [
-    ("ort", {"SimplifiedLayerNormalization": 1}),
-    ("tensorrt", {"Cast": 1, "Mul": 2, "ReduceMean": 1, "Add": 1, "Sqrt": 1, "Div": 1}),
-])
-def test_rms_norm_emitters(target, want):
-    torch.manual_seed(5)
-    x, weight = torch.randn(2, 3, 64), torch.rand(64) + 0.5
-    node = helper.make_node("RMSNorm", ["x", "w"], ["y"], name="norm", domain="qexport", epsilon=1e-5)
-    model = _graph([node], [helper.make_tensor_value_info("x", F, [2, 3, 64])],
-                   [numpy_helper.from_array(weight.numpy(), "w")], [2, 3, 64])
-    ops, got, report, _ = _run(model, target, {"x": x})
-    assert ops == Counter(want) and report.rms_norm == 1
-    torch.testing.assert_close(got, torch.ops.qexport.rms_norm(x, weight, 1e-5), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("target", ["ort", "tensorrt"])
-def test_rotate_half_emitter(target):
-    x = torch.randn(2, 4, 3, 16)
-    node = helper.make_node("RotateHalf", ["x"], ["y"], name="rot", domain="qexport")
-    model = _graph([node], [helper.make_tensor_value_info("x", F, [2, 4, 3, 16])], [], [2, 4, 3, 16])
-    ops, got, _, _ = _run(model, target, {"x": x})
-    assert ops == Counter({"MatMul": 1}) and torch.equal(got, torch.ops.qexport.rotate_half(x))
-
-
 def test_unknown_op_and_target_are_named():
     node = helper.make_node("Mystery", ["x"], ["y"], domain="qexport")
     model = _graph([node], [helper.make_tensor_value_info("x", F, [1])], [], [1])
@@ -357,10 +333,7 @@ def test_compile_target_and_export_lower_the_same_graph_the_same_way(monkeypatch
     import qexport.backend as B
     import qexport.lowering.onnx_ort as O
     from qexport.config import Recipe, Rule
-    from qexport.lowering import qdq
-    from qexport.lowering.translate import translations
-
-    assert qdq.lower_qdq is lower  # what the export calls (qexport.export.onnx._export_proto)
+    from qexport.lowering.translate import onnx_program
     seen = []  # the exported graphs, before lowering
 
     def recording_lower(model, *args, **kwargs):
@@ -382,10 +355,9 @@ def test_compile_target_and_export_lower_the_same_graph_the_same_way(monkeypatch
     qmodel = qexport.quantize(_mlp(), recipe)
     with torch.no_grad():
         want = qmodel(x)
-        prog = torch.onnx.export(qmodel, (x,), dynamo=True, opset_version=O.ATTENTION_OPSET,
-                                 custom_translation_table=translations(), optimize=False, verbose=False, report=False)
-    before = copy.deepcopy(prog.model_proto)
-    export_model, export_report = qdq.lower_qdq(prog.model_proto, "ort")
+        proto = onnx_program(qmodel, (x,), None, O.ATTENTION_OPSET)  # what qexport export calls, then lowers
+    before = copy.deepcopy(proto)
+    export_model, export_report = lower(proto, "ort")
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # biased W8A8 included
     compile_ops, compile_inits, compile_replaced = _signature(seen[-1], compile_model)
     export_ops, export_inits, export_replaced = _signature(before, export_model)

@@ -268,7 +268,8 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: b
     fusion passes' results (``PassResult`` list), or why none ran (a string)."""
     from torch.export import Dim
 
-    from qexport.lowering.qdq import BLOCKED_OPSET, lower_qdq, translations
+    from qexport.lowering.core import BLOCKED_OPSET, lower
+    from qexport.lowering.translate import onnx_program
 
     from qexport.modules import QLinear
 
@@ -291,40 +292,32 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: b
     dyn = Dim.DYNAMIC
     shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, tuple({0: dyn, 2: dyn} for _ in past))
     wrapper = _KVCacheLM(model, layers, kv).eval()
-    table = translations()
     names = dict(input_names=input_names(layers, kv), output_names=output_names(layers, kv))
     fusions: list | str = "not asked for" if not fuse else "TensorRT target (opset 21)" if target == "tensorrt" else []
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if isinstance(fusions, list):
-            try:
-                gm = capture(wrapper, args, shapes)
-            except Exception as e:  # dynamo could not capture the model in one graph: no fusions
-                fusions = f"dynamo could not capture the model in one graph ({str(e).strip().splitlines()[0]})"
-            else:
-                from qexport.passes import ONNX_FUSIONS, PassManager, fuse_attention
-
-                # as the compile back-end does: hand-written attention to SDPA, then the ONNX fusions
-                fusions = PassManager([fuse_attention, *ONNX_FUSIONS]).run(gm, None)
-                flat = shapes[:3] + shapes[3]
+    if isinstance(fusions, list):
         try:
-            if isinstance(fusions, list):
-                prog = torch.onnx.export(gm, args, dynamic_shapes=flat, dynamo=True, opset_version=FUSED_OPSET,
-                                         custom_translation_table=table, optimize=True, verbose=False,
-                                         report=False, **names)
-            else:
-                prog = torch.onnx.export(wrapper, args, dynamic_shapes=shapes, dynamo=True,
-                                         opset_version=BLOCKED_OPSET, custom_translation_table=table, optimize=False,
-                                         verbose=False, report=False, **names)
-        except Exception as e:  # the exporter raises many types; the first line names the failing op
-            raise UnsupportedOp(f"torch.onnx.export failed on this model: {str(e).strip().splitlines()[0]}") from e
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                gm = capture(wrapper, args, shapes)
+        except Exception as e:  # dynamo could not capture the model in one graph: no fusions
+            fusions = f"dynamo could not capture the model in one graph ({str(e).strip().splitlines()[0]})"
+        else:
+            from qexport.passes import ONNX_FUSIONS, PassManager, fuse_attention
+
+            # as the compile back-end does: hand-written attention to SDPA, then the ONNX fusions
+            fusions = PassManager([fuse_attention, *ONNX_FUSIONS]).run(gm, None)
+    try:
+        if isinstance(fusions, list):  # the same export call and lowering as the compile back-end's ORT target
+            proto = onnx_program(gm, args, shapes[:3] + shapes[3], FUSED_OPSET, **names)
+        else:
+            proto = onnx_program(wrapper, args, shapes, BLOCKED_OPSET, optimize=False, **names)
+    except Exception as e:  # the exporter raises many types; the first line names the failing op
+        raise UnsupportedOp(f"torch.onnx.export failed on this model: {str(e).strip().splitlines()[0]}") from e
     # double-quantized scales are computed in the exported graph: hand the lowering their float values
     double_quantized = {name: mod.quantized_weight().scales() for name, mod in model.named_modules()
                         if isinstance(mod, QLinear) and mod._dq_block is not None}
-    proto, report = lower_qdq(prog.model_proto, target, double_quantized, nf4_form, embedding_form,
-                              _layer_names(model), accuracy_level)
-    for node in proto.graph.node:  # the exporter's debug records (FX node, stack trace): 7% of a w4g128 file
-        del node.metadata_props[:]
+    proto, report = lower(proto, target, double_quantized, nf4_form, embedding_form, _layer_names(model),
+                          accuracy_level)
     return proto, report, fusions
 
 
@@ -422,7 +415,7 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
         OutputExists, UnsupportedOp (a layer or op the target cannot run), CalibrationError, ModelLoadError.
     """
     from qexport.lowering.embedding import check_form
-    from qexport.lowering.qdq import NF4_FORMS, TARGETS, ort_session_config
+    from qexport.lowering.core import NF4_FORMS, TARGETS, ort_session_config
 
     if target not in TARGETS:
         raise InvalidConfig(f"target={target!r} is not valid; allowed: {', '.join(TARGETS)}")

@@ -29,13 +29,11 @@ report; :meth:`Lowering.finish` prunes what feeds nothing and sets the opset / I
   ``MatMulIntegerToFloat``; with QDQ on both inputs it would pick a u8s8 kernel that saturates on CPUs without
   VNNI), a bias added by ``Sum`` (an ``Add`` is folded into the fused kernel, which scales it wrongly in ORT
   1.32); LLM.int8(): :mod:`qexport.lowering.llm_int8`;
-* ``RMSNorm`` / ``RotateHalf`` (the compile target's own fusions): ``SimplifiedLayerNormalization`` / one
-  ``MatMul`` by a signed permutation.
 
 ``'tensorrt'``: TensorRT's QDQ rules (:mod:`qexport.lowering.tensorrt_rules`, the same refusals as the
 pre-export check and the graph lint): symmetric INT8 / INT4 weights, scales made positive
 (:func:`qexport.lowering.qdq.positive_scales`), static activations as ``QuantizeLinear -> DequantizeLinear``;
-NF4 and embeddings stay float (report entries), RMSNorm is written out in standard ops.
+NF4 and embeddings stay float (report entries).
 
 Everything without a quantized form (conv weights, formats without an emitter) is dequantized once into a
 float initializer and listed with the reason. Numerics equal :func:`qexport.formats.dequantize_stored` up to
@@ -134,11 +132,10 @@ class LoweringReport:
     nf4_lookup: int = 0  # NF4 linears in the standard-ONNX lookup form
     gather_block_quantized: int = 0  # quantized embeddings as com.microsoft.GatherBlockQuantized
     llm_int8: int = 0  # LLM.int8() linears decomposed (MatMulInteger + float MatMul of the outlier columns)
-    rms_norm: int = 0
     attention: int = 0  # ONNX Attention nodes (opset 23) in the lowered graph
 
     COUNTERS = ("matmulnbits", "matmulinteger", "matmulbnb4", "nf4_lookup", "gather_block_quantized", "llm_int8",
-                "rms_norm", "attention")
+                "attention")
 
     def to_dict(self) -> dict[str, Any]:
         d = {"target": self.target, "opset": self.opset, "layers": dict(self.layers),
@@ -640,49 +637,11 @@ def _trt_llm_int8(lw: Lowering, q: QNode) -> None:
     trt.check_activation(_module_name(q.ins[1]), dynamic=True, symmetric=True, llm_int8=True)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The compile target's fused ops
-# ----------------------------------------------------------------------------------------------------
-def _ort_rms_norm(lw: Lowering, q: QNode) -> None:
-    """ORT's ``SimplifiedLayerNormalization`` (registered in the ONNX domain), float32 statistics."""
-    lw.node("SimplifiedLayerNormalization", q.ins[:2], q.out, f"{q.name}_SimplifiedLayerNormalization", axis=-1,
-            epsilon=q.attrs["epsilon"], stash_type=1)
-    lw.report.rms_norm += 1
-
-
-def _standard_rms_norm(lw: Lowering, q: QNode) -> None:
-    """``weight * x / sqrt(mean(x^2) + eps)`` in standard ops (opset 18+), float32."""
-    name, (x, weight) = q.name, q.ins[:2]
-    xf = lw.node("Cast", [x], f"{name}_xf", f"{name}_Cast", to=_F32)
-    sq = lw.node("Mul", [xf, xf], f"{name}_sq", f"{name}_square")
-    axes = lw.add_array(f"{name}_axes", np.array([-1], dtype=np.int64))
-    ms = lw.node("ReduceMean", [sq, axes], f"{name}_ms", f"{name}_ReduceMean", keepdims=1)
-    eps = lw.add_array(f"{name}_eps", np.array(q.attrs["epsilon"], dtype=np.float32))
-    rms = lw.node("Sqrt", [lw.node("Add", [ms, eps], f"{name}_mse", f"{name}_eps_Add")], f"{name}_rms", f"{name}_Sqrt")
-    lw.node("Mul", [weight, lw.node("Div", [xf, rms], f"{name}_normed", f"{name}_Div")], q.out, f"{name}_scale")
-    lw.report.rms_norm += 1
-
-
-def _rotate_half(lw: Lowering, q: QNode) -> None:
-    """``x @ P``, ``P`` the signed permutation ``[x1, x2] -> [-x2, x1]`` (exact: one non-zero term per output)."""
-    dims = _value_info(lw.graph, q.ins[0])
-    if not dims or not dims[-1].HasField("dim_value"):
-        raise UnsupportedOp(f"the last dimension of {q.ins[0]!r} is not known statically")
-    d = dims[-1].dim_value
-    h = d // 2
-    perm = np.zeros((d, d), dtype=np.float32)
-    perm[np.arange(h) + h, np.arange(h)] = -1.0
-    perm[np.arange(h), np.arange(h) + h] = 1.0
-    lw.node("MatMul", [q.ins[0], lw.add_array(f"rotate_half_{d}", perm)], q.out, f"{q.name}_MatMul")
-
-
 Emitter = Callable[[Lowering, QNode], None]
-_COMMON: dict[str, Emitter] = {"QLinear": _linear, "DequantizeWeight": _conv_weight, "RotateHalf": _rotate_half}
+_COMMON: dict[str, Emitter] = {"QLinear": _linear, "DequantizeWeight": _conv_weight}
 EMITTERS: dict[str, dict[str, Emitter]] = {  # target -> qexport op type -> emitter
-    "ort": {**_COMMON, "QEmbedding": _ort_embedding, "QLinearA8": _ort_a8, _llm_int8.OP_TYPE: _ort_llm_int8,
-            "RMSNorm": _ort_rms_norm},
-    "tensorrt": {**_COMMON, "QEmbedding": _float_embedding, "QLinearA8": _trt_a8, _llm_int8.OP_TYPE: _trt_llm_int8,
-                 "RMSNorm": _standard_rms_norm},
+    "ort": {**_COMMON, "QEmbedding": _ort_embedding, "QLinearA8": _ort_a8, _llm_int8.OP_TYPE: _ort_llm_int8},
+    "tensorrt": {**_COMMON, "QEmbedding": _float_embedding, "QLinearA8": _trt_a8, _llm_int8.OP_TYPE: _trt_llm_int8},
 }
 
 

@@ -18,7 +18,6 @@ once per input shape signature, and caches the sessions.
 from __future__ import annotations
 
 import inspect
-import warnings
 from typing import Any
 
 import torch
@@ -79,14 +78,10 @@ def export_graph(gm: fx.GraphModule, example_inputs, accuracy_level: int | None 
     Opset 23, where the exporter writes ``scaled_dot_product_attention`` (what the ``fuse_attention`` pass and
     Hugging Face's sdpa attention produce) as one ``Attention`` node instead of ~10 MatMul / Softmax / mask
     nodes."""
-    from qexport.lowering.translate import translations
+    from qexport.lowering.translate import onnx_program
 
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes, dynamo=True,
-                                 opset_version=ATTENTION_OPSET, custom_translation_table=translations(),
-                                 optimize=False, verbose=False, report=False)
-    return lower(prog.model_proto, "ort", accuracy_level=accuracy_level)
+    proto = onnx_program(gm, example_inputs, dynamic_shapes, ATTENTION_OPSET)
+    return lower(proto, "ort", accuracy_level=accuracy_level)
 
 
 def freeze_parameters(gm: fx.GraphModule, example_inputs) -> set[int]:

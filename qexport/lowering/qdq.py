@@ -4,11 +4,7 @@ Codes become a ``[K, N]`` initializer of ONNX type INT8 / UINT8 / INT4 / UINT4 /
 symmetric, unsigned with a zero point otherwise), packed bit-exactly as ONNX packs sub-byte types (the order
 of :mod:`qexport.formats`); the scale (and zero point) is a scalar (per-tensor), ``[N]`` (per-channel, axis 1)
 or ``[G, N]`` (blocked along K, axis 0). :func:`positive_scales` re-expresses full-range symmetric groups with
-scales > 0 for TensorRT.
-
-The lowering itself is :mod:`qexport.lowering.core`; the names it had here (``lower_qdq``, ``translations``,
-``ort_session_config``, ``QdqReport``, ``TARGETS``, ``NF4_FORMS``, ``BLOCKED_OPSET``, ``check_tensorrt_weight``)
-still resolve, to the core's and :mod:`qexport.lowering.tensorrt_rules`' objects.
+scales > 0 for TensorRT. The lowering that uses them is :mod:`qexport.lowering.core`.
 """
 
 from __future__ import annotations
@@ -19,21 +15,6 @@ import torch
 from qexport.lowering.embedding import StoredWeight
 
 __all__ = ["weight_initializers", "positive_scales", "int_tensor", "onnx_type"]
-
-_MOVED = {"lower_qdq": "core:lower", "translations": "translate:translations", "TARGETS": "core:TARGETS",
-          "ort_session_config": "core:ort_session_config", "QdqReport": "core:LoweringReport",
-          "NF4_FORMS": "core:NF4_FORMS", "BLOCKED_OPSET": "core:BLOCKED_OPSET", "INT2_OPSET": "core:INT2_OPSET",
-          "check_tensorrt_weight": "tensorrt_rules:check_weight"}
-
-
-def __getattr__(name: str):
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    module, attr = _MOVED[name].split(":")
-    return getattr(importlib.import_module(f"qexport.lowering.{module}"), attr)
-
 
 def onnx_type(bits: int, signed: bool) -> int:
     from onnx import TensorProto as T
