@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from qexport.passes.graph_utils import TRANSPOSE_FUNCS, arg, erase_unused, is_call, is_matmul, is_softmax
+from qexport.passes.graph_utils import TRANSPOSE_FUNCS, arg, is_call, is_matmul, is_softmax, replace_matches
 from qexport.passes.pass_manager import PassResult
 
 DROPOUT_FUNCS = {F.dropout, torch.dropout}
@@ -138,22 +138,11 @@ def _match(node: fx.Node):
 
 def fuse_attention(gm: fx.GraphModule, ctx=None) -> PassResult:
     result = PassResult("fuse_attention")
-    g = gm.graph
-    for node in list(g.nodes):
-        if not is_matmul(node):
-            continue
-        m = _match(node)
-        if m is None:
-            continue
-        if isinstance(m, str):
-            result.skip(node.name, m)
-            continue
-        q, k, v, mask, scale = m
-        with g.inserting_before(node):
-            sdpa = g.call_function(F.scaled_dot_product_attention, (q, k, v),
-                                   {"attn_mask": mask, "dropout_p": 0.0, "scale": scale})
-        sdpa.meta.update(node.meta)
-        node.replace_all_uses_with(sdpa)
-        erase_unused(g, [node])
-        result.count("sdpa")
+
+    def build(g: fx.Graph, node: fx.Node, parts) -> fx.Node:
+        q, k, v, mask, scale = parts
+        return g.call_function(F.scaled_dot_product_attention, (q, k, v),
+                               {"attn_mask": mask, "dropout_p": 0.0, "scale": scale})
+
+    replace_matches(gm, result, is_matmul, _match, build, "sdpa")
     return result

@@ -22,7 +22,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from qexport.passes.graph_utils import arg, erase_unused, is_call, node_value
+from qexport.passes.graph_utils import arg, is_call, node_value, replace_matches
 from qexport.passes.pass_manager import PassResult
 
 CAST_METHODS = {"to", "type", "float"}
@@ -88,23 +88,12 @@ def _match(out: fx.Node, gm: fx.GraphModule):
 
 def fuse_rmsnorm(gm: fx.GraphModule, ctx=None) -> PassResult:
     result = PassResult("fuse_rmsnorm")
-    g = gm.graph
-    for node in list(g.nodes):
-        if not is_call(node, *MUL):
-            continue
-        m = _match(node, gm)
-        if m is None:
-            continue
-        if isinstance(m, str):
-            result.skip(node.name, m)
-            continue
-        h, weight, eps = m
-        with g.inserting_before(node):
-            fused = g.call_function(torch.nn.functional.rms_norm, (h, (node_value(h).shape[-1],), weight, eps))
-        fused.meta.update(node.meta)
-        node.replace_all_uses_with(fused)
-        erase_unused(g, [node])
-        result.count("rms_norm")
-    g.lint()
+
+    def build(g: fx.Graph, node: fx.Node, parts) -> fx.Node:
+        h, weight, eps = parts
+        return g.call_function(torch.nn.functional.rms_norm, (h, (node_value(h).shape[-1],), weight, eps))
+
+    replace_matches(gm, result, lambda n: is_call(n, *MUL), lambda n: _match(n, gm), build, "rms_norm")
+    gm.graph.lint()
     gm.recompile()
     return result

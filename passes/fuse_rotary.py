@@ -25,7 +25,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from qexport.passes.graph_utils import arg, erase_unused, is_call, node_value
+from qexport.passes.graph_utils import arg, is_call, node_value, replace_matches
 from qexport.passes.pass_manager import PassResult
 
 MUL = ({operator.mul, torch.mul}, {"mul"})
@@ -132,23 +132,11 @@ def fuse_rotary(gm: fx.GraphModule, ctx=None) -> PassResult:
             halves[t] = h
         return halves[t]
 
-    for node in list(g.nodes):
-        if not is_call(node, *ADD):
-            continue
-        m = _match(node)
-        if m is None:
-            continue
-        if isinstance(m, str):
-            result.skip(node.name, m)
-            continue
-        x, cos, sin = m
-        c, s = half(cos, x, node), half(sin, x, node)
-        with g.inserting_before(node):
-            fused = g.call_function(rotary_embedding, (x, c, s))
-        fused.meta.update(node.meta)
-        node.replace_all_uses_with(fused)
-        erase_unused(g, [node])
-        result.count("rotary")
+    def build(g: fx.Graph, node: fx.Node, parts) -> fx.Node:
+        x, cos, sin = parts
+        return g.call_function(rotary_embedding, (x, half(cos, x, node), half(sin, x, node)))
+
+    replace_matches(gm, result, lambda n: is_call(n, *ADD), _match, build, "rotary")
     g.lint()
     gm.recompile()
     return result

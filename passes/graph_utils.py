@@ -190,3 +190,27 @@ def erase_unused(graph: fx.Graph, roots) -> int:
         erased += 1
         stack.extend(inputs)
     return erased
+
+
+def replace_matches(gm: fx.GraphModule, result, candidate, match, build, counter: str) -> None:
+    """The match / check / rewrite loop of a fusion pass. For every node where ``candidate(node)`` holds,
+    ``match(node)`` returns None (not this pattern: left alone), a string (a look-alike: recorded in ``result``
+    as the skip reason) or the matched parts, from which ``build(graph, node, parts)`` makes the replacement
+    node, inserted before ``node``; ``node`` is then replaced, what only it used is erased, and ``counter`` of
+    ``result`` (a :class:`~qexport.passes.pass_manager.PassResult`) goes up by one."""
+    g = gm.graph
+    for node in list(g.nodes):
+        if not candidate(node):
+            continue
+        parts = match(node)
+        if parts is None:
+            continue
+        if isinstance(parts, str):
+            result.skip(node.name, parts)
+            continue
+        with g.inserting_before(node):
+            fused = build(g, node, parts)
+        fused.meta.update(node.meta)
+        node.replace_all_uses_with(fused)
+        erase_unused(g, [node])
+        result.count(counter)

@@ -344,26 +344,26 @@ def _tensor_key(t: torch.Tensor) -> tuple:
 
 def model_size(model: nn.Module) -> SizeReport:
     seen: set[tuple] = set()
+
+    def new_bytes(tensors) -> int:
+        """Bytes of the tensors not counted yet (a tied weight counts once)."""
+        total = 0
+        for t in tensors:
+            key = _tensor_key(t)
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+        return total
+
     quantized = fp16 = params = 0
     qmods = [m for m in model.modules() if isinstance(m, (QLinear, QEmbedding))]
     for m in qmods:
         shared = _tensor_key(m.qdata) in seen  # a tied weight, counted with the first module that holds it
-        for t in list(m.buffers()) + list(m.parameters()):
-            key = _tensor_key(t)
-            if key in seen:
-                continue
-            seen.add(key)
-            quantized += t.numel() * t.element_size()
+        quantized += new_bytes(list(m.buffers()) + list(m.parameters()))
         n, k = m.quantized_weight().shape
         n_weights = 0 if shared else n * k
         bias = getattr(m, "bias", None)
         params += n_weights
         fp16 += 2 * (n_weights + (bias.numel() if bias is not None else 0))
-    other = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = _tensor_key(t)
-        if key in seen:
-            continue
-        seen.add(key)
-        other += t.numel() * t.element_size()
+    other = new_bytes(list(model.parameters()) + list(model.buffers()))
     return SizeReport(quantized + other, quantized, fp16, other, params)

@@ -133,6 +133,21 @@ def kv_cache_bytes(spec: KVCacheSpec | None, head_dim: int, dtype_bytes: int = 4
     return head_dim * spec.bits / 8 + groups * (4 + (0 if spec.symmetric else 1))
 
 
+def _dequantized_view(store: str, name: str) -> property:
+    """A read-only property: the layer's quantized ``store`` dequantized (None while empty). The base class's
+    ``__init__`` assigns None, which is accepted."""
+
+    def get(self) -> torch.Tensor | None:
+        q = getattr(self, store)
+        return None if q is None else dequantize_kv(q, self.spec, self.dtype)
+
+    def set_(self, value) -> None:
+        if value is not None:
+            raise AttributeError(f"QuantizedKVLayer.{name} is read-only: use update()")
+
+    return property(get, set_)
+
+
 class QuantizedKVLayer(DynamicLayer):
     """One attention layer's cache: quantizes what it receives, stores codes, and hands attention the
     dequantized keys and values of the whole cache (including the tokens just added).
@@ -148,23 +163,8 @@ class QuantizedKVLayer(DynamicLayer):
         super().__init__()
 
     # The base class assigns keys / values; here they are views of the quantized store.
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return None if self.qkeys is None else dequantize_kv(self.qkeys, self.spec, self.dtype)
-
-    @keys.setter
-    def keys(self, value) -> None:
-        if value is not None:
-            raise AttributeError("QuantizedKVLayer.keys is read-only: use update()")
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return None if self.qvalues is None else dequantize_kv(self.qvalues, self.spec, self.dtype)
-
-    @values.setter
-    def values(self, value) -> None:
-        if value is not None:
-            raise AttributeError("QuantizedKVLayer.values is read-only: use update()")
+    keys = _dequantized_view("qkeys", "keys")
+    values = _dequantized_view("qvalues", "values")
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         self.spec.groups(key_states.shape[-1])  # a spec that does not fit head_dim fails here, clearly
