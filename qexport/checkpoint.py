@@ -132,15 +132,9 @@ def _qlinears(model: nn.Module) -> dict[str, nn.Module]:
 
 def _shared_with(quantized: dict[str, nn.Module]) -> dict[str, str]:
     """Module -> the first module that holds the same stored weight (a tied embedding and lm_head)."""
-    first: dict[int, str] = {}
-    out = {}
-    for name, mod in quantized.items():
-        key = id(mod.qdata)
-        if key in first:
-            out[name] = first[key]
-        else:
-            first[key] = name
-    return out
+    from qexport.modules import tied_groups
+
+    return {name: group[0] for group in tied_groups(quantized.items()) for name in group[1:]}
 
 
 def _layer_entry(mod) -> dict[str, Any]:

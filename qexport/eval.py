@@ -85,14 +85,21 @@ def resolve_bos(tokenizer, bos: bool | None = None) -> bool:
     return bos
 
 
+def with_bos(rows: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    """Token ids ``rows`` (any shape, tokens last) with ``bos_id`` in front of each row; unchanged when None: the one
+    place a BOS token is put before text (calibration windows, perplexity windows, verify's sample rows)."""
+    if bos_id is None:
+        return rows
+    return torch.cat([torch.full((*rows.shape[:-1], 1), bos_id, dtype=rows.dtype), rows], dim=-1)
+
+
 def perplexity_windows(ids: torch.Tensor, window: int, bos_id: int | None = None) -> list[torch.Tensor]:
     """The perplexity windows of the 1-D token ids ``ids`` (see the module docstring): with ``bos_id``, chunks of
     ``window - 1`` tokens each behind ``bos_id``; without, chunks of ``window``. Windows of one token are dropped
     (they predict nothing)."""
     if bos_id is None:
         return [c for c in ids.split(window) if c.numel() >= 2]
-    head = torch.tensor([bos_id], dtype=ids.dtype)
-    return [torch.cat([head, c]) for c in ids.split(window - 1) if c.numel() >= 1]
+    return [with_bos(c, bos_id) for c in ids.split(window - 1) if c.numel() >= 1]
 
 
 @torch.no_grad()

@@ -195,3 +195,12 @@ class QEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.spec.describe()}"
+
+
+def tied_groups(modules) -> list[list[str]]:
+    """The names of quantized modules that hold the same stored weight (a tied embedding and ``lm_head``), one
+    list per stored weight, in the order of ``modules`` (``(name, module)`` pairs): the one place ties are found."""
+    groups: dict[int, list[str]] = {}
+    for name, mod in modules:
+        groups.setdefault(id(mod.qdata), []).append(name)
+    return list(groups.values())

@@ -34,7 +34,7 @@ def calibration_tokens(text: str, tokenizer, samples: int = 128, seq_len: int = 
     """``[samples, seq_len]`` int64 token ids drawn from ``text`` (see the module docstring). ``bos``: start
     every sample with the tokenizer's BOS token (True), never (False), or as the tokenizer does by default
     (None, :func:`qexport.eval.adds_bos`)."""
-    from qexport.eval import resolve_bos, tokenize
+    from qexport.eval import resolve_bos, tokenize, with_bos
 
     for name, v in (("samples", samples), ("seq_len", seq_len)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -49,7 +49,7 @@ def calibration_tokens(text: str, tokenizer, samples: int = 128, seq_len: int = 
     if not bos:
         return sample_windows(ids, samples, seq_len, seed)
     text_windows = sample_windows(ids, samples, seq_len - 1, seed)
-    return torch.cat([torch.full((samples, 1), tokenizer.bos_token_id, dtype=torch.long), text_windows], dim=1)
+    return with_bos(text_windows, tokenizer.bos_token_id)
 
 
 def calibration_from_file(path: str | os.PathLike, tokenizer, samples: int = 128, seq_len: int = 512,

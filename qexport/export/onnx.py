@@ -202,15 +202,14 @@ def check_tensorrt_modules(model: nn.Module) -> None:
 def _layer_names(model: nn.Module) -> dict[tuple[str, str], str]:
     """``(qexport op type, exported qdata initializer name) -> module name`` for the quantized modules that share
     their stored weight (a tied embedding and lm_head): the exporter names the one initializer after either."""
-    from qexport.modules import QEmbedding, QLinear
+    from qexport.modules import QEmbedding, QLinear, tied_groups
 
-    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, (QLinear, QEmbedding))]
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, (QLinear, QEmbedding))}
     names = {}
-    for name, mod in mods:
-        op = "QEmbedding" if isinstance(mod, QEmbedding) else "QLinear"
-        for other, m in mods:
-            if m.qdata is mod.qdata:
-                names[(op, f"m.{other}.qdata")] = name
+    for group in tied_groups(mods.items()):
+        for name in group:
+            op = "QEmbedding" if isinstance(mods[name], QEmbedding) else "QLinear"
+            names.update({(op, f"m.{other}.qdata"): name for other in group})
     return names
 
 

@@ -262,7 +262,7 @@ def verify(path: str | os.PathLike, reference=None, input_ids: torch.Tensor | No
 def _sample_ids(path: Path, vocab: int, total: int) -> tuple[torch.Tensor, bool]:
     """Two rows of ``total`` token ids: from the bundled Emma text with the folder's tokenizer (each row behind
     its BOS token when it adds one by default), else random; and whether the rows start with BOS."""
-    from qexport.eval import adds_bos, tokenize
+    from qexport.eval import adds_bos, tokenize, with_bos
     from qexport.models import bundled_text, read_text
 
     try:
@@ -277,7 +277,5 @@ def _sample_ids(path: Path, vocab: int, total: int) -> tuple[torch.Tensor, bool]
         n = total - int(bos)
         if ids.numel() >= 2 * n:
             rows = ids[: 2 * n].reshape(2, n)
-            if bos:
-                rows = torch.cat([torch.full((2, 1), tok.bos_token_id, dtype=torch.long), rows], dim=1)
-            return rows, bos
+            return with_bos(rows, tok.bos_token_id if bos else None), bos
     return torch.randint(0, vocab, (2, total), generator=torch.Generator().manual_seed(0)), False

@@ -332,16 +332,14 @@ class Lowering:
         return self.names.get((op_type, qdata)) or _module_name(qdata)
 
     def weight(self, q: QNode) -> Weight:
-        """The stored weight ``q`` reads (scales given to :func:`lower` where they are not graph constants)."""
+        """The stored weight ``q`` reads. A layer given in ``scales`` (double-quantized scales, computed in the
+        exported graph, or folded into a constant by the ONNX optimizer with ONNX's float arithmetic) takes those:
+        what the PyTorch path computes, bit for bit."""
         fmt, bits, group, k, sym = q.format
         key = q.weight_inputs
         layer = self.layer_of(q.op_type, key[0])
-        try:
-            scale, given = self.value(key[1]), False
-        except UnsupportedOp:  # scales computed in the graph (double quantization)
-            if layer not in self.scales:
-                raise
-            scale, given = self.scales[layer].to(torch.float32), True
+        given = layer in self.scales
+        scale = self.scales[layer].to(torch.float32) if given else self.value(key[1])
         return Weight(layer, key, self.value(key[0]), scale, self.value(key[2]), fmt, bits, group, k, sym, given)
 
     def stored_weight(self, name: str, layer: str, codes, scale, zp_codes, bits: int, signed: bool, group: int,
