@@ -63,7 +63,7 @@ def build(form: str, bits: int, vocab: int, hidden: int, group: int):
     from qexport.config import QuantSpec
     from qexport.formats import quantize_weight
     from qexport.lowering.embedding import gbq_lookup, matmulnbits_node, nbits_weight, standard_lookup
-    from qexport.lowering.onnx_ort import matmulnbits_accuracy
+    from qexport.lowering.core import matmulnbits_accuracy
     from qexport.lowering.qdq import weight_initializers
 
     torch.manual_seed(0)

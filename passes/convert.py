@@ -106,6 +106,8 @@ def convert(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
                 result.count("embedding")
             elif ann.act_spec is None:
                 out = g.call_function(Q.qlinear.default, (x, qdata, scale, zp, bias, *wargs))
+                if "example_value" in node.meta:  # the same shape and dtype as the float linear's output
+                    out.meta["example_value"] = node.meta["example_value"]
                 result.count("qlinear")
             else:
                 out = _convert_w8a8(gm, g, x, ann, qdata, scale, bias, wargs, prefix, result)

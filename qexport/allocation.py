@@ -80,6 +80,9 @@ def allocate_model(model: str, *, target_bits: float | None = None, target_bytes
     bos = resolve_bos(tok, bos)
     key = sensitivity_key(model, calib_text, samples, seq_len, seed, bos)
     sens = read_sensitivities(sensitivities, key) if sensitivities is not None else None
+    if sens is not None and sens.method != method:
+        raise InvalidConfig(f"{str(sensitivities)!r} holds {sens.method} sensitivities, not {method}: give another "
+                            f"--sensitivities file or --method {sens.method}")
     calibration = None
     if sens is None:
         from qexport.algorithms import calibration_tokens

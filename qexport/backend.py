@@ -7,15 +7,16 @@ module path, with their real values. The back-end runs the qexport passes on it:
         -> [onnxruntime target: ONNX_FUSIONS: fuse_rmsnorm -> fuse_rotary -> fuse_gqa -> fuse_kv_attention
             -> static_sizes, the same rewrites ``qexport export`` runs for ONNX Runtime]
 
-Every pass's counts and skip reasons are in :func:`reports`. The result is lowered to the chosen target: ``"inductor"`` (aot_autograd + inductor; the qexport
-custom ops run as extern kernels) or ``"eager"`` (the rewritten graph run as is, for debugging and fast
-tests). Options:
+Every pass's counts and skip reasons are in :func:`reports`. The result is lowered to the chosen target:
+``"inductor"`` (aot_autograd + inductor; the qexport custom ops run as extern kernels), ``"onnxruntime"`` (ONNX,
+lowered as ``qexport export`` lowers, run in an ONNX Runtime session) or ``"eager"`` (the rewritten graph run as
+is, for debugging and fast tests). Options:
 
     recipe          preset name, Recipe, or path to a JSON recipe (default "w8")
     ort_accuracy_level  onnxruntime target: MatMulNBits accuracy level. 4 quantizes activations to int8 per
                     block inside the kernel (~3x faster for int4 and ~40x for int8 weights on AVX-512 VNNI);
                     0 keeps fp32 activations, the reference numerics. Default None: 4 for 8-bit weights,
-                    0 for 4- and 2-bit ones (README gives the perplexity of each)
+                    0 for 4- and 2-bit ones (docs/results.md gives the perplexity of each)
     mode            None (as the recipe says), "dynamic", "static" or "weight_only": "dynamic"/"static" add
                     int8 activation quantization (per-token at run time / per-tensor calibrated) to every
                     int8-weight rule
@@ -87,7 +88,7 @@ class BackendOptions:
         fuse = options.get("fuse_attention", True)
         if not isinstance(fuse, bool):
             raise InvalidConfig(f"fuse_attention must be true or false, got {fuse!r}")
-        from qexport.lowering.onnx_ort import check_accuracy_level
+        from qexport.lowering.core import check_accuracy_level
 
         acc = options.get("ort_accuracy_level")
         check_accuracy_level(acc, "ort_accuracy_level")

@@ -51,7 +51,8 @@ def run_demo(model: str = "smollm2", recipes: Sequence = DEMO_RECIPES, text: str
                             max_new_tokens=max_new_tokens, bos=bos)]
     calibration = CalibrationSet(bos=bos)
     for recipe in recipes:
-        log(f"  {recipe.name}: {recipe.description or recipe.rules[0].weight.describe()}")
+        quantized = next((rule.weight for rule in recipe.rules if rule.weight is not None), None)
+        log(f"  {recipe.name}: {recipe.description or (quantized.describe() if quantized else 'float')}")
         rows.append(measure_variant(recipe.name, model_obj, tok, body, tokens, window, recipe=recipe, prompt=prompt,
                                     max_new_tokens=max_new_tokens, calibration=calibration, bos=bos))
     return {"model": str(model), "text": str(text_path), "tokens": tokens, "window": window, "bos": rows[0]["bos"],

@@ -21,7 +21,7 @@ LLM_INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold (the paper's and bits
 STATIC_FALLBACK_RATIO = 16.0
 
 
-_GPTQ_SPEC = dict(bits=4, symmetric=False, observer="mse")  # GPTQ's group ranges: MSE search (README)
+_GPTQ_SPEC = dict(bits=4, symmetric=False, observer="mse")  # GPTQ's group ranges: MSE search (docs/gptq-awq.md)
 _GPTQ2_SPEC = dict(_GPTQ_SPEC, bits=2)
 
 
@@ -128,7 +128,7 @@ PRESETS: dict[str, Recipe] = {
 
 
 # Named KV-cache formats (``--kv-cache NAME``). int4 uses groups of 32 along head_dim: a whole 64-wide head
-# per scale costs SmolLM2 much more perplexity (README, KV-cache section).
+# per scale costs SmolLM2 much more perplexity (docs/kv-cache.md).
 KV_CACHE_PRESETS: dict[str, KVCacheSpec] = {
     "int8": KVCacheSpec(bits=8),
     "int8-sym": KVCacheSpec(bits=8, symmetric=True),

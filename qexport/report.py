@@ -150,7 +150,7 @@ def comparison_table(rows: list[dict[str, Any]], fp_ppl: float) -> str:
 
 def resolve_recipe(recipe: str, kv_cache: str | None = None):
     """The :class:`~qexport.config.Recipe` named ``recipe`` (a preset name or recipe JSON file; ``"fp32"``: float
-    weights, which needs ``kv_cache``), with ``kv_cache`` (a :data:`~qexport.config.KV_CACHE_PRESETS` name)
+    weights, which needs ``kv_cache``), with ``kv_cache`` (a :data:`~qexport.presets.KV_CACHE_PRESETS` name)
     added when given."""
     from qexport.config import Recipe, Rule, load_recipe
 

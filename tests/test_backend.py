@@ -256,7 +256,7 @@ def test_onnxruntime_target_generate_with_dynamic_shapes():
     counts = [g.report.counts() for g in B._LIVE if g.compiled in dynamic]
     fused = [{k: v for name in ("fuse_rmsnorm", "fuse_rotary", "fuse_gqa", "fuse_kv_attention")
               for k, v in c[name].items()} for c in counts]
-    decode = {"rms_norm": 5, "rotary": 4, "gqa": 2, "attention": 2, "with_past": 2}
+    decode = {"rms_norm": 5, "rotary": 4, "gqa": 2, "attention": 2, "with_past": 2, "heads_3d": 2}
     # transformers 5 passes enable_gqa itself when the decode step has no mask: nothing left for fuse_gqa
     assert decode in fused or {k: v for k, v in decode.items() if k != "gqa"} in fused, fused
     assert all(r.attention == 2 for o in dynamic for r in o.reports)  # opset 23: one Attention node per layer
@@ -283,7 +283,7 @@ def test_onnxruntime_target_freezes_parameters_and_picks_accuracy_per_bits():
     with int8 activations by default (accuracy level 4: close to, not equal to, the reference), and
     ``ort_accuracy_level=0`` gives back the reference numerics."""
     pytest.importorskip("onnxruntime")
-    from qexport.lowering.onnx_ort import matmulnbits_accuracy
+    from qexport.lowering.core import matmulnbits_accuracy
 
     assert [matmulnbits_accuracy(b, None) for b in (8, 4, 2)] == [4, 0, 0]
     assert matmulnbits_accuracy(4, 4) == 4 and matmulnbits_accuracy(8, 0) == 0

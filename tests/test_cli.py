@@ -430,6 +430,14 @@ def test_allocate_flags_reach_the_plan(tiny_dir, tmp_path, capsys):
         argv = [*common, *other, "--target-bits", "6", "--out", str(tmp_path / "other.json")]
         assert main(argv) == 2, other
         assert "another calibration set" in capsys.readouterr().err
+    # the same windows measured by another method do not match either
+    assert main([*common, "--target-bits", "6", "--method", "fisher", "--out", str(tmp_path / "other.json")]) == 2
+    assert "holds loss sensitivities, not fisher" in capsys.readouterr().err
+    # an existing recipe file is replaced only with --force
+    again = [*common, "--target-bits", "6", "--candidates", "w8,w4g128", "--method", "loss", "--name", "again",
+             "--out", str(recipe)]
+    assert main(again) == 2 and "--force" in capsys.readouterr().err
+    assert main([*again, "--force"]) == 0 and json.loads(recipe.read_text())["name"] == "again"
 
 
 def test_bench_flags_reach_the_result(tiny_dir, tmp_path, capsys):
@@ -582,9 +590,8 @@ FLAG_TESTS = {
     "allocate": {
         **{flag: "test_cli.py::test_allocate_flags_reach_the_plan" for flag in (
             "--model", "--target-bits", "--out", "--candidates", "--method", "--algorithm", "--name", "--calib-text",
-            "--calib-samples", "--seq-len", "--seed", "--sensitivities", "--bos", "--json")},
+            "--calib-samples", "--seq-len", "--seed", "--sensitivities", "--bos", "--json", "--force")},
         "--target-size": "test_allocate.py::test_cli_allocate_then_eval",
-        "--force": "test_allocate.py::test_cli_allocate_then_eval",
     },
     "recipes": {"--show": "test_cli.py::test_recipes_list_and_show"},
     "models": {"--markdown": "test_families.py::test_readme_table_is_the_command_output",
@@ -609,3 +616,13 @@ def test_every_command_and_flag_has_a_test():
             file, name = where.split("::")
             source = (tests_dir / file).read_text()
             assert re.search(rf"^def {name}\(", source, re.M), f"{command} {flag}: {where} does not exist"
+            def body_of(fn: str) -> str:
+                m = re.search(rf"^def {fn}\(.*?(?=^(?:def |class |@)|\Z)", source, re.M | re.S)
+                return m.group(0) if m else ""
+
+            body = body_of(name)  # with the fixtures it takes from this file (which may run the command)
+            params = re.match(rf"def {name}\(([^)]*)\)", body).group(1)
+            body += "".join(body_of(p.strip()) for p in params.split(",") if p.strip())
+            if flag.startswith("--"):  # the test passes the flag itself (its effect is what the test checks)
+                spelled = (flag, "--no-bos") if flag == "--bos" else (flag,)
+                assert any(f'"{f}"' in body for f in spelled), f"{command} {flag}: {where} never passes {flag}"

@@ -197,7 +197,9 @@ def test_fused_attention_rotary_and_norm_ops(tok, tmp_path):
     assert fused.report["opset"] == 23 and plain.report["opset"] == 21
     counts = {p["name"]: p["changed"] for p in fused.report["fusions"]}
     assert counts["fuse_rmsnorm"] == {"rms_norm": 5} and counts["fuse_rotary"] == {"rotary": 4}
-    assert counts["fuse_kv_attention"] == {"attention": 2, "with_past": 2}
+    # heads read as the projections give them, [batch, seq, heads * head_dim]: no reshapes or transposes around
+    assert counts["fuse_kv_attention"] == {"attention": 2, "with_past": 2, "heads_3d": 2}
+    assert ops["fused"]["Transpose"] == 0 and ops["fused"]["Reshape"] == 0, ops["fused"]
     assert plain.report["fusions"] == {"not_used": "not asked for"}
     ref = reference("w8")
     for r in (fused, plain):  # prefill, then 4 decode steps with the KV cache
@@ -226,7 +228,7 @@ def test_eager_attention_is_fused_from_its_written_out_form(tok, tmp_path):
     apply as to an sdpa model."""
     res = export_onnx(tiny_llama(attn_implementation="eager"), tmp_path / "eager", "w8", tok)
     counts = {p["name"]: p["changed"] for p in res.report["fusions"]}
-    assert counts["fuse_attention"] == {"sdpa": 2} and counts["fuse_kv_attention"] == {"attention": 2, "with_past": 2}
+    assert counts["fuse_attention"] == {"sdpa": 2} and counts["fuse_kv_attention"]["with_past"] == 2
     assert res.report["opset"] == 23
     res = verify(res.path, reference=reference("w8"), session_config=EXACT, decode_steps=2)
     assert res["max_abs"] < 1e-4, res
@@ -604,7 +606,7 @@ def test_cli_export_verify_eval(tmp_path, capsys):
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["ppl_ratio"] == pytest.approx(1.0, abs=1e-4)
     report = json.loads((out / "export_report.json").read_text())
-    assert report["opset"] == 23 and {"attention": 1, "with_past": 1} in [p["changed"] for p in report["fusions"]]
+    assert report["opset"] == 23 and {"attention": 1, "with_past": 1, "heads_3d": 1} in [p["changed"] for p in report["fusions"]]
     # the export flags reach export_onnx: elementwise form, accuracy level 4 in the folder's session settings
     assert main(["export", "--model", str(ckpt), "--recipe", "w4g128", "--out", str(out), "--force", "--no-fuse",
                  "--ort-accuracy-level", "4"]) == 0

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from qexport import QuantSpec
-from qexport.errors import UnsupportedOp
+from qexport.errors import InvalidConfig, UnsupportedOp
 from qexport.formats import dequantize_stored, quantize_weight
 from qexport.lowering.core import EMITTERS, LINEAR_FORMS, lower
 
@@ -28,7 +28,13 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 F, N, K = TensorProto.FLOAT, 24, 96
 NF4_G32 = QuantSpec(bits=4, format="nf4", group_size=32)
-COVERED: set[tuple] = set()  # (target, op type[, format]) exercised by the cases below
+COVERS: set[tuple] = set()  # (target, op type): declared by the tests below, at import, for the coverage test
+
+
+def covers(*entries):
+    """Declare the ``(target, op type)`` emitters a test exercises (it fails if they do not do what it checks)."""
+    COVERS.update(entries)
+    return lambda test: test
 
 
 def _graph(nodes, inputs, inits, out_shape, opset=21, value_info=()):
@@ -59,7 +65,6 @@ def _reference_weight(qw):
 
 def _run(model, target, feeds, **kw):
     """Lower ``model`` for ``target``; (op type counts, ORT's output, report, lowered model)."""
-    COVERED.update((target, n.op_type) for n in model.graph.node if n.domain == "qexport")
     lowered, report = lower(model, target, **kw)
     so = ort.SessionOptions()
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
@@ -105,7 +110,6 @@ def test_linear_emitters(case, recwarn):
     qw = quantize_weight(torch.randn(N, K), spec)
     bias, x = torch.randn(N), torch.randn(5, K)
     ops, got, report, lowered = _run(linear_model(qw, bias), target, {"x": x}, **options)
-    COVERED.add((target, "QLinear", spec.format.value))
     assert ops == Counter({**want, "Add": 1}), ops  # the bias Add, once
     torch.testing.assert_close(got, x @ _reference_weight(qw).t() + bias, atol=1e-4, rtol=1e-5)
     assert {o.domain for o in lowered.opset_import} <= {"", "com.microsoft"}
@@ -135,6 +139,7 @@ def test_full_range_weights_are_negated_for_tensorrt():
     assert (got - x @ _reference_weight(qw).t()).abs().max() <= step * x.abs().max() * report.saturated_codes
 
 
+@covers(("ort", "DequantizeWeight"), ("tensorrt", "DequantizeWeight"))
 def test_conv_weights_stay_float():
     torch.manual_seed(2)
     qw = quantize_weight(torch.randn(8, 36), QuantSpec(bits=4, group_size=32))
@@ -221,6 +226,7 @@ def _w8():
     return torch.round(w / ws[:, None]).clamp(-127, 127).to(torch.int8), ws, torch.randn(N)
 
 
+@covers(("ort", "QLinearA8"), ("tensorrt", "QLinearA8"))
 def test_w8a8_emitters():
     wq, ws, bias = _w8()
     x = torch.randn(5, K)
@@ -261,6 +267,7 @@ def llm_int8_model(wq, ws, bias, threshold):
     return _graph([node], [helper.make_tensor_value_info("x", F, [None, wq.shape[1]])], inits, [None, wq.shape[0]])
 
 
+@covers(("ort", "QLinearLLMInt8"), ("tensorrt", "QLinearLLMInt8"))
 def test_llm_int8_emitters():
     wq, ws, bias = _w8()
     x = torch.randn(5, K)
@@ -269,7 +276,6 @@ def test_llm_int8_emitters():
     assert ops["MatMulInteger"] == 1 and ops["NonZero"] == 1 and ops["MatMul"] == 1 and report.llm_int8 == 1
     want = torch.ops.qexport.qlinear_llm_int8(x, wq, ws, bias, 6.0)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
-    COVERED.add(("tensorrt", "QLinearLLMInt8"))
     with pytest.raises(UnsupportedOp, match=r"LLM.int8\(\) quantizes activations at run time.*w8a8-static"):
         lower(llm_int8_model(wq, ws, bias, 6.0), "tensorrt")
 
@@ -282,15 +288,18 @@ def test_unknown_op_and_target_are_named():
     model = _graph([node], [helper.make_tensor_value_info("x", F, [1])], [], [1])
     with pytest.raises(UnsupportedOp, match="Mystery"):
         lower(model)
-    with pytest.raises(UnsupportedOp, match="unknown ONNX target 'tflite'"):
+    with pytest.raises(InvalidConfig, match="unknown ONNX target 'tflite'"):
         lower(model, "tflite")
 
 
 def test_every_emitter_is_exercised():
-    """Runs last in this file: the cases above cover every entry of both tables."""
+    """Every entry of both tables has a test: the case tables (linears per format, embeddings) and the tests that
+    declare what they exercise (``covers``)."""
+    covered = COVERS | {(t, "QLinear", spec.format.value) for _, t, spec, _, _ in LINEAR_CASES}
+    covered |= {(t, "QLinear") for _, t, *_ in LINEAR_CASES} | {(t, "QEmbedding") for _, t, *_ in EMBEDDING_CASES}
     tables = {(t, op) for t, table in EMITTERS.items() for op in table}
     tables |= {(t, "QLinear", fmt) for t, forms in LINEAR_FORMS.items() for fmt in forms}
-    assert tables - COVERED == set()
+    assert tables - covered == set()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -355,7 +364,7 @@ def test_compile_target_and_export_lower_the_same_graph_the_same_way(monkeypatch
     qmodel = qexport.quantize(_mlp(), recipe)
     with torch.no_grad():
         want = qmodel(x)
-        proto = onnx_program(qmodel, (x,), None, O.ATTENTION_OPSET)  # what qexport export calls, then lowers
+        proto = onnx_program(qmodel, (x,))  # what qexport export calls, then lowers
     before = copy.deepcopy(proto)
     export_model, export_report = lower(proto, "ort")
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # biased W8A8 included

@@ -22,7 +22,7 @@ implementation:
   columns as updated so far, including the part beyond the current lazy block (the reference reads that
   part before this block's updates reach it); ``static_groups`` fixes it beforehand instead. Per-tensor
   ranges are static.
-  On SmolLM2-135M at int4 g128, act-order is what makes GPTQ beat RTN in perplexity (README).
+  On SmolLM2-135M at int4 g128, act-order is what makes GPTQ beat RTN in perplexity (docs/gptq-awq.md).
 
 Models are processed decoder block by decoder block (see :mod:`qexport.algorithms.common`): the inputs
 of block i are the outputs of blocks 0..i-1 already quantized. With ``true_sequential`` (default) the

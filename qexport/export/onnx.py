@@ -57,7 +57,6 @@ REPORT_FILE = "export_report.json"
 RECIPE_FILE = "recipe.json"
 # Tensors go to an external data file past this total: far below protobuf's 2 GiB limit on one message.
 EXTERNAL_DATA_BYTES = 1 << 30
-FUSED_OPSET = 23  # Attention (with the KV cache), RotaryEmbedding, RMSNormalization: the fusions' ONNX ops
 _EXAMPLE = dict(batch=2, seq=6, past=5)  # distinct sizes, none 0 or 1, so that no axis is specialized
 # The tokenizer files an export folder's runtimes read, when the tokenizer has a tokenizer.json.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -232,10 +231,16 @@ def capture(wrapper: nn.Module, args: tuple, dynamic_shapes) -> "torch.fx.GraphM
     """``wrapper`` as one torch-level FX graph (dynamo, the graph form the compile back-end's passes read),
     inputs in ``wrapper``'s order, parameters and buffers as ``get_attr`` nodes named after their module paths
     (``m.model.layers.0.mlp.up_proj.qdata``), so that the ONNX initializers and the lowering report name the
-    layers. Raises what dynamo raises when the model does not fit one graph."""
+    layers. Raises UnsupportedOp when dynamo cannot capture the model in one graph."""
     import itertools
 
-    gm = torch._dynamo.export(wrapper, dynamic_shapes=dynamic_shapes)(*args).graph_module
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            gm = torch._dynamo.export(wrapper, dynamic_shapes=dynamic_shapes)(*args).graph_module
+    except Exception as e:  # dynamo raises many types (graph breaks, unsupported calls, guard failures)
+        raise UnsupportedOp(f"dynamo could not capture the model in one graph: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
     paths: dict[int, str] = {}
     for name, t in itertools.chain(wrapper.named_parameters(remove_duplicate=False),
                                    wrapper.named_buffers(remove_duplicate=False)):
@@ -268,7 +273,7 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: b
     from torch.export import Dim
 
     from qexport.lowering.core import BLOCKED_OPSET, lower
-    from qexport.lowering.translate import onnx_program
+    from qexport.lowering.translate import FUSED_OPSET, onnx_program
 
     from qexport.modules import QLinear
 
@@ -295,11 +300,10 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: b
     fusions: list | str = "not asked for" if not fuse else "TensorRT target (opset 21)" if target == "tensorrt" else []
     if isinstance(fusions, list):
         try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                gm = capture(wrapper, args, shapes)
-        except Exception as e:  # dynamo could not capture the model in one graph: no fusions
-            fusions = f"dynamo could not capture the model in one graph ({str(e).strip().splitlines()[0]})"
+            gm = capture(wrapper, args, shapes)
+        except UnsupportedOp as e:  # exported as traced, written out: slower in ONNX Runtime, the same numbers
+            fusions = str(e)
+            warnings.warn(f"{e}; exporting without the ONNX fusions (opset 21)", stacklevel=3)
         else:
             from qexport.passes import ONNX_FUSIONS, PassManager, fuse_attention
 
@@ -309,7 +313,7 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: b
         if isinstance(fusions, list):  # the same export call and lowering as the compile back-end's ORT target
             proto = onnx_program(gm, args, shapes[:3] + shapes[3], FUSED_OPSET, **names)
         else:
-            proto = onnx_program(wrapper, args, shapes, BLOCKED_OPSET, optimize=False, **names)
+            proto = onnx_program(wrapper, args, shapes, BLOCKED_OPSET, **names)
     except Exception as e:  # the exporter raises many types; the first line names the failing op
         raise UnsupportedOp(f"torch.onnx.export failed on this model: {str(e).strip().splitlines()[0]}") from e
     # double-quantized scales are computed in the exported graph: hand the lowering their float values

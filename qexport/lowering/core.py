@@ -85,7 +85,7 @@ def check_accuracy_level(level, what: str) -> None:
 def matmulnbits_accuracy(bits: int, accuracy_level: int | None) -> int:
     """MatMulNBits ``accuracy_level`` for a weight of ``bits`` bits: the one asked for, or by default 4 (int8
     activations) for 8-bit weights, whose fp32-activation kernel is ~40x slower, and 0 (fp32 activations, the
-    reference numerics) for 4- and 2-bit weights. Measured on SmolLM2 (README): level 4 costs +0.25%
+    reference numerics) for 4- and 2-bit weights. Measured on SmolLM2 (docs/results.md): level 4 costs +0.25%
     perplexity with int8 weights and +0.97% with int4 g128."""
     if accuracy_level is not None:
         return accuracy_level
@@ -98,7 +98,8 @@ def ort_session_config(weight_bits: set[int] | list[int], accuracy_level: int | 
     ``session.qdq_matmulnbits_accuracy_level`` sets the accuracy level of the MatMulNBits nodes that ORT fuses
     from ``DequantizeLinear -> MatMul``: ``accuracy_level`` when given, else 4 when every weight is 8-bit (the
     fp32-activation 8-bit kernel is far slower), else 0 (fp32 activations, the reference numerics; level 4 runs
-    the int4 kernels about twice as fast, a SmolLM2 w4g128 decode step ~1.5x, for +0.9% perplexity, README).
+    the int4 kernels about twice as fast, a SmolLM2 w4g128 decode step ~1.5x, for about +1% perplexity:
+    :func:`matmulnbits_accuracy`)
     """
     check_accuracy_level(accuracy_level, "MatMulNBits accuracy level")
     bits = set(weight_bits)
@@ -252,7 +253,7 @@ class Lowering:
         from qexport.lowering.embedding import SharedNBitsWeights, check_form, gbq_block
 
         if target not in TARGETS:
-            raise UnsupportedOp(f"unknown ONNX target {target!r}; choose one of {', '.join(TARGETS)}")
+            raise InvalidConfig(f"unknown ONNX target {target!r}; choose one of {', '.join(TARGETS)}")
         if nf4_form not in NF4_FORMS:
             raise InvalidConfig(f"nf4_form={nf4_form!r} is not valid; allowed: {', '.join(NF4_FORMS)}")
         check_form(embedding_form)

@@ -24,12 +24,10 @@ import torch
 import torch.fx as fx
 
 from qexport.errors import UnsupportedOp
-from qexport.lowering.core import LoweringReport, check_accuracy_level, lower, matmulnbits_accuracy, ort_session_config
+from qexport.lowering.core import LoweringReport, lower, ort_session_config
 
-__all__ = ["OrtGraph", "export_graph", "freeze_parameters", "tensor_only", "check_accuracy_level",
-           "matmulnbits_accuracy"]
+__all__ = ["OrtGraph", "export_graph", "freeze_parameters", "tensor_only"]
 
-ATTENTION_OPSET = 23  # ONNX Attention (grouped-query, masks), RotaryEmbedding, RMSNormalization
 
 
 def _symbolic_dims(v) -> dict[int, Any]:
@@ -80,7 +78,7 @@ def export_graph(gm: fx.GraphModule, example_inputs, accuracy_level: int | None 
     nodes."""
     from qexport.lowering.translate import onnx_program
 
-    proto = onnx_program(gm, example_inputs, dynamic_shapes, ATTENTION_OPSET)
+    proto = onnx_program(gm, example_inputs, dynamic_shapes)
     return lower(proto, "ort", accuracy_level=accuracy_level)
 
 

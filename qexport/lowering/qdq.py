@@ -16,6 +16,7 @@ from qexport.lowering.embedding import StoredWeight
 
 __all__ = ["weight_initializers", "positive_scales", "int_tensor", "onnx_type"]
 
+
 def onnx_type(bits: int, signed: bool) -> int:
     from onnx import TensorProto as T
 

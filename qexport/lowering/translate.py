@@ -16,26 +16,27 @@ import torch
 
 from qexport.lowering.llm_int8 import OP_TYPE as LLM_INT8_OP, SCHEMA as LLM_INT8_SCHEMA
 
-__all__ = ["DOMAIN", "translations", "onnx_program"]
+__all__ = ["DOMAIN", "FUSED_OPSET", "translations", "onnx_program"]
 
 DOMAIN = "qexport"
+FUSED_OPSET = 23  # Attention (grouped-query, with the KV cache), RotaryEmbedding, RMSNormalization
 _F32, _I8 = 1, 3  # onnx.TensorProto.FLOAT, INT8
 
 
-def onnx_program(module, args: tuple, dynamic_shapes=None, opset: int = 23, optimize: bool = True, **names):
+def onnx_program(module, args: tuple, dynamic_shapes=None, opset: int = FUSED_OPSET, **names):
     """``torch.onnx.export(module, args)`` with :func:`translations`, the one export call of the compile
     back-end's ONNX Runtime target and of ``qexport export``: the ``onnx.ModelProto`` step 2 lowers.
 
-    ``optimize``: onnxscript's optimizer (constant folding, shape-chain and dead-code removal) runs on the
-    exported graph before the qexport-domain nodes are lowered, so it never sees a quantized weight's
-    ``DequantizeLinear``. ``names``: ``input_names`` / ``output_names``. The exporter's debug records (FX node,
+    onnxscript's optimizer (constant folding, shape-chain and dead-code removal) runs on the exported graph
+    before the qexport-domain nodes are lowered, so it never sees a quantized weight's ``DequantizeLinear``.
+    ``names``: ``input_names`` / ``output_names``. The exporter's debug records (FX node,
     stack trace: 7% of a w4g128 file) are dropped."""
     import warnings
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(module, tuple(args), dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=opset,
-                                 custom_translation_table=translations(), optimize=optimize, verbose=False,
+                                 custom_translation_table=translations(), optimize=True, verbose=False,
                                  report=False, **names)
     proto = prog.model_proto
     for node in proto.graph.node:
@@ -127,7 +128,7 @@ def _register_schemas() -> None:
         try:
             defs.get_schema(name, 1, DOMAIN)
             continue
-        except Exception:  # not registered yet
+        except defs.SchemaError:  # not registered yet
             pass
         opt = OpSchema.FormalParameterOption
         types = [("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float"),
