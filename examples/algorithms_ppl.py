@@ -15,12 +15,12 @@ import argparse
 import copy
 import time
 
-import torch
-
 import qexport
 from qexport.algorithms import calibration_tokens
 from qexport.eval import perplexity
-from qexport.models import bundled_text, load_model, read_text
+from qexport.models import bundled_text, read_text
+
+from _common import model_and_emma
 
 
 def main() -> None:
@@ -33,11 +33,7 @@ def main() -> None:
     ap.add_argument("--recipes", default="w4g128,w4g128-gptq,w4g128-awq", help="comma-separated presets")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    model, tok = load_model(args.model)
-    text = read_text(bundled_text("emma"))
+    model, tok, text = model_and_emma(args.model, args.threads)
     calib = calibration_tokens(read_text(bundled_text("sensesensibility")), tok, samples=args.samples,
                                seq_len=args.seq_len, seed=args.seed)
     print(f"calibration: {calib.shape[0]} x {calib.shape[1]} tokens of sensesensibility (seed {args.seed}); "

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import model_config, onnxruntime_missing, output_exists
+
 SMOLLM2 = {"hidden_size": 576, "vocab_size": 49152}  # SmolLM2-135M's config.json
 FORMS = ("fp32", "float-table", "standard", "standard-shared", "gbq")
 CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "fma")
@@ -140,22 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", help="write the rows to this JSON file (not overwritten)")
     args = ap.parse_args(argv)
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime
-    except ImportError:
-        print("needs onnx and onnxruntime: pip install 'qexport[onnx]'", file=sys.stderr)
+    if onnxruntime_missing():
         return 2
-    if args.model == "smollm2":
-        config = SMOLLM2
-    else:
-        path = Path(args.model) / "config.json"
-        if not path.is_file():
-            print(f"{args.model!r} has no config.json: pass 'smollm2' or a checkpoint directory", file=sys.stderr)
-            return 2
-        config = json.loads(path.read_text())
-    if args.json and Path(args.json).exists():
-        print(f"{args.json!r} exists; choose another --json", file=sys.stderr)
+    import onnxruntime
+
+    config = model_config(args.model, SMOLLM2)
+    if config is None or output_exists(args.json, "--json"):
         return 2
     vocab, hidden = config["vocab_size"], config["hidden_size"]
     tokens = [1, args.tokens] if args.tokens != 1 else [1]

@@ -18,13 +18,12 @@ import copy
 import dataclasses
 import time
 
-import torch
-
 import qexport
 from qexport.eval import perplexity
 from qexport.export.onnx import kv_geometry
-from qexport.models import bundled_text, load_model, read_text
 from qexport.presets import KV_CACHE_PRESETS
+
+from _common import model_and_emma
 
 
 def main() -> None:
@@ -36,11 +35,7 @@ def main() -> None:
     ap.add_argument("--weights", default="fp32,w4g128", help="'fp32' and/or weight presets, comma-separated")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    model, tok = load_model(args.model)
-    text = read_text(bundled_text("emma"))
+    model, tok, text = model_and_emma(args.model, args.threads)
     window = min(args.window, args.tokens)
     kv_names = [k for k in args.kv.split(",") if k]
     head_dim = kv_geometry(model.config)[2]

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _common import model_config, onnxruntime_missing, output_exists
+
 SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
            "head_dim": 64, "vocab_size": 49152, "num_hidden_layers": 30}  # SmolLM2-135M's config.json
 FORMS = ("fp32", "int8", "int4g128", "int2g64")
@@ -125,23 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", help="folder for results.json and results.md (not overwritten)")
     args = ap.parse_args(argv)
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        print("needs onnx and onnxruntime: pip install 'qexport[onnx]'", file=sys.stderr)
+    if onnxruntime_missing():
         return 2
-    if args.model == "smollm2":
-        config = SMOLLM2
-    else:
-        path = Path(args.model) / "config.json"
-        if not path.is_file():
-            print(f"{args.model!r} has no config.json: pass 'smollm2' or a checkpoint directory", file=sys.stderr)
-            return 2
-        config = json.loads(path.read_text())
+    config = model_config(args.model, SMOLLM2)
     out = Path(args.out) if args.out else None
-    if out is not None and (out / "results.json").exists():
-        print(f"{str(out / 'results.json')!r} exists; choose another --out", file=sys.stderr)
+    if config is None or output_exists(out / "results.json" if out else None, "--out"):
         return 2
     rng = np.random.default_rng(0)
     rows = []

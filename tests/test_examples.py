@@ -1,4 +1,4 @@
-"""Every script in examples/ runs (on a tiny local checkpoint, to stay fast)."""
+"""Every script in examples/ runs (on a tiny local checkpoint, to stay fast); _common.py is their shared helpers."""
 
 import subprocess
 import sys
@@ -12,7 +12,7 @@ from tiny import save_tiny_checkpoint
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")))
 def test_example_runs(script, tmp_path):
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
     p = subprocess.run([sys.executable, str(EXAMPLES / script), "--model", str(ckpt), "--tokens", "512"],
