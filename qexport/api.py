@@ -185,11 +185,11 @@ def _quantize_embedding(model: nn.Module, name: str, mod: nn.Embedding, rule, sh
 
 def _algorithm_batches(recipe: Recipe, calibration) -> list | None:
     """The calibration batches of an algorithm that needs data (checked before the model is touched)."""
-    if recipe.algorithm == "rtn":
+    if not recipe.algorithm_needs_data:
         if calibration is not None:
             raise InvalidConfig(
-                f"recipe {recipe.name!r} uses algorithm 'rtn', which takes no calibration data: leave calibration "
-                "out (static activation scales are calibrated after quantize() with qexport.calibrate)"
+                f"recipe {recipe.name!r} uses algorithm {recipe.algorithm!r}, which takes no calibration data: leave "
+                "calibration out (static activation scales are calibrated after quantize() with qexport.calibrate)"
             )
         return None
     if calibration is None:

@@ -136,12 +136,8 @@ def _build(model, spec: dict[str, str], calibration: torch.Tensor | None = None,
 def _needs_data(spec: dict[str, str]) -> bool:
     """Whether building the variant needs calibration data: GPTQ / AWQ / SmoothQuant, or static activation scales."""
     from qexport.config import load_recipe
-    from qexport.prepare import recipe_needs_data
 
-    if not spec.get("recipe"):
-        return False
-    recipe = load_recipe(spec["recipe"])
-    return recipe_needs_data(recipe)
+    return bool(spec.get("recipe")) and load_recipe(spec["recipe"]).needs_data
 
 
 def _generate(m, prompt: torch.Tensor, new_tokens: int, on_token) -> None:

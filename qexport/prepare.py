@@ -18,7 +18,7 @@ from torch import nn
 
 from qexport.errors import CalibrationError
 
-__all__ = ["CalibrationSet", "quantize_model", "recipe_needs_data"]
+__all__ = ["CalibrationSet", "quantize_model"]
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,6 @@ class CalibrationSet:
                    provenance.get("bos", False))
 
 
-def recipe_needs_data(recipe) -> bool:
-    """Whether quantizing with ``recipe`` needs calibration windows (GPTQ / AWQ / SmoothQuant, static scales)."""
-    return recipe.needs_data
-
-
 def _tokens(calibration, tokenizer) -> tuple[torch.Tensor, dict[str, Any]]:
     """Token ids ``[N, L]`` and their provenance from a CalibrationSet, a tensor or a list of ``[1, L]`` rows."""
     import hashlib
@@ -129,7 +124,7 @@ def quantize_model(model: nn.Module, recipe, tokenizer=None, calibration=None, *
 
     recipe = load_recipe(recipe)
     tokens, provenance = None, None
-    if recipe_needs_data(recipe):
+    if recipe.needs_data:
         tokens, provenance = _tokens(calibration if calibration is not None else CalibrationSet(), tokenizer)
     model.eval()
     qexport.quantize(model, recipe, calibration=tokens if recipe.algorithm_needs_data else None, progress=progress)

@@ -153,7 +153,7 @@ def _prepare(model, recipe, tokenizer, calibration):
     """(quantized model, tokenizer, source model name or None) from a name / folder / module and a recipe."""
     from qexport.config import load_recipe
     from qexport.modules import QEmbedding, QLinear
-    from qexport.prepare import quantize_model, recipe_needs_data
+    from qexport.prepare import quantize_model
 
     source = None
     if isinstance(model, (str, os.PathLike)):
@@ -175,7 +175,7 @@ def _prepare(model, recipe, tokenizer, calibration):
         raise InvalidConfig("export_onnx(): this model is already quantized; pass recipe=None to export it as is")
     if source is None:
         model = copy.deepcopy(model)
-    if recipe_needs_data(recipe) and calibration is None and tokenizer is None:
+    if recipe.needs_data and calibration is None and tokenizer is None:
         raise CalibrationError(f"recipe {recipe.name!r} needs calibration data: pass calibration= (a CalibrationSet "
                                "with the tokenizer, or token ids [N, L])")
     return quantize_model(model, recipe, tokenizer, calibration), tokenizer, source
@@ -245,23 +245,20 @@ def capture(wrapper: nn.Module, args: tuple, dynamic_shapes) -> "torch.fx.GraphM
     for name, t in itertools.chain(wrapper.named_parameters(remove_duplicate=False),
                                    wrapper.named_buffers(remove_duplicate=False)):
         paths.setdefault(id(t), name)
-    renamed = {}
+    renamed: dict[str, str] = {}  # dynamo's attribute name -> the module path
     for node in gm.graph.nodes:
-        if node.op != "get_attr" or node.target in renamed.values():
-            continue
-        value = gm
-        for part in str(node.target).split("."):
-            value = getattr(value, part)
-        path = paths.get(id(value))
-        if path is None or path == node.target:
+        if node.op != "get_attr":
             continue
         if node.target not in renamed:
-            _set_constant(gm, path, value)
+            owner, _, attr = f".{node.target}".rpartition(".")
+            owner_mod = gm.get_submodule(owner[1:])
+            value = getattr(owner_mod, attr)
+            path = paths.get(id(value), node.target)
+            if path != node.target:
+                _set_constant(gm, path, value)
+                delattr(owner_mod, attr)
             renamed[node.target] = path
         node.target = renamed[node.target]
-    for old in renamed:
-        if hasattr(gm, old):
-            delattr(gm, old)
     gm.recompile()
     return gm
 
@@ -274,7 +271,6 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: b
 
     from qexport.lowering.core import BLOCKED_OPSET, lower
     from qexport.lowering.translate import FUSED_OPSET, onnx_program
-
     from qexport.modules import QLinear
 
     for name, mod in model.named_modules():
@@ -297,20 +293,22 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: b
     shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn, 1: dyn}, tuple({0: dyn, 2: dyn} for _ in past))
     wrapper = _KVCacheLM(model, layers, kv).eval()
     names = dict(input_names=input_names(layers, kv), output_names=output_names(layers, kv))
-    fusions: list | str = "not asked for" if not fuse else "TensorRT target (opset 21)" if target == "tensorrt" else []
-    if isinstance(fusions, list):
+    unfused = "not asked for" if not fuse else "TensorRT target (opset 21)" if target == "tensorrt" else None
+    gm = None
+    if unfused is None:
         try:
             gm = capture(wrapper, args, shapes)
         except UnsupportedOp as e:  # exported as traced, written out: slower in ONNX Runtime, the same numbers
-            fusions = str(e)
+            unfused = str(e)
             warnings.warn(f"{e}; exporting without the ONNX fusions (opset 21)", stacklevel=3)
-        else:
-            from qexport.passes import ONNX_FUSIONS, PassManager, fuse_attention
+    fusions: list | str = unfused
+    if gm is not None:
+        from qexport.passes import ONNX_FUSIONS, PassManager, fuse_attention
 
-            # as the compile back-end does: hand-written attention to SDPA, then the ONNX fusions
-            fusions = PassManager([fuse_attention, *ONNX_FUSIONS]).run(gm, None)
+        # as the compile back-end does: hand-written attention to SDPA, then the ONNX fusions
+        fusions = PassManager([fuse_attention, *ONNX_FUSIONS]).run(gm, None)
     try:
-        if isinstance(fusions, list):  # the same export call and lowering as the compile back-end's ORT target
+        if gm is not None:  # the same export call and lowering as the compile back-end's ORT target
             proto = onnx_program(gm, args, shapes[:3] + shapes[3], FUSED_OPSET, **names)
         else:
             proto = onnx_program(wrapper, args, shapes, BLOCKED_OPSET, **names)

@@ -174,7 +174,7 @@ def reference_model(report: dict[str, Any], path: Path, calibration=None):
     from qexport.config import Recipe
     from qexport.export.onnx import RECIPE_FILE
     from qexport.models import load_model
-    from qexport.prepare import quantize_model, recipe_needs_data
+    from qexport.prepare import quantize_model
 
     source = report.get("source_model")
     if not source:
@@ -184,7 +184,7 @@ def reference_model(report: dict[str, Any], path: Path, calibration=None):
     if is_quantized_folder(source) or not (path / RECIPE_FILE).is_file():  # saved quantized, or a float export
         return model
     recipe = Recipe.from_json(path / RECIPE_FILE)
-    if calibration is None and recipe_needs_data(recipe):
+    if calibration is None and recipe.needs_data:
         calibration = _recorded_calibration(report, path)
     return quantize_model(model, recipe, tok, calibration)
 
