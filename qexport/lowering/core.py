@@ -367,10 +367,14 @@ class Lowering:
         ins = [w.codes, w.scale] + ([w.zero_point] if w.zero_point else [])
         return self.node("DequantizeLinear", ins, f"{name}_W", f"{name}_DequantizeLinear", **attrs)
 
+    def kept_float(self, layer: str, reason: str, how: str) -> None:
+        """Record in the report that ``layer`` stays float (``how``: its form in the graph) and why."""
+        self.report.float_fallback.append((layer, reason))
+        self.report.layers[layer] = how
+
     def float_linear(self, q: QNode, w: Weight, reason: str) -> None:
         """The float fallback: ``x @ W^T`` with ``W`` dequantized once at lowering, listed in the report."""
-        self.report.float_fallback.append((w.layer, reason))
-        self.report.layers[w.layer] = f"float MatMul ({reason})"
+        self.kept_float(w.layer, reason, f"float MatMul ({reason})")
         self.matmul(q, q.ins[0], self.add_array(f"{q.name}_WT", w.dequantized().t().contiguous().numpy()), q.ins[4])
 
     # --- the rewrite ---
@@ -516,8 +520,7 @@ def _conv_weight(lw: Lowering, q: QNode) -> None:
     """``DequantizeWeight`` (conv weights): no runtime takes packed ones; a float initializer."""
     w = lw.weight(q)
     reason = "conv weights are dequantized at export"
-    lw.report.float_fallback.append((w.layer, reason))
-    lw.report.layers[w.layer] = f"float ({reason})"
+    lw.kept_float(w.layer, reason, f"float ({reason})")
     lw.node("Identity", [lw.add_array(f"{q.name}_W", w.dequantized().numpy())], q.out, f"{q.name}_Identity")
 
 
@@ -555,8 +558,7 @@ def _float_embedding(lw: Lowering, q: QNode) -> None:
     """No quantized gather in TensorRT's QDQ rules: a float table."""
     w = lw.weight(q)
     reason = "TensorRT target: quantized embeddings are dequantized at export"
-    lw.report.float_fallback.append((w.layer, reason))
-    lw.report.layers[w.layer] = f"float Gather ({reason})"
+    lw.kept_float(w.layer, reason, f"float Gather ({reason})")
     table = lw.add_array(f"{q.name}_table", w.dequantized().numpy())
     lw.node("Gather", [table, q.ins[0]], q.out, f"{q.name}_Gather")
 
@@ -622,9 +624,8 @@ def _ort_llm_int8(lw: Lowering, q: QNode) -> None:
     except UnsupportedOp as e:
         reason = f"LLM.int8() decomposition not lowered ({e}); float MatMul of the dequantized weight"
         warnings.warn(f"qexport: {layer} stays float: {reason}", stacklevel=4)
-        lw.report.float_fallback.append((layer, reason))
+        lw.kept_float(layer, reason, "float MatMul (LLM.int8() decomposition not lowered)")
         w = wq.to(torch.float32) * ws.to(torch.float32).reshape(-1, 1)
-        lw.report.layers[layer] = "float MatMul (LLM.int8() decomposition not lowered)"
         lw.matmul(q, x, lw.add_array(f"{q.name}_WT_float", w.t().contiguous().numpy()), bias)
         return
     lw.report.layers[layer] = (f"LLM.int8(): outlier columns (|x| >= {threshold:g}) float MatMul + the rest int8 "
