@@ -223,6 +223,22 @@ def test_fused_attention_rotary_and_norm_ops(tok, tmp_path):
         torch.testing.assert_close(torch.from_numpy(step)[:, -1], full, atol=1e-4, rtol=0)
 
 
+def test_a_model_dynamo_cannot_capture_exports_unfused_with_a_warning(tok, tmp_path, monkeypatch):
+    """When dynamo cannot capture the model in one graph, the export says so (warning, report) and writes the
+    traced model out at opset 21; the folder still computes what the PyTorch model does."""
+    def no_graph(*args, **kwargs):
+        raise RuntimeError("graph break in a made-up call")
+
+    monkeypatch.setattr(torch._dynamo, "export", no_graph)
+    with pytest.warns(UserWarning, match="dynamo could not capture the model in one graph: graph break"):
+        res = export_onnx(tiny_llama(), tmp_path / "traced", "w8", tok)
+    assert res.report["fusions"] == {"not_used": "dynamo could not capture the model in one graph: graph break in "
+                                                 "a made-up call"}
+    assert res.report["opset"] == 21
+    res = verify(res.path, reference=reference("w8"), session_config=EXACT, decode_steps=1)
+    assert res["max_abs"] < 1e-4, res
+
+
 def test_eager_attention_is_fused_from_its_written_out_form(tok, tmp_path):
     """A model with eager (hand-written) attention: fuse_attention turns it into SDPA first, then the ONNX fusions
     apply as to an sdpa model."""
