@@ -106,6 +106,7 @@ def convert(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
                 result.count("embedding")
             elif ann.act_spec is None:
                 out = g.call_function(Q.qlinear.default, (x, qdata, scale, zp, bias, *wargs))
+                out.meta["qexport_layer"] = ann.module_path
                 if "example_value" in node.meta:  # the same shape and dtype as the float linear's output
                     out.meta["example_value"] = node.meta["example_value"]
                 result.count("qlinear")
@@ -139,12 +140,15 @@ def _convert_w8a8(gm, g, x, ann, qdata, scale, bias, wargs, prefix, result):
         rng = act_range_for(ann.weight_key)
         if not rng.observed:
             result.skip(ann.module_path, "no calibration data reached this layer: weights only")
-            return g.call_function(Q.qlinear.default, (x, qdata, scale, None, bias, *wargs))
+            y = g.call_function(Q.qlinear.default, (x, qdata, scale, None, bias, *wargs))
+            y.meta["qexport_layer"] = ann.module_path
+            return y
         s, zp = activation_qparams(rng.lo, rng.hi, a)
         xs = _const(gm, g, f"{prefix}_act_scale", s)
         xq = g.call_function(Q.quantize_per_tensor.default, (x, xs, zp))
         result.count("w8a8_static")
     y = g.call_function(Q.qlinear_a8.default, (xq, xs, zp, qdata, scale, bias))
+    y.meta["qexport_layer"] = ann.module_path
     return g.call_method("type_as", (y, x))
 
 

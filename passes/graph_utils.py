@@ -214,3 +214,34 @@ def replace_matches(gm: fx.GraphModule, result, candidate, match, build, counter
         node.replace_all_uses_with(fused)
         erase_unused(g, [node])
         result.count(counter)
+
+
+def drop_unused_constants(gm: fx.GraphModule, prefixes=("qx_",)) -> int:
+    """Erase ``get_attr`` nodes nothing uses, then delete the passes' constants (top-level buffers whose
+    names start with ``prefixes``) no node reads any more; returns how many were deleted."""
+    g = gm.graph
+    erase_unused(g, [n for n in g.nodes if n.op == "get_attr" and not n.users])
+    used = {n.target for n in g.nodes if n.op == "get_attr"}
+    dropped = 0
+    for name in [n for n, _ in gm.named_buffers() if "." not in n and n.startswith(tuple(prefixes))]:
+        if name not in used:
+            delattr(gm, name)
+            dropped += 1
+    return dropped
+
+
+def constant_value(gm: fx.GraphModule, a):
+    """The value of a ``get_attr`` node in ``gm`` (a non-node argument as it is); ``KeyError`` for any other node."""
+    if isinstance(a, fx.Node):
+        if a.op != "get_attr":
+            raise KeyError(a.name)
+        obj = gm
+        for part in str(a.target).split("."):
+            obj = getattr(obj, part)
+        return obj
+    return a
+
+
+def op_packet(node: fx.Node):
+    """The op packet of a call (``torch.ops.qexport.x`` whether the graph holds ``x`` or ``x.default``)."""
+    return getattr(node.target, "overloadpacket", node.target)

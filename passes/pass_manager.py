@@ -18,6 +18,7 @@ class PassResult:
     name: str
     changed: dict[str, int] = field(default_factory=dict)  # counter name -> count
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (node or module name, reason)
+    details: dict[str, str] = field(default_factory=dict)  # node or module name -> what the pass did with it
 
     def count(self, key: str, n: int = 1) -> None:
         self.changed[key] = self.changed.get(key, 0) + n
@@ -30,8 +31,11 @@ class PassResult:
         return sum(self.changed.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "changed": dict(self.changed),
-                "skipped": [{"node": w, "reason": r} for w, r in self.skipped]}
+        out = {"name": self.name, "changed": dict(self.changed),
+               "skipped": [{"node": w, "reason": r} for w, r in self.skipped]}
+        if self.details:
+            out["details"] = dict(self.details)
+        return out
 
     def __str__(self) -> str:
         changed = ", ".join(f"{k}={v}" for k, v in self.changed.items()) or "nothing"

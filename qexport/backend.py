@@ -164,6 +164,10 @@ def is_compiled_with_qexport(model) -> bool:
     return isinstance(model, OptimizedModule)
 
 
+def _on_cuda(example_inputs) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+
+
 def _lower(gm: fx.GraphModule, example_inputs, target: str, opts: "BackendOptions | None" = None) -> Callable:
     if target == "eager":
         return gm.forward
@@ -199,12 +203,14 @@ class QExportGraph:
         _LIVE.add(self)
 
     def _finalize(self, example_inputs) -> None:
-        from qexport.passes import ONNX_FUSIONS, convert, fold, fuse_attention
+        from qexport.passes import ONNX_FUSIONS, convert, cpu_kernels, fold, fuse_attention
         from qexport.passes.pass_manager import PassManager
 
         passes = [convert, fold] + ([fuse_attention] if self.opts.fuse_attention else [])
         if self.opts.target == "onnxruntime":  # one node per norm, rotation and attention in the ONNX graph
             passes += list(ONNX_FUSIONS)
+        elif self.opts.target == "inductor" and not _on_cuda(example_inputs):  # integer kernels, weights repacked
+            passes.append(cpu_kernels)
         self.report.results += PassManager(passes).run(self.gm, self.ctx)
         self.ctx.placeholders = {}  # drop references to the float weights
         self.compiled = _lower(self.gm, example_inputs, self.opts.target, self.opts)

@@ -102,12 +102,18 @@ def _div_127(amax: Tensor) -> Tensor:
     return amax / torch.full_like(amax, 127.0)
 
 
-@torch.library.custom_op("qexport::quantize_per_token", mutates_args=())
-def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+def per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The computation of ``quantize_per_token`` as plain torch code (the op's implementation; the inductor
+    target's CPU kernels put it in the graph instead of the op, so inductor fuses it)."""
     xf = x.to(torch.float32)
     scale = _div_127(xf.abs().amax(dim=-1, keepdim=True)).clamp_min(_EPS)
     q = torch.round(xf / scale).clamp(-128, 127).to(torch.int8)
     return q, scale
+
+
+@torch.library.custom_op("qexport::quantize_per_token", mutates_args=())
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    return per_token_int8(x)
 
 
 @quantize_per_token.register_fake
@@ -115,12 +121,17 @@ def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
-@torch.library.custom_op("qexport::quantize_per_tensor_dynamic", mutates_args=())
-def quantize_per_tensor_dynamic(x: Tensor) -> tuple[Tensor, Tensor]:
+def per_tensor_dynamic_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``quantize_per_tensor_dynamic`` as plain torch code."""
     xf = x.to(torch.float32)
     scale = _div_127(xf.abs().amax()).clamp_min(_EPS)
     q = torch.round(xf / scale).clamp(-128, 127).to(torch.int8)
     return q, scale
+
+
+@torch.library.custom_op("qexport::quantize_per_tensor_dynamic", mutates_args=())
+def quantize_per_tensor_dynamic(x: Tensor) -> tuple[Tensor, Tensor]:
+    return per_tensor_dynamic_int8(x)
 
 
 @quantize_per_tensor_dynamic.register_fake
@@ -128,9 +139,14 @@ def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((), dtype=torch.float32)
 
 
+def per_tensor_int8(x: Tensor, scale: Tensor, zero_point: int) -> Tensor:
+    """``quantize_per_tensor`` as plain torch code."""
+    return (torch.round(x.to(torch.float32) / scale) + zero_point).clamp(-128, 127).to(torch.int8)
+
+
 @torch.library.custom_op("qexport::quantize_per_tensor", mutates_args=())
 def quantize_per_tensor(x: Tensor, scale: Tensor, zero_point: int) -> Tensor:
-    return (torch.round(x.to(torch.float32) / scale) + zero_point).clamp(-128, 127).to(torch.int8)
+    return per_tensor_int8(x, scale, zero_point)
 
 
 @quantize_per_tensor.register_fake

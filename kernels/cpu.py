@@ -1,0 +1,213 @@
+"""Integer CPU kernels for the compile back-end's ``inductor`` target.
+
+Each canonical linear is mapped to a kernel torch itself ships, with its weight repacked once, when the graph is
+compiled (the stored format does not change):
+
+``int4``
+    4- and 2-bit integer weights (symmetric or with zero points, any group size): ``aten._weight_int4pack_mm_for_cpu``,
+    with ``bfloat16`` activations and scales. The kernel computes ``(q - 8) * scale + zero`` per group of 32, 64,
+    128 or 256, so codes become ``q = code + 8`` (symmetric) or ``q = code`` with ``zero = (8 - zero_point) * scale``;
+    2-bit codes fit the same form. A partial last group (K = 576 with groups of 128) is split into kernel groups
+    that divide both (64 here, each with its group's scale: exact); where none does, K is padded with zero
+    activations inside the kernel's weight. N is padded to a multiple of 16, the kernel's tile.
+``int8``
+    8-bit weight-only, per channel or per tensor: ``aten._weight_int8pack_mm`` with ``bfloat16`` activations
+    and scales (asymmetric codes are shifted to int8 and their zero point subtracted as ``rowsum(x) * scale * zp``).
+    K is padded to a multiple of 16, below which the kernel reads out of bounds.
+``int8 x int8``
+    W8A8 (dynamic per-token or per-tensor, or calibrated static): ``torch._int_mm`` (oneDNN's int8 GEMM, VNNI
+    where the CPU has it) on the int8 codes, then the same float epilogue as the reference
+    (``acc * x_scale * w_scale + bias``): bit-identical to :func:`qexport.kernels.reference.qlinear_a8`. The
+    activation quantizers become plain torch code that inductor fuses into one loop.
+
+The weight-only kernels take ``bfloat16`` activations: their ``float32`` paths in torch 2.13 are scalar loops,
+10-20x slower. The result is therefore not bit-identical to the reference; :data:`TOLERANCE` states the bound
+each layer is checked against (:func:`probe`) when it is packed. NF4 (a lookup table) and grouped int8 weights have
+no integer kernel here and keep the reference. Every kernel runs on any x86-64 CPU torch supports: the
+vector width (AVX2, AVX-512, AVX-512 VNNI, AMX) is chosen by torch at run time, so nothing here depends on
+the CPU's features; only the speed does (``qexport bench`` prints them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qexport.formats import _load, _num_groups, expand_groups
+
+__all__ = ["INT4_GROUPS", "TOLERANCE", "Unsupported", "Packed", "pack_int4", "pack_int8", "pack_int8_int8",
+           "int4_linear", "int8_linear", "int8_int8_linear", "run", "probe"]
+
+INT4_GROUPS = (256, 128, 64, 32)  # the group sizes aten._weight_int4pack_mm_for_cpu takes, largest first
+N_TILE = 16  # aten._convert_weight_to_int4pack_for_cpu needs N % 16 == 0
+K_TILE_INT8 = 16  # aten._weight_int8pack_mm reads past K unless K % 16 == 0
+
+# Largest |kernel - reference| / max|reference| accepted when a layer is packed. The weight-only kernels round
+# activations and scales to bfloat16 (8 significant bits; a dot product's relative error stays near 2^-8),
+# the int8 x int8 kernel is exact up to float32 rounding of its epilogue.
+TOLERANCE = {"int4": 2e-2, "int8": 2e-2, "int8_int8": 1e-5}
+
+
+class Unsupported(Exception):
+    """This layer has no CPU integer kernel: it keeps the reference (the message says why)."""
+
+
+@dataclass
+class Packed:
+    """A layer's weight repacked for one kernel: ``fn(x, *tensors, *args, bias)`` computes the linear."""
+
+    kind: str  # "int4", "int8" or "int8_int8"
+    fn: Callable[..., Tensor]
+    tensors: dict[str, Tensor]
+    args: tuple[Any, ...] = ()
+    note: str = ""  # what runs, for the report
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _codes(qdata: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int, group: int, k: int,
+           symmetric: bool):
+    """Integer codes ``[N, K]`` (int32), scales ``[N, G]`` and zero points ``[N, G]`` (float32 or None)."""
+    n = qdata.shape[0]
+    g = _num_groups(k, group)
+    codes = _load(qdata, bits, k, symmetric).to(torch.int32)
+    s = scale.to(torch.float32).expand(n, g) if scale.shape[0] == 1 else scale.to(torch.float32)
+    zp = None
+    if zero_point is not None:
+        zp = _load(zero_point, bits, g, False).to(torch.float32)
+        zp = zp.expand(n, g) if zp.shape[0] == 1 else zp
+    return codes, s, zp
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+def pack_int4(qdata: Tensor, scale: Tensor, zero_point: Tensor | None, fmt: str, bits: int, group: int, k: int,
+              symmetric: bool) -> Packed:
+    if fmt != "int" or bits not in (2, 4):
+        raise Unsupported(f"{bits}-bit {fmt} weights have no int4 CPU kernel")
+    group = min(group, k)
+    kernel_group = next((c for c in INT4_GROUPS if group % c == 0 and k % c == 0), None)
+    if kernel_group is not None:  # each stored group is a whole number of kernel groups, K needs no padding
+        k_pad, repeat = k, group // kernel_group
+    elif group in INT4_GROUPS:  # a partial last group no kernel group divides: pad K to whole groups
+        kernel_group, k_pad, repeat = group, _round_up(k, group), 1
+    else:
+        raise Unsupported(f"groups of {group} over K = {k}: the int4 CPU kernel takes groups of "
+                          f"{', '.join(map(str, INT4_GROUPS))} and no such size divides both")
+    codes, s, zp = _codes(qdata, scale, zero_point, bits, group, k, symmetric)
+    n = codes.shape[0]
+    # The kernel computes (q - 8) * scale + zero. With zero points, q = code - zero_point + 8 keeps zero = 0
+    # (exact up to the scale's rounding) wherever that fits 4 bits, as it always does for 2-bit codes; otherwise
+    # q = code and zero = (8 - zero_point) * scale, whose bfloat16 rounding is a little coarser.
+    zero = torch.zeros_like(s)
+    if zp is None:
+        q = codes + 8
+    else:
+        q = codes - expand_groups(zp, group, k).to(torch.int32) + 8
+        if int(q.min()) < 0 or int(q.max()) > 15:
+            q, zero = codes, (8.0 - zp) * s
+    kg = k_pad // kernel_group
+    s = s.repeat_interleave(repeat, dim=1)[:, :kg]
+    zero = zero.repeat_interleave(repeat, dim=1)[:, :kg]
+    n_pad = _round_up(n, N_TILE)
+    q = F.pad(q, (0, k_pad - k, 0, n_pad - n), value=8)  # padded codes are 0 * scale + zero, times zero inputs
+    s = F.pad(s, (0, 0, 0, n_pad - n))
+    zero = F.pad(zero, (0, 0, 0, n_pad - n))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+    scales_zeros = torch.stack([s.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # [K / group, N, 2]
+    pad_note = f", K padded {k} -> {k_pad}" if k_pad != k else ""
+    return Packed("int4", int4_linear, {"packed": packed, "scales_zeros": scales_zeros}, (kernel_group, n, k_pad),
+                  f"aten._weight_int4pack_mm_for_cpu ({bits}-bit codes, kernel groups of {kernel_group}{pad_note}, "
+                  "bfloat16 activations)")
+
+
+def int4_linear(x: Tensor, packed: Tensor, scales_zeros: Tensor, group: int, n: int, k_pad: int,
+                bias: Tensor | None) -> Tensor:
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k).to(torch.bfloat16)
+    if k_pad != k:
+        x2 = F.pad(x2, (0, k_pad - k))
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group, scales_zeros)
+    y = y[:, :n].to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*lead, n)
+
+
+def pack_int8(qdata: Tensor, scale: Tensor, zero_point: Tensor | None, fmt: str, bits: int, group: int, k: int,
+              symmetric: bool) -> Packed:
+    if fmt != "int" or bits != 8:
+        raise Unsupported(f"{bits}-bit {fmt} weights have no int8 CPU kernel")
+    if _num_groups(k, group) != 1:
+        raise Unsupported(f"int8 weights in groups of {group}: the int8 CPU kernel takes one scale per output channel")
+    codes, s, zp = _codes(qdata, scale, zero_point, bits, group, k, symmetric)
+    s = s[:, 0]
+    if zp is not None:  # unsigned codes: shift to int8, the zero point with them
+        codes, zp = codes - 128, zp[:, 0] - 128
+    k_pad = _round_up(k, K_TILE_INT8)
+    wq = F.pad(codes, (0, k_pad - k)).to(torch.int8).contiguous()
+    tensors = {"weight": wq, "scale": s.to(torch.bfloat16)}
+    tensors["zero_term"] = None if zp is None or not zp.any() else (s * zp).to(torch.float32)
+    return Packed("int8", int8_linear, tensors, (wq.shape[0], k_pad),
+                  "aten._weight_int8pack_mm (per-channel int8, bfloat16 activations)")
+
+
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, zero_term: Tensor | None, n: int, k_pad: int,
+                bias: Tensor | None) -> Tensor:
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k).to(torch.bfloat16)
+    if k_pad != k:
+        x2 = F.pad(x2, (0, k_pad - k))
+    y = torch.ops.aten._weight_int8pack_mm(x2, weight, scale).to(x.dtype)
+    if zero_term is not None:  # x @ ((q - zp) * s).T = x @ (q * s).T - sum(x) * s * zp
+        y = y - x2.to(x.dtype).sum(dim=-1, keepdim=True) * zero_term.to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*lead, n)
+
+
+def pack_int8_int8(wq: Tensor, w_scale: Tensor, x_zero_point: int) -> Packed:
+    if wq.dtype != torch.int8:
+        raise Unsupported(f"int8 x int8 kernel: weight codes are {wq.dtype}, not int8")
+    tensors = {"weight": wq.contiguous(), "w_scale": w_scale.to(torch.float32).reshape(1, -1)}
+    # a zero point of the activations adds -x_zp * sum_k wq to each output: precomputed, in int32
+    tensors["zero_term"] = (wq.to(torch.int32).sum(dim=1) * int(x_zero_point)).reshape(1, -1) if x_zero_point else None
+    return Packed("int8_int8", int8_int8_linear, tensors, (),
+                  "torch._int_mm (int8 x int8 -> int32, oneDNN), float epilogue")
+
+
+def int8_int8_linear(xq: Tensor, x_scale: Tensor, weight: Tensor, w_scale: Tensor, zero_term: Tensor | None,
+                     bias: Tensor | None) -> Tensor:
+    lead = xq.shape[:-1]
+    acc = torch._int_mm(xq.reshape(-1, xq.shape[-1]), weight.t())
+    if zero_term is not None:
+        acc = acc - zero_term
+    xs = x_scale.reshape(-1, 1) if x_scale.numel() > 1 else x_scale.reshape(1, 1)
+    y = acc.to(torch.float32) * xs * w_scale
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def run(packed: Packed, inputs: tuple, bias: Tensor | None) -> Tensor:
+    """The packed layer on ``inputs`` (``(x,)``, or ``(xq, x_scale)`` for int8 x int8)."""
+    return packed.fn(*inputs, *packed.tensors.values(), *packed.args, bias)
+
+
+def probe(packed: Packed, reference: Callable[..., Tensor], inputs: tuple, bias: Tensor | None) -> float:
+    """Run the packed kernel and the reference on ``inputs``; the error relative to the reference's largest
+    value. Raises :class:`Unsupported` when the kernel fails or misses :data:`TOLERANCE`."""
+    try:
+        got = run(packed, inputs, bias)
+    except RuntimeError as e:  # a kernel this torch build lacks, or a shape it refuses
+        raise Unsupported(f"{packed.note}: {e}") from None
+    want = reference(*inputs)
+    err = float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30))
+    if not err <= TOLERANCE[packed.kind]:  # also catches NaN
+        raise Unsupported(f"{packed.note}: error {err:.3g} on a probe input exceeds {TOLERANCE[packed.kind]}")
+    return err
