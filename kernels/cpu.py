@@ -4,33 +4,34 @@ Each canonical linear is mapped to a kernel torch itself ships, with its weight 
 compiled (the stored format does not change):
 
 ``int4``
-    4- and 2-bit integer weights (symmetric or with zero points, any group size): ``aten._weight_int4pack_mm_for_cpu``,
-    with ``bfloat16`` activations and scales. The kernel computes ``(q - 8) * scale + zero`` per group of 32, 64,
-    128 or 256, so codes become ``q = code + 8`` (symmetric) or ``q = code`` with ``zero = (8 - zero_point) * scale``;
-    2-bit codes fit the same form. A partial last group (K = 576 with groups of 128) is split into kernel groups
-    that divide both (64 here, each with its group's scale: exact); where none does, K is padded with zero
-    activations inside the kernel's weight. N is padded to a multiple of 16, the kernel's tile.
+    4- and 2-bit integer weights (symmetric or with zero points; per channel, per tensor, or in groups that 32
+    divides): ``aten._weight_int4pack_mm_for_cpu``, with ``bfloat16`` activations and scales. The kernel computes
+    ``(q - 8) * scale + zero`` per group of 32, 64, 128 or 256, so codes become ``q = code + 8`` (symmetric), or
+    ``q = code - zero_point + 8`` with ``zero = 0`` where that fits 4 bits (2-bit codes), else ``q = code`` with
+    ``zero = (8 - zero_point) * scale``. A partial last group (K = 576 with groups of 128) is split into kernel
+    groups that divide both (64 here, each with its group's scale: exact); where none divides K, K is padded
+    with zero activations inside the kernel's weight. N is padded to a multiple of 16, the kernel's tile.
 ``int8``
-    8-bit weight-only, per channel or per tensor: ``aten._weight_int8pack_mm`` with ``bfloat16`` activations
-    and scales (asymmetric codes are shifted to int8 and their zero point subtracted as ``rowsum(x) * scale * zp``).
-    K is padded to a multiple of 16, below which the kernel reads out of bounds.
+    8-bit symmetric weight-only, per channel or per tensor: ``aten._weight_int8pack_mm`` with ``bfloat16``
+    activations and scales. K is padded to a multiple of 16, below which the kernel reads out of bounds.
 ``int8 x int8``
     W8A8 (dynamic per-token or per-tensor, or calibrated static): ``torch._int_mm`` (oneDNN's int8 GEMM, VNNI
     where the CPU has it) on the int8 codes, then the same float epilogue as the reference
-    (``acc * x_scale * w_scale + bias``): bit-identical to :func:`qexport.kernels.reference.qlinear_a8`. The
-    activation quantizers become plain torch code that inductor fuses into one loop.
+    (``acc * x_scale * w_scale + bias``): bit-identical to :func:`qexport.kernels.reference.qlinear_a8` without an
+    activation zero point (with one, the correction is exact in int32 where the reference rounds it in float).
+    The activation quantizers become plain torch code that inductor fuses into one loop.
 
 The weight-only kernels take ``bfloat16`` activations: their ``float32`` paths in torch 2.13 are scalar loops,
 10-20x slower. The result is therefore not bit-identical to the reference; :data:`TOLERANCE` states the bound
-each layer is checked against (:func:`probe`) when it is packed. NF4 (a lookup table) and grouped int8 weights have
-no integer kernel here and keep the reference. Every kernel runs on any x86-64 CPU torch supports: the
-vector width (AVX2, AVX-512, AVX-512 VNNI, AMX) is chosen by torch at run time, so nothing here depends on
-the CPU's features; only the speed does (``qexport bench`` prints them).
+each layer is checked against (:func:`probe`) when it is packed. NF4 (a lookup table), grouped int8 weights and
+int8 weights with zero points have no integer kernel here and keep the reference. Every kernel runs on any
+x86-64 CPU torch supports: the vector width (AVX2, AVX-512, AVX-512 VNNI, AMX) is chosen by torch at run time,
+so nothing here depends on the CPU's features; only the speed does (``qexport bench`` prints them).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -65,7 +66,6 @@ class Packed:
     tensors: dict[str, Tensor]
     args: tuple[Any, ...] = ()
     note: str = ""  # what runs, for the report
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _codes(qdata: Tensor, scale: Tensor, zero_point: Tensor | None, bits: int, group: int, k: int,
@@ -86,24 +86,28 @@ def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
+def _kernel_group(group: int, k: int) -> tuple[int, int]:
+    """``(kernel group, padded K)``: a kernel group size that lies within one stored group (it divides the
+    stored group, or there is one group per row), the one that pads K least (none, where one divides K)."""
+    one_group = _num_groups(k, group) == 1
+    fits = [c for c in INT4_GROUPS if one_group or group % c == 0]
+    if not fits:
+        raise Unsupported(f"groups of {group}: the int4 CPU kernel takes groups of {', '.join(map(str, INT4_GROUPS))}, "
+                          "none of which divides it")
+    c = min(fits, key=lambda c: (_round_up(k, c), -c))
+    return c, _round_up(k, c)
+
+
 def pack_int4(qdata: Tensor, scale: Tensor, zero_point: Tensor | None, fmt: str, bits: int, group: int, k: int,
               symmetric: bool) -> Packed:
     if fmt != "int" or bits not in (2, 4):
         raise Unsupported(f"{bits}-bit {fmt} weights have no int4 CPU kernel")
-    group = min(group, k)
-    kernel_group = next((c for c in INT4_GROUPS if group % c == 0 and k % c == 0), None)
-    if kernel_group is not None:  # each stored group is a whole number of kernel groups, K needs no padding
-        k_pad, repeat = k, group // kernel_group
-    elif group in INT4_GROUPS:  # a partial last group no kernel group divides: pad K to whole groups
-        kernel_group, k_pad, repeat = group, _round_up(k, group), 1
-    else:
-        raise Unsupported(f"groups of {group} over K = {k}: the int4 CPU kernel takes groups of "
-                          f"{', '.join(map(str, INT4_GROUPS))} and no such size divides both")
+    kernel_group, k_pad = _kernel_group(group, k)
     codes, s, zp = _codes(qdata, scale, zero_point, bits, group, k, symmetric)
     n = codes.shape[0]
     # The kernel computes (q - 8) * scale + zero. With zero points, q = code - zero_point + 8 keeps zero = 0
-    # (exact up to the scale's rounding) wherever that fits 4 bits, as it always does for 2-bit codes; otherwise
-    # q = code and zero = (8 - zero_point) * scale, whose bfloat16 rounding is a little coarser.
+    # (exact up to the scale's rounding) when that fits 4 bits everywhere, as it does for 2-bit codes; otherwise
+    # (4-bit codes spanning their range) q = code and zero = (8 - zero_point) * scale.
     zero = torch.zeros_like(s)
     if zp is None:
         q = codes + 8
@@ -111,14 +115,17 @@ def pack_int4(qdata: Tensor, scale: Tensor, zero_point: Tensor | None, fmt: str,
         q = codes - expand_groups(zp, group, k).to(torch.int32) + 8
         if int(q.min()) < 0 or int(q.max()) > 15:
             q, zero = codes, (8.0 - zp) * s
-    kg = k_pad // kernel_group
-    s = s.repeat_interleave(repeat, dim=1)[:, :kg]
-    zero = zero.repeat_interleave(repeat, dim=1)[:, :kg]
+    # per kernel group: the parameters of the stored group it lies in (its first column's); padding repeats the last
+    first_cols = torch.arange(0, k_pad, kernel_group).clamp(max=k - 1)
+    s, zero = expand_groups(s, group, k)[:, first_cols], expand_groups(zero, group, k)[:, first_cols]
     n_pad = _round_up(n, N_TILE)
     q = F.pad(q, (0, k_pad - k, 0, n_pad - n), value=8)  # padded codes are 0 * scale + zero, times zero inputs
     s = F.pad(s, (0, 0, 0, n_pad - n))
     zero = F.pad(zero, (0, 0, 0, n_pad - n))
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+    except RuntimeError as e:
+        raise Unsupported(f"aten._convert_weight_to_int4pack_for_cpu: {e}") from None
     scales_zeros = torch.stack([s.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # [K / group, N, 2]
     pad_note = f", K padded {k} -> {k_pad}" if k_pad != k else ""
     return Packed("int4", int4_linear, {"packed": packed, "scales_zeros": scales_zeros}, (kernel_group, n, k_pad),
@@ -145,27 +152,21 @@ def pack_int8(qdata: Tensor, scale: Tensor, zero_point: Tensor | None, fmt: str,
         raise Unsupported(f"{bits}-bit {fmt} weights have no int8 CPU kernel")
     if _num_groups(k, group) != 1:
         raise Unsupported(f"int8 weights in groups of {group}: the int8 CPU kernel takes one scale per output channel")
-    codes, s, zp = _codes(qdata, scale, zero_point, bits, group, k, symmetric)
-    s = s[:, 0]
-    if zp is not None:  # unsigned codes: shift to int8, the zero point with them
-        codes, zp = codes - 128, zp[:, 0] - 128
+    if zero_point is not None:  # a zero-point correction after the kernel's bfloat16 output would cancel badly
+        raise Unsupported("int8 weights with zero points: the int8 CPU kernel takes symmetric codes")
+    codes, s, _ = _codes(qdata, scale, None, bits, group, k, symmetric)
     k_pad = _round_up(k, K_TILE_INT8)
     wq = F.pad(codes, (0, k_pad - k)).to(torch.int8).contiguous()
-    tensors = {"weight": wq, "scale": s.to(torch.bfloat16)}
-    tensors["zero_term"] = None if zp is None or not zp.any() else (s * zp).to(torch.float32)
-    return Packed("int8", int8_linear, tensors, (wq.shape[0], k_pad),
+    return Packed("int8", int8_linear, {"weight": wq, "scale": s[:, 0].to(torch.bfloat16)}, (wq.shape[0], k_pad),
                   "aten._weight_int8pack_mm (per-channel int8, bfloat16 activations)")
 
 
-def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, zero_term: Tensor | None, n: int, k_pad: int,
-                bias: Tensor | None) -> Tensor:
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, n: int, k_pad: int, bias: Tensor | None) -> Tensor:
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k).to(torch.bfloat16)
     if k_pad != k:
         x2 = F.pad(x2, (0, k_pad - k))
     y = torch.ops.aten._weight_int8pack_mm(x2, weight, scale).to(x.dtype)
-    if zero_term is not None:  # x @ ((q - zp) * s).T = x @ (q * s).T - sum(x) * s * zp
-        y = y - x2.to(x.dtype).sum(dim=-1, keepdim=True) * zero_term.to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*lead, n)
@@ -187,8 +188,7 @@ def int8_int8_linear(xq: Tensor, x_scale: Tensor, weight: Tensor, w_scale: Tenso
     acc = torch._int_mm(xq.reshape(-1, xq.shape[-1]), weight.t())
     if zero_term is not None:
         acc = acc - zero_term
-    xs = x_scale.reshape(-1, 1) if x_scale.numel() > 1 else x_scale.reshape(1, 1)
-    y = acc.to(torch.float32) * xs * w_scale
+    y = acc.to(torch.float32) * x_scale.reshape(-1, 1) * w_scale
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.reshape(*lead, weight.shape[0])

@@ -25,5 +25,5 @@ from qexport.passes.static_sizes import static_sizes
 # becomes one opset-23 node; fuse_gqa must precede fuse_kv_attention, static_sizes comes last.
 ONNX_FUSIONS = (fuse_rmsnorm, fuse_rotary, fuse_gqa, fuse_kv_attention, static_sizes)
 
-__all__ = ["annotate", "prepare", "convert", "cpu_kernels", "fold", "fuse_attention", "fuse_gqa", "fuse_rmsnorm", "fuse_rotary",
-           "fuse_kv_attention", "static_sizes", "ONNX_FUSIONS", "PassManager", "PassResult", "QuantContext"]
+__all__ = ["annotate", "prepare", "convert", "cpu_kernels", "fold", "fuse_attention", "fuse_gqa", "fuse_rmsnorm",
+           "fuse_rotary", "fuse_kv_attention", "static_sizes", "ONNX_FUSIONS", "PassManager", "PassResult", "QuantContext"]

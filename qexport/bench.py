@@ -4,6 +4,13 @@ A variant is one of
 
     eager-fp32                 the float model, eager PyTorch
     inductor-fp32              torch.compile(backend="inductor")
+    inductor-fp32-frozen       the same with inductor's freezing (weights folded in as constants, float linears
+                               prepacked for oneDNN / MKL), as the qexport back-end's inductor target compiles
+    torchao:CONFIG             torchao's quantize_(model, CONFIG) (torchao installed), then inductor with freezing;
+                               CONFIG: int8-dynamic (Int8DynamicActivationInt8WeightConfig), int8-weight-only
+                               (Int8WeightOnlyConfig), int4-weight-only (IntxWeightOnlyConfig, int4 in groups of
+                               64: torchao 0.18's only int4 weight-only form on the CPU, as Int4WeightOnlyConfig's
+                               formats need CUDA or mslk, and it refuses groups of 128 where K = 576)
     eager:RECIPE               qexport.quantize(model, RECIPE) (QLinear modules, reference kernels)
     eager:DIR                  a saved quantized folder (``qexport quantize``), loaded as it is
     qexport:RECIPE:TARGET      torch.compile(backend="qexport", options={"recipe": RECIPE, "target": TARGET})
@@ -19,9 +26,11 @@ the number of decode steps divided by the time from the first to the last genera
 generate() call (KV cache; timestamps from a logits processor, or OnnxCausalLM's ``on_token`` callback;
 median of three calls, after a warm-up generate() that compiles or exports the decode graphs).
 Exported variants are written to a temporary folder that is removed after their row is measured.
-Every row is divided by the ``inductor-fp32`` row (``*_vs_inductor_fp32``) and, when the run has one, by the
-``onnx:fp32`` row (``*_vs_onnx_fp32``) of the same round, so each target is compared with its own float
-baseline.
+Every row is divided by the ``inductor-fp32`` and ``inductor-fp32-frozen`` rows (``*_vs_inductor_fp32``,
+``*_vs_inductor_fp32_frozen``) and, when the run has one, by the ``onnx:fp32`` row (``*_vs_onnx_fp32``) of the
+same round, so each target is compared with its own float baseline. The result names the CPU and the
+features its integer kernels depend on (``cpu``: AVX2, AVX-512, VNNI, AMX), since speeds compare only within
+one machine.
 
 ``rounds=N`` measures the whole list N times, round-robin; ``summary`` then gives each variant's median,
 min and max decode tokens/s and the median, min and max of its per-round ratios to a baseline variant.
@@ -56,7 +65,7 @@ from qexport.errors import InvalidConfig
 
 DEFAULT_VARIANTS = (
     "eager-fp32",
-    "inductor-fp32",
+    "inductor-fp32-frozen",
     "qexport:w8:inductor",
     "qexport:w4g128:inductor",
     "qexport:w8a8-dynamic:inductor",
@@ -65,13 +74,53 @@ DEFAULT_VARIANTS = (
 )
 
 
+FLOAT_VARIANTS = ("eager-fp32", "inductor-fp32", "inductor-fp32-frozen")
+TORCHAO_CONFIGS = ("int8-dynamic", "int8-weight-only", "int4-weight-only")
+FEATURE_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_features() -> dict[str, Any]:
+    """The CPU's name, the flags of :data:`FEATURE_FLAGS` it has (from ``/proc/cpuinfo``; an empty list where
+    that file does not exist) and the vector instruction set torch dispatches to."""
+    name, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name is None:
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"name": name, "features": [f for f in FEATURE_FLAGS if f in flags],
+            "torch_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _torchao_quantize(m, config: str):
+    try:
+        from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
+                                          IntxWeightOnlyConfig, quantize_)
+        from torchao.quantization.granularity import PerGroup
+    except ImportError as e:
+        raise InvalidConfig(f"torchao variants need torchao: pip install torchao ({e})") from None
+    if config == "int4-weight-only":
+        cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64))
+    else:
+        cfg = Int8DynamicActivationInt8WeightConfig() if config == "int8-dynamic" else Int8WeightOnlyConfig()
+    quantize_(m, cfg)
+
+
 def parse_variant(text: str) -> dict[str, str]:
     from qexport.backend import TARGETS
     from qexport.config import load_recipe
 
-    if text in ("eager-fp32", "inductor-fp32"):
+    if text in FLOAT_VARIANTS:
         return {"kind": text}
     parts = text.split(":")
+    if parts[0] == "torchao" and len(parts) == 2:
+        if parts[1] not in TORCHAO_CONFIGS:
+            raise InvalidConfig(f"variant {text!r}: torchao config must be one of {', '.join(TORCHAO_CONFIGS)}")
+        return {"kind": "torchao", "config": parts[1]}
     if parts[0] == "eager" and len(parts) == 2:
         return {"kind": "eager", **_recipe_or_saved(parts[1])}
     if parts[0] == "qexport" and len(parts) == 3:
@@ -88,8 +137,8 @@ def parse_variant(text: str) -> dict[str, str]:
 
         return {"kind": "onnx-dir", "path": str(_folder(text[len("onnx-dir:"):]))}
     raise InvalidConfig(
-        f"variant {text!r} is not valid; use eager-fp32, inductor-fp32, eager:RECIPE, qexport:RECIPE:TARGET, "
-        "onnx:fp32, onnx:RECIPE or onnx-dir:PATH"
+        f"variant {text!r} is not valid; use eager-fp32, inductor-fp32, inductor-fp32-frozen, eager:RECIPE, "
+        "qexport:RECIPE:TARGET, torchao:CONFIG, onnx:fp32, onnx:RECIPE or onnx-dir:PATH"
     )
 
 
@@ -123,7 +172,9 @@ def _build(model, spec: dict[str, str], calibration: torch.Tensor | None = None,
 
         return load_quantized(spec["saved"])
     m = copy.deepcopy(model)
-    if kind == "inductor-fp32":
+    if kind == "torchao":
+        _torchao_quantize(m, spec["config"])
+    if kind in ("inductor-fp32", "inductor-fp32-frozen", "torchao"):
         m.forward = torch.compile(m.forward, backend="inductor")
     elif kind == "eager":
         quantize_model(m, spec["recipe"], calibration=calibration)
@@ -162,8 +213,12 @@ def measure(model, prompt: torch.Tensor, spec: dict[str, str], new_tokens: int,
             ) -> dict[str, Any]:
     """Speed of one variant (the protocol of the module docstring); ``quality(built_model, spec) -> dict`` adds
     its columns after the speed runs. ``clock``: the seconds every time is read from (a monotonic clock)."""
+    import torch._inductor.config
+
     torch._dynamo.reset()
-    with tempfile.TemporaryDirectory(prefix="qexport-bench-") as workdir:
+    frozen = spec["kind"] in ("inductor-fp32-frozen", "torchao")  # read whenever inductor compiles a graph
+    with tempfile.TemporaryDirectory(prefix="qexport-bench-") as workdir, \
+            torch._inductor.config.patch(freezing=frozen or torch._inductor.config.freezing):
         t0 = clock()
         m = _build(model, spec, calibration, Path(workdir))
         built = clock() - t0
@@ -231,7 +286,7 @@ def _quality(model, tok, text: str, tokens: int, bos: bool = False):
 
 
 def _default_baseline(names: list[str]) -> str:
-    return next((b for b in ("onnx:fp32", "inductor-fp32") if b in names), names[0])
+    return next((b for b in ("onnx:fp32", "inductor-fp32-frozen", "inductor-fp32") if b in names), names[0])
 
 
 def summarize(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
@@ -308,7 +363,7 @@ def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tok
         row = {"variant": name, "round": seen[name],  # quality (perplexity, size) once, in round 1
                **measure(model, prompt, spec, new_tokens, calibration, quality if seen[name] == 1 else None)}
         rows.append(row)
-    for base_name in ("inductor-fp32", "onnx:fp32"):
+    for base_name in ("inductor-fp32", "inductor-fp32-frozen", "onnx:fp32"):
         suffix = base_name.replace("-", "_").replace(":", "_")
         base_of_round = {b["round"]: b for b in rows if b["variant"] == base_name}
         for r in rows:  # against the baseline of the same round
@@ -318,7 +373,7 @@ def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tok
             if base["decode_tok_s"] and r["decode_tok_s"]:
                 r[f"decode_vs_{suffix}"] = r["decode_tok_s"] / base["decode_tok_s"]
             r[f"prefill_vs_{suffix}"] = base["prefill_s"] / r["prefill_s"]
-    return {"model": model_name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"model": model_name, "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu": cpu_features(),
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "ppl_tokens": ppl_tokens, "bos": bos,
             "calib_samples": calib_samples if calibration is not None else None,  # None: no variant calibrated
             "rounds": max(seen.values()),  # a variant list given N times counts N rounds too
@@ -326,15 +381,15 @@ def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tok
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    cols = ["variant", "first_call_s", "prefill_s", "prefill_tok_s", "decode_tok_s", "decode_vs_inductor_fp32"]
-    if any("decode_vs_onnx_fp32" in r for r in result["results"]):
-        cols.append("decode_vs_onnx_fp32")
+    cols = ["variant", "first_call_s", "prefill_s", "prefill_tok_s", "decode_tok_s"]
+    cols += [c for c in ("decode_vs_inductor_fp32", "decode_vs_inductor_fp32_frozen", "decode_vs_onnx_fp32")
+             if any(c in r for r in result["results"])]
     if result.get("ppl_tokens"):
         cols += ["ppl", "size_mb", "bits_per_weight"]
     rows = [{**r, "size_mb": r["size_bytes"] / 1e6 if r.get("size_bytes") else None} for r in result["results"]]
     fmt = lambda v: "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))  # noqa: E731
     lines = [f"{result['model']}, {result['threads']} threads, torch {result['torch']}, prompt "
-             f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, batch 1", "",
+             f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, batch 1", "", *_cpu_line(result),
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
@@ -352,6 +407,14 @@ def to_markdown(result: dict[str, Any]) -> str:
                          f"{fmt(item.get('vs_baseline_median'))} | {fmt(item.get('vs_baseline_min'))} - "
                          f"{fmt(item.get('vs_baseline_max'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _cpu_line(result: dict[str, Any]) -> list[str]:
+    cpu = result.get("cpu")
+    if not cpu:
+        return []
+    features = ", ".join(cpu["features"]) or "none of " + ", ".join(FEATURE_FLAGS)
+    return [f"CPU: {cpu['name'] or 'unknown'}; features: {features}; torch kernels: {cpu['torch_capability']}", ""]
 
 
 def plot_png(result: dict[str, Any]) -> bytes | None:

@@ -425,7 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed of variants side by side: compile time, prefill, decode tokens/s")
     b.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2' (default) or a local checkpoint directory")
     b.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help="comma-separated: eager-fp32, inductor-fp32, eager:RECIPE, qexport:RECIPE:TARGET, "
+                   help="comma-separated: eager-fp32, inductor-fp32, inductor-fp32-frozen, eager:RECIPE, "
+                        "qexport:RECIPE:TARGET, torchao:int8-dynamic|int8-weight-only|int4-weight-only, "
                         "onnx:fp32, onnx:RECIPE (exported, run by ONNX Runtime), onnx-dir:PATH (an export folder)")
     b.add_argument("--prompt-tokens", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=64)
@@ -438,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure the variant list this many times, round-robin, and summarize medians and "
                         "per-round ratios (default 1)")
     b.add_argument("--baseline", help="the variant the summary's ratios are against (default: onnx:fp32, else "
-                                      "inductor-fp32, else the first variant)")
+                                      "inductor-fp32-frozen, else inductor-fp32, else the first variant)")
     b.add_argument("--out", help="folder for bench.json, bench.csv, bench.md (and bench.png with --ppl-tokens)")
     _finish(b, cmd_bench, "perplexity and calibration", force="overwrite existing result files")
 

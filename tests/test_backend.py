@@ -12,6 +12,7 @@ from torch import nn
 import qexport
 import qexport.backend as B
 from qexport.errors import CalibrationError, InvalidConfig
+from qexport.kernels.dispatch import use_kernel
 
 from tiny import tiny_llama
 
@@ -184,14 +185,24 @@ def test_generate_with_kv_cache_matches_eager():
     assert_generate_matches_eager(10, "eager")
 
 
-@pytest.mark.parametrize("preset", ["w4g128", "w8a8-dynamic"])
-def test_inductor_target(preset):
+@pytest.mark.parametrize("preset,kernel,tol", [("w4g128", "int4", 1e-2), ("w8a8-dynamic", "int8_int8", 1e-5)])
+def test_inductor_target(preset, kernel, tol):
+    """On the CPU the linears run torch's integer kernels: W8A8 exactly as the reference, int4 weights with
+    bfloat16 activations (tolerance of qexport.kernels.cpu); with QEXPORT_KERNEL=reference, the reference."""
     model = tiny_llama(seed=11)
     eager = qexport.quantize(copy.deepcopy(model), preset)
-    c = compiled(copy.deepcopy(model), recipe=preset, target="inductor")
     with torch.no_grad():
-        torch.testing.assert_close(c(IDS).logits, eager(IDS).logits, atol=1e-4, rtol=1e-4)
-    assert B.reports()[-1].target == "inductor"
+        want = eager(IDS).logits
+        got = compiled(copy.deepcopy(model), recipe=preset, target="inductor")(IDS).logits
+        report = B.reports()[-1]
+        with use_kernel("reference"):
+            torch._dynamo.reset()
+            ref = compiled(copy.deepcopy(model), recipe=preset, target="inductor")(IDS).logits
+    assert report.target == "inductor"
+    kernels = next(r for r in report.results if r.name == "cpu_kernels")
+    assert kernels.changed[kernel] == 7 * 2 and not kernels.skipped  # q, k, v, o, gate, up, down in 2 layers
+    assert float((got - want).abs().max() / want.abs().max()) < tol
+    torch.testing.assert_close(ref, want, atol=1e-4, rtol=1e-4)
 
 
 def test_default_target_follows_the_machine(monkeypatch):

@@ -42,13 +42,16 @@ def _x(m, k, seed=1):
     (576, 576, 4, 128, False, 64, 576),   # partial last group: split into groups of 64, exact, no padding
     (576, 576, 4, 128, True, 64, 576),
     (100, 576, 4, 64, False, 64, 576),    # N padded to a multiple of 16
-    (64, 200, 4, 128, False, 128, 256),   # no kernel group divides both 128 and 200: K padded
+    (64, 200, 4, 128, False, 32, 224),    # no kernel group divides both 128 and 200: K padded least
     (48, 96, 4, None, True, 32, 96),      # per channel: the largest kernel group that divides K
+    (48, 100, 4, None, False, 128, 128),  # per channel, no kernel group divides K: padded to one group of 128
+    (48, 256, 4, "tensor", True, 256, 256),  # per tensor: one [1, 1] scale for every row
+    (64, 192, 4, 96, False, 32, 192),     # groups of 96: kernel groups of 32
     (64, 256, 2, 64, False, 64, 256),     # 2-bit codes in the int4 kernel
     (64, 256, 2, 64, True, 64, 256),
 ])
 def test_int4_kernel_matches_reference(n, k, bits, group, symmetric, kernel_group, k_pad):
-    gran = {"group_size": group} if group else {"granularity": "per_channel"}
+    gran = {"group_size": group} if isinstance(group, int) else {"granularity": f"per_{group or 'channel'}"}
     spec = QuantSpec(bits=bits, symmetric=symmetric, **gran)
     qw, args = _weight(n, k, spec)
     packed = cpu.pack_int4(*args)
@@ -72,9 +75,17 @@ def test_int4_kernel_refuses_what_it_cannot_run():
         cpu.pack_int4(*args)
 
 
+def test_int4_zero_points_take_the_exact_form_where_it_fits():
+    """2-bit codes minus their zero point always fit the kernel's 4 bits (zero = 0); 4-bit codes spanning 0..15
+    do not, and go through zero = (8 - zero_point) * scale."""
+    for bits, exact in ((2, True), (4, False)):
+        _, args = _weight(32, 128, QuantSpec(bits=bits, group_size=64, symmetric=False))
+        zeros = cpu.pack_int4(*args).tensors["scales_zeros"][..., 1]
+        assert bool((zeros == 0).all()) == exact
+
+
 @pytest.mark.parametrize("n,k,spec", [
     (96, 64, QuantSpec(bits=8, granularity="per_channel", symmetric=True)),
-    (96, 64, QuantSpec(bits=8, granularity="per_channel", symmetric=False)),  # zero points: rowsum correction
     (40, 100, QuantSpec(bits=8, granularity="per_channel", symmetric=True)),  # K padded to 112
     (40, 64, QuantSpec(bits=8, granularity="per_tensor", symmetric=True)),
 ])
@@ -88,9 +99,12 @@ def test_int8_kernel_matches_reference(n, k, spec):
         assert _rel_err(cpu.run(packed, (x,), bias), reference.qlinear(x, *args[:3], bias, *args[3:])) < RTOL
 
 
-def test_int8_kernel_refuses_groups():
+def test_int8_kernel_refuses_groups_and_zero_points():
     _, args = _weight(32, 256, QuantSpec(bits=8, group_size=128))
     with pytest.raises(cpu.Unsupported, match="one scale per output channel"):
+        cpu.pack_int8(*args)
+    _, args = _weight(32, 256, QuantSpec(bits=8, granularity="per_channel", symmetric=False))
+    with pytest.raises(cpu.Unsupported, match="zero points"):
         cpu.pack_int8(*args)
 
 
@@ -170,7 +184,8 @@ def test_pass_puts_kernels_in_the_graph(recipe, kind, tol):
 def test_pass_keeps_the_reference_where_no_kernel_fits_and_says_why():
     gm, res = _run(MLP().eval(), "nf4-dq", (annotate, prepare, convert, fold, cpu_kernels))
     r = res["cpu_kernels"]
-    assert r.total == 0 and r.details == {"fc1": "reference", "fc2": "reference"}
+    assert r.total == 0 and set(r.details) == {"fc1", "fc2"}
+    assert all(v.startswith("reference (") and "nf4" in v for v in r.details.values())
     assert [w for w, _ in r.skipped] == ["fc1", "fc2"] and all("nf4" in why for _, why in r.skipped)
     assert _calls(gm, Q.qlinear) == 2
 
@@ -196,5 +211,41 @@ def test_inductor_target_runs_the_kernels_and_reports_them(recipe):
         got = torch.compile(copy.deepcopy(model), backend="qexport",
                             options={"recipe": recipe, "target": "inductor"})(x)
     passes = {p["name"]: p for p in backend.reports()[-1].to_dict()["passes"]}
-    assert set(passes["cpu_kernels"]["details"]) == {"fc1", "fc2"}
+    details = passes["cpu_kernels"]["details"]
+    assert set(details) == {"fc1", "fc2"} and all("probe error" in v for v in details.values())
     assert _rel_err(got, want) < (RTOL if recipe == "w4g128" else 1e-6)
+
+
+def test_pass_packs_a_weight_read_twice_once():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    ref_gm, _ = _run(copy.deepcopy(model), "w4g64", (annotate, prepare, convert, fold))
+    gm, res = _run(copy.deepcopy(model), "w4g64", (annotate, prepare, convert, fold, cpu_kernels))
+    assert res["cpu_kernels"].changed["int4"] == 1 and _calls(gm, cpu.int4_linear) == 2
+    assert sum(1 for n, _ in gm.named_buffers() if n.endswith("_int4_packed")) == 1
+    x = torch.randn(3, 64)
+    assert _rel_err(gm(x), ref_gm(x)) < RTOL
+
+
+def test_model_quantized_before_compiling_runs_the_kernels_in_bfloat16():
+    """A model from qexport.quantize (its stored weights are buffers dynamo passes as inputs) in bfloat16."""
+    from qexport import backend
+
+    torch.manual_seed(0)
+    q = qexport.quantize(MLP().eval(), "w4g64").to(torch.bfloat16)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = q(x)
+        got = torch.compile(q, backend="qexport", options={"target": "inductor"})(x)
+    kernels = next(r for r in backend.reports()[-1].results if r.name == "cpu_kernels")
+    assert kernels.changed["int4"] == 2 and not kernels.skipped
+    assert got.dtype == torch.bfloat16 and _rel_err(got, want) < RTOL

@@ -198,7 +198,8 @@ PATHS = {  # path -> (column title, what the tests compare, with the tolerance)
     "smoothquant": ("SmoothQuant", "folds keep float logits (< 1e-4); w8a8-dynamic-sq vs float < 0.05"),
     "rotation": ("rotation", "rotated float model vs float, relative error < 1e-5"),
     "kv_cache": ("KV cache", "int8 KV cache vs float cache, relative error < 0.02"),
-    "compile_inductor": ("compile: inductor", "w8, compiled vs eager, relative error < 1e-5"),
+    "compile_inductor": ("compile: inductor", "w8, compiled (int8 CPU kernel, bfloat16 activations) vs eager, "
+                                              "relative error < 1e-2"),
     "compile_onnxruntime": ("compile: onnxruntime", "w8, compiled (int8 activations in MatMulNBits) vs eager < 0.03"),
     "onnx_ort": ("ONNX: ORT", "w8 export, prefill + decode vs eager, max relative error < 1e-5"),
     "onnx_tensorrt": ("ONNX: TensorRT", "w8 export, TensorRT QDQ lint clean (no engine built: TensorRT absent)"),
