@@ -102,7 +102,7 @@ def _torchao_quantize(m, config: str):
                                           IntxWeightOnlyConfig, quantize_)
         from torchao.quantization.granularity import PerGroup
     except ImportError as e:
-        raise InvalidConfig(f"torchao variants need torchao: pip install torchao ({e})") from None
+        raise InvalidConfig(f"torchao variants need torchao: pip install 'qexport[torchao]' ({e})") from None
     if config == "int4-weight-only":
         cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64))
     else:

@@ -1,5 +1,6 @@
 """The command line: end to end on a tiny local checkpoint, and one-line errors with exit code 2."""
 
+import importlib.util
 import json
 import tempfile
 from pathlib import Path
@@ -130,12 +131,34 @@ def test_bench_on_tiny_checkpoint_writes_results(tiny_dir, tmp_path, capsys):
     assert data["summary"][0]["vs_baseline_median"] == 1.0
     md = (out / "bench.md").read_text()
     assert "| variant |" in md and "Over rounds" in md and "vs eager-fp32 (median)" in md
+    from qexport.bench import cpu_features
+
+    assert data["cpu"] == cpu_features() and f"torch kernels: {data['cpu']['torch_capability']}" in md
     assert (out / "bench.csv").read_text().startswith("variant,")
     assert main(argv) == 2  # results exist: not overwritten without --force
     assert main(["bench", "--variants", "qexport:w8:gpu"]) == 2
     assert "target must be one of" in capsys.readouterr().err
     assert main(["bench", "--model", str(tiny_dir), "--variants", "eager-fp32", "--baseline", "onnx:fp32"]) == 2
     assert "baseline 'onnx:fp32' is not one of the variants" in capsys.readouterr().err
+
+
+def test_bench_frozen_inductor_baseline_and_torchao_variants(tiny_dir, tmp_path, capsys):
+    from qexport.bench import parse_variant
+
+    assert parse_variant("torchao:int8-dynamic") == {"kind": "torchao", "config": "int8-dynamic"}
+    assert main(["bench", "--variants", "torchao:int3"]) == 2
+    assert "torchao config must be one of" in capsys.readouterr().err
+    out = tmp_path / "bench"
+    variants = "inductor-fp32-frozen,qexport:w4g64:inductor"
+    if importlib.util.find_spec("torchao") is not None:
+        variants += ",torchao:int8-dynamic"
+    assert main(["bench", "--model", str(tiny_dir), "--variants", variants, "--prompt-tokens", "8",
+                 "--new-tokens", "3", "--out", str(out)]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    assert data["baseline"] == "inductor-fp32-frozen"
+    for r in data["results"]:
+        assert r["decode_tok_s"] > 0 and r["decode_vs_inductor_fp32_frozen"] > 0
+    assert "decode_vs_inductor_fp32_frozen" in (out / "bench.md").read_text()
 
 
 def test_bench_summary_takes_the_median_of_per_round_ratios():
