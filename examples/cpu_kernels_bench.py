@@ -9,7 +9,8 @@ For every linear shape of the model (q/o, k/v, gate/up, down, lm_head) and M = 1
 * ``fp32``: ``F.linear`` with the float weight, what inductor runs for a float layer;
 * ``reference w4g128``: what the quantized op ran before: dequantize the stored weight, then ``F.linear``;
 * ``int8``, ``int4 g128``, ``int2 g64``: ``qexport.kernels.cpu`` on the repacked weight (bfloat16 activations);
-* ``w8a8``: per-token int8 quantization of the input, then the ``torch._int_mm`` kernel.
+* ``w8a8``: per-token int8 quantization of the input, then the ``torch._int_mm`` kernel;
+* ``int4 g128, fp32 input``: the int4 kernel given float32 activations and scales, the path it was not chosen for.
 
 A small layer's weight stays in the CPU's caches between calls here, while a decode step streams every weight
 from memory once, so these are per-kernel costs, not a prediction of tokens/s (``qexport bench`` measures that).
@@ -99,6 +100,11 @@ def main() -> int:
             for name, p in packed.items():
                 times[name] = timed(lambda p=p: cpu.run(p, (x,), None))
             times["w8a8"] = timed(lambda: cpu.run(a8, per_token_int8(x), None))
+            p4 = packed["int4 g128"]  # the same kernel fed float32 (its scalar path): why activations are bf16
+            sz32 = p4.tensors["scales_zeros"].float()
+            x32 = x if p4.args[2] == k else F.pad(x, (0, p4.args[2] - k))
+            times["int4 g128, fp32 input"] = timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x32, p4.tensors["packed"], p4.args[0], sz32))
             rows.append({"layer": layer, "K": k, "N": n, "M": m, "us": times})
             print(f"{layer:8s} {k:>5}x{n:<6} M={m:<4} " + "  ".join(
                 f"{name} {t:8.1f}us ({times['fp32'] / t:4.2f}x)" for name, t in times.items()), flush=True)

@@ -6,7 +6,8 @@ A variant is one of
     inductor-fp32              torch.compile(backend="inductor")
     inductor-fp32-frozen       the same with inductor's freezing (weights folded in as constants, float linears
                                prepacked for oneDNN / MKL), as the qexport back-end's inductor target compiles
-    torchao:CONFIG             torchao's quantize_(model, CONFIG) (torchao installed), then inductor with freezing;
+    torchao:CONFIG[:float-head]  torchao's quantize_(model, CONFIG) on every linear, as torchao does (with
+                               ``:float-head``, not on lm_head, as qexport's presets), then inductor with freezing;
                                CONFIG: int8-dynamic (Int8DynamicActivationInt8WeightConfig), int8-weight-only
                                (Int8WeightOnlyConfig), int4-weight-only (IntxWeightOnlyConfig, int4 in groups of
                                64: torchao 0.18's only int4 weight-only form on the CPU, as Int4WeightOnlyConfig's
@@ -96,7 +97,7 @@ def cpu_features() -> dict[str, Any]:
             "torch_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-def _torchao_quantize(m, config: str):
+def _torchao_quantize(m, config: str, float_head: bool):
     try:
         from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
                                           IntxWeightOnlyConfig, quantize_)
@@ -107,7 +108,10 @@ def _torchao_quantize(m, config: str):
         cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64))
     else:
         cfg = Int8DynamicActivationInt8WeightConfig() if config == "int8-dynamic" else Int8WeightOnlyConfig()
-    quantize_(m, cfg)
+    if float_head:  # the layers qexport's presets quantize: lm_head stays float
+        quantize_(m, cfg, filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear) and "lm_head" not in fqn)
+    else:
+        quantize_(m, cfg)
 
 
 def parse_variant(text: str) -> dict[str, str]:
@@ -117,10 +121,12 @@ def parse_variant(text: str) -> dict[str, str]:
     if text in FLOAT_VARIANTS:
         return {"kind": text}
     parts = text.split(":")
-    if parts[0] == "torchao" and len(parts) == 2:
+    if parts[0] == "torchao" and len(parts) in (2, 3):
         if parts[1] not in TORCHAO_CONFIGS:
             raise InvalidConfig(f"variant {text!r}: torchao config must be one of {', '.join(TORCHAO_CONFIGS)}")
-        return {"kind": "torchao", "config": parts[1]}
+        if len(parts) == 3 and parts[2] != "float-head":
+            raise InvalidConfig(f"variant {text!r}: the only torchao option is ':float-head'")
+        return {"kind": "torchao", "config": parts[1], "float_head": str(len(parts) == 3)}
     if parts[0] == "eager" and len(parts) == 2:
         return {"kind": "eager", **_recipe_or_saved(parts[1])}
     if parts[0] == "qexport" and len(parts) == 3:
@@ -173,7 +179,7 @@ def _build(model, spec: dict[str, str], calibration: torch.Tensor | None = None,
         return load_quantized(spec["saved"])
     m = copy.deepcopy(model)
     if kind == "torchao":
-        _torchao_quantize(m, spec["config"])
+        _torchao_quantize(m, spec["config"], spec["float_head"] == "True")
     if kind in ("inductor-fp32", "inductor-fp32-frozen", "torchao"):
         m.forward = torch.compile(m.forward, backend="inductor")
     elif kind == "eager":

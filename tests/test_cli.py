@@ -145,7 +145,8 @@ def test_bench_on_tiny_checkpoint_writes_results(tiny_dir, tmp_path, capsys):
 def test_bench_frozen_inductor_baseline_and_torchao_variants(tiny_dir, tmp_path, capsys):
     from qexport.bench import parse_variant
 
-    assert parse_variant("torchao:int8-dynamic") == {"kind": "torchao", "config": "int8-dynamic"}
+    assert parse_variant("torchao:int8-dynamic") == {"kind": "torchao", "config": "int8-dynamic", "float_head": "False"}
+    assert parse_variant("torchao:int8-dynamic:float-head")["float_head"] == "True"
     assert main(["bench", "--variants", "torchao:int3"]) == 2
     assert "torchao config must be one of" in capsys.readouterr().err
     out = tmp_path / "bench"
