@@ -6,9 +6,11 @@ module path, with their real values. The back-end runs the qexport passes on it:
     annotate -> prepare -> [calibrate, static mode only] -> convert -> fold -> fuse_attention
         -> [onnxruntime target: ONNX_FUSIONS: fuse_rmsnorm -> fuse_rotary -> fuse_gqa -> fuse_kv_attention
             -> static_sizes, the same rewrites ``qexport export`` runs for ONNX Runtime]
+        -> [inductor target on the CPU: cpu_kernels, each quantized linear on an integer kernel torch ships]
 
 Every pass's counts and skip reasons are in :func:`reports`. The result is lowered to the chosen target:
-``"inductor"`` (aot_autograd + inductor; the qexport custom ops run as extern kernels), ``"onnxruntime"`` (ONNX,
+``"inductor"`` (aot_autograd + inductor; on the CPU the linears run the kernels of :mod:`qexport.kernels.cpu`,
+elsewhere the qexport custom ops run as extern kernels), ``"onnxruntime"`` (ONNX,
 lowered as ``qexport export`` lowers, run in an ONNX Runtime session) or ``"eager"`` (the rewritten graph run as
 is, for debugging and fast tests). Options:
 
