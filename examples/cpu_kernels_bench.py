@@ -84,19 +84,17 @@ def main() -> int:
     rows = []
     for layer, (k, n) in shapes(cfg).items():
         w = torch.randn(n, k, generator=gen) * 0.05
-        stored = {name: quantize_weight(w, spec) for name, spec in FORMATS.items()}
-        packed = {}
-        for name, qw in stored.items():
-            spec = FORMATS[name]
-            args_ = (qw.qdata, qw.scale, qw.zero_point, "int", spec.bits, qw.group, k, spec.symmetric)
-            packed[name] = (cpu.pack_int8 if spec.bits == 8 else cpu.pack_int4)(*args_)
-        a8 = cpu.pack_int8_int8(stored["int8"].qdata, stored["int8"].scale, 0)
+        stored = {}  # format -> the stored tensors and format arguments, as qexport::qlinear takes them
+        for name, spec in FORMATS.items():
+            qw = quantize_weight(w, spec)
+            stored[name] = (qw.qdata, qw.scale, qw.zero_point, "int", spec.bits, qw.group, k, spec.symmetric)
+        packed = {name: (cpu.pack_int8 if a[4] == 8 else cpu.pack_int4)(*a) for name, a in stored.items()}
+        a8 = cpu.pack_int8_int8(stored["int8"][0], stored["int8"][1], 0)
         ref4 = stored["int4 g128"]
         for m in sorted({1, max(1, min(args.tokens, 128))}):
             x = torch.randn(m, k, generator=gen)
             times = {"fp32": timed(lambda: F.linear(x, w)),
-                     "reference w4g128": timed(lambda: reference.qlinear(
-                         x, ref4.qdata, ref4.scale, ref4.zero_point, None, "int", 4, 128, k, False))}
+                     "reference w4g128": timed(lambda: reference.qlinear(x, *ref4[:3], None, *ref4[3:]))}
             for name, p in packed.items():
                 times[name] = timed(lambda p=p: cpu.run(p, (x,), None))
             times["w8a8"] = timed(lambda: cpu.run(a8, per_token_int8(x), None))

@@ -133,17 +133,24 @@ def pack_int4(qdata: Tensor, scale: Tensor, zero_point: Tensor | None, fmt: str,
                   "bfloat16 activations)")
 
 
-def int4_linear(x: Tensor, packed: Tensor, scales_zeros: Tensor, group: int, n: int, k_pad: int,
-                bias: Tensor | None) -> Tensor:
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k).to(torch.bfloat16)
-    if k_pad != k:
-        x2 = F.pad(x2, (0, k_pad - k))
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group, scales_zeros)
+def _bf16_rows(x: Tensor, k_pad: int) -> Tensor:
+    """The weight-only kernels' input: ``x`` as bfloat16 rows ``[M, k_pad]``, zero-padded past K."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    return F.pad(x2, (0, k_pad - x.shape[-1])) if k_pad != x.shape[-1] else x2
+
+
+def _output(y: Tensor, x: Tensor, n: int, bias: Tensor | None) -> Tensor:
+    """A weight-only kernel's ``[M, N]`` result (N padded or not) in ``x``'s dtype and leading shape, plus the bias."""
     y = y[:, :n].to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return y.reshape(*lead, n)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def int4_linear(x: Tensor, packed: Tensor, scales_zeros: Tensor, group: int, n: int, k_pad: int,
+                bias: Tensor | None) -> Tensor:
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(_bf16_rows(x, k_pad), packed, group, scales_zeros)
+    return _output(y, x, n, bias)
 
 
 def pack_int8(qdata: Tensor, scale: Tensor, zero_point: Tensor | None, fmt: str, bits: int, group: int, k: int,
@@ -162,14 +169,7 @@ def pack_int8(qdata: Tensor, scale: Tensor, zero_point: Tensor | None, fmt: str,
 
 
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, n: int, k_pad: int, bias: Tensor | None) -> Tensor:
-    lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k).to(torch.bfloat16)
-    if k_pad != k:
-        x2 = F.pad(x2, (0, k_pad - k))
-    y = torch.ops.aten._weight_int8pack_mm(x2, weight, scale).to(x.dtype)
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y.reshape(*lead, n)
+    return _output(torch.ops.aten._weight_int8pack_mm(_bf16_rows(x, k_pad), weight, scale), x, n, bias)
 
 
 def pack_int8_int8(wq: Tensor, w_scale: Tensor, x_zero_point: int) -> Packed:

@@ -235,10 +235,7 @@ def constant_value(gm: fx.GraphModule, a):
     if isinstance(a, fx.Node):
         if a.op != "get_attr":
             raise KeyError(a.name)
-        obj = gm
-        for part in str(a.target).split("."):
-            obj = getattr(obj, part)
-        return obj
+        return _get_attr(gm, str(a.target))
     return a
 
 

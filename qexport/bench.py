@@ -5,7 +5,8 @@ A variant is one of
     eager-fp32                 the float model, eager PyTorch
     inductor-fp32              torch.compile(backend="inductor")
     inductor-fp32-frozen       the same with inductor's freezing (weights folded in as constants, float linears
-                               prepacked for oneDNN / MKL), as the qexport back-end's inductor target compiles
+                               prepacked for oneDNN / MKL); the qexport back-end's inductor target compiles
+                               without it (its quantized weights are repacked by the cpu_kernels pass)
     torchao:CONFIG[:float-head]  torchao's quantize_(model, CONFIG) on every linear, as torchao does (with
                                ``:float-head``, not on lm_head, as qexport's presets), then inductor with freezing;
                                CONFIG: int8-dynamic (Int8DynamicActivationInt8WeightConfig), int8-weight-only

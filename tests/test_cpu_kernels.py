@@ -18,6 +18,7 @@ from qexport import QuantSpec
 from qexport.formats import quantize_weight
 from qexport.kernels import cpu, dispatch, reference
 from qexport.passes import PassManager, QuantContext, annotate, convert, cpu_kernels, fold, prepare
+from qexport.passes.graph_utils import op_packet
 
 Q = torch.ops.qexport
 RTOL = 1e-2
@@ -152,8 +153,7 @@ def _run(model, recipe, passes):
 
 
 def _calls(gm, fn):
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "overloadpacket",
-                                                                                 n.target) is fn)
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and op_packet(n) is fn)
 
 
 @pytest.mark.parametrize("recipe,kind,tol", [("w8", "int8", RTOL), ("w4g64", "int4", RTOL),

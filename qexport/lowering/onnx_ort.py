@@ -29,7 +29,6 @@ from qexport.lowering.core import LoweringReport, lower, ort_session_config
 __all__ = ["OrtGraph", "export_graph", "freeze_parameters", "tensor_only"]
 
 
-
 def _symbolic_dims(v) -> dict[int, Any]:
     return {d: s for d, s in enumerate(v.shape) if not isinstance(s, int)} if isinstance(v, torch.Tensor) else {}
 
