@@ -271,6 +271,12 @@ class Lowering:
         self.shared_nbits = SharedNBitsWeights(self.add)
         qnodes = [QNode.of(n) for n in self.graph.node if n.domain == DOMAIN]
         self.linear_keys = {q.weight_inputs for q in qnodes if q.op_type == "QLinear"}
+        # 8-bit linears beside 4- / 2-bit ones: the session's accuracy level (0 by default) would run them on
+        # MatMulNBits' fp32-activation 8-bit kernel, ~40x slower than its level-4 one, so they are written as
+        # MatMulNBits nodes with their own level (matmulnbits_accuracy)
+        bits = {q.format[1] for q in qnodes if q.op_type == "QLinear" and q.format[0] == "int"}
+        self.own_level_8bit = (target == "ort" and accuracy_level is None and 8 in bits
+                               and matmulnbits_accuracy(min(bits), None) != matmulnbits_accuracy(8, None))
         # embeddings in the GatherBlockQuantized form, by weight: a linear reading one is MatMulNBits on it
         self.gbq_keys = set()
         for q in qnodes:
@@ -457,14 +463,16 @@ def _ort_int_linear(lw: Lowering, q: QNode, w: Weight) -> None:
     """QDQ (fused by ONNX Runtime into MatMulNBits), or MatMulNBits on a GatherBlockQuantized embedding's codes."""
     from qexport.lowering.embedding import matmulnbits_node
 
-    if w.key not in lw.gbq_keys:
+    own_level = w.bits == 8 and lw.own_level_8bit
+    if w.key not in lw.gbq_keys and not own_level:
         return _qdq_int_linear(lw, q, w)
     nb = lw.shared_nbits(q.name, w.key, *w.args)
-    lw.with_bias(q, q.ins[4], lambda out: lw.nodes.append(
-        matmulnbits_node(q.name, q.ins[0], out, nb, matmulnbits_accuracy(w.bits, lw.accuracy_level))))
-    lw.report.layers[w.layer] = (f"com.microsoft.MatMulNBits int{w.bits} block {nb.block}"
-                                 f"{'' if w.symmetric else ' + zero point'} (its initializers read by the tied "
-                                 "embedding's GatherBlockQuantized)")
+    level = matmulnbits_accuracy(w.bits, lw.accuracy_level)
+    lw.with_bias(q, q.ins[4], lambda out: lw.nodes.append(matmulnbits_node(q.name, q.ins[0], out, nb, level)))
+    why = ("its initializers read by the tied embedding's GatherBlockQuantized" if w.key in lw.gbq_keys else
+           "its own level: the session's level is for the 4- / 2-bit layers")
+    lw.report.layers[w.layer] = (f"com.microsoft.MatMulNBits int{w.bits} block {nb.block} accuracy level {level}"
+                                 f"{'' if w.symmetric else ' + zero point'} ({why})")
     lw.report.weight_bits.add(w.bits)
     lw.report.matmulnbits += 1
 
