@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -126,14 +127,52 @@ def genai_runner(folder: Path, ids: list[int], args, session_config: dict):
     return run
 
 
-def folder_runners(folder: Path, ids: list[int], args) -> list[tuple[dict, object]]:
+class BuilderLM:
+    """A model-builder folder's graph as a causal LM for :func:`qexport.eval.perplexity`: each window runs once
+    with an empty past (its interface is the GroupQueryAttention form's: no ``position_ids``)."""
+
+    def __init__(self, folder: Path, threads: int):
+        import onnxruntime as ort
+
+        config = json.loads((folder / GENAI_CONFIG_FILE).read_text())["model"]["decoder"]
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.log_severity_level = threads, 3
+        self.session = ort.InferenceSession(str(folder / config["filename"]), so, providers=["CPUExecutionProvider"])
+        self.past = {i.name: (config["num_key_value_heads"], config["head_size"])
+                     for i in self.session.get_inputs() if i.name.startswith("past_key_values.")}
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask=None, **_):
+        ids = input_ids.numpy()
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                 **{n: np.zeros((ids.shape[0], kv, 0, d), np.float32) for n, (kv, d) in self.past.items()}}
+        return SimpleNamespace(logits=torch.from_numpy(self.session.run(["logits"], feeds)[0]))
+
+    def parameters(self):
+        return iter([torch.empty(0)])
+
+
+def folder_perplexity(lm, tokenizer_folder: Path, text: Path) -> float:
+    """qexport's perplexity protocol (:func:`qexport.eval.perplexity`: 512-token windows, 8192 tokens)."""
+    from transformers import AutoTokenizer
+
+    from qexport.eval import perplexity
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+    return perplexity(lm, tok, read_text(text)).ppl
+
+
+def folder_runners(folder: Path, ids: list[int], args, level: int | None) -> list[tuple[dict, object]]:
     """(row, runner) for a qexport folder: OnnxCausalLM, and genai when the folder has genai_config.json."""
     report = load_export_report(folder)
     session_config = dict(report.get("ort_session_config") or {})
-    if args.accuracy_level is not None:
-        session_config[ACCURACY_KEY] = str(args.accuracy_level)
+    if level is not None:
+        session_config[ACCURACY_KEY] = str(level)
     row = {"folder": str(folder), "model": report.get("recipe") or "fp32",
+           "attention_form": (report.get("attention_form") or {}).get("form", "standard"),
            "accuracy_level": session_config.get(ACCURACY_KEY, "-")}
+    if args.perplexity:
+        lm = OnnxCausalLM(folder, threads=args.threads, session_config=session_config)
+        row["perplexity"] = folder_perplexity(lm, folder, args.perplexity)
     runners = [({**row, "runtime": "OnnxCausalLM"}, qexport_runner(folder, ids, args, session_config))]
     if (folder / GENAI_CONFIG_FILE).is_file():
         runners.append(({**row, "runtime": "onnxruntime-genai"}, genai_runner(folder, ids, args, session_config)))
@@ -154,8 +193,11 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (default 32)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up (default 3)")
-    ap.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4),
-                    help="MatMulNBits accuracy level for qexport's folders (default: the folder's own)")
+    ap.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), action="append",
+                    help="MatMulNBits accuracy level for qexport's folders (default: the folder's own); repeat it "
+                         "to run each folder at several levels")
+    ap.add_argument("--perplexity", type=Path, help="also the perplexity of every model on this text (qexport's "
+                                                    "protocol), e.g. qexport/data/austen/emma.txt")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
     if args.tokens < 2:
@@ -176,10 +218,14 @@ def main() -> None:
     cpu, flags = cpu_line()
     print(f"CPU: {cpu} | flags: {' '.join(flags) or 'none of ' + ', '.join(CPU_FLAGS)} | threads {args.threads}")
     ids = prompt_ids(folders[0], args.prompt_tokens)
-    runners = [r for folder in folders for r in folder_runners(folder, ids, args)]
+    runners = [r for folder in folders for level in (args.accuracy_level or [None])
+               for r in folder_runners(folder, ids, args, level)]
     if args.builder is not None:
-        runners.append(({"folder": str(args.builder), "model": "builder int4", "accuracy_level": "graph",
-                         "runtime": "onnxruntime-genai"}, genai_runner(args.builder, ids, args, {})))
+        row = {"folder": str(args.builder), "model": "builder int4", "attention_form": "gqa",
+               "accuracy_level": "graph", "runtime": "onnxruntime-genai"}
+        if args.perplexity:
+            row["perplexity"] = folder_perplexity(BuilderLM(args.builder, args.threads), folders[0], args.perplexity)
+        runners.append((row, genai_runner(args.builder, ids, args, {})))
     for _, run in runners:  # warm-up
         run()
     # interleaved: every repeat runs each runner once, so that a change in machine load hits them alike
@@ -188,17 +234,19 @@ def main() -> None:
         for out, (_, run) in zip(results, runners):
             out.append(run())
     rows = [{**row, **summary(out)} for (row, _), out in zip(runners, results)]
-    by_folder = {r["folder"]: r["ids"] for r in rows if r["runtime"] == "OnnxCausalLM"}
+    by_folder = {(r["folder"], r["accuracy_level"]): r["ids"] for r in rows if r["runtime"] == "OnnxCausalLM"}
     for r in rows:
-        if r["runtime"] == "onnxruntime-genai" and r["folder"] in by_folder:
-            r["same_ids_as_onnxcausallm"] = r["ids"] == by_folder[r["folder"]]
+        key = (r["folder"], r["accuracy_level"])
+        if r["runtime"] == "onnxruntime-genai" and key in by_folder:
+            r["same_ids_as_onnxcausallm"] = r["ids"] == by_folder[key]
     print(f"\n{args.prompt_tokens}-token prompt, {args.tokens} new tokens, greedy; median of {args.repeats}\n")
-    print("| model | runtime | acc. level | decode tok/s | first token ms | same ids |")
-    print("|---|---|---|---:|---:|---|")
+    print("| model | attention | runtime | acc. level | decode tok/s | first token ms | same ids | perplexity |")
+    print("|---|---|---|---|---:|---:|---|---:|")
     for r in rows:
         same = {True: "yes", False: "no"}.get(r.get("same_ids_as_onnxcausallm"), "-")
-        print(f"| {r['model']} | {r['runtime']} | {r['accuracy_level']} | {r['decode_tok_s']:.1f} | "
-              f"{r['first_token_ms']:.1f} | {same} |")
+        ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
+        print(f"| {r['model']} | {r['attention_form']} | {r['runtime']} | {r['accuracy_level']} | "
+              f"{r['decode_tok_s']:.1f} | {r['first_token_ms']:.1f} | {same} | {ppl} |")
     if args.out:
         result = {"cpu": cpu, "cpu_flags": flags, "threads": args.threads, "prompt_tokens": args.prompt_tokens,
                   "new_tokens": args.tokens, "repeats": args.repeats, "rows": rows}

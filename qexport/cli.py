@@ -179,11 +179,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     _threads()
     res = export_onnx(args.model, args.out, recipe, target=args.target, force=args.force,
                       calibration=_calibration(args), fuse=args.fuse, ort_accuracy_level=args.ort_accuracy_level,
-                      embedding_form=args.embedding_form)
+                      embedding_form=args.embedding_form, attention_form=args.attention_form)
     r = res.report
     quantized = sum(1 for layer in r["layers"] if layer["status"] == "quantized")
     print(f"wrote {res.path}: {', '.join(f'{f} {mb(n)} MB' for f, n in r['files'].items())}; opset {r['opset']}, "
-          f"target {r['target']}; {quantized} layers quantized, {len(r['layers']) - quantized} float "
+          f"target {r['target']}, {r['attention_form']['form']} attention; {quantized} layers quantized, "
+          f"{len(r['layers']) - quantized} float "
           f"(see {res.path / 'export_report.json'})")
     return 0
 
@@ -462,6 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a quantized embedding: auto (ONNX Runtime's GatherBlockQuantized where it takes the weight, "
                         "the tied lm_head MatMulNBits on the same initializers; default), gbq (that or refuse), "
                         "standard (Gather + DequantizeLinear only)")
+    x.add_argument("--attention-form", choices=("auto", "gqa", "standard"), default="auto",
+                   help="ONNX Runtime target: gqa (com.microsoft.GroupQueryAttention, rotary inside, packed QKV, a KV "
+                        "buffer past and present share: faster in onnxruntime-genai and OnnxCausalLM; no left "
+                        "padding), standard (opset 23 Attention, a growing cache), auto (gqa where it applies; default)")
     x.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="ONNX Runtime target: write attention, rotary embeddings and RMSNorm out in elementwise ops "
                         "(opset 21) instead of opset 23's Attention / RotaryEmbedding / RMSNormalization")

@@ -99,7 +99,10 @@ def exported(tmp_path_factory, tok):
         if key not in cache:
             out = tmp_path_factory.mktemp("export") / key[0]
             model = tiny_llama() if target == "ort" else one_layer_llama()
-            cache[key] = export_onnx(model, out, recipe, tok, target=target, calibration=calibration()).path
+            # accuracy level 0 for every layer: a mixed recipe's 8-bit layers would otherwise run at their own
+            # level 4 (int8 activations; test_gqa_form.py::test_8bit_layers_of_a_mixed_recipe_run_at_level_4)
+            level = {"ort_accuracy_level": 0} if target == "ort" else {}
+            cache[key] = export_onnx(model, out, recipe, tok, target=target, calibration=calibration(), **level).path
         return cache[key]
 
     return get
@@ -129,10 +132,13 @@ def test_ort_fuses_qdq(exported, tmp_path):
 
 def test_qdq_graph_is_standard(exported):
     """Per-channel int8 on axis 1, blocked int4 / uint4 / uint2 on axis 0; standard domain only, except the
-    NF4 layers' com.microsoft.MatMulBnb4 (nf4_form='lookup' avoids it: test_nf4_export_forms)."""
+    NF4 layers' com.microsoft.MatMulBnb4 (nf4_form='lookup' avoids it: test_nf4_export_forms) and the
+    GroupQueryAttention form's attention and residual norms (attention_form='standard' avoids them)."""
     m = onnx.load(str(exported(MIXED) / "model.onnx"))
     assert {o.domain for o in m.opset_import} == {"", "com.microsoft"} and m.opset_import[0].version == 25
-    assert Counter((n.domain, n.op_type) for n in m.graph.node if n.domain) == {("com.microsoft", "MatMulBnb4"): 2}
+    assert Counter((n.domain, n.op_type) for n in m.graph.node if n.domain) == {
+        ("com.microsoft", "MatMulBnb4"): 2, ("com.microsoft", "GroupQueryAttention"): 2,
+        ("com.microsoft", "SkipSimplifiedLayerNormalization"): 4}
     onnx.checker.check_model(m, full_check=True)
     inits = {i.name: i for i in m.graph.initializer}
     T = onnx.TensorProto
@@ -152,7 +158,9 @@ def test_folder_layout_kv_cache_and_generation(exported, tok):
     assert {"model.onnx", "config.json", "recipe.json", "export_report.json", "tokenizer.json"} <= names
     assert json.loads((folder / "recipe.json").read_text())["name"] == "mixed"
     lm = OnnxCausalLM(folder, session_config=EXACT)
-    assert [i.name for i in lm.session.get_inputs()][:3] == ["input_ids", "attention_mask", "position_ids"]
+    inputs = [i.name for i in lm.session.get_inputs()]
+    # the GroupQueryAttention form (the default) takes its positions from the attention mask
+    assert lm.attention_form == "gqa" and inputs[:3] == ["input_ids", "attention_mask", "past_key_values.0.key"]
     assert lm.past_names == [f"past_key_values.{i}.{k}" for i in (0, 1) for k in ("key", "value")]
     assert lm.output_names == ["logits"] + [f"present.{i}.{k}" for i in (0, 1) for k in ("key", "value")]
     # greedy generation with the KV cache equals generation without it (full recompute each step) ...
@@ -165,12 +173,18 @@ def test_folder_layout_kv_cache_and_generation(exported, tok):
     # ... and the PyTorch model's greedy generation
     ref = reference(MIXED).generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert new.tolist() == ref[0, prompt.shape[1]:].tolist()
-    # dynamic batch with a left-padded row: positions follow the attention mask
+    # dynamic batch with a right-padded row; a left-padded one is refused in this form (positions would be wrong)
     batch = torch.cat([prompt, prompt]).numpy()
     mask = np.ones_like(batch)
-    mask[1, :2] = 0
+    mask[1, -2:] = 0
     logits, present = lm.step(batch, mask, lm.empty_past(2))
     assert logits.shape[:2] == batch.shape and present[0].shape[2] == batch.shape[1]
+    one, _ = lm.step(batch[:1, :-2], mask[:1, :-2], lm.empty_past(1))
+    assert np.abs(logits[1, :-2] - one[0]).max() < 1e-4
+    mask[1] = 1
+    mask[1, :2] = 0
+    with pytest.raises(UnsupportedOp, match="left-padded"):
+        lm.step(batch, mask, lm.empty_past(2))
 
 
 def test_fused_attention_rotary_and_norm_ops(tok, tmp_path):
@@ -179,7 +193,7 @@ def test_fused_attention_rotary_and_norm_ops(tok, tmp_path):
     nodes, the same logits as the PyTorch model and as the unfused export, with the KV cache and a left-padded
     batch."""
     model = tiny_llama()
-    fused = export_onnx(model, tmp_path / "fused", "w8", tok)
+    fused = export_onnx(model, tmp_path / "fused", "w8", tok, attention_form="standard")
     plain = export_onnx(model, tmp_path / "plain", "w8", tok, fuse=False, ort_accuracy_level=0)
     assert plain.report["ort_session_config"] == EXACT and fused.report["ort_session_config"] != EXACT
     with pytest.raises(InvalidConfig, match="accuracy level"):
@@ -353,7 +367,10 @@ NF4_LOOKUP_NODES = {"Cast", "Gather", "Mul"}  # per lookup-form layer: Cast, Gat
 
 @pytest.mark.parametrize("nf4_form", ["auto", "lookup"])
 def test_nf4_export_forms(tok, tmp_path, nf4_form):
-    folder = export_onnx(one_layer_llama(), tmp_path / nf4_form, NF4_MIX, tok, nf4_form=nf4_form).path
+    # standard ONNX only: the lookup form, with the standard attention form
+    form = "standard" if nf4_form == "lookup" else "auto"
+    folder = export_onnx(one_layer_llama(), tmp_path / nf4_form, NF4_MIX, tok, nf4_form=nf4_form,
+                         attention_form=form).path
     res = verify(folder, reference=reference(NF4_MIX, layers=1), session_config=EXACT, decode_steps=2)
     assert res["max_abs"] < 1e-4 and res["top1_agreement"] == 1.0, res  # same codes and scales in fp32
     m = onnx.load(str(folder / "model.onnx"))
@@ -373,7 +390,8 @@ def test_nf4_export_forms(tok, tmp_path, nf4_form):
         assert sum(i.data_type == onnx.TensorProto.UINT4 for i in m.graph.initializer) == 7
     # ONNX Runtime keeps MatMulBnb4 and constant-folds the lookup form into float weights
     optimized = optimized_ops(folder, tmp_path)
-    assert optimized["MatMulBnb4"] == bnb4 and optimized["Gather"] == 1  # the embedding
+    # the embedding, and in the GroupQueryAttention form the total length read from the mask's shape
+    assert optimized["MatMulBnb4"] == bnb4 and optimized["Gather"] == 1 + (form == "auto")
 
 
 def test_nf4_under_tensorrt_stays_float_with_report(tok, tmp_path):

@@ -61,6 +61,14 @@ def test_genai_config_fields_follow_the_model_config():
     assert model["eos_token_id"] == [2, 7] and model["pad_token_id"] == 2
 
 
+def test_genai_config_of_the_gqa_form_shares_the_kv_buffer():
+    report = tiny_report(inputs=input_names(2, attention_form="gqa"), attention_form={"form": "gqa"})
+    c = genai_config(tiny_llama().config, report)
+    assert "position_ids" not in c["model"]["decoder"]["inputs"] and c["search"]["past_present_share_buffer"]
+    with pytest.raises(UnsupportedOp, match="not the KV-cache interface genai binds"):  # inputs of the other form
+        genai_config(tiny_llama().config, tiny_report(attention_form={"form": "gqa"}))
+
+
 def test_genai_config_refuses_what_genai_cannot_run():
     cfg = tiny_llama().config
     quantized = tiny_report(kv_cache={"quantized": {"bits": 8}, "describe": "int8 per-token"})
@@ -74,14 +82,20 @@ def test_genai_config_refuses_what_genai_cannot_run():
         genai_config(other, tiny_report())
 
 
-def test_genai_generates_the_same_greedy_tokens_as_onnx_causal_lm(tmp_path):
+@pytest.mark.parametrize("form", ["gqa", "standard"])
+def test_genai_generates_the_same_greedy_tokens_as_onnx_causal_lm(tmp_path, form):
+    """The GroupQueryAttention form (the default) runs in genai over one shared KV buffer, the standard form over
+    a growing cache; both pick OnnxCausalLM's tokens."""
     og = pytest.importorskip("onnxruntime_genai")
-    res = export_onnx(tiny_llama(), tmp_path / "w4g32", W4G32, word_tokenizer())
+    res = export_onnx(tiny_llama(), tmp_path / "w4g32", W4G32, word_tokenizer(),
+                      attention_form="auto" if form == "gqa" else "standard")
     folder = res.path
-    assert res.report["genai"] == {"written": True}
+    assert res.report["genai"] == {"written": True} and res.report["attention_form"]["form"] == form
     assert json.loads((folder / "export_report.json").read_text())["genai"] == {"written": True}
     assert {"tokenizer.json", "tokenizer_config.json", GENAI_CONFIG_FILE} <= {p.name for p in folder.iterdir()}
     written = json.loads((folder / GENAI_CONFIG_FILE).read_text())
+    assert written["search"]["past_present_share_buffer"] == (form == "gqa")
+    assert ("position_ids" in written["model"]["decoder"]["inputs"]) == (form == "standard")
     for key, value in res.report["ort_session_config"].items():
         assert written["model"]["decoder"]["session_options"][key] == value
 

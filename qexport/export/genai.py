@@ -3,11 +3,13 @@
 onnxruntime-genai drives a decoder graph from a JSON description of it: the graph's file and input / output
 names, the KV-cache geometry, the special token ids, the ONNX Runtime session options and the default search.
 An export folder (:mod:`qexport.export.onnx`) already has what genai's decoder loop expects: ``input_ids``,
-``attention_mask`` [batch, past + seq] and ``position_ids`` inputs, ``past_key_values.{i}.key`` / ``.value``
-inputs and ``present.{i}.key`` / ``.value`` outputs, and the Hugging Face tokenizer files (``tokenizer.json``
-+ ``tokenizer_config.json``). The graph concatenates the past and the new keys / values, so present is longer
-than past: genai must hand over a growing cache (``past_present_share_buffer`` false), not one buffer of
-``max_length`` that the graph writes into.
+``attention_mask`` [batch, past + seq] (and, in the standard form, ``position_ids``) inputs,
+``past_key_values.{i}.key`` / ``.value`` inputs and ``present.{i}.key`` / ``.value`` outputs, and the Hugging Face
+tokenizer files (``tokenizer.json`` + ``tokenizer_config.json``). In the GroupQueryAttention form
+(:mod:`qexport.lowering.gqa`, the default where it applies) genai hands the graph one buffer of ``max_length``
+per key / value as both past and present (``past_present_share_buffer``), which the graph writes into; the
+standard form concatenates past and new keys / values, so present is longer than past and genai hands over a
+growing cache.
 
 The session options are the folder's ``ort_session_config`` (e.g. the MatMulNBits accuracy level): genai
 passes every session option it does not know by name to ``AddConfigEntry``, so the entries carry over as they
@@ -68,9 +70,11 @@ def genai_config(hf_config, report: dict[str, Any], generation_config=None) -> d
         raise UnsupportedOp(f"onnxruntime-genai has no plain-decoder model type for {model_type!r}; "
                             f"supported: {', '.join(GENAI_MODEL_TYPES)}")
     layers, kv_heads, head_dim = kv_geometry(hf_config)
-    if report.get("inputs") != input_names(layers) or report.get("outputs") != output_names(layers):
+    form = (report.get("attention_form") or {}).get("form", "standard")
+    inputs = input_names(layers, attention_form=form)
+    if report.get("inputs") != inputs or report.get("outputs") != output_names(layers):
         raise UnsupportedOp("the export's graph inputs / outputs are not the KV-cache interface genai binds "
-                            f"(expected {input_names(layers)[:4]} ..., got {(report.get('inputs') or [])[:4]} ...)")
+                            f"(expected {inputs[:4]} ..., got {(report.get('inputs') or [])[:4]} ...)")
     context = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
     if context < 1:
         raise UnsupportedOp("the model's config has no max_position_embeddings: genai needs a context length")
@@ -107,7 +111,7 @@ def genai_config(hf_config, report: dict[str, Any], generation_config=None) -> d
                 "inputs": {
                     "input_ids": "input_ids",
                     "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
+                    **({} if form == "gqa" else {"position_ids": "position_ids"}),
                     "past_key_names": "past_key_values.%d.key",
                     "past_value_names": "past_key_values.%d.value",
                 },
@@ -124,7 +128,9 @@ def genai_config(hf_config, report: dict[str, Any], generation_config=None) -> d
             "do_sample": False,  # greedy, as OnnxCausalLM.generate
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,  # the graph concatenates past and new keys / values
+            # GroupQueryAttention writes the new keys / values into the buffer past and present share; the
+            # standard form's graph concatenates them (present is longer than past)
+            "past_present_share_buffer": form == "gqa",
             "early_stopping": True,
             "temperature": 1.0,
             "top_k": 1,

@@ -57,6 +57,7 @@ REPORT_FILE = "export_report.json"
 RECIPE_FILE = "recipe.json"
 # Tensors go to an external data file past this total: far below protobuf's 2 GiB limit on one message.
 EXTERNAL_DATA_BYTES = 1 << 30
+ATTENTION_FORMS = ("auto", "gqa", "standard")
 _EXAMPLE = dict(batch=2, seq=6, past=5)  # distinct sizes, none 0 or 1, so that no axis is specialized
 # The tokenizer files an export folder's runtimes read, when the tokenizer has a tokenizer.json.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -84,12 +85,14 @@ class ExportResult:
     report: dict[str, Any]
 
 
-def input_names(layers: int, kv_cache=None) -> list[str]:
+def input_names(layers: int, kv_cache=None, attention_form: str = "standard") -> list[str]:
     """Graph inputs; with a quantized KV cache (a ``KVCacheSpec``) each past key / value is followed by its
-    ``_scale`` (and ``_zero_point``) input (:mod:`qexport.kvcache`)."""
+    ``_scale`` (and ``_zero_point``) input (:mod:`qexport.kvcache`). The GroupQueryAttention form
+    (:mod:`qexport.lowering.gqa`) has no ``position_ids``."""
     from qexport.kvcache import stored_names
 
-    return ["input_ids", "attention_mask", "position_ids"] + stored_names(kv_cache, "past_key_values", layers)
+    positions = [] if attention_form == "gqa" else ["position_ids"]
+    return ["input_ids", "attention_mask", *positions] + stored_names(kv_cache, "past_key_values", layers)
 
 
 def output_names(layers: int, kv_cache=None) -> list[str]:
@@ -264,9 +267,9 @@ def capture(wrapper: nn.Module, args: tuple, dynamic_shapes) -> "torch.fx.GraphM
 
 
 def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: bool = True,
-                  embedding_form: str = "auto", accuracy_level: int | None = None):
-    """The lowered ``onnx.ModelProto`` of ``model`` with the KV-cache interface, its lowering report, and the
-    fusion passes' results (``PassResult`` list), or why none ran (a string)."""
+                  embedding_form: str = "auto", accuracy_level: int | None = None, attention_form: str = "auto"):
+    """The lowered ``onnx.ModelProto`` of ``model`` with the KV-cache interface, its lowering report, the
+    fusion passes' results (``PassResult`` list) or why none ran (a string), and the ``attention_form`` entry."""
     from torch.export import Dim
 
     from qexport.lowering.core import BLOCKED_OPSET, lower
@@ -319,7 +322,37 @@ def _export_proto(model: nn.Module, target: str, nf4_form: str = "auto", fuse: b
                         if isinstance(mod, QLinear) and mod._dq_block is not None}
     proto, report = lower(proto, target, double_quantized, nf4_form, embedding_form, _layer_names(model),
                           accuracy_level)
-    return proto, report, fusions
+    return proto, report, fusions, _attention_form(proto, model, target, kv, fusions, attention_form)
+
+
+def _attention_form(proto, model: nn.Module, target: str, kv, fusions, asked: str) -> dict[str, Any]:
+    """Rewrite ``proto`` in place into the GroupQueryAttention form (:mod:`qexport.lowering.gqa`) when ``asked``
+    (``'gqa'``, or ``'auto'`` where it applies); returns the report's ``attention_form`` entry. ``'auto'``
+    keeps the standard form, with the reason, where the rewrite does not apply; ``'gqa'`` raises there."""
+    from qexport.lowering.gqa import gqa_form
+
+    why = ("asked for" if asked == "standard" else "TensorRT target" if target != "ort"
+           else "a quantized KV cache (qexport's own scale inputs) has no GroupQueryAttention form" if kv is not None
+           else f"exported without the ONNX fusions ({fusions})" if not isinstance(fusions, list) else None)
+    config = model.config
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if why is None and (any("sliding" in t for t in layer_types) or getattr(config, "sliding_window", None)
+                        and getattr(config, "use_sliding_window", True) is not False and not layer_types):
+        why = "sliding-window attention (GroupQueryAttention's local window is not written for it)"
+    if why is None:
+        length = int(getattr(config, "max_position_embeddings", 0) or 0)
+        if length < 1:
+            why = "the model's config has no max_position_embeddings: the rotary tables need a context length"
+    if why is None:
+        try:
+            _, info = gqa_form(proto, length)
+            return {**info.to_dict(), "chosen": asked}
+        except UnsupportedOp as e:
+            why = str(e)
+    if asked == "gqa":
+        raise UnsupportedOp(f"attention_form='gqa' does not apply: {why}; use 'standard' or 'auto'")
+    return {"form": "standard", "op": "Attention (opset 23)" if isinstance(fusions, list) else "elementwise ops",
+            "chosen": asked, "reason": why}
 
 
 def _kv_report(layers: int, kv_heads: int, head_dim: int, kv) -> dict[str, Any]:
@@ -378,7 +411,7 @@ def _layer_table(model: nn.Module, qdq) -> list[dict[str, Any]]:
 def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, target: str = "ort",
                 force: bool = False, calibration=None, external_data: bool | None = None,
                 nf4_form: str = "auto", fuse: bool = True, ort_accuracy_level: int | None = None,
-                embedding_form: str = "auto") -> ExportResult:
+                embedding_form: str = "auto", attention_form: str = "auto") -> ExportResult:
     """Export a causal LM, quantized by ``recipe``, as an ONNX QDQ folder (see the module docstring).
 
     Args:
@@ -411,6 +444,14 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
             tied ``lm_head`` reads the same initializers, as ``MatMulNBits`` (at its own accuracy level: 4 for
             8-bit, 0 for 4-bit codes, or ``ort_accuracy_level``) with ``'gbq'``
             (:mod:`qexport.lowering.embedding`). TensorRT: dequantized to a float table (report entry).
+        attention_form: ONNX Runtime target: ``'auto'`` (default: the GroupQueryAttention form where it applies,
+            else the standard one), ``'gqa'`` (ONNX Runtime's ``GroupQueryAttention`` with in-graph rotary, packed
+            QKV and a KV buffer that past and present can share, :mod:`qexport.lowering.gqa`; refused where it
+            does not apply) or ``'standard'`` (opset 23 ``Attention`` + ``RotaryEmbedding``, a growing cache).
+            The GroupQueryAttention form decodes SmolLM2 faster in both onnxruntime-genai and
+            :class:`~qexport.export.OnnxCausalLM` (docs/onnxruntime-genai.md); its positions follow the
+            attention mask, so rows must not be left-padded. The report's ``attention_form`` says which form
+            was written and why.
 
     Raises:
         OutputExists, UnsupportedOp (a layer or op the target cannot run), CalibrationError, ModelLoadError.
@@ -423,6 +464,8 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
     if nf4_form not in NF4_FORMS:
         raise InvalidConfig(f"nf4_form={nf4_form!r} is not valid; allowed: {', '.join(NF4_FORMS)}")
     check_form(embedding_form)
+    if attention_form not in ATTENTION_FORMS:
+        raise InvalidConfig(f"attention_form={attention_form!r} is not valid; allowed: {', '.join(ATTENTION_FORMS)}")
     ort_session_config(set(), ort_accuracy_level)  # a bad level fails before the model is quantized
     out = Path(out).expanduser()
     if out.exists() and not force:
@@ -433,7 +476,8 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
     qmodel, tokenizer, source = _prepare(model, recipe, tokenizer, calibration)
     if target == "tensorrt":
         check_tensorrt_modules(qmodel)
-    proto, qdq, fusions = _export_proto(qmodel, target, nf4_form, fuse, embedding_form, ort_accuracy_level)
+    proto, qdq, fusions, form = _export_proto(qmodel, target, nf4_form, fuse, embedding_form, ort_accuracy_level,
+                                              attention_form)
     if target == "tensorrt":
         from qexport.export.tensorrt import lint_tensorrt
 
@@ -466,8 +510,9 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
             "fusions": ([r.to_dict() for r in fusions] if isinstance(fusions, list) else {"not_used": fusions}),
             "files": {f: (tmp / f).stat().st_size for f in files},
             "onnx_bytes": sum((tmp / f).stat().st_size for f in files),
-            "inputs": input_names(layers, kv),
+            "inputs": input_names(layers, kv, form["form"]),
             "outputs": output_names(layers, kv),
+            "attention_form": form,
             "kv_cache": _kv_report(layers, kv_heads, head_dim, kv),
             "ort_session_config": ort_session_config(qdq.weight_bits, ort_accuracy_level),
             "layers": _layer_table(qmodel, qdq),

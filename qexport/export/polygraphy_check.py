@@ -106,9 +106,12 @@ def _torch_runner(model, session, layers: int):
                 if key.shape[2]:
                     cache.update(torch.from_numpy(np.ascontiguousarray(key)),
                                  torch.from_numpy(np.ascontiguousarray(value)), i)
-            out = model(input_ids=torch.from_numpy(feed_dict["input_ids"]),
-                        attention_mask=torch.from_numpy(feed_dict["attention_mask"]),
-                        position_ids=torch.from_numpy(feed_dict["position_ids"]),
+            ids, mask = feed_dict["input_ids"], feed_dict["attention_mask"]
+            positions = feed_dict.get("position_ids")  # the GroupQueryAttention form has none: from the mask
+            if positions is None:
+                positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1]:]
+            out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                        position_ids=torch.from_numpy(np.ascontiguousarray(positions)),
                         cache=cache, use_cache=True)
             outputs = OrderedDict(logits=out.logits.float().numpy())
             for i, layer in enumerate(out.cache.layers[:layers]):

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from qexport.errors import InvalidConfig, ModelLoadError
+from qexport.errors import InvalidConfig, ModelLoadError, UnsupportedOp
 
 __all__ = ["OnnxCausalLM", "verify", "load_export_report", "reference_model"]
 
@@ -82,7 +82,10 @@ class OnnxCausalLM:
             raise ModelLoadError(f"ONNX Runtime cannot load {str(self.path / MODEL_FILE)!r}: "
                                  f"{str(e).strip().splitlines()[0]}") from None
         names = [i.name for i in self.session.get_inputs()]
-        missing = {"input_ids", "attention_mask", "position_ids"} - set(names)
+        # the GroupQueryAttention form (qexport.lowering.gqa) takes its positions from the mask: no position_ids
+        self.attention_form = (self.report.get("attention_form") or {}).get("form", "standard")
+        needed = {"input_ids", "attention_mask"} | ({"position_ids"} if self.attention_form != "gqa" else set())
+        missing = needed - set(names)
         if missing:
             raise ModelLoadError(f"{str(self.path / MODEL_FILE)!r} lacks the KV-cache inputs {sorted(missing)}: "
                                  "it was not written by `qexport export`")
@@ -107,8 +110,15 @@ class OnnxCausalLM:
         """The session's inputs for one forward pass; positions follow the attention mask."""
         seq = input_ids.shape[1]
         positions = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0)[:, -seq:].astype(np.int64)
-        return {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
-                "position_ids": positions, **dict(zip(self.past_names, past))}
+        if self.attention_form == "gqa" and bool((np.diff(attention_mask, axis=1) > 0).any()):
+            raise UnsupportedOp(f"{self.path}: a left-padded attention mask; the GroupQueryAttention form takes "
+                                "positions from the mask's length (pad on the right, or export with "
+                                "--attention-form standard)")
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                 **dict(zip(self.past_names, past))}
+        if self.attention_form != "gqa":
+            feeds["position_ids"] = positions
+        return feeds
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]):
         """One forward pass: ``(logits [B, S, V], present k/v list)``; positions follow the attention mask."""
@@ -135,10 +145,11 @@ class OnnxCausalLM:
             raise InvalidConfig(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         ids = input_ids.cpu().numpy().reshape(1, -1).astype(np.int64)
         mask = np.ones_like(ids)
-        past = self.empty_past(1)
+        forward = (self._shared_buffer_steps(ids.shape[1] + max_new_tokens) if self.attention_form == "gqa"
+                   else self._growing_cache_steps())
         new = []
         for _ in range(max_new_tokens):
-            logits, past = self.step(ids, mask, past)
+            logits = forward(ids, mask)
             token = int(logits[0, -1].argmax())
             new.append(token)
             if on_token is not None:
@@ -148,6 +159,40 @@ class OnnxCausalLM:
             ids = np.array([[token]], np.int64)
             mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
         return torch.tensor(new, dtype=torch.long)
+
+    def _growing_cache_steps(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """A forward function over a cache that each step returns one token longer (``present = past + new``)."""
+        past = self.empty_past(1)
+
+        def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            nonlocal past
+            logits, past = self.step(ids, mask, past)
+            return logits
+
+        return forward
+
+    def _shared_buffer_steps(self, length: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """A forward function over one pre-allocated ``[1, kv_heads, length, head_dim]`` buffer per key / value,
+        bound (I/O binding) as both past and present: GroupQueryAttention writes the new tokens in place, and
+        nothing is copied or allocated for the cache between steps."""
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        binding.bind_output(self.output_names[0])  # the logits first: get_outputs() keeps the binding order
+        presents = [o for o in self.output_names if o.startswith("present.")]
+        for past_name, present, (shape, dtype) in zip(self.past_names, presents, self._past_specs):
+            buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, shape[1], length, shape[3]), dtype))
+            binding.bind_ortvalue_input(past_name, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+
+        def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            binding.bind_output(self.output_names[0])  # unallocated: the prompt's logits are longer than a step's
+            binding.bind_cpu_input("input_ids", ids)
+            binding.bind_cpu_input("attention_mask", mask)
+            self.session.run_with_iobinding(binding)
+            return binding.get_outputs()[0].numpy()
+
+        return forward
 
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
