@@ -10,8 +10,15 @@ int8 weights with int8 dynamic per-token activations), it times with ``triton.te
 L2 cache flushed before every run):
 
 * ``triton``: the qexport Triton kernel on the stored weights (fp16 activations);
+* ``triton-packed`` (int4 / int2, M <= 16): the GEMV over the weight repacked once for coalesced loads
+  (:mod:`qexport.kernels.triton.packed`), with its heuristic blocks, or with ``--tune`` the best of a timed
+  sweep per shape (the table is written to ``--out``/``tuned.json``);
+* ``torch-int4pack`` (int4 g128): torch's own CUDA int4 kernel, ``aten._weight_int4pack_mm`` on
+  ``_convert_weight_to_int4pack``'s tiles (bf16 activations; zero point folded into its float zero);
 * ``fp16``: ``torch.nn.functional.linear`` with an fp16 weight (cuBLAS), the speed to beat;
 * ``dequant+mm``: the reference path, ``dequantize_stored`` then ``F.linear`` (what runs without Triton).
+
+A variant that fails on the device is kept as a row with its error instead of stopping the run.
 
 Bandwidth = the bytes a variant must move at least (stored weight: codes + scales + zero points, or the
 fp16 weight; activations in; output out) / its time; % of peak uses a table of device names (or
@@ -114,7 +121,33 @@ def _stored_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def bench_one(qt, do_bench, fmt: str, spec: QuantSpec, k: int, n: int, ms: list[int], peak: float | None) -> list[dict]:
+def torch_int4pack(qw, k: int, n: int, inner_k_tiles: int = 8):
+    """torch's CUDA int4 weight-only linear for an int4 weight: ``f(x) -> x @ W^T`` (bf16), or None when the
+    weight does not fit it (group sizes 32 .. 256, K a multiple of ``inner_k_tiles * 16``).
+
+    Its packed input is ``[N, K / 2]`` uint8 with element ``2i`` in the *high* nibble (qexport's stored order
+    is the low nibble first) of unsigned codes ``q``; it computes ``(q - 8) * scale + zero``, so qexport's
+    ``(q - zp) * scale`` has ``zero = (8 - zp) * scale`` (and symmetric codes ``q + 8`` with zero 0)."""
+    from qexport.formats import _load
+
+    group = qw.group
+    if qw.spec.bits != 4 or qw.spec.format.value != "int" or group not in (32, 64, 128, 256) or k % (inner_k_tiles * 16):
+        return None
+    t = qw.tensors()
+    codes = _load(t["qdata"], 4, k, qw.spec.symmetric).to(torch.int32)
+    scale = qw.scales().float().expand(n, -1)
+    if qw.spec.symmetric:
+        codes, zero = codes + 8, torch.zeros_like(scale)
+    else:
+        zero = (8 - _load(t["zero_point"], 4, -(-k // group), False).float().expand(n, -1)) * scale
+    packed_u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8).cuda()
+    w = torch.ops.aten._convert_weight_to_int4pack(packed_u8, inner_k_tiles)
+    scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(device="cuda", dtype=torch.bfloat16)
+    return lambda x: torch.ops.aten._weight_int4pack_mm(x, w, group, scales_and_zeros)
+
+
+def bench_one(qt, do_bench, fmt: str, spec: QuantSpec, k: int, n: int, ms: list[int], peak: float | None,
+              tune: bool = False) -> list[dict]:
     """Every variant at every M for one layer shape and format."""
     torch.manual_seed(0)
     qw = quantize_weight(torch.randn(n, k) * 0.02, spec)  # on the CPU: the reference quantizer
@@ -123,6 +156,15 @@ def bench_one(qt, do_bench, fmt: str, spec: QuantSpec, k: int, n: int, ms: list[
     w16 = qw.dequantize().to(device="cuda", dtype=torch.float16)
     meta = (qw.spec.format.value, qw.spec.bits, qw.group, k, qw.spec.symmetric)
     weight_bytes = _stored_bytes(stored)
+    packed = None
+    if fmt != "w8a8" and qw.spec.format.value == "int" and qw.spec.bits in (2, 4) and qw.group % 16 == 0:
+        packed = qt.repack(stored["qdata"], scale, stored.get("zero_point"), qw.spec.bits, qw.group, k,
+                           qw.spec.symmetric)
+    int4pack, int4pack_error = None, None
+    try:
+        int4pack = torch_int4pack(qw, k, n) if fmt != "w8a8" else None
+    except Exception as e:  # recorded in every row of this shape instead of stopping the run
+        int4pack_error = str(e).splitlines()[0]
     rows = []
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -138,23 +180,46 @@ def bench_one(qt, do_bench, fmt: str, spec: QuantSpec, k: int, n: int, ms: list[
             ref = lambda: reference.qlinear(x, *args, None, *meta)  # noqa: E731
             kernel_bytes = weight_bytes + io16
         err = (kernel().float() - ref().float()).abs().max().item()
-        variants = (
-            ("triton", kernel, kernel_bytes),
-            ("fp16", lambda: F.linear(x, w16), n * k * 2 + io16),
-            ("dequant+mm", ref, kernel_bytes),
-        )
+        variants = [
+            ("triton", kernel, kernel_bytes, err),
+            ("fp16", lambda: F.linear(x, w16), n * k * 2 + io16, None),
+            ("dequant+mm", ref, kernel_bytes, None),
+        ]
+        extra = []
+        if packed is not None and m <= 16:
+            extra.append(("triton-packed", packed.nbytes + io16, lambda: _packed_variant(qt, x, packed, tune)))
+        if int4pack is not None:
+            xb = x.to(torch.bfloat16)
+            extra.append(("torch-int4pack", weight_bytes + io16, lambda: (lambda: int4pack(xb))))
+        elif int4pack_error:
+            rows.append(dict(shape=f"{k}x{n}", m=m, format=fmt, variant="torch-int4pack", error=int4pack_error))
+        for name, nbytes, make in extra:
+            try:
+                fn = make()
+                variants.append((name, fn, nbytes, (fn().float() - ref().float()).abs().max().item()))
+            except Exception as e:  # a variant the device or this torch cannot run: recorded, not fatal
+                rows.append(dict(shape=f"{k}x{n}", m=m, format=fmt, variant=name, error=str(e).splitlines()[0]))
         group = []
-        for name, fn, nbytes in variants:
+        for name, fn, nbytes, error in variants:
             t_ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
             gbps = nbytes / (t_ms * 1e-3) / 1e9
             group.append(dict(shape=f"{k}x{n}", m=m, format=fmt, variant=name, time_us=t_ms * 1e3, bytes=nbytes,
                               gbps=gbps, pct_peak=None if peak is None else 100.0 * gbps / peak,
-                              max_abs_err_vs_reference=err if name == "triton" else None))
-        triton_row, fp16_row, dequant_row = group
-        triton_row["speedup_vs_fp16"] = fp16_row["time_us"] / triton_row["time_us"]
-        triton_row["speedup_vs_dequant_mm"] = dequant_row["time_us"] / triton_row["time_us"]
+                              max_abs_err_vs_reference=error))
+        fp16_row, dequant_row = group[1], group[2]
+        for row in group[:1] + group[3:]:
+            row["speedup_vs_fp16"] = fp16_row["time_us"] / row["time_us"]
+            row["speedup_vs_dequant_mm"] = dequant_row["time_us"] / row["time_us"]
         rows += group
     return rows
+
+
+def _packed_variant(qt, x, packed, tune: bool):
+    """The packed GEMV as a timed function; with ``tune`` its blocks are the best of a timed sweep first."""
+    from qexport.kernels.triton import packed as packed_mod
+
+    blocks = packed_mod.tune(x, packed)[0] if tune else None
+    return lambda: qt.qlinear_packed(x, packed, blocks=blocks)
 
 
 def to_markdown(rows: list[dict], device: str, peak: float | None) -> str:
@@ -165,6 +230,10 @@ def to_markdown(rows: list[dict], device: str, peak: float | None) -> str:
              "| shape | M | format | variant | time us | GB/s | % peak | vs fp16 | vs dequant+mm | max err |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['m']} | {r['format']} | {r['variant']} | failed: {r['error']} |"
+                         " | | | | |")
+            continue
         pct = "-" if r["pct_peak"] is None else f"{r['pct_peak']:.0f}"
         vs16 = f"{r['speedup_vs_fp16']:.2f}x" if "speedup_vs_fp16" in r else ""
         vsdq = f"{r['speedup_vs_dequant_mm']:.2f}x" if "speedup_vs_dequant_mm" in r else ""
@@ -183,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=None, help="also time a prefill of this many tokens (M)")
     ap.add_argument("--formats", default=",".join(FORMATS), help="subset of: " + ", ".join(FORMATS))
     ap.add_argument("--peak-gbps", type=float, default=None, help="the device's peak memory bandwidth in GB/s")
+    ap.add_argument("--tune", action="store_true", help="sweep the packed GEMV's blocks per shape first "
+                                                        "(writes tuned.json to --out)")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -208,13 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for k, n in shapes:
         for fmt in formats:
-            rows += bench_one(qt, do_bench, fmt, FORMATS[fmt], k, n, ms, peak)
+            rows += bench_one(qt, do_bench, fmt, FORMATS[fmt], k, n, ms, peak, args.tune)
             print(f"  {k}x{n} {fmt}: done ({time.time() - t0:.0f} s)", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(device=device, peak_gbps=peak, torch=torch.__version__, triton=__import__("triton").__version__,
                 seconds=time.time() - t0)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    if args.tune:
+        from qexport.kernels.triton import packed as packed_mod
+
+        packed_mod.save_table(out / "tuned.json", device, overwrite=True)
     md = to_markdown(rows, device, peak)
     (out / "results.md").write_text(md)
     print(md)

@@ -208,6 +208,79 @@ def test_nf4_double_quant_read_from_stored_scales(m):
                                reference.qlinear(x, *args, bias, *meta), **FP32_TOL)
 
 
+# ------------------------------------------------------------------------------------------------
+# The GEMV over a repacked weight (qexport.kernels.triton.packed)
+# ------------------------------------------------------------------------------------------------
+def _packable(name: str, k: int = 84):
+    """Weights whose groups are multiples of 16 (the packed layout's smallest K tile); K = 84 leaves a partial
+    last word (int4: 10.5 words of 8 codes, int2: 5.25 of 16) and a partial last group (84 = 2 x 32 + 20)."""
+    torch.manual_seed(sum(map(ord, name)))
+    spec = {"int4-sym-g32": QuantSpec(bits=4, group_size=32), "int4-asym-g16": QuantSpec(bits=4, group_size=16,
+                                                                                         symmetric=False),
+            "int2-sym-g16": QuantSpec(bits=2, group_size=16), "int2-asym-g32": QuantSpec(bits=2, group_size=32,
+                                                                                         symmetric=False)}[name]
+    qw = quantize_weight(torch.randn(N, k), spec)
+    t = {key: v.to(DEVICE) for key, v in qw.tensors().items()}
+    args = (t["qdata"], qw.scales().to(DEVICE), t.get("zero_point"))
+    return args, ("int", spec.bits, qw.group, k, spec.symmetric)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["int4-sym-g32", "int4-asym-g16", "int2-sym-g16", "int2-asym-g32"])
+def test_packed_gemv_matches_the_stored_layout(name):
+    """Repacked codes rebuild the stored weight bit for bit (identity rows), and the GEMV (plain, split-K, the
+    dot path for M = 16) matches the reference within the weight-only float tolerances."""
+    from qexport.kernels.triton.packed import PackedBlocks, qlinear_packed, repack
+
+    args, meta = _packable(name)
+    fmt, bits, group, k, sym = meta
+    w = repack(*args, bits, group, k, sym)
+    assert w.codes.shape == (-(-k // (32 // bits)), N) and w.codes.dtype == torch.int32 and w.scale.shape[1] == N
+    dense = dequantize_stored(*args, *meta)
+    bias = torch.randn(N, device=DEVICE)
+    for blocks in (PackedBlocks(1, 16, 16), PackedBlocks(4, 32, 16, split_k=3), PackedBlocks(16, 16, 16)):
+        eye = torch.eye(k, device=DEVICE)[:blocks.block_m]
+        assert torch.equal(qlinear_packed(eye, w, blocks=blocks), dense[:, :blocks.block_m].t())
+        x = torch.randn(blocks.block_m, k, device=DEVICE)
+        torch.testing.assert_close(qlinear_packed(x, w, bias, blocks=blocks),
+                                   reference.qlinear(x, *args, bias, *meta), **FP32_TOL)
+        y = qlinear_packed(x.half(), w, bias.half(), blocks=blocks)
+        assert y.dtype == torch.float16
+        torch.testing.assert_close(y, reference.qlinear(x.half(), *args, bias.half(), *meta), **FP16_TOL)
+    # the heuristic's blocks at M = 1 and 3 (batch dims kept)
+    x = torch.randn(1, 3, k, device=DEVICE)
+    torch.testing.assert_close(qlinear_packed(x, w), reference.qlinear(x, *args, None, *meta), **FP32_TOL)
+
+
+@needs_triton
+def test_packed_refusals_and_tuning_table(tmp_path):
+    from qexport.kernels.triton import packed
+
+    args, meta = _packable("int4-sym-g32")
+    w = packed.repack(*args, 4, 32, meta[3], True)
+    with pytest.raises(InvalidConfig, match="int4 and int2 only"):
+        packed.repack(*args, 8, 32, meta[3], True)
+    with pytest.raises(InvalidConfig, match="groups of 24"):
+        packed.repack(*args, 4, 24, meta[3], True)
+    with pytest.raises(InvalidTensor, match=r"expected an input \[\.\.\., 84\]"):
+        packed.qlinear_packed(torch.randn(1, 83, device=DEVICE), w)
+    with pytest.raises(InvalidConfig, match="M <= 16"):
+        packed.packed_blocks(17, N, 84, 32)
+    # tune() times each candidate, keeps the fastest for this shape; the table round-trips through JSON
+    cands = [packed.PackedBlocks(1, 16, 16), packed.PackedBlocks(1, 32, 32, split_k=2)]
+    x = torch.randn(1, 84, device=DEVICE)
+    best, times = packed.tune(x, w, repeats=1, candidates=cands)
+    assert best in cands and [b for b, _ in times] == cands
+    path = tmp_path / "tuned.json"
+    packed.save_table(path, "cpu-interpreter")
+    with pytest.raises(Exception, match="exists"):
+        packed.save_table(path, "cpu-interpreter")
+    packed.TUNED.clear()
+    assert packed.load_table(path) == "cpu-interpreter" and list(packed.TUNED.values()) == [best]
+    torch.testing.assert_close(packed.qlinear_packed(x, w), reference.qlinear(x, *args, None, *meta), **FP32_TOL)
+    packed.TUNED.clear()
+
+
 @needs_triton
 def test_bad_stored_tensors_are_named():
     qw, args, meta = _weight("int4-asym-g24")
