@@ -588,6 +588,7 @@ FLAG_TESTS = {
         "--kv-cache": "test_cli.py::test_export_kv_cache_embedding_form_and_verify_accuracy_level",
         "--ort-accuracy-level": "test_export.py::test_cli_export_verify_eval",
         "--embedding-form": "test_cli.py::test_export_kv_cache_embedding_form_and_verify_accuracy_level",
+        "--attention-form": "test_gqa_form.py::test_cli_attention_form",
         "--no-fuse": "test_export.py::test_cli_export_verify_eval",
         "--bos": "test_cli.py::test_calibrated_export_then_verify",
         "--force": "test_export.py::test_cli_export_verify_eval",

@@ -204,7 +204,9 @@ def test_export_stores_the_tied_weight_once_and_matches_torch(form, spec, tok, t
     res = export_onnx(tiny_llama(tie=True), tmp_path / form, recipe, tok, embedding_form=form, ort_accuracy_level=0)
     proto = onnx.load(str(res.path / "model.onnx"))
     rows = {r["name"]: r for r in res.report["layers"]}
-    codes = [t for t in proto.graph.initializer if len(t.raw_data) >= 512 * 64 * spec.bits // 8]
+    # (the GroupQueryAttention form's rotary cos / sin tables are as large: left out by name)
+    codes = [t for t in proto.graph.initializer
+             if len(t.raw_data) >= 512 * 64 * spec.bits // 8 and not t.name.startswith("gqa.")]
     assert len(codes) == 1, [t.name for t in codes]  # the table, once
     readers = [n for n in proto.graph.node if codes[0].name in n.input]
     if form == "auto":
@@ -218,7 +220,8 @@ def test_export_stores_the_tied_weight_once_and_matches_torch(form, spec, tok, t
         so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
         ort.InferenceSession(str(res.path / "model.onnx"), so, providers=["CPUExecutionProvider"])
         optimized = onnx.load(str(tmp_path / "optimized.onnx"))
-        assert sum(n.op_type == "MatMulNBits" for n in optimized.graph.node) == 15  # lm_head fused too
+        # 2 layers x (packed QKV, o, gate, up, down) + lm_head: fused too
+        assert sum(n.op_type == "MatMulNBits" for n in optimized.graph.node) == 11
     out = verify(res.path, reference=qexport.quantize(tiny_llama(tie=True), recipe),
                  session_config={"session.qdq_matmulnbits_accuracy_level": "0"}, decode_steps=3)
     assert out["max_abs"] < 1e-4 and out["top1_agreement"] == 1.0, out

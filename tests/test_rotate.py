@@ -185,7 +185,9 @@ def test_rotated_quantized_model_compiles_and_exports_to_onnx(tmp_path):
     graph = onnx.load(str(res.path / "model.onnx")).graph
     rotations = [t for t in graph.initializer if tuple(t.dims) == (160, 160)]
     assert len(rotations) == 1 and "online_rotation" in rotations[0].name
-    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) == 7
+    # 7 linears; the GroupQueryAttention form packs q, k and v into one weight
+    assert res.report["attention_form"]["qkv_packed"] == 1
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) == 5
     assert not res.report["tied_embeddings"]
     rows = {r["name"]: r for r in res.report["layers"]}
     assert rows["model.layers.0.mlp.down_proj"]["status"] == "quantized"
