@@ -15,6 +15,7 @@ from torch import nn
 
 import qexport
 from qexport import QuantSpec
+from qexport.config import Recipe, Rule
 from qexport.formats import quantize_weight
 from qexport.kernels import cpu, dispatch, reference
 from qexport.passes import PassManager, QuantContext, annotate, convert, cpu_kernels, fold, prepare
@@ -249,3 +250,31 @@ def test_model_quantized_before_compiling_runs_the_kernels_in_bfloat16():
     kernels = next(r for r in backend.reports()[-1].results if r.name == "cpu_kernels")
     assert kernels.changed["int4"] == 2 and not kernels.skipped
     assert got.dtype == torch.bfloat16 and _rel_err(got, want) < RTOL
+
+
+def test_float_layers_get_a_transposed_copy_of_their_weight():
+    """A layer the recipe leaves float (fc2 here, a preset's lm_head in practice) runs x @ W^T on a [K, N] copy,
+    which torch's float32 GEMV reads faster; the result equals F.linear's within float32 rounding."""
+    from qexport import backend
+
+    recipe = Recipe(name="fc1-w8", rules=(Rule("fc2", None), Rule("*", QuantSpec(bits=8))))
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randn(2, 3, 64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = torch.compile(copy.deepcopy(model), backend="qexport", options={"recipe": recipe, "target": "eager"})(x)
+        got = torch.compile(copy.deepcopy(model), backend="qexport",
+                            options={"recipe": recipe, "target": "inductor"})(x)
+    passes = {p["name"]: p for p in backend.reports()[-1].to_dict()["passes"]}
+    kernels = passes["cpu_kernels"]
+    assert kernels["changed"]["float"] == 1 and kernels["changed"]["int8"] == 1
+    assert kernels["details"]["fc2"].startswith("x @ W^T on a [K, N] copy of the float32 weight; probe error")
+    assert _rel_err(got, want) < RTOL
+    w = torch.randn(40, 96)
+    packed = cpu.pack_float(w)
+    assert packed.tensors["weight_t"].shape == (96, 40) and packed.tensors["weight_t"].is_contiguous()
+    xx = torch.randn(5, 96)
+    torch.testing.assert_close(cpu.run(packed, (xx,), None), F.linear(xx, w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(cpu.Unsupported, match="bfloat16"):
+        cpu.pack_float(w.to(torch.bfloat16))
