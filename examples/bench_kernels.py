@@ -131,7 +131,8 @@ def torch_int4pack(qw, k: int, n: int, inner_k_tiles: int = 8):
     from qexport.formats import _load
 
     group = qw.group
-    if qw.spec.bits != 4 or qw.spec.format.value != "int" or group not in (32, 64, 128, 256) or k % (inner_k_tiles * 16):
+    if qw.spec.bits != 4 or qw.spec.format.value != "int" or group not in (32, 64, 128, 256) \
+            or k % (inner_k_tiles * 16):
         return None
     t = qw.tensors()
     codes = _load(t["qdata"], 4, k, qw.spec.symmetric).to(torch.int32)

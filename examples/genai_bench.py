@@ -16,8 +16,9 @@ Decode tokens/s = (new tokens - 1) / (time of the last token - time of the first
 the prefill excluded (it is reported apart, as time to first token). ``ids`` says whether both runtimes
 chose the same tokens.
 
-``--builder DIR`` also times a folder made by onnxruntime-genai's own model builder, in genai only (with ``--perplexity``
-its perplexity is measured too, by :class:`BuilderLM`; its interface is the GroupQueryAttention form's)::
+``--builder DIR`` also times a folder made by onnxruntime-genai's own model builder, in genai only (with
+``--perplexity`` its perplexity is measured too, by :class:`BuilderLM`; its interface is the GroupQueryAttention
+form's)::
 
     python -m onnxruntime_genai.models.builder -i <fp32 HF checkpoint folder> -o DIR -p int4 -e cpu
 

@@ -466,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--attention-form", choices=("auto", "gqa", "standard"), default="auto",
                    help="ONNX Runtime target: gqa (com.microsoft.GroupQueryAttention, rotary inside, packed QKV, a KV "
                         "buffer past and present share: faster in onnxruntime-genai and OnnxCausalLM; no left "
-                        "padding), standard (opset 23 Attention, a growing cache), auto (gqa where it applies; default)")
+                        "padding), standard (opset 23 Attention, a growing cache), auto (gqa where it applies; "
+                        "default)")
     x.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="ONNX Runtime target: write attention, rotary embeddings and RMSNorm out in elementwise ops "
                         "(opset 21) instead of opset 23's Attention / RotaryEmbedding / RMSNormalization")

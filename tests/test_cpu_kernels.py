@@ -198,9 +198,9 @@ def test_pass_does_nothing_when_a_kernel_is_forced():
     assert _calls(gm, Q.qlinear) == 2
 
 
-@pytest.mark.parametrize("recipe", ["w4g128", "w8a8-dynamic"])
-def test_inductor_target_runs_the_kernels_and_reports_them(recipe):
-    """Through torch.compile as users call it: per-layer kernels in backend.reports(), output of the eager target."""
+def _eager_and_inductor(recipe):
+    """The MLP compiled with the eager and the inductor targets: ``(eager output, inductor output, the inductor
+    graph's cpu_kernels pass report)``."""
     from qexport import backend
 
     torch.manual_seed(0)
@@ -212,7 +212,14 @@ def test_inductor_target_runs_the_kernels_and_reports_them(recipe):
         got = torch.compile(copy.deepcopy(model), backend="qexport",
                             options={"recipe": recipe, "target": "inductor"})(x)
     passes = {p["name"]: p for p in backend.reports()[-1].to_dict()["passes"]}
-    details = passes["cpu_kernels"]["details"]
+    return want, got, passes["cpu_kernels"]
+
+
+@pytest.mark.parametrize("recipe", ["w4g128", "w8a8-dynamic"])
+def test_inductor_target_runs_the_kernels_and_reports_them(recipe):
+    """Through torch.compile as users call it: per-layer kernels in backend.reports(), output of the eager target."""
+    want, got, kernels = _eager_and_inductor(recipe)
+    details = kernels["details"]
     assert set(details) == {"fc1", "fc2"} and all("probe error" in v for v in details.values())
     assert _rel_err(got, want) < (RTOL if recipe == "w4g128" else 1e-6)
 
@@ -255,19 +262,8 @@ def test_model_quantized_before_compiling_runs_the_kernels_in_bfloat16():
 def test_float_layers_get_a_transposed_copy_of_their_weight():
     """A layer the recipe leaves float (fc2 here, a preset's lm_head in practice) runs x @ W^T on a [K, N] copy,
     which torch's float32 GEMV reads faster; the result equals F.linear's within float32 rounding."""
-    from qexport import backend
-
     recipe = Recipe(name="fc1-w8", rules=(Rule("fc2", None), Rule("*", QuantSpec(bits=8))))
-    torch.manual_seed(0)
-    model = MLP().eval()
-    x = torch.randn(2, 3, 64)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        want = torch.compile(copy.deepcopy(model), backend="qexport", options={"recipe": recipe, "target": "eager"})(x)
-        got = torch.compile(copy.deepcopy(model), backend="qexport",
-                            options={"recipe": recipe, "target": "inductor"})(x)
-    passes = {p["name"]: p for p in backend.reports()[-1].to_dict()["passes"]}
-    kernels = passes["cpu_kernels"]
+    want, got, kernels = _eager_and_inductor(recipe)
     assert kernels["changed"]["float"] == 1 and kernels["changed"]["int8"] == 1
     assert kernels["details"]["fc2"].startswith("x @ W^T on a [K, N] copy of the float32 weight; probe error")
     assert _rel_err(got, want) < RTOL

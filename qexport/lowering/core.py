@@ -402,17 +402,7 @@ class Lowering:
         from onnx import helper
 
         g, report, model = self.graph, self.report, self.model
-        needed = {o.name for o in g.output}
-        live = []
-        for n in reversed(self.nodes):
-            if any(o in needed for o in n.output):
-                live.append(n)
-                needed.update(n.input)
-        del g.node[:]
-        g.node.extend(reversed(live))
-        keep = [i for i in g.initializer if i.name in needed]
-        del g.initializer[:]
-        g.initializer.extend(keep)
+        prune(g, self.nodes)
         exported = max((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), default=0)
         report.opset = max(exported, INT2_OPSET if 2 in report.weight_bits | self.embedding_bits else BLOCKED_OPSET)
         imports = [imp for imp in model.opset_import if imp.domain not in (DOMAIN, "", "ai.onnx", MS_DOMAIN)]
@@ -435,6 +425,26 @@ class Lowering:
                 f"({trt.RESTRICTED_PRESETS}, restricted_range=true) for an exact TensorRT export"))
             warnings.warn(report.notes[0], stacklevel=3)
         return model, report
+
+
+def prune(graph, nodes=None, inputs: bool = False) -> None:
+    """Set ``graph``'s nodes to those of ``nodes`` (default: its own) that some graph output needs, in order, and
+    drop the initializers (and with ``inputs`` the graph inputs) nothing reads any more."""
+    needed = {o.name for o in graph.output}
+    live = []
+    for n in reversed(list(graph.node if nodes is None else nodes)):
+        if any(o in needed for o in n.output):
+            live.append(n)
+            needed.update(n.input)
+    del graph.node[:]
+    graph.node.extend(reversed(live))
+    keep = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if inputs:
+        kept = [i for i in graph.input if i.name in needed]
+        del graph.input[:]
+        graph.input.extend(kept)
 
 
 def _format_name(fmt: str, bits: int) -> str:

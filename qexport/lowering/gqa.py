@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from qexport.errors import UnsupportedOp
+from qexport.lowering.core import prune
 
 __all__ = ["gqa_form", "GqaForm", "MS_DOMAIN"]
 
@@ -276,7 +277,7 @@ def gqa_form(model, max_length: int, pack_qkv: bool = True):
     del g.node[:]
     g.node.extend(mask_nodes + nodes)
     g.initializer.extend(mask_inits + new_inits)
-    _prune(model)
+    prune(g, inputs=True)  # the mask and rotary subgraphs, the separate projections, position_ids
     for out in g.output:
         if out.name.startswith("present."):
             dims = out.type.tensor_type.shape.dim
@@ -287,22 +288,3 @@ def gqa_form(model, max_length: int, pack_qkv: bool = True):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model, info
 
-
-def _prune(model) -> None:
-    """Drop nodes, initializers and graph inputs that no graph output needs (the mask and rotary subgraphs,
-    the separate projections, ``position_ids``)."""
-    g = model.graph
-    needed = {o.name for o in g.output}
-    live = []
-    for n in reversed(list(g.node)):
-        if any(o in needed for o in n.output):
-            live.append(n)
-            needed.update(n.input)
-    del g.node[:]
-    g.node.extend(reversed(live))
-    keep = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    inputs = [i for i in g.input if i.name in needed]
-    del g.input[:]
-    g.input.extend(inputs)
