@@ -466,6 +466,14 @@ def export_onnx(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, t
     check_form(embedding_form)
     if attention_form not in ATTENTION_FORMS:
         raise InvalidConfig(f"attention_form={attention_form!r} is not valid; allowed: {', '.join(ATTENTION_FORMS)}")
+    if attention_form == "gqa":  # what is known before the model is quantized fails first
+        from qexport.config import load_recipe
+
+        kv = getattr(load_recipe(recipe), "kv_cache", None) if recipe is not None else None
+        if target != "ort" or kv is not None:
+            why = "the TensorRT target" if target != "ort" else "a quantized KV cache (qexport's own scale inputs)"
+            raise UnsupportedOp(f"attention_form='gqa' does not apply: {why} has no GroupQueryAttention form; "
+                                "use 'standard' or 'auto'")
     ort_session_config(set(), ort_accuracy_level)  # a bad level fails before the model is quantized
     out = Path(out).expanduser()
     if out.exists() and not force:
