@@ -164,11 +164,11 @@ def _packed_qkv(gr: _Graph, q: str, k: str, v: str, layer: int) -> tuple[list, l
                                      f"{base}.{role}")
              for i, role in enumerate(("weight", "scale", "zero_point")[:len(arrays[0])])]
     x = parts[0][0]
-    if parts[0][2] is None:
+    if dq is None:
         return [helper.make_node("MatMul", [x, inits[0].name], [f"{base}.out"], name=f"{base}.MatMul")], inits
-    dq = helper.make_node("DequantizeLinear", [t.name for t in inits], [f"{base}.W"], name=f"{base}.DequantizeLinear",
-                          **parts[0][2])
-    return [dq, helper.make_node("MatMul", [x, f"{base}.W"], [f"{base}.out"], name=f"{base}.MatMul")], inits
+    dequantize = helper.make_node("DequantizeLinear", [t.name for t in inits], [f"{base}.W"],
+                                  name=f"{base}.DequantizeLinear", **dq)
+    return [dequantize, helper.make_node("MatMul", [x, f"{base}.W"], [f"{base}.out"], name=f"{base}.MatMul")], inits
 
 
 def _mask_inputs(g) -> tuple[list, list, str, str]:
