@@ -74,7 +74,6 @@ def convert(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
                 g.erase_node(observer)
             del node.meta["qexport"]
             continue
-        spec = ann.weight_spec
         prefix = f"qx_{ann.module_path or node.name}"
         def const(suffix: str, tensor: torch.Tensor) -> fx.Node:
             if suffix not in consts:
@@ -88,12 +87,13 @@ def convert(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
                 scale = g.call_function(Q.double_dequantize.default, (
                     _const(gm, g, f"{prefix}_qscale", dq.qscale), _const(gm, g, f"{prefix}_scale2", dq.scale2),
                     _const(gm, g, f"{prefix}_scale_offset", dq.offset), dq.block))
-            else:
-                scale = const("scale", qw.scale)
+            else:  # (a GGML format's scales are inside its blocks: an empty tensor)
+                scale = const("scale", qw.scales())
             zp = const("zero_point", qw.zero_point) if qw.zero_point is not None else None
             bias = ann.bias
             if isinstance(bias, torch.Tensor):
                 bias = _const(gm, g, f"{prefix}_bias", bias.detach())
+            spec = qw.spec  # the stored format: a GGML K-quant may fall back to another type on this layer's K
             wargs = (spec.format.value, spec.bits, qw.group, qw.shape[1], spec.symmetric)
 
             if ann.kind == "conv":

@@ -45,6 +45,8 @@ def _layer_problem(name: str, mod) -> str | None:
     spec, act = mod.spec, mod.act_spec
     if spec.format is NumberFormat.NF4:
         return f"{name}: NF4 weights"
+    if spec.format.ggml:
+        return f"{name}: llama.cpp {spec.format.value} blocks (qexport export --format gguf writes them for llama.cpp)"
     if spec.bits not in (4, 8):
         return f"{name}: int{spec.bits} weights (compressed-tensors engines run 4- and 8-bit integer weights)"
     if spec.granularity is Granularity.PER_TENSOR:

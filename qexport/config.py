@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from qexport.errors import InvalidConfig
+from qexport.ggml import GGML_TYPES
 
 __all__ = [
     "NumberFormat",
@@ -53,6 +54,20 @@ def __getattr__(name: str) -> Any:
 class NumberFormat(str, Enum):
     INT = "int"  # uniform integer grid (signed when symmetric, unsigned + zero point when asymmetric)
     NF4 = "nf4"  # 4-bit NormalFloat code book, absmax scaled (QLoRA)
+    # llama.cpp's GGML block formats (qexport.ggml): weights only; bits, blocks and symmetry follow the type
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+    Q4_1 = "q4_1"
+    Q5_0 = "q5_0"
+    IQ4_NL = "iq4_nl"
+    Q2_K = "q2_k"
+    Q4_K = "q4_k"
+    Q6_K = "q6_k"
+
+    @property
+    def ggml(self) -> bool:
+        """Whether this is one of llama.cpp's block formats."""
+        return self.value in GGML_TYPES
 
 
 class Granularity(str, Enum):
@@ -88,7 +103,13 @@ class QuantSpec:
 
     Args:
         bits: 8, 4 or 2 for ``format='int'``; 4 for ``format='nf4'``.
-        format: ``'int'`` (uniform grid) or ``'nf4'`` (NormalFloat-4 code book).
+        format: ``'int'`` (uniform grid), ``'nf4'`` (NormalFloat-4 code book), or one of llama.cpp's GGML
+            block formats (``'q8_0'``, ``'q4_0'``, ``'q4_1'``, ``'q5_0'``, ``'iq4_nl'``, ``'q2_k'``, ``'q4_k'``,
+            ``'q6_k'``; :mod:`qexport.ggml`). A GGML format sets ``bits``, ``group_size`` (its block: 32, or
+            256 for the K-quants) and ``symmetric`` itself; give them only with those values. It is a weight
+            format: no activation, double-quantization or restricted-range options. A layer whose input size
+            is not a multiple of a K-quant's 256 is stored in llama.cpp's fallback type (q4_k -> q5_0,
+            q6_k -> q8_0, q2_k -> iq4_nl). The observer chooses each sub-block's range.
         granularity: ``'per_tensor'``, ``'per_channel'`` or ``'group'``. Left out, it is ``'group'`` when
             ``group_size`` is given and ``'per_channel'`` otherwise.
         group_size: elements per group along the input dimension (any positive size; when it does not
@@ -137,6 +158,8 @@ class QuantSpec:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("format", _enum(NumberFormat, self.format, "format"))
         set_("observer", _enum(Observer, self.observer, "observer"))
+        if self.format.ggml:
+            self._ggml_fields(set_)
         if self.granularity is None:
             set_("granularity", Granularity.GROUP if self.group_size is not None else Granularity.PER_CHANNEL)
         set_("granularity", _enum(Granularity, self.granularity, "granularity"))
@@ -151,7 +174,7 @@ class QuantSpec:
                 raise InvalidConfig(f"bits={self.bits} is not valid for format 'nf4': NF4 is a 4-bit format (bits=4)")
             if not self.symmetric:
                 raise InvalidConfig("format 'nf4' is symmetric (absmax scaled): set symmetric=true")
-        elif self.bits not in INT_BITS:
+        elif self.bits not in INT_BITS and not self.format.ggml:
             raise InvalidConfig(f"bits={self.bits} is not valid for format 'int'; allowed: 8, 4, 2")
 
         if self.granularity is Granularity.GROUP:
@@ -196,6 +219,26 @@ class QuantSpec:
                                     "dynamic ones")
             set_("static_fallback_ratio", float(r))
 
+    def _ggml_fields(self, set_) -> None:
+        """Check and set the fields a GGML format decides: bits, granularity, group_size, symmetric."""
+        t = GGML_TYPES[self.format.value]
+        name = self.format.value
+        if self.bits not in (8, t.bits):  # 8: the field's default
+            raise InvalidConfig(f"format {name!r} stores {t.bits}-bit codes: leave bits out or set bits={t.bits}")
+        if self.group_size not in (None, t.block) or self.granularity not in (None, "group", Granularity.GROUP):
+            raise InvalidConfig(f"format {name!r} stores blocks of {t.block}: leave granularity and group_size out "
+                                f"or set granularity='group', group_size={t.block}")
+        if t.symmetric and not self.symmetric:
+            raise InvalidConfig(f"format {name!r} is symmetric (no minimum per block): set symmetric=true or use "
+                                "q4_1 / q4_k / q2_k, which store one")
+        for field in ("double_quant", "restricted_range", "dynamic"):
+            if getattr(self, field):
+                raise InvalidConfig(f"format {name!r} is one of llama.cpp's weight formats: {field} does not apply")
+        set_("bits", t.bits)
+        set_("granularity", Granularity.GROUP)
+        set_("group_size", t.block)
+        set_("symmetric", t.symmetric)
+
     # ---- helpers -------------------------------------------------------------------------------
     @property
     def qmin(self) -> int:
@@ -209,6 +252,8 @@ class QuantSpec:
 
     def describe(self) -> str:
         """A short human-readable name, e.g. ``int4 g128 asym`` or ``nf4 g64 dq``."""
+        if self.format.ggml:
+            return " ".join([self.format.value] + ([self.observer.value] if self.observer is not Observer.MINMAX else []))
         fmt = "nf4" if self.format is NumberFormat.NF4 else f"int{self.bits}"
         gran = {
             Granularity.PER_TENSOR: "per-tensor",

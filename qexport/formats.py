@@ -36,6 +36,12 @@ NF4 (QLoRA)
     that table dequantizes exactly as this reference does; :func:`nf4_code` derives them (to within 1e-6).
     Double quantization stores the per-group absmax scales as int8 in blocks of 256 after subtracting their
     mean: ``scale ~= q * s2[block] + offset``.
+
+GGML block formats (llama.cpp)
+    ``qdata`` holds llama.cpp's blocks byte for byte (scales inside), ``uint8 [N, K / block * type_size]``,
+    and there is no separate scale tensor; :mod:`qexport.ggml` has their numerics. A layer is stored in
+    the type :func:`qexport.ggml.resolve` gives for its K (llama.cpp's fallback for K-quants on rows that
+    are not a multiple of 256), and its :class:`QuantizedWeight` carries that type's spec.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qexport import ggml
 from qexport.config import Granularity, NumberFormat, Observer, QuantSpec
 from qexport.errors import InvalidTensor
 
@@ -64,6 +71,7 @@ __all__ = [
     "quantize_weight",
     "fake_quantize",
     "stored_layout",
+    "ggml_layer_spec",
 ]
 
 
@@ -350,13 +358,19 @@ class QuantizedWeight:
         return _num_groups(self.shape[1], self.group)
 
     def scales(self) -> torch.Tensor:
-        """Per-group float32 scales ``[R, G]`` (reconstructed when double-quantized)."""
+        """Per-group float32 scales ``[R, G]`` (reconstructed when double-quantized); an empty tensor for a
+        GGML format, whose scales are inside ``qdata``'s blocks."""
+        if self.spec.format.ggml:
+            return torch.empty(0, dtype=torch.float32, device=self.qdata.device)
         if self.double_quant is not None:
             return double_dequantize(self.double_quant)
         return self.scale
 
     def codes(self) -> torch.Tensor:
-        """Integer codes ``[N, K]`` (int16): signed for symmetric int, unsigned otherwise, NF4 indices for nf4."""
+        """Integer codes ``[N, K]`` (int16): signed for symmetric int, unsigned otherwise, NF4 indices for nf4,
+        the stored codes of a GGML format (q8_0's signed)."""
+        if self.spec.format.ggml:
+            return ggml.decode(ggml.ggml_type(self.spec.format.value), self.qdata).q.reshape(self.shape).to(torch.int16)
         signed = self.spec.format is NumberFormat.INT and self.spec.symmetric
         return _load(self.qdata, self.spec.bits, self.shape[1], signed)
 
@@ -389,6 +403,9 @@ def stored_layout(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, tuple[to
     """The dtype and shape of every tensor :func:`quantize_weight` stores for a ``[N, K]`` weight and ``spec``,
     by the names of :meth:`QuantizedWeight.tensors` (what a saved checkpoint must hold for that layer)."""
     n, k = shape
+    if spec.format.ggml:
+        t = ggml.ggml_type(ggml_layer_spec(spec, k).format.value)
+        return {"qdata": (torch.uint8, ggml.stored_shape(t, shape))}
     g = _group_size(spec, k)
     rows = 1 if spec.granularity is Granularity.PER_TENSOR else n
     groups = 1 if spec.granularity is Granularity.PER_TENSOR else _num_groups(k, g)
@@ -413,7 +430,10 @@ def stored_layout(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, tuple[to
 
 def dequantize_stored(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: str,
                       bits: int, group: int, k: int, symmetric: bool) -> torch.Tensor:
-    """Float32 ``[N, K]`` weight from its stored tensors (``scale`` already reconstructed if double-quantized)."""
+    """Float32 ``[N, K]`` weight from its stored tensors (``scale`` already reconstructed if double-quantized;
+    unused for a GGML format)."""
+    if fmt in ggml.GGML_TYPES:
+        return ggml.dequantize(qdata, fmt, k)
     num_groups = _num_groups(k, group)
     scale = expand_groups(scale.to(torch.float32), group, k)
     if fmt == NumberFormat.NF4.value:
@@ -450,6 +470,8 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Q
     if not isinstance(spec, QuantSpec):
         raise InvalidTensor(f"{name}: spec must be a QuantSpec, got {type(spec).__name__}")
     w = _check_weight(w, name)
+    if spec.format.ggml:
+        return _quantize_ggml(w, spec, name)
     n, k = w.shape
     g = _group_size(spec, k)
     nf4 = spec.format is NumberFormat.NF4
@@ -484,6 +506,29 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec, name: str = "weight") -> Q
     codes = codes.to(torch.int16)
     stored_zp = None if zp is None else _store(zp.to(torch.int16), spec.bits, signed=False)
     return QuantizedWeight(spec, (n, k), g, _store(codes, spec.bits, spec.symmetric), scale, stored_zp)
+
+
+def ggml_layer_spec(spec: QuantSpec, k: int, name: str = "weight") -> QuantSpec:
+    """The GGML spec a layer with input size ``k`` is stored in: ``spec``, or llama.cpp's fallback type
+    (:func:`qexport.ggml.resolve`) with the same observer. Raises :class:`InvalidTensor` when no type fits."""
+    t = ggml.resolve(spec.format.value, k)
+    if t is None:
+        raise InvalidTensor(f"{name}: {spec.format.value} stores rows in blocks of {ggml.ggml_type(spec.format.value).block}"
+                            f" and K={k} fits neither it nor its fallback; keep this layer in float (llama.cpp writes "
+                            "it as f16)")
+    if t.name == spec.format.value:
+        return spec
+    return QuantSpec(format=t.name, observer=spec.observer, percentile=spec.percentile)
+
+
+def _quantize_ggml(w: torch.Tensor, spec: QuantSpec, name: str) -> QuantizedWeight:
+    n, k = w.shape
+    spec = ggml_layer_spec(spec, k, name)
+    t = ggml.ggml_type(spec.format.value)
+    rows = max(1, _ROW_CHUNK_ELEMS // k)
+    data = [ggml.quantize(w[r0 : r0 + rows], t, lambda v: observe_range(v, spec), name)
+            for r0 in range(0, n, rows)]
+    return QuantizedWeight(spec, (n, k), t.block, torch.cat(data, 0), None)
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec, name: str = "weight") -> torch.Tensor:

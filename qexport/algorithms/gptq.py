@@ -57,13 +57,15 @@ from qexport.algorithms.common import (
     set_weight,
     split_by_block,
 )
-from qexport.algorithms.registry import Option, integer_grids_only, register
+from qexport import ggml
+from qexport.algorithms.registry import Option, integer_or_ggml_grids, register
 from qexport.algorithms.rotate import ROTATE_OPTIONS
 from qexport.config import Granularity, QuantSpec
 from qexport.errors import QExportError
 from qexport.formats import (
     QuantizedWeight,
     dequantize_codes,
+    ggml_layer_spec,
     observe_range,
     qparams_from_range,
     quantize_codes,
@@ -157,10 +159,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     w[:, dead] = 0.0
 
     per_tensor = spec.granularity is Granularity.PER_TENSOR
+    grid = None
+    if spec.format.ggml:  # llama.cpp's blocks: a block's two-level scales are fixed when GPTQ reaches it
+        spec = ggml_layer_spec(spec, k, name)
+        grid = ggml.Grid(ggml.ggml_type(spec.format.value), n, k, lambda v: observe_range(v, spec))
     g = group_size(spec, k)
     num_groups = 1 if per_tensor else math.ceil(k / g)
     static = act_order or static_groups or per_tensor
-    if static:
+    if grid is not None:
+        scale = zero = None
+        if static:
+            grid.fit_all(w)
+    elif static:
         scale, zero = qparams_from_range(*group_ranges(w, spec), spec.bits, spec.symmetric, spec.restricted_range)
     else:
         scale = torch.ones(n, num_groups, dtype=torch.float32)
@@ -191,17 +201,23 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
                 if c_end > i2:
                     beyond = w[:, i2:c_end] - err1 @ hinv[i1:i2, i2:c_end]
                     cols = torch.cat([cols, beyond], 1)
-                lo, hi = observe_range(cols[:, None, :], spec)
-                s, z = qparams_from_range(lo[:, 0], hi[:, 0], spec.bits, spec.symmetric, spec.restricted_range)
-                scale[:, c // g] = s
-                if zero is not None:
-                    zero[:, c // g] = z
-            j = int(col_group[c])
-            s = scale[:, j] if scale.shape[0] == n else scale[0, j].expand(n)
-            z = None if zero is None else (zero[:, j] if zero.shape[0] == n else zero[0, j].expand(n))
+                if grid is not None:
+                    grid.fit(c // g, cols)
+                else:
+                    lo, hi = observe_range(cols[:, None, :], spec)
+                    s, z = qparams_from_range(lo[:, 0], hi[:, 0], spec.bits, spec.symmetric, spec.restricted_range)
+                    scale[:, c // g] = s
+                    if zero is not None:
+                        zero[:, c // g] = z
             col = w1[:, i]
-            q = quantize_codes(col, s, z, spec.bits, spec.symmetric, spec.restricted_range)
-            dq = dequantize_codes(q, s, z)
+            if grid is not None:
+                q, dq = grid.round(int(orig_col[c]), col)
+            else:
+                j = int(col_group[c])
+                s = scale[:, j] if scale.shape[0] == n else scale[0, j].expand(n)
+                z = None if zero is None else (zero[:, j] if zero.shape[0] == n else zero[0, j].expand(n))
+                q = quantize_codes(col, s, z, spec.bits, spec.symmetric, spec.restricted_range)
+                dq = dequantize_codes(q, s, z)
             codes[:, c] = q
             deq[:, c] = dq
             e = (col - dq) / h1[i, i]
@@ -212,6 +228,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     if perm is not None:
         inv = torch.argsort(perm)
         codes, deq = codes[:, inv], deq[:, inv]
+    if grid is not None:
+        return QuantizedWeight(spec, (n, k), g, grid.encode(codes), None), deq
     qweight = build_quantized_weight(spec, codes, scale, zero)
     return qweight, deq
 
@@ -341,7 +359,7 @@ def _one_pass(model: nn.Module, tasks: list[LayerTask], batches: list[torch.Tens
         _quantize_task(t, collector.acc[t.name], options, results)
 
 
-@register("gptq", options=OPTIONS, needs_data=True, check=integer_grids_only,
+@register("gptq", options=OPTIONS, needs_data=True, check=integer_or_ggml_grids,
           doc="GPTQ: column-by-column rounding, each column's error spread over the rest (calibration data)")
 @torch.no_grad()
 def quantize_model_gptq(model: nn.Module, tasks: list[LayerTask], batches: list[torch.Tensor],

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from qexport.config import Recipe
 
 __all__ = ["Option", "AlgorithmOptions", "Algorithm", "ALGORITHMS", "register", "registered", "lookup",
-           "get_algorithm", "integer_grids_only"]
+           "get_algorithm", "integer_grids_only", "integer_or_ggml_grids"]
 
 
 def _is_int(value: Any) -> bool:
@@ -166,6 +166,17 @@ def lookup(name: Any, where: str = "") -> Algorithm:
 def get_algorithm(name: str) -> Callable[..., dict]:
     """The ``run`` function of algorithm ``name`` (see :class:`Algorithm`)."""
     return lookup(name).run
+
+
+def integer_or_ggml_grids(recipe: "Recipe") -> None:
+    """The check of GPTQ: every weight spec is an ``int`` grid or one of llama.cpp's GGML block formats."""
+    for r in recipe.rules:
+        w = r.weight
+        if w is not None and w.format.value != "int" and not w.format.ggml:
+            raise InvalidConfig(
+                f"recipe {recipe.name!r}: algorithm {recipe.algorithm!r} quantizes to integer or GGML grids, but "
+                f"rule {r.pattern!r} asks for {w.describe()}: use algorithm 'rtn' for NF4"
+            )
 
 
 def integer_grids_only(recipe: "Recipe") -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qexport.errors import UnsupportedOp
+from qexport.ggml import GGML_TYPES
 
 __all__ = ["Rule", "RULES", "OPSETS", "QUANTIZED_BITS", "INTEGER_OPS", "FLOAT_FORMATS", "RESTRICTED_PRESETS",
            "weight_rule", "activation_rule", "refuse", "check_weight", "check_activation"]
@@ -28,7 +29,8 @@ __all__ = ["Rule", "RULES", "OPSETS", "QUANTIZED_BITS", "INTEGER_OPS", "FLOAT_FO
 OPSETS = (13, 21)  # per-channel ``axis`` from 13; blocked DequantizeLinear and INT4 from 21
 QUANTIZED_BITS = (8, 4)  # signed INT8 and INT4 only
 INTEGER_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv")  # not in TensorRT's QDQ model
-FLOAT_FORMATS = ("nf4",)  # no code-book dequantization in TensorRT's QDQ rules: kept float, not refused
+# no code-book or GGML-block dequantization in TensorRT's QDQ rules: kept float, not refused
+FLOAT_FORMATS = ("nf4", *GGML_TYPES)
 RESTRICTED_PRESETS = "w4g128-trt, w8-trt"
 STATIC_OR_WEIGHT_ONLY = "use a static recipe (w8a8-static) or a weight-only one (w8, w4g128-sym)"
 
@@ -65,7 +67,7 @@ RULES = {r.id: r for r in (
 
 def weight_rule(fmt: str, bits: int, symmetric: bool, group: int, k: int, per_tensor: bool) -> tuple[str, str] | None:
     """``(rule id, what the weight is)`` for the first rule a stored weight breaks, or None. NF4 passes
-    (:data:`FLOAT_FORMATS`: kept float, not refused)."""
+    and the GGML block formats pass (:data:`FLOAT_FORMATS`: kept float, not refused)."""
     if fmt in FLOAT_FORMATS:
         return None
     if fmt != "int":
