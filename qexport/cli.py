@@ -173,6 +173,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise InvalidConfig("--recipe is required (a preset name, a recipe JSON file, or 'fp32'), unless --model is "
                             "a quantized folder (`qexport quantize`)")
     recipe = None if args.recipe in (None, "fp32") and args.kv_cache is None else args.recipe
+    if args.format == "gguf":
+        return _export_gguf(args, recipe)
+    if args.float_type is not None:
+        raise InvalidConfig("--float-type is for --format gguf (an ONNX export keeps float32)")
     if recipe is not None:  # a bad recipe fails before the model loads
         recipe = resolve_recipe(recipe, args.kv_cache)
     _check_output(args.out, args.force)
@@ -186,6 +190,30 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"target {r['target']}, {r['attention_form']['form']} attention; {quantized} layers quantized, "
           f"{len(r['layers']) - quantized} float "
           f"(see {res.path / 'export_report.json'})")
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace, recipe) -> int:
+    from qexport.export.gguf import export_gguf
+
+    onnx_only = [flag for flag, on in (("--target", args.target != "ort"), ("--kv-cache", args.kv_cache is not None),
+                                       ("--ort-accuracy-level", args.ort_accuracy_level is not None),
+                                       ("--embedding-form", args.embedding_form != "auto"),
+                                       ("--attention-form", args.attention_form != "auto"),
+                                       ("--no-fuse", not args.fuse)) if on]
+    if onnx_only:
+        raise InvalidConfig(f"{', '.join(onnx_only)}: ONNX export options, not for --format gguf")
+    if recipe is not None:
+        recipe = resolve_recipe(recipe, None)
+    _check_output(args.out, args.force)
+    _threads()
+    res = export_gguf(args.model, args.out, recipe, calibration=_calibration(args), float_type=args.float_type or "f16",
+                      force=args.force)
+    r = res.report
+    types = ", ".join(f"{n} {t}" for t, n in sorted(r["tensor_types"].items(), key=lambda kv: -kv[1]))
+    check = (f"; read back bit-identical ({r['readback']['tensors']} quantized tensors)" if r["readback"] else "")
+    print(f"wrote {res.path}: {mb(r['bytes'])} MB, {r['bits_per_weight']:.2f} bits per weight, file type "
+          f"{r['file_type']}; tensors: {types}{check}")
     return 0
 
 
@@ -444,12 +472,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="folder for bench.json, bench.csv, bench.md (and bench.png with --ppl-tokens)")
     _finish(b, cmd_bench, "perplexity and calibration", force="overwrite existing result files")
 
-    x = sub.add_parser("export", help="export a quantized causal LM with KV cache as an ONNX QDQ folder")
+    x = sub.add_parser("export", help="export a quantized causal LM: an ONNX QDQ folder (KV cache in and out), or a "
+                                      "GGUF file for llama.cpp")
     x.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2', a local Hugging Face checkpoint directory, or a "
                                                       "quantized folder (`qexport quantize`; then no --recipe)")
     x.add_argument("--recipe", help="preset name or recipe JSON file; 'fp32' for the float baseline; left out when "
                                     "--model is a quantized folder")
-    x.add_argument("--out", required=True, help="folder to write (model.onnx, config, tokenizer, recipe, report)")
+    x.add_argument("--out", required=True, help="folder to write (model.onnx, config, tokenizer, recipe, report); "
+                                                "with --format gguf, the .gguf file")
+    x.add_argument("--format", choices=("onnx", "gguf"), default="onnx",
+                   help="onnx (default): an ONNX QDQ folder; gguf: one GGUF file for llama.cpp, from a gguf-* recipe "
+                        "(llama.cpp's block formats) or 'fp32' (all float)")
+    x.add_argument("--float-type", choices=("f16", "f32"), default=None,
+                   help="--format gguf: the type of what stays float (embedding, float lm_head; default f16); norms "
+                        "are f32")
     x.add_argument("--target", choices=("ort", "tensorrt"), default="ort",
                    help="ort: ONNX Runtime (default); tensorrt: TensorRT's QDQ rules")
     x.add_argument("--calib-text", help="calibration text for static / GPTQ / AWQ recipes (default: bundled)")

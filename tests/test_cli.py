@@ -589,6 +589,8 @@ FLAG_TESTS = {
         "--ort-accuracy-level": "test_export.py::test_cli_export_verify_eval",
         "--embedding-form": "test_cli.py::test_export_kv_cache_embedding_form_and_verify_accuracy_level",
         "--attention-form": "test_gqa_form.py::test_cli_attention_form",
+        "--format": "test_gguf.py::test_cli_writes_a_gguf_file_and_refuses_onnx_options",
+        "--float-type": "test_gguf.py::test_cli_writes_a_gguf_file_and_refuses_onnx_options",
         "--no-fuse": "test_export.py::test_cli_export_verify_eval",
         "--bos": "test_cli.py::test_calibrated_export_then_verify",
         "--force": "test_export.py::test_cli_export_verify_eval",

@@ -1,0 +1,374 @@
+"""GGUF export for llama.cpp: ``qexport export --format gguf`` / :func:`export_gguf`.
+
+A model quantized to llama.cpp's block formats (:mod:`qexport.ggml`, the ``gguf-*`` presets) is written as
+one GGUF file with the ``gguf`` package (llama.cpp's own writer). The quantized layers' bytes go in as they
+are stored, so llama.cpp dequantizes exactly qexport's dequantized weights; :func:`read_back` checks that
+with gguf's reader and dequantizer. What stays float is written as ``float_type`` (f16 or f32), norms as f32.
+
+Conventions (llama.cpp's ``convert_hf_to_gguf.py``): tensor names from ``gguf.TensorNameMap``; the rows of
+``q_proj`` and ``k_proj`` permuted from Hugging Face's rotate-half RoPE layout to GGML's (a permutation of
+whole rows, so a quantized row moves with its blocks unchanged); a tied ``lm_head`` is not written (llama.cpp
+reads ``token_embd``); the tokenizer's fields copied from the GGUF file the model was converted from
+(``qexport-source.json``, as for ``smollm2``) or built from a byte-level BPE ``tokenizer.json``.
+
+Architectures: Hugging Face ``llama`` and ``mistral`` (GGUF ``llama``) without RoPE scaling. Refused, with
+the layer and what to use: integer, NF4 or other non-GGML weights, quantized activations (W8A8, LLM.int8()),
+online rotations and a quantized KV cache, none of which a GGUF tensor type states.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qexport._io import OutputExists
+from qexport.errors import InvalidConfig, UnsupportedOp
+
+__all__ = ["export_gguf", "read_back", "GgufResult", "ARCHITECTURES", "FLOAT_TYPES", "hf_to_gguf_names"]
+
+ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # Hugging Face model_type -> GGUF architecture
+FLOAT_TYPES = ("f16", "f32")
+_USE_INSTEAD = "a gguf-* recipe (qexport recipes lists them: gguf-q8_0, gguf-q4_k, gguf-q4_k-gptq, ...)"
+# llama.cpp's file types (LlamaFileType) named after the type most of the weights are in
+_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q2_k": 10, "q4_k": 15, "q6_k": 18,
+              "iq4_nl": 25}
+
+
+@dataclass
+class GgufResult:
+    path: Path
+    report: dict[str, Any]
+
+
+def _permute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's ``LlamaModel.permute``: within each head, rows ``[0, 2, 4, ..., 1, 3, 5, ...]`` of the
+    rotate-half layout become interleaved pairs."""
+    n = w.shape[0]
+    return w.reshape(heads, 2, n // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    n = w.shape[0]
+    return w.reshape(heads, n // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise UnsupportedOp(f"RoPE scaling {kind!r}: the GGUF export writes unscaled RoPE only")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise UnsupportedOp("the model's config has no rope_theta")
+    return float(theta)
+
+
+def hf_to_gguf_names(model: nn.Module) -> dict[str, str]:
+    """GGUF tensor names (llama.cpp's) of the model's parameters, by their Hugging Face names."""
+    import gguf
+
+    cfg = model.config
+    arch = ARCHITECTURES.get(cfg.model_type)
+    if arch is None:
+        raise UnsupportedOp(f"model type {cfg.model_type!r} has no GGUF export yet; supported: "
+                            f"{', '.join(ARCHITECTURES)}")
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    out = {}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        stem, dot, suffix = name.rpartition(".")
+        gname = name_map.get_name(stem)
+        if gname is None:
+            raise UnsupportedOp(f"{name}: no llama.cpp tensor name for it")
+        out[name] = f"{gname}.{suffix}"
+    for mod_name, mod in model.named_modules():
+        if hasattr(mod, "qdata") and mod_name + ".weight" not in out:  # quantized layers have buffers, no weight
+            gname = name_map.get_name(mod_name)
+            if gname is None:
+                raise UnsupportedOp(f"{mod_name}: no llama.cpp tensor name for it")
+            out[mod_name + ".weight"] = f"{gname}.weight"
+    return out
+
+
+def _check_expressible(model: nn.Module) -> None:
+    from qexport.export.onnx import kv_cache_spec
+    from qexport.modules import QEmbedding, QLinear
+
+    if kv_cache_spec(model) is not None:
+        raise UnsupportedOp(f"a quantized KV cache has no GGUF form (llama.cpp quantizes its cache at run time: "
+                            f"llama.cpp's --cache-type-k); use {_USE_INSTEAD}")
+    for name, mod in model.named_modules():
+        if type(mod).__name__ == "OnlineRotation":
+            raise UnsupportedOp(f"{name}: an online Hadamard rotation has no GGUF form; use {_USE_INSTEAD} "
+                                "without 'rotate'")
+        if isinstance(mod, QLinear):
+            if mod.act_spec is not None:
+                raise UnsupportedOp(f"{name}: quantized activations ({mod.act_spec.describe()}) have no GGUF form "
+                                    f"(llama.cpp quantizes activations itself); use {_USE_INSTEAD}")
+            if not mod.spec.format.ggml:
+                raise UnsupportedOp(f"{name}: {mod.spec.describe()} weights have no GGUF block type; use "
+                                    f"{_USE_INSTEAD}")
+        elif isinstance(mod, QEmbedding):
+            raise UnsupportedOp(f"{name}: a quantized embedding ({mod.spec.describe()}) has no GGUF form here; "
+                                "leave the embedding float")
+
+
+def _tokenizer_fields(source: str | None, tokenizer) -> tuple[list[tuple[str, Any, Any, Any]], str]:
+    """``[(key, value, type, sub_type)]`` of the ``tokenizer.*`` fields, and where they came from."""
+    import gguf
+
+    gguf_file = _source_gguf(source)
+    if gguf_file is not None:
+        reader = gguf.GGUFReader(str(gguf_file))
+        fields = []
+        for key, f in reader.fields.items():
+            if key.startswith("tokenizer."):
+                sub = f.types[1] if len(f.types) > 1 else None
+                fields.append((key, f.contents(), f.types[0], sub))
+        return fields, f"copied from {gguf_file.name}"
+    if tokenizer is None:
+        raise InvalidConfig("the GGUF export needs the model's tokenizer: give a model name or folder, or tokenizer=")
+    return _bpe_fields(tokenizer), "built from tokenizer.json (byte-level BPE)"
+
+
+def _source_gguf(source: str | None) -> Path | None:
+    """The GGUF file a model was converted from (``qexport-source.json`` in its folder), if any."""
+    if source is None:
+        return None
+    from qexport.models import MODEL_ALIASES, smollm2_checkpoint
+
+    folder = smollm2_checkpoint(progress=False) if source in MODEL_ALIASES else Path(source)
+    if (folder / "recipe.json").is_file():  # a saved quantized folder: the model it was quantized from
+        from qexport.checkpoint import read_provenance
+
+        return _source_gguf(read_provenance(folder).get("source_model"))
+    marker = folder / "qexport-source.json"
+    if not marker.is_file():
+        return None
+    path = Path(json.loads(marker.read_text()).get("source", ""))
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def _bpe_fields(tokenizer) -> list[tuple[str, Any, Any, Any]]:
+    """llama.cpp's ``gpt2`` tokenizer fields from a Hugging Face fast tokenizer with a byte-level BPE model."""
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise UnsupportedOp(f"tokenizer model {model.get('type')!r}: the GGUF export builds byte-level BPE "
+                            "tokenizers only (or copies a source GGUF's)")
+    vocab = tokenizer.get_vocab()
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    for tok, i in vocab.items():
+        tokens[i], types[i] = tok, gguf.TokenType.NORMAL
+    for added in spec.get("added_tokens", []):
+        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    V = gguf.GGUFValueType
+    fields = [("tokenizer.ggml.model", "gpt2", V.STRING, None), ("tokenizer.ggml.pre", "gpt-2", V.STRING, None),
+              ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
+              ("tokenizer.ggml.token_type", [int(t) for t in types], V.ARRAY, V.INT32),
+              ("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING)]
+    for key, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unknown", "unk_token_id"),
+                      ("padding", "pad_token_id")):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            fields.append((f"tokenizer.ggml.{key}_token_id", int(value), V.UINT32, None))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        fields.append(("tokenizer.chat_template", template, V.STRING, None))
+    return fields
+
+
+def _tensors(model: nn.Module, float_type: str) -> list[tuple[str, Any, Any, torch.Tensor | None]]:
+    """``[(gguf name, array, ggml type, dequantized float32 weight or None)]`` in the model's order."""
+    import gguf
+
+    from qexport.modules import QLinear
+
+    cfg = model.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    names = hf_to_gguf_names(model)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    out, seen = [], set()
+    float_gtype = gguf.GGMLQuantizationType.F16 if float_type == "f16" else gguf.GGMLQuantizationType.F32
+    modules = dict(model.named_modules())
+    for hf_name, gname in names.items():
+        if gname in seen:
+            continue
+        mod_name = hf_name.rpartition(".")[0]
+        mod = modules[mod_name]
+        if tied and mod_name.endswith("lm_head") and not isinstance(mod, QLinear):
+            continue  # llama.cpp reads the tied embedding
+        seen.add(gname)
+        rows = heads if mod_name.endswith("q_proj") else kv_heads if mod_name.endswith("k_proj") else None
+        permute = (lambda t: _permute_rows(t, rows)) if rows and hf_name.endswith(".weight") else (lambda t: t)
+        if isinstance(mod, QLinear):
+            qw = mod.quantized_weight()
+            gtype = gguf.GGMLQuantizationType(_ggml_type(qw).ggml_id)
+            out.append((gname, permute(qw.qdata).numpy(), gtype, permute(qw.dequantize())))
+            continue
+        t = dict(mod.named_parameters(recurse=False))[hf_name.rpartition(".")[2]].detach().to(torch.float32)
+        if t.dim() == 1:  # norms and biases: f32, as llama.cpp writes them
+            out.append((gname, t.numpy(), gguf.GGMLQuantizationType.F32, None))
+        else:
+            arr = permute(t).numpy()
+            out.append((gname, arr.astype("float16") if float_type == "f16" else arr, float_gtype, None))
+    return out
+
+
+def _ggml_type(qw):
+    from qexport import ggml
+
+    return ggml.ggml_type(qw.spec.format.value)
+
+
+def _metadata(writer, model: nn.Module, recipe_dict, file_type: int) -> None:
+    import gguf
+
+    import qexport
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_name(getattr(cfg, "_name_or_path", "") or "model")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(_rope_theta(cfg))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_string("general.quantized_by", f"qexport {qexport.__version__}")
+    if recipe_dict is not None:
+        writer.add_string("qexport.recipe", json.dumps(recipe_dict, sort_keys=True))
+
+
+def export_gguf(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, calibration=None,
+                float_type: str = "f16", force: bool = False, check: bool = True) -> GgufResult:
+    """Write a causal LM, quantized by ``recipe`` (a ``gguf-*`` preset or a recipe of GGML formats), as a GGUF
+    file for llama.cpp (see the module docstring).
+
+    Args:
+        model: ``'smollm2'``, a checkpoint folder, a saved quantized folder, or a causal LM module (quantized
+            already when ``recipe`` is None; float, with ``recipe=None``, for an all-float file to give
+            llama.cpp's own quantizer).
+        out: the ``.gguf`` file to write; an existing one is replaced only with ``force``.
+        float_type: what stays float (the embedding, a float ``lm_head``): ``'f16'`` (llama.cpp's default) or
+            ``'f32'``; norms are f32 either way.
+        check: read the file back with gguf's reader and compare every quantized tensor, dequantized by
+            gguf, with qexport's dequantized weight, bit for bit (:func:`read_back`).
+    """
+    import gguf
+
+    from qexport.export.onnx import _prepare
+
+    if float_type not in FLOAT_TYPES:
+        raise InvalidConfig(f"float_type={float_type!r} is not valid; allowed: {', '.join(FLOAT_TYPES)}")
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise OutputExists(f"{str(out)!r} already exists; pass force=True / --force to replace it")
+    if out.is_dir():
+        raise OutputExists(f"{str(out)!r} is a folder; give the .gguf file to write")
+    t0 = time.perf_counter()
+    qmodel, tokenizer, source = _prepare(model, recipe, tokenizer, calibration)
+    if ARCHITECTURES.get(getattr(qmodel.config, "model_type", None)) is None:
+        raise UnsupportedOp(f"model type {qmodel.config.model_type!r} has no GGUF export yet; supported: "
+                            f"{', '.join(ARCHITECTURES)}")
+    _rope_theta(qmodel.config)
+    _check_expressible(qmodel)
+    tok_fields, tok_source = _tokenizer_fields(source, tokenizer)
+    tensors = _tensors(qmodel, float_type)
+    counts: dict[str, int] = {}
+    params: dict[str, int] = {}
+    for _, arr, gtype, deq in tensors:
+        counts[gtype.name.lower()] = counts.get(gtype.name.lower(), 0) + 1
+        n = deq.numel() if deq is not None else arr.size
+        params[gtype.name.lower()] = params.get(gtype.name.lower(), 0) + n
+    main = max((k for k in params if k != "f32" or len(params) == 1), key=params.get)
+    recipe_dict = qmodel.qexport_report.recipe if hasattr(qmodel, "qexport_report") else None
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(str(tmp), ARCHITECTURES[qmodel.config.model_type])
+        _metadata(writer, qmodel, recipe_dict, _FILE_TYPE.get(main, 1))
+        for key, value, vtype, sub in tok_fields:
+            writer.add_key_value(key, value, vtype, sub_type=sub)
+        for gname, arr, gtype, _ in tensors:
+            quantized = gtype not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)
+            writer.add_tensor(gname, arr, raw_dtype=gtype if quantized else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        readback = read_back(tmp, {g: d for g, _, _, d in tensors if d is not None}) if check else None
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    size = out.stat().st_size
+    total = sum(params.values())
+    report = {
+        "format": "gguf",
+        "source_model": source,
+        "recipe": recipe_dict.get("name") if recipe_dict else None,
+        "architecture": ARCHITECTURES[qmodel.config.model_type],
+        "file_type": main,
+        "bytes": size,
+        "bits_per_weight": round(8 * size / total, 3),
+        "tensor_types": counts,
+        "parameters_by_type": params,
+        "float_type": float_type,
+        "tokenizer": tok_source,
+        "readback": readback,
+        "export_s": round(time.perf_counter() - t0, 2),
+    }
+    return GgufResult(out, report)
+
+
+def read_back(path: str | os.PathLike, expected: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Dequantize every tensor of ``expected`` from the GGUF file with gguf's own reader and dequantizer and
+    compare it bit for bit; raises :class:`~qexport.errors.QExportError` on the first difference."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from qexport.errors import QExportError
+
+    reader = gguf.GGUFReader(str(path))
+    found = {t.name: t for t in reader.tensors}
+    for name, want in expected.items():
+        t = found.get(name)
+        if t is None:
+            raise QExportError(f"{path}: tensor {name!r} is missing")
+        got = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).reshape(want.shape)
+        if not torch.equal(got.view(torch.int32), want.to(torch.float32).contiguous().view(torch.int32)):
+            bad = int((got != want).sum())
+            raise QExportError(f"{path}: tensor {name!r} ({t.tensor_type.name}) reads back with {bad} values "
+                               "different from qexport's dequantized weight")
+    return {"tensors": len(expected), "bit_identical": True, "reader": f"gguf {_gguf_version()}"}
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import version
+
+    return version("gguf")

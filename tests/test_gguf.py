@@ -1,0 +1,125 @@
+"""GGUF export (qexport.export.gguf): the file gguf's reader reads back bit for bit, transformers' own GGUF
+loader (an independent reader: names, row permutation, metadata) turns into the same model, the tokenizer
+fields follow llama.cpp's, and what GGUF cannot state is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qexport._io import OutputExists
+from qexport.cli import main
+from qexport.errors import UnsupportedOp
+from qexport.export.gguf import _permute_rows, _unpermute_rows, export_gguf
+from qexport.modules import QLinear
+from qexport.prepare import quantize_model
+
+from tiny import EMMA
+
+gguf = pytest.importorskip("gguf")
+
+IDS = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(1))
+
+
+def _bpe_tokenizer():
+    """A byte-level BPE tokenizer trained on a page of Emma (llama.cpp's 'gpt2' tokenizer model)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([EMMA.read_text(encoding="utf-8")[:20000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def _llama(tie: bool = False, vocab: int = 320):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_row_permutation_is_llama_cpps_and_inverts():
+    w = torch.arange(8 * 3).reshape(8, 3)
+    p = _permute_rows(w, 2)  # per head of 4 rows: [0, 2, 1, 3] (rotate-half halves interleaved)
+    assert p[:, 0].tolist() == [0, 6, 3, 9, 12, 18, 15, 21]
+    assert torch.equal(_unpermute_rows(p, 2), w)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@torch.no_grad()
+def test_transformers_reads_the_file_back_as_the_quantized_model(tie, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = quantize_model(_llama(tie=tie), "gguf-q4_k")
+    res = export_gguf(model, tmp_path / "m.gguf", tokenizer=_bpe_tokenizer(), float_type="f32")
+    r = res.report
+    assert r["readback"]["bit_identical"] and r["readback"]["tensors"] == 14  # 7 linears x 2 blocks
+    # f32: 2 x 2 block norms, the final norm, token_embd, and output.weight unless tied
+    assert r["tensor_types"] == {"q4_k": 14, "f32": 6 + (0 if tie else 1)}
+    reader = gguf.GGUFReader(str(res.path))
+    names = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert names["blk.0.attn_q.weight"] == "Q4_K" and names["token_embd.weight"] == "F32"
+    assert ("output.weight" in names) == (not tie)  # a tied lm_head is read from token_embd
+    # the stored q rows are the model's rows, permuted whole (blocks unchanged)
+    k_rows = torch.from_numpy(np.array(reader.get_tensor(names_index(reader, "blk.1.attn_k.weight")).data))
+    assert torch.equal(_unpermute_rows(k_rows, 2), model.model.layers[1].self_attn.k_proj.qdata)
+    fields = reader.fields
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["llama.attention.head_count_kv"].contents() == 2
+    assert fields["general.file_type"].contents() == 15
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+    torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, atol=2e-5, rtol=2e-5)
+
+
+def names_index(reader, name: str) -> int:
+    return [t.name for t in reader.tensors].index(name)
+
+
+def test_fallback_types_float_head_and_float_file(tmp_path):
+    model = quantize_model(_llama(vocab=320), "gguf-q2_k")
+    res = export_gguf(model, tmp_path / "q2.gguf", tokenizer=_bpe_tokenizer())
+    assert res.report["tensor_types"]["q2_k"] == 14 and res.report["tensor_types"]["f16"] == 2
+    # an all-float file (what llama.cpp's own quantizer starts from)
+    flt = export_gguf(_llama(), tmp_path / "f32.gguf", tokenizer=_bpe_tokenizer(), float_type="f32")
+    assert set(flt.report["tensor_types"]) == {"f32"} and flt.report["readback"]["tensors"] == 0
+    with pytest.raises(OutputExists):
+        export_gguf(_llama(), tmp_path / "f32.gguf", tokenizer=_bpe_tokenizer())
+
+
+@pytest.mark.parametrize("recipe, words", [("w4g128", "no GGUF block type"), ("w8a8-dynamic", "activations")])
+def test_what_gguf_cannot_state_is_refused_naming_the_layer(recipe, words, tmp_path):
+    model = quantize_model(_llama(), recipe)
+    with pytest.raises(UnsupportedOp, match=rf"model\.layers\.0\.self_attn\.q_proj: .*{words}.*gguf-q4_k"):
+        export_gguf(model, tmp_path / "x.gguf", tokenizer=_bpe_tokenizer())
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_writes_a_gguf_file_and_refuses_onnx_options(tmp_path, capsys):
+    folder = tmp_path / "model"
+    _llama().save_pretrained(folder)
+    _bpe_tokenizer().save_pretrained(folder)
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--format", "gguf", "--model", str(folder), "--recipe", "gguf-q8_0", "--out", str(out),
+                 "--float-type", "f32"]) == 0
+    said = capsys.readouterr().out
+    assert "read back bit-identical (14 quantized tensors)" in said and "file type q8_0" in said
+    reader = gguf.GGUFReader(str(out))
+    assert {t.tensor_type.name for t in reader.tensors} == {"Q8_0", "F32"}
+    assert main(["export", "--format", "gguf", "--model", str(folder), "--recipe", "gguf-q8_0", "--out",
+                 str(tmp_path / "b.gguf"), "--target", "tensorrt"]) == 2
+    assert "--target: ONNX export options" in capsys.readouterr().err
+    assert main(["export", "--model", str(folder), "--recipe", "w8", "--out", str(tmp_path / "o"),
+                 "--float-type", "f16"]) == 2
+    assert "--float-type is for --format gguf" in capsys.readouterr().err
+    assert main(["export", "--format", "gguf", "--model", str(folder), "--recipe", "gguf-q8_0", "--out",
+                 str(out)]) == 2  # exists
+    assert not any(isinstance(m, QLinear) for m in _llama().modules())
