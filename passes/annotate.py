@@ -72,8 +72,8 @@ def annotate(gm: fx.GraphModule, ctx: QuantContext) -> PassResult:
         w_spec, a_spec = ctx.effective_rule(rule)
         input_index = 0
         if kind == "embedding":
-            if w_spec.format.value != "int" or w_spec.double_quant:
-                result.skip(path, f"embeddings are stored as integer grids, not {w_spec.describe()}")
+            if not (w_spec.format.value == "int" or w_spec.format.ggml) or w_spec.double_quant:
+                result.skip(path, f"embeddings are stored as integer grids or GGML blocks, not {w_spec.describe()}")
                 continue
             a_spec, input_index = None, embedding_args(node)[2]
         if kind == "conv":

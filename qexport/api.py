@@ -111,11 +111,15 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", calibration
                 candidates.append((name, mod, rule))
 
     computed = None
+    # a linear tied to an embedding quantized in the same format (a tied lm_head) shares the table's stored
+    # weight, rounded to nearest, whatever the algorithm: the table is stored once
+    tables = {(_tensor_key(m.weight), r.weight) for _, m, r in embeddings}
+    tied = {name for name, mod, rule in candidates if (_tensor_key(mod.weight), rule.weight) in tables}
     if recipe.algorithm != "rtn":
         from qexport.algorithms import get_algorithm
         from qexport.algorithms.common import LayerTask
 
-        tasks = [LayerTask(name, mod, rule.weight) for name, mod, rule in candidates]
+        tasks = [LayerTask(name, mod, rule.weight) for name, mod, rule in candidates if name not in tied]
         was_training = model.training
         model.eval()  # no dropout while calibrating
         try:
@@ -134,7 +138,7 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", calibration
     for name, mod, rule in iterator:
         shape = tuple(mod.weight.shape)
         try:
-            if computed is None:
+            if computed is None or name in tied:
                 qw, note = _shared_weight(shared, mod.weight, rule.weight, name)
                 qmod = QLinear(qw, mod.bias, weight_dtype=mod.weight.dtype, act_spec=rule.activation)
             else:
@@ -145,7 +149,8 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", calibration
             continue
         _set_submodule(model, name, qmod)
         desc = rule.weight.describe() + (f", act {rule.activation.describe()}" if rule.activation else "")
-        report.layers.append(LayerReport(name, "Linear", "quantized", desc, note if computed is None else "", shape))
+        report.layers.append(LayerReport(name, "Linear", "quantized", desc,
+                                         note if computed is None or name in tied else "", shape))
     model.qexport_report = report
     return model
 
@@ -171,8 +176,8 @@ def _quantize_embedding(model: nn.Module, name: str, mod: nn.Embedding, rule, sh
         if type(mod) is not nn.Embedding:  # a subclass (a scaled embedding ...) computes more than a lookup
             raise QExportError(f"{type(mod).__name__} is a subclass of nn.Embedding whose forward qexport does "
                                "not reproduce")
-        if rule.weight.format.value != "int" or rule.weight.double_quant:
-            raise QExportError(f"embeddings are stored as integer grids, not {rule.weight.describe()}")
+        if not (rule.weight.format.value == "int" or rule.weight.format.ggml) or rule.weight.double_quant:
+            raise QExportError(f"embeddings are stored as integer grids or GGML blocks, not {rule.weight.describe()}")
         qw, note = _shared_weight(shared, mod.weight, rule.weight, name)
         qmod = QEmbedding.from_embedding(mod, rule.weight, name=name, qweight=qw)
     except QExportError as e:

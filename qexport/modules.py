@@ -159,8 +159,10 @@ class QEmbedding(nn.Module):
     def __init__(self, qweight: QuantizedWeight, weight_dtype: torch.dtype = torch.float32,
                  padding_idx: int | None = None):
         super().__init__()
-        if qweight.spec.format is not NumberFormat.INT or qweight.double_quant is not None:
-            raise InvalidTensor(f"a quantized embedding stores integer grids, not {qweight.spec.describe()}")
+        fmt = qweight.spec.format
+        if not (fmt is NumberFormat.INT or fmt.ggml) or qweight.double_quant is not None:
+            raise InvalidTensor(f"a quantized embedding stores integer grids or GGML blocks, not "
+                                f"{qweight.spec.describe()}")
         self.spec = qweight.spec
         self.num_embeddings, self.embedding_dim = qweight.shape
         self.group = qweight.group
@@ -182,14 +184,16 @@ class QEmbedding(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         """The stored table as a :class:`QuantizedWeight` view on this module's buffers."""
         return QuantizedWeight(spec=self.spec, shape=(self.num_embeddings, self.embedding_dim), group=self.group,
-                               qdata=self.qdata, scale=self.scale, zero_point=getattr(self, "zero_point", None))
+                               qdata=self.qdata, scale=getattr(self, "scale", None),
+                               zero_point=getattr(self, "zero_point", None))
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.quantized_weight().dequantize().to(self.weight_dtype)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        y = ops.qembedding(indices, self.qdata, self.scale, getattr(self, "zero_point", None), s.format.value,
+        y = ops.qembedding(indices, self.qdata, self.quantized_weight().scales(), getattr(self, "zero_point", None),
+                           s.format.value,
                            s.bits, self.group, self.embedding_dim, s.symmetric)
         return y.to(self.weight_dtype)
 

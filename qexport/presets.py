@@ -29,6 +29,14 @@ def _single(name: str, spec: QuantSpec, description: str) -> Recipe:
     return Recipe(name=name, rules=(Rule("*", spec),), description=description)
 
 
+def _gguf(name: str, fmt: str, observer: str, description: str, algorithm: str = "rtn") -> Recipe:
+    table = QuantSpec(format="q8_0")
+    return Recipe(name=name, algorithm=algorithm, exclude=(),
+                  description=f"{description}; embedding and lm_head q8_0 (a tied table stored once)",
+                  rules=(Rule("*embed_tokens", table), Rule("lm_head", table), Rule("*.lm_head", table),
+                         Rule("*", QuantSpec(format=fmt, observer=observer))))
+
+
 PRESETS: dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -123,20 +131,19 @@ PRESETS: dict[str, Recipe] = {
                rules=(Rule("*", QuantSpec(group_size=128, **_GPTQ_SPEC)),),
                description="int4 weights, groups of 128, asymmetric, AWQ scales folded into the model, then "
                            "GPTQ with act-order and MSE group ranges (needs calibration data)"),
-        # llama.cpp's GGML block formats (qexport.ggml; `qexport export --format gguf`). The embedding stays float,
-        # as in the presets above; a K-quant on a layer whose input is not a multiple of 256 is stored in
-        # llama.cpp's fallback type (q4_k -> q5_0, q6_k -> q8_0, q2_k -> iq4_nl). The K-quants choose each
-        # sub-block's range by MSE search, the way llama.cpp searches its sub-block scales.
-        *(_single(f"gguf-{t}", QuantSpec(format=t, observer=obs), f"llama.cpp {t.upper()} weights ({what}), round "
-                  "to nearest; embeddings float")
+        # llama.cpp's GGML block formats (qexport.ggml; `qexport export --format gguf`). The embedding and lm_head
+        # are q8_0, what llama.cpp's quantizer gives SmolLM2's tied 576-wide table (q6_k, which falls back to q8_0);
+        # a K-quant on a layer whose input is not a multiple of 256 is stored in llama.cpp's fallback type
+        # (q4_k -> q5_0, q6_k -> q8_0, q2_k -> iq4_nl). The K-quants choose each sub-block's range by MSE search,
+        # the way llama.cpp searches its sub-block scales.
+        *(_gguf(f"gguf-{t}", t, obs, f"llama.cpp {t.upper()} weights ({what}), round to nearest")
           for t, obs, what in (("q8_0", "minmax", "int8 blocks of 32, fp16 scales"),
                                ("q4_0", "minmax", "int4 blocks of 32, fp16 scales"),
                                ("q6_k", "mse", "6-bit, 256-blocks of 16 with int8 scales"),
                                ("q4_k", "mse", "4-bit, 256-blocks of 32 with 6-bit scales and mins"),
                                ("q2_k", "mse", "2-bit, 256-blocks of 16 with 4-bit scales and mins"))),
-        *(Recipe(name=f"gguf-{t}-gptq", algorithm="gptq", rules=(Rule("*", QuantSpec(format=t, observer="mse")),),
-                 description=f"llama.cpp {t.upper()} weights, GPTQ with act-order, sub-block ranges by MSE search "
-                             "(needs calibration data); embeddings float")
+        *(_gguf(f"gguf-{t}-gptq", t, "mse", f"llama.cpp {t.upper()} weights, GPTQ with act-order, sub-block ranges "
+                "by MSE search (needs calibration data)", algorithm="gptq")
           for t in ("q4_k", "q2_k")),
     )
 }

@@ -162,15 +162,15 @@ def _llama256():
 def test_a_gguf_preset_saves_loads_compiles_and_exports(tmp_path):
     from qexport.checkpoint import load_quantized, save_quantized
     from qexport.export.runtime import OnnxCausalLM
-    from qexport.modules import QLinear
+    from qexport.modules import QEmbedding, QLinear
     from qexport.prepare import quantize_model
 
     from tiny import word_tokenizer
 
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(1))
     model = quantize_model(_llama256(), "gguf-q4_k")
-    kinds = {m.spec.format.value for m in model.modules() if isinstance(m, QLinear)}
-    assert kinds == {"q4_k"}
+    kinds = {name: m.spec.format.value for name, m in model.named_modules() if isinstance(m, (QLinear, QEmbedding))}
+    assert set(kinds.values()) == {"q4_k", "q8_0"} and kinds["model.embed_tokens"] == kinds["lm_head"] == "q8_0"
     ref = model(ids).logits
     loaded = load_quantized(save_quantized(model, tmp_path / "q", word_tokenizer()).path)
     assert torch.equal(loaded(ids).logits, ref)

@@ -61,12 +61,13 @@ def test_transformers_reads_the_file_back_as_the_quantized_model(tie, tmp_path):
     model = quantize_model(_llama(tie=tie), "gguf-q4_k")
     res = export_gguf(model, tmp_path / "m.gguf", tokenizer=_bpe_tokenizer(), float_type="f32")
     r = res.report
-    assert r["readback"]["bit_identical"] and r["readback"]["tensors"] == 14  # 7 linears x 2 blocks
-    # f32: 2 x 2 block norms, the final norm, token_embd, and output.weight unless tied
-    assert r["tensor_types"] == {"q4_k": 14, "f32": 6 + (0 if tie else 1)}
+    assert r["readback"]["bit_identical"]
+    # f32: 2 x 2 block norms and the final norm; q8_0: token_embd, and output.weight unless tied
+    assert r["tensor_types"] == {"q4_k": 14, "q8_0": 1 if tie else 2, "f32": 5}
+    assert r["readback"]["tensors"] == 14 + (1 if tie else 2)
     reader = gguf.GGUFReader(str(res.path))
     names = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert names["blk.0.attn_q.weight"] == "Q4_K" and names["token_embd.weight"] == "F32"
+    assert names["blk.0.attn_q.weight"] == "Q4_K" and names["token_embd.weight"] == "Q8_0"
     assert ("output.weight" in names) == (not tie)  # a tied lm_head is read from token_embd
     # the stored q rows are the model's rows, permuted whole (blocks unchanged)
     k_rows = torch.from_numpy(np.array(reader.get_tensor(names_index(reader, "blk.1.attn_k.weight")).data))
@@ -87,7 +88,7 @@ def names_index(reader, name: str) -> int:
 def test_fallback_types_float_head_and_float_file(tmp_path):
     model = quantize_model(_llama(vocab=320), "gguf-q2_k")
     res = export_gguf(model, tmp_path / "q2.gguf", tokenizer=_bpe_tokenizer())
-    assert res.report["tensor_types"]["q2_k"] == 14 and res.report["tensor_types"]["f16"] == 2
+    assert res.report["tensor_types"]["q2_k"] == 14 and "f16" not in res.report["tensor_types"]
     # an all-float file (what llama.cpp's own quantizer starts from)
     flt = export_gguf(_llama(), tmp_path / "f32.gguf", tokenizer=_bpe_tokenizer(), float_type="f32")
     assert set(flt.report["tensor_types"]) == {"f32"} and flt.report["readback"]["tensors"] == 0
@@ -111,7 +112,7 @@ def test_cli_writes_a_gguf_file_and_refuses_onnx_options(tmp_path, capsys):
     assert main(["export", "--format", "gguf", "--model", str(folder), "--recipe", "gguf-q8_0", "--out", str(out),
                  "--float-type", "f32"]) == 0
     said = capsys.readouterr().out
-    assert "read back bit-identical (14 quantized tensors)" in said and "file type q8_0" in said
+    assert "read back bit-identical (16 quantized tensors)" in said and "file type q8_0" in said
     reader = gguf.GGUFReader(str(out))
     assert {t.tensor_type.name for t in reader.tensors} == {"Q8_0", "F32"}
     assert main(["export", "--format", "gguf", "--model", str(folder), "--recipe", "gguf-q8_0", "--out",
@@ -123,3 +124,16 @@ def test_cli_writes_a_gguf_file_and_refuses_onnx_options(tmp_path, capsys):
     assert main(["export", "--format", "gguf", "--model", str(folder), "--recipe", "gguf-q8_0", "--out",
                  str(out)]) == 2  # exists
     assert not any(isinstance(m, QLinear) for m in _llama().modules())
+
+
+def test_gptq_preset_keeps_a_tied_table_stored_once(tmp_path):
+    """GPTQ rounds the block linears; the tied lm_head shares the embedding's round-to-nearest q8_0 table, so
+    the file holds token_embd only, as llama.cpp's own files do."""
+    calib = torch.randint(3, 300, (4, 64), generator=torch.Generator().manual_seed(0))
+    model = quantize_model(_llama(tie=True), "gguf-q4_k-gptq", calibration=calib)
+    assert model.lm_head.qdata is model.model.embed_tokens.qdata
+    rtn = quantize_model(_llama(tie=True), "gguf-q4_k")
+    assert torch.equal(model.model.embed_tokens.qdata, rtn.model.embed_tokens.qdata)
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.qdata, rtn.model.layers[0].mlp.down_proj.qdata)
+    res = export_gguf(model, tmp_path / "g.gguf", tokenizer=_bpe_tokenizer())
+    assert res.report["tensor_types"] == {"q4_k": 14, "q8_0": 1, "f32": 5}

@@ -116,9 +116,9 @@ def _check_expressible(model: nn.Module) -> None:
             if not mod.spec.format.ggml:
                 raise UnsupportedOp(f"{name}: {mod.spec.describe()} weights have no GGUF block type; use "
                                     f"{_USE_INSTEAD}")
-        elif isinstance(mod, QEmbedding):
-            raise UnsupportedOp(f"{name}: a quantized embedding ({mod.spec.describe()}) has no GGUF form here; "
-                                "leave the embedding float")
+        elif isinstance(mod, QEmbedding) and not mod.spec.format.ggml:
+            raise UnsupportedOp(f"{name}: a {mod.spec.describe()} embedding has no GGUF block type; use "
+                                f"{_USE_INSTEAD}")
 
 
 def _tokenizer_fields(source: str | None, tokenizer) -> tuple[list[tuple[str, Any, Any, Any]], str]:
@@ -195,7 +195,7 @@ def _tensors(model: nn.Module, float_type: str) -> list[tuple[str, Any, Any, tor
     """``[(gguf name, array, ggml type, dequantized float32 weight or None)]`` in the model's order."""
     import gguf
 
-    from qexport.modules import QLinear
+    from qexport.modules import QEmbedding, QLinear
 
     cfg = model.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -204,17 +204,18 @@ def _tensors(model: nn.Module, float_type: str) -> list[tuple[str, Any, Any, tor
     out, seen = [], set()
     float_gtype = gguf.GGMLQuantizationType.F16 if float_type == "f16" else gguf.GGMLQuantizationType.F32
     modules = dict(model.named_modules())
+    embedding = model.get_input_embeddings()
     for hf_name, gname in names.items():
         if gname in seen:
             continue
         mod_name = hf_name.rpartition(".")[0]
         mod = modules[mod_name]
-        if tied and mod_name.endswith("lm_head") and not isinstance(mod, QLinear):
+        if tied and mod is model.get_output_embeddings() and _shares_table(mod, embedding):
             continue  # llama.cpp reads the tied embedding
         seen.add(gname)
         rows = heads if mod_name.endswith("q_proj") else kv_heads if mod_name.endswith("k_proj") else None
         permute = (lambda t: _permute_rows(t, rows)) if rows and hf_name.endswith(".weight") else (lambda t: t)
-        if isinstance(mod, QLinear):
+        if isinstance(mod, (QLinear, QEmbedding)):
             qw = mod.quantized_weight()
             gtype = gguf.GGMLQuantizationType(_ggml_type(qw).ggml_id)
             out.append((gname, permute(qw.qdata).numpy(), gtype, permute(qw.dequantize())))
@@ -226,6 +227,13 @@ def _tensors(model: nn.Module, float_type: str) -> list[tuple[str, Any, Any, tor
             arr = permute(t).numpy()
             out.append((gname, arr.astype("float16") if float_type == "f16" else arr, float_gtype, None))
     return out
+
+
+def _shares_table(head: nn.Module, embedding: nn.Module) -> bool:
+    """Whether a tied ``lm_head`` still reads the embedding's table (float, or the same quantized bytes)."""
+    if hasattr(head, "qdata") or hasattr(embedding, "qdata"):
+        return getattr(head, "qdata", None) is getattr(embedding, "qdata", None)
+    return head.weight is embedding.weight
 
 
 def _ggml_type(qw):

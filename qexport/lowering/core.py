@@ -558,6 +558,8 @@ def _ort_embedding(lw: Lowering, q: QNode) -> None:
     from qexport.lowering.embedding import gbq_lookup, standard_lookup
 
     w = lw.weight(q)
+    if w.fmt != "int":
+        return _float_embedding(lw, q, f"{w.fmt} tables have no ONNX form: dequantized at export")
     if w.key in lw.gbq_keys:
         nb = lw.shared_nbits(q.name, w.key, *w.args)
         nodes, tensors, how = gbq_lookup(q.name, q.ins[0], q.out, _rank(lw, q.ins[0]), nb)
@@ -572,10 +574,10 @@ def _ort_embedding(lw: Lowering, q: QNode) -> None:
     lw.embedding_bits.add(w.bits)
 
 
-def _float_embedding(lw: Lowering, q: QNode) -> None:
-    """No quantized gather in TensorRT's QDQ rules: a float table."""
+def _float_embedding(lw: Lowering, q: QNode,
+                     reason: str = "TensorRT target: quantized embeddings are dequantized at export") -> None:
+    """A float table: for TensorRT (no quantized gather in its QDQ rules) and for formats with no ONNX form."""
     w = lw.weight(q)
-    reason = "TensorRT target: quantized embeddings are dequantized at export"
     lw.kept_float(w.layer, reason, f"float Gather ({reason})")
     table = lw.add_array(f"{q.name}_table", w.dequantized().numpy())
     lw.node("Gather", [table, q.ins[0]], q.out, f"{q.name}_Gather")
