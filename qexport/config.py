@@ -253,7 +253,8 @@ class QuantSpec:
     def describe(self) -> str:
         """A short human-readable name, e.g. ``int4 g128 asym`` or ``nf4 g64 dq``."""
         if self.format.ggml:
-            return " ".join([self.format.value] + ([self.observer.value] if self.observer is not Observer.MINMAX else []))
+            observer = [self.observer.value] if self.observer is not Observer.MINMAX else []
+            return " ".join([self.format.value, *observer])
         fmt = "nf4" if self.format is NumberFormat.NF4 else f"int{self.bits}"
         gran = {
             Granularity.PER_TENSOR: "per-tensor",

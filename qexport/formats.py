@@ -513,9 +513,9 @@ def ggml_layer_spec(spec: QuantSpec, k: int, name: str = "weight") -> QuantSpec:
     (:func:`qexport.ggml.resolve`) with the same observer. Raises :class:`InvalidTensor` when no type fits."""
     t = ggml.resolve(spec.format.value, k)
     if t is None:
-        raise InvalidTensor(f"{name}: {spec.format.value} stores rows in blocks of {ggml.ggml_type(spec.format.value).block}"
-                            f" and K={k} fits neither it nor its fallback; keep this layer in float (llama.cpp writes "
-                            "it as f16)")
+        block = ggml.ggml_type(spec.format.value).block
+        raise InvalidTensor(f"{name}: {spec.format.value} stores rows in blocks of {block} and K={k} fits neither it "
+                            "nor its fallback; keep this layer in float (llama.cpp writes it as f16)")
     if t.name == spec.format.value:
         return spec
     return QuantSpec(format=t.name, observer=spec.observer, percentile=spec.percentile)

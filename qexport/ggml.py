@@ -392,7 +392,8 @@ class Grid:
 
     def fit_all(self, w: torch.Tensor) -> None:
         """Fix every block's fields from the weight ``w`` ``[N, K]``, as round to nearest would."""
-        self._set(slice(None), block_params(self.t, w.to(torch.float32).reshape(self.n, -1, self.t.block), self.observe))
+        blocks = w.to(torch.float32).reshape(self.n, -1, self.t.block)
+        self._set(slice(None), block_params(self.t, blocks, self.observe))
 
     def _set(self, j: slice, blk: Blocks) -> None:
         for name in ("d", "dmin", "sc", "m"):
