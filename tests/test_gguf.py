@@ -137,3 +137,16 @@ def test_gptq_preset_keeps_a_tied_table_stored_once(tmp_path):
     assert not torch.equal(model.model.layers[0].mlp.down_proj.qdata, rtn.model.layers[0].mlp.down_proj.qdata)
     res = export_gguf(model, tmp_path / "g.gguf", tokenizer=_bpe_tokenizer())
     assert res.report["tensor_types"] == {"q4_k": 14, "q8_0": 1, "f32": 5}
+
+
+def test_a_saved_folder_exports_as_it_is(tmp_path):
+    from qexport.checkpoint import load_quantized, save_quantized
+
+    model = quantize_model(_llama(tie=True), "gguf-q6_k")
+    save_quantized(model, tmp_path / "q", _bpe_tokenizer())
+    res = export_gguf(str(tmp_path / "q"), tmp_path / "q.gguf")
+    assert res.report["recipe"] == "gguf-q6_k" and res.report["tensor_types"] == {"q6_k": 14, "q8_0": 1, "f32": 5}
+    loaded = load_quantized(tmp_path / "q")
+    reader = gguf.GGUFReader(str(res.path))
+    down = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    assert torch.equal(torch.from_numpy(np.array(down.data)), loaded.model.layers[0].mlp.down_proj.qdata)
