@@ -325,13 +325,14 @@ def summarize(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]
 
 def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tokens: int = 128,
               new_tokens: int = 64, progress: bool = True, ppl_tokens: int = 0,
-              calib_samples: int = 16, rounds: int = 1, baseline: str | None = None, bos: bool | None = None
-              ) -> dict[str, Any]:
+              calib_samples: int = 16, rounds: int = 1, baseline: str | None = None, bos: bool | None = None,
+              on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Measure every variant ``rounds`` times, round-robin (each round builds and times every variant
     again, so slow phases of a shared machine hit all variants alike); ``summary`` gives per-variant medians
     and per-round ratios against ``baseline`` (default: ``onnx:fp32``, else ``inductor-fp32``, else the first
     variant). ``bos``: perplexity and calibration windows start with BOS (True), not (False), or as the
-    tokenizer does by default (None)."""
+    tokenizer does by default (None). ``on_row(row)`` is called with each variant's row as soon as it is
+    measured (the CLI appends it to ``bench.rows.jsonl``, so a run that is stopped keeps what it measured)."""
     from qexport.config import load_recipe
     from qexport.eval import resolve_bos, tokenize
     from qexport.models import bundled_text, load_model, read_text
@@ -370,6 +371,8 @@ def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tok
         row = {"variant": name, "round": seen[name],  # quality (perplexity, size) once, in round 1
                **measure(model, prompt, spec, new_tokens, calibration, quality if seen[name] == 1 else None)}
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
     for base_name in ("inductor-fp32", "inductor-fp32-frozen", "onnx:fp32"):
         suffix = base_name.replace("-", "_").replace(":", "_")
         base_of_round = {b["round"]: b for b in rows if b["variant"] == base_name}
@@ -463,6 +466,9 @@ def to_csv(result: dict[str, Any]) -> str:
     for r in result["results"]:
         w.writerow(r)
     return buf.getvalue()
+
+
+ROWS_FILE = "bench.rows.jsonl"  # one JSON row per measured variant, written as the run goes (the CLI's --out)
 
 
 def write_results(result: dict[str, Any], out_dir: str | Path, force: bool = False) -> list[Path]:

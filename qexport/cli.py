@@ -320,22 +320,38 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _row_appender(path: Path):
+    """A callback appending each row to the JSON-lines file ``path`` (emptied first) as soon as it is measured,
+    so that a bench that is stopped keeps the rows it measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+
+    def append(row) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    return append
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from qexport.bench import parse_variant, run_bench, to_markdown, write_results
+    from qexport.bench import ROWS_FILE, parse_variant, run_bench, to_markdown, write_results
 
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
         parse_variant(v)
     if args.ppl_tokens < 0:
         raise InvalidConfig(f"--ppl-tokens must be 0 (off) or positive, got {args.ppl_tokens}")
+    on_row = None
     if args.out:
-        for name in ("bench.json", "bench.csv", "bench.md", "bench.png"):
+        for name in ("bench.json", "bench.csv", "bench.md", "bench.png", ROWS_FILE):
             _check_output(str(Path(args.out) / name), args.force)
+        on_row = _row_appender(Path(args.out) / ROWS_FILE)
     _threads()
     result = run_bench(args.model, variants, _positive_int("--prompt-tokens", args.prompt_tokens),
                        _positive_int("--new-tokens", args.new_tokens), ppl_tokens=args.ppl_tokens,
                        calib_samples=_positive_int("--calib-samples", args.calib_samples),
-                       rounds=_positive_int("--rounds", args.rounds), baseline=args.baseline, bos=args.bos)
+                       rounds=_positive_int("--rounds", args.rounds), baseline=args.baseline, bos=args.bos,
+                       on_row=on_row)
     print(to_markdown(result))
     if args.out:
         for path in write_results(result, args.out, args.force):

@@ -135,6 +135,10 @@ def test_bench_on_tiny_checkpoint_writes_results(tiny_dir, tmp_path, capsys):
 
     assert data["cpu"] == cpu_features() and f"torch kernels: {data['cpu']['torch_capability']}" in md
     assert (out / "bench.csv").read_text().startswith("variant,")
+    # each row was also appended as it was measured, so a stopped run keeps them
+    streamed = [json.loads(line) for line in (out / "bench.rows.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["round"], r["decode_tok_s"]) for r in streamed] == [
+        (r["variant"], r["round"], r["decode_tok_s"]) for r in data["results"]]
     assert main(argv) == 2  # results exist: not overwritten without --force
     assert main(["bench", "--variants", "qexport:w8:gpu"]) == 2
     assert "target must be one of" in capsys.readouterr().err
