@@ -64,8 +64,10 @@ def test_compiled_matches_eager_quantized_model(preset):
         got, want = c(IDS).logits, eager(IDS).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     counts = last_counts()
-    layers = 15 if preset in ("w4g128-head8", "w4g64-sym-emb8") else 14  # lm_head excluded, except by these
-    embeddings = 1 if preset == "w4g64-sym-emb8" else 0
+    # lm_head excluded, except by these; the embedding too, except by w4g64-sym-emb8 and the gguf presets
+    with_table = preset == "w4g64-sym-emb8" or preset.startswith("gguf-")
+    layers = 15 if preset == "w4g128-head8" or with_table else 14
+    embeddings = 1 if with_table else 0
     assert counts["annotate"]["linear"] == layers and counts["annotate"].get("embedding", 0) == embeddings
     assert counts["convert"]["layers"] == layers + embeddings
     if preset == "w8a8-dynamic":
