@@ -185,9 +185,15 @@ def test_preset_specs_are_as_documented():
     assert emb8.exclude == () and emb8.rule_for("model.embed_tokens", embedding=True).weight == w["w8"]
     assert emb8.rule_for("lm_head").weight == w["w8"] and emb8.rule_for("model.embed_positions", embedding=True) is None
     assert emb8.rule_for("model.layers.0.mlp.up_proj").weight == w["w4g64-sym"]
+    q8_0 = QuantSpec(format="q8_0")
+    for name in (n for n in PRESETS if n.startswith("gguf-")):  # llama.cpp's types; the table q8_0, stored once
+        r = PRESETS[name]
+        assert r.exclude == () and r.rule_for("model.embed_tokens", embedding=True).weight == q8_0
+        assert r.rule_for("lm_head").weight == q8_0
+        assert r.rule_for("model.layers.0.mlp.up_proj").weight.format.value == name.split("-")[1]
     for r in PRESETS.values():
-        if r is head8 or r is emb8 or r.name == "w2g64-gptq-hadamard-attn4":  # attn4: int4 attention rule first
-            continue
+        if r is head8 or r is emb8 or r.name == "w2g64-gptq-hadamard-attn4" or r.name.startswith("gguf-"):
+            continue  # attn4: int4 attention rule first
         assert r.exclude == ("lm_head", "*.lm_head", "*embed*")
         assert r.rules[0].pattern == "*"
         assert (r.rules[0].activation is None) == (not r.name.startswith("w8a8"))
