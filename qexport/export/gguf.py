@@ -146,6 +146,8 @@ def _source_gguf(source: str | None) -> Path | None:
     from qexport.models import MODEL_ALIASES, smollm2_checkpoint
 
     folder = smollm2_checkpoint(progress=False) if source in MODEL_ALIASES else Path(source)
+    if not folder.is_dir():
+        return None
     if (folder / "recipe.json").is_file():  # a saved quantized folder: the model it was quantized from
         from qexport.checkpoint import read_provenance
 
@@ -303,7 +305,9 @@ def export_gguf(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, c
                             f"{', '.join(ARCHITECTURES)}")
     _rope_theta(qmodel.config)
     _check_expressible(qmodel)
-    tok_fields, tok_source = _tokenizer_fields(source, tokenizer)
+    # a module remembers the folder it was loaded from (its config's _name_or_path)
+    tok_fields, tok_source = _tokenizer_fields(source or getattr(qmodel.config, "_name_or_path", None) or None,
+                                               tokenizer)
     tensors = _tensors(qmodel, float_type)
     counts: dict[str, int] = {}
     params: dict[str, int] = {}
