@@ -109,7 +109,7 @@ class QuantSpec:
             256 for the K-quants) and ``symmetric`` itself; give them only with those values. It is a weight
             format: no activation, double-quantization or restricted-range options. A layer whose input size
             is not a multiple of a K-quant's 256 is stored in llama.cpp's fallback type (q4_k -> q5_0,
-            q6_k -> q8_0, q2_k -> iq4_nl). The observer chooses each sub-block's range.
+            q6_k -> q8_0, q2_k -> q4_0). The observer chooses each sub-block's range.
         granularity: ``'per_tensor'``, ``'per_channel'`` or ``'group'``. Left out, it is ``'group'`` when
             ``group_size`` is given and ``'per_channel'`` otherwise.
         group_size: elements per group along the input dimension (any positive size; when it does not

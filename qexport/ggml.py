@@ -36,7 +36,7 @@ as llama.cpp does. GPTQ uses :func:`block_params` and :func:`codes_for` to fix a
 reaches the block and to round each column against them.
 
 A row whose K is not a multiple of a K-quant's 256 cannot be stored in it; llama.cpp then writes the tensor
-in a fallback type (:data:`FALLBACK`: q4_k -> q5_0, q6_k -> q8_0, q2_k -> iq4_nl), and so does
+in a fallback type (:data:`FALLBACK`: q4_k -> q5_0, q6_k -> q8_0, q2_k -> q4_0), and so does
 :func:`resolve`.
 """
 
@@ -97,8 +97,9 @@ GGML_TYPES: dict[str, GgmlType] = {t.name: t for t in (
     GgmlType("q6_k", 14, 256, 16, 6, 210, qmax=63, offset=32, scale_bits=8),
 )}
 
-# llama.cpp's fallback for a tensor whose rows are not a multiple of 256 (llama_tensor_get_type).
-FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0", "q2_k": "iq4_nl"}
+# llama.cpp's fallback for a tensor whose rows are not a multiple of 256 (tensor_type_fallback in
+# src/llama-quant.cpp of the llama.cpp llama-cpp-python 0.3.36 vendors; older ones sent q2_k to iq4_nl)
+FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0", "q2_k": "q4_0"}
 
 
 def ggml_type(name: str) -> GgmlType:

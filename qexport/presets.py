@@ -134,7 +134,7 @@ PRESETS: dict[str, Recipe] = {
         # llama.cpp's GGML block formats (qexport.ggml; `qexport export --format gguf`). The embedding and lm_head
         # are q8_0, what llama.cpp's quantizer gives SmolLM2's tied 576-wide table (q6_k, which falls back to q8_0);
         # a K-quant on a layer whose input is not a multiple of 256 is stored in llama.cpp's fallback type
-        # (q4_k -> q5_0, q6_k -> q8_0, q2_k -> iq4_nl). The K-quants choose each sub-block's range by MSE search,
+        # (q4_k -> q5_0, q6_k -> q8_0, q2_k -> q4_0). The K-quants choose each sub-block's range by MSE search,
         # the way llama.cpp searches its sub-block scales.
         *(_gguf(f"gguf-{t}", t, obs, f"llama.cpp {t.upper()} weights ({what}), round to nearest")
           for t, obs, what in (("q8_0", "minmax", "int8 blocks of 32, fp16 scales"),

@@ -103,7 +103,7 @@ def test_specs_take_their_fields_from_the_type():
 
 
 @pytest.mark.parametrize("name, k, stored", [("q4_k", 512, "q4_k"), ("q4_k", 576, "q5_0"), ("q6_k", 576, "q8_0"),
-                                             ("q2_k", 576, "iq4_nl"), ("q4_0", 576, "q4_0")])
+                                             ("q2_k", 576, "q4_0"), ("q4_0", 576, "q4_0")])
 def test_k_quants_fall_back_as_llama_cpp_does(name, k, stored):
     w = _weight(k=1024)[:4, :k]
     qw = quantize_weight(w, QuantSpec(format=name, observer="mse"))
