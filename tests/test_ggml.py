@@ -149,13 +149,9 @@ def test_gptq_lowers_the_output_error_and_keeps_its_bytes_exact(name):
 
 
 def _llama256():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny import tiny_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(hidden_size=256, intermediate_size=512, num_hidden_layers=1)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from qexport.export.gguf import _permute_rows, _unpermute_rows, export_gguf
 from qexport.modules import QLinear
 from qexport.prepare import quantize_model
 
-from tiny import EMMA
+from tiny import EMMA, tiny_llama
 
 gguf = pytest.importorskip("gguf")
 
@@ -37,13 +37,7 @@ def _bpe_tokenizer():
 
 
 def _llama(tie: bool = False, vocab: int = 320):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
-                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(tie=tie, vocab=vocab, hidden_size=256, intermediate_size=512, max_position_embeddings=256)
 
 
 def test_row_permutation_is_llama_cpps_and_inverts():

@@ -10,15 +10,16 @@ import torch
 EMMA = Path(__file__).resolve().parent.parent / "qexport" / "data" / "austen" / "emma.txt"
 
 
-def tiny_llama(seed: int = 0, tie: bool = False, vocab: int = 512, attn_implementation: str = "sdpa"):
+def tiny_llama(seed: int = 0, tie: bool = False, vocab: int = 512, attn_implementation: str = "sdpa", **sizes):
+    """A random Llama of 2 blocks, hidden size 64; ``sizes`` override config fields (``hidden_size=256`` ...)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
+    cfg = LlamaConfig(**{
+        "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+        "tie_word_embeddings": tie, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **sizes,
+    })
     cfg._attn_implementation = attn_implementation
     model = LlamaForCausalLM(cfg)
     model.eval()
