@@ -67,7 +67,8 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", calibration
     :class:`~qexport.modules.QEmbedding` (integer grids or GGML blocks, rounded to nearest whatever the
     algorithm). Modules that share one float weight (a tied embedding and ``lm_head``) and get the same format
     share one stored weight, rounded to nearest (an algorithm leaves a tied ``lm_head`` to its embedding). A
-    layer that cannot be quantized (NaN/inf weights, an unsupported shape) stays in float with a warning. What happened to each layer is in ``model.qexport_report`` (a :class:`QuantizationReport`).
+    layer that cannot be quantized (NaN/inf weights, an unsupported shape) stays in float with a warning.
+    What happened to each layer is in ``model.qexport_report`` (a :class:`QuantizationReport`).
 
     Args:
         model: any ``nn.Module``.
