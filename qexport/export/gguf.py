@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -32,20 +32,48 @@ from torch import nn
 from qexport._io import OutputExists
 from qexport.errors import InvalidConfig, UnsupportedOp
 
-__all__ = ["export_gguf", "read_back", "GgufResult", "ARCHITECTURES", "FLOAT_TYPES", "hf_to_gguf_names"]
+__all__ = ["export_gguf", "read_back", "GgufResult", "ARCHITECTURES", "FLOAT_TYPES", "hf_to_gguf_names",
+           "llama_file_type"]
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # Hugging Face model_type -> GGUF architecture
 FLOAT_TYPES = ("f16", "f32")
 _USE_INSTEAD = "a gguf-* recipe (qexport recipes lists them: gguf-q8_0, gguf-q4_k, gguf-q4_k-gptq, ...)"
-# llama.cpp's file types (LlamaFileType) named after the type most of the weights are in
-_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q2_k": 10, "q4_k": 15, "q6_k": 18,
-              "iq4_nl": 25}
+
 
 
 @dataclass
 class GgufResult:
     path: Path
     report: dict[str, Any]
+
+
+@dataclass
+class _Tensor:
+    """One tensor to write: its GGUF name, the array written, its GGML type, its number of weights, and, for a
+    quantized one, how to get the float32 weight it must read back as (made only when checked)."""
+
+    name: str
+    array: Any
+    gtype: Any
+    elements: int
+    expected: Callable[[], torch.Tensor] | None = None
+
+
+def _architecture(config) -> str:
+    """The GGUF architecture of a Hugging Face config; UnsupportedOp for a family with no GGUF export."""
+    arch = ARCHITECTURES.get(getattr(config, "model_type", None))
+    if arch is None:
+        raise UnsupportedOp(f"model type {getattr(config, 'model_type', None)!r} has no GGUF export yet; supported: "
+                            f"{', '.join(ARCHITECTURES)}")
+    return arch
+
+
+def llama_file_type(name: str) -> int:
+    """The value of llama.cpp's file type ``name`` (``'f32'``, ``'f16'``, ``'q4_0'``, ``'q4_k_m'``, ...) in
+    ``gguf.LlamaFileType``."""
+    import gguf
+
+    return int(gguf.LlamaFileType["ALL_F32" if name == "f32" else f"MOSTLY_{name.upper()}"])
 
 
 def _permute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -77,10 +105,7 @@ def hf_to_gguf_names(model: nn.Module) -> dict[str, str]:
     import gguf
 
     cfg = model.config
-    arch = ARCHITECTURES.get(cfg.model_type)
-    if arch is None:
-        raise UnsupportedOp(f"model type {cfg.model_type!r} has no GGUF export yet; supported: "
-                            f"{', '.join(ARCHITECTURES)}")
+    _architecture(cfg)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     out = {}
     for name, _ in model.named_parameters(remove_duplicate=False):
@@ -193,8 +218,8 @@ def _bpe_fields(tokenizer) -> list[tuple[str, Any, Any, Any]]:
     return fields
 
 
-def _tensors(model: nn.Module, float_type: str) -> list[tuple[str, Any, Any, torch.Tensor | None]]:
-    """``[(gguf name, array, ggml type, dequantized float32 weight or None)]`` in the model's order."""
+def _tensors(model: nn.Module, float_type: str) -> list[_Tensor]:
+    """The tensors to write, in the model's order."""
     import gguf
 
     from qexport.modules import QEmbedding, QLinear
@@ -216,18 +241,20 @@ def _tensors(model: nn.Module, float_type: str) -> list[tuple[str, Any, Any, tor
             continue  # llama.cpp reads the tied embedding
         seen.add(gname)
         rows = heads if mod_name.endswith("q_proj") else kv_heads if mod_name.endswith("k_proj") else None
-        permute = (lambda t: _permute_rows(t, rows)) if rows and hf_name.endswith(".weight") else (lambda t: t)
+        permute = (lambda t, rows=rows: _permute_rows(t, rows)) if rows and hf_name.endswith(".weight") else (
+            lambda t: t)
         if isinstance(mod, (QLinear, QEmbedding)):
             qw = mod.quantized_weight()
             gtype = gguf.GGMLQuantizationType(_ggml_type(qw).ggml_id)
-            out.append((gname, permute(qw.qdata).numpy(), gtype, permute(qw.dequantize())))
+            out.append(_Tensor(gname, permute(qw.qdata).numpy(), gtype, qw.shape[0] * qw.shape[1],
+                               lambda qw=qw, permute=permute: permute(qw.dequantize())))
             continue
         t = dict(mod.named_parameters(recurse=False))[hf_name.rpartition(".")[2]].detach().to(torch.float32)
         if t.dim() == 1:  # norms and biases: f32, as llama.cpp writes them
-            out.append((gname, t.numpy(), gguf.GGMLQuantizationType.F32, None))
+            out.append(_Tensor(gname, t.numpy(), gguf.GGMLQuantizationType.F32, t.numel()))
         else:
             arr = permute(t).numpy()
-            out.append((gname, arr.astype("float16") if float_type == "f16" else arr, float_gtype, None))
+            out.append(_Tensor(gname, arr.astype("float16") if float_type == "f16" else arr, float_gtype, t.numel()))
     return out
 
 
@@ -300,9 +327,7 @@ def export_gguf(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, c
         raise OutputExists(f"{str(out)!r} is a folder; give the .gguf file to write")
     t0 = time.perf_counter()
     qmodel, tokenizer, source = _prepare(model, recipe, tokenizer, calibration)
-    if ARCHITECTURES.get(getattr(qmodel.config, "model_type", None)) is None:
-        raise UnsupportedOp(f"model type {qmodel.config.model_type!r} has no GGUF export yet; supported: "
-                            f"{', '.join(ARCHITECTURES)}")
+    arch = _architecture(qmodel.config)
     _rope_theta(qmodel.config)
     _check_expressible(qmodel)
     # a module remembers the folder it was loaded from (its config's _name_or_path)
@@ -311,10 +336,10 @@ def export_gguf(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, c
     tensors = _tensors(qmodel, float_type)
     counts: dict[str, int] = {}
     params: dict[str, int] = {}
-    for _, arr, gtype, deq in tensors:
-        counts[gtype.name.lower()] = counts.get(gtype.name.lower(), 0) + 1
-        n = deq.numel() if deq is not None else arr.size
-        params[gtype.name.lower()] = params.get(gtype.name.lower(), 0) + n
+    for t in tensors:
+        kind = t.gtype.name.lower()
+        counts[kind] = counts.get(kind, 0) + 1
+        params[kind] = params.get(kind, 0) + t.elements
     main = max((k for k in params if k != "f32" or len(params) == 1), key=params.get)
     recipe_dict = qmodel.qexport_report.recipe if hasattr(qmodel, "qexport_report") else None
 
@@ -323,18 +348,18 @@ def export_gguf(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, c
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        writer = gguf.GGUFWriter(str(tmp), ARCHITECTURES[qmodel.config.model_type])
-        _metadata(writer, qmodel, recipe_dict, _FILE_TYPE.get(main, 1))
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        # the file type named after the type most weights are in (q4_k: llama.cpp's Q4_K_M, as it names such files)
+        _metadata(writer, qmodel, recipe_dict, llama_file_type("q4_k_m" if main == "q4_k" else main))
         for key, value, vtype, sub in tok_fields:
             writer.add_key_value(key, value, vtype, sub_type=sub)
-        for gname, arr, gtype, _ in tensors:
-            quantized = gtype not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)
-            writer.add_tensor(gname, arr, raw_dtype=gtype if quantized else None)
+        for t in tensors:
+            writer.add_tensor(t.name, t.array, raw_dtype=t.gtype if t.expected is not None else None)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        readback = read_back(tmp, {g: d for g, _, _, d in tensors if d is not None}) if check else None
+        readback = read_back(tmp, {t.name: t.expected for t in tensors if t.expected is not None}) if check else None
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -344,7 +369,7 @@ def export_gguf(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, c
         "format": "gguf",
         "source_model": source,
         "recipe": recipe_dict.get("name") if recipe_dict else None,
-        "architecture": ARCHITECTURES[qmodel.config.model_type],
+        "architecture": arch,
         "file_type": main,
         "bytes": size,
         "bits_per_weight": round(8 * size / total, 3),
@@ -358,9 +383,11 @@ def export_gguf(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, c
     return GgufResult(out, report)
 
 
-def read_back(path: str | os.PathLike, expected: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Dequantize every tensor of ``expected`` from the GGUF file with gguf's own reader and dequantizer and
-    compare it bit for bit; raises :class:`~qexport.errors.QExportError` on the first difference."""
+def read_back(path: str | os.PathLike, expected: dict[str, torch.Tensor | Callable[[], torch.Tensor]]
+              ) -> dict[str, Any]:
+    """Dequantize every tensor of ``expected`` (a float32 weight, or a function that makes it) from the GGUF
+    file with gguf's own reader and dequantizer and compare it bit for bit; raises
+    :class:`~qexport.errors.QExportError` on the first difference."""
     import gguf
     from gguf.quants import dequantize
 
@@ -372,6 +399,7 @@ def read_back(path: str | os.PathLike, expected: dict[str, torch.Tensor]) -> dic
         t = found.get(name)
         if t is None:
             raise QExportError(f"{path}: tensor {name!r} is missing")
+        want = want() if callable(want) else want
         got = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).reshape(want.shape)
         if not torch.equal(got.view(torch.int32), want.to(torch.float32).contiguous().view(torch.int32)):
             bad = int((got != want).sum())

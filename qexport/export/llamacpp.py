@@ -22,9 +22,10 @@ from qexport.errors import InvalidConfig, QExportError
 
 __all__ = ["LlamaCppLM", "llama_quantize", "LLAMA_FTYPES", "LlamaCppMissing"]
 
-# llama.cpp's file types (llama_ftype) by the names its quantize tool takes
-LLAMA_FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q2_k": 10, "q3_k_m": 12,
-                "q4_k_s": 14, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "iq4_nl": 25}
+# the file types llama_quantize is offered here, by the names its quantize tool takes (gguf.LlamaFileType values)
+LLAMA_FTYPES = ("f32", "f16", "q4_0", "q4_1", "q8_0", "q5_0", "q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_m",
+                "q6_k", "iq4_nl")
+
 
 
 class LlamaCppMissing(QExportError):
@@ -96,6 +97,8 @@ def llama_quantize(src: str | os.PathLike, out: str | os.PathLike, ftype: str, t
     """llama.cpp's own quantizer: ``src`` (an f32 / f16 GGUF file, e.g. ``qexport export --format gguf --recipe
     fp32``) to ``out`` in llama.cpp's file type ``ftype`` (:data:`LLAMA_FTYPES`: ``q8_0``, ``q4_0``,
     ``q4_k_m``, ``q2_k``, ...), with its per-tensor type choices and fallbacks."""
+    from qexport.export.gguf import llama_file_type
+
     llama_cpp = _llama_cpp()
     if ftype not in LLAMA_FTYPES:
         raise InvalidConfig(f"ftype {ftype!r} is not one of {', '.join(LLAMA_FTYPES)}")
@@ -103,7 +106,7 @@ def llama_quantize(src: str | os.PathLike, out: str | os.PathLike, ftype: str, t
     if out.exists() and not force:
         raise OutputExists(f"{str(out)!r} already exists; pass force=True to replace it")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_FTYPES[ftype]
+    params.ftype = llama_file_type(ftype)
     params.nthread = threads or torch.get_num_threads()
     tmp = out.with_name(f".{out.name}.tmp")
     try:
