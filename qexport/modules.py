@@ -193,8 +193,7 @@ class QEmbedding(nn.Module):
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         s = self.spec
         y = ops.qembedding(indices, self.qdata, self.quantized_weight().scales(), getattr(self, "zero_point", None),
-                           s.format.value,
-                           s.bits, self.group, self.embedding_dim, s.symmetric)
+                           s.format.value, s.bits, self.group, self.embedding_dim, s.symmetric)
         return y.to(self.weight_dtype)
 
     def extra_repr(self) -> str:

@@ -83,11 +83,10 @@ def qembedding(indices: Tensor, qdata: Tensor, scale: Tensor, zero_point: Option
     n = flat.numel()
 
     def rows(t: Tensor) -> Tensor:  # per-tensor parameters ([1, 1]) hold for every row
+        if t.numel() == 0:  # a GGML format's (empty) scales: they are inside the gathered rows' blocks
+            return t
         return t.expand(n, -1) if t.shape[0] == 1 and qdata.shape[0] != 1 else t.index_select(0, flat)
 
-    if scale.numel() == 0:  # a GGML format: the scales are inside the gathered rows' blocks
-        w = dequantize_stored(qdata.index_select(0, flat), scale, None, fmt, bits, group, dim, symmetric)
-        return w.reshape(*indices.shape, dim)
     zp = None if zero_point is None else rows(zero_point)
     w = dequantize_stored(qdata.index_select(0, flat), rows(scale), zp, fmt, bits, group, dim, symmetric)
     return w.reshape(*indices.shape, dim)

@@ -114,6 +114,14 @@ def test_k_quants_fall_back_as_llama_cpp_does(name, k, stored):
     assert qw.scales().numel() == 0 and qw.codes().shape == (4, k)
 
 
+def test_algorithms_that_search_integer_grids_refuse_ggml_formats_and_say_which_take_them():
+    from qexport.config import Recipe, Rule
+
+    Recipe("g", rules=(Rule("*", QuantSpec(format="q4_k")),), algorithm="gptq")  # GPTQ takes them
+    with pytest.raises(InvalidConfig, match="use algorithm 'gptq' or 'rtn' for GGML formats"):
+        Recipe("a", rules=(Rule("*", QuantSpec(format="q4_k")),), algorithm="awq")
+
+
 def test_a_row_no_type_fits_is_refused_with_the_way_out():
     with pytest.raises(InvalidTensor, match="keep this layer in float"):
         quantize_weight(torch.randn(4, 48), QuantSpec(format="q4_k"), name="model.layers.0.mlp.down_proj")

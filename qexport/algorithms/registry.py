@@ -168,23 +168,23 @@ def get_algorithm(name: str) -> Callable[..., dict]:
     return lookup(name).run
 
 
-def integer_or_ggml_grids(recipe: "Recipe") -> None:
-    """The check of GPTQ: every weight spec is an ``int`` grid or one of llama.cpp's GGML block formats."""
+def _weight_formats(recipe: "Recipe", allowed, grids: str) -> None:
+    """Every weight spec of ``recipe`` has a format ``allowed(format)`` accepts; else InvalidConfig naming the rule
+    and the algorithms that take its format."""
     for r in recipe.rules:
         w = r.weight
-        if w is not None and w.format.value != "int" and not w.format.ggml:
-            raise InvalidConfig(
-                f"recipe {recipe.name!r}: algorithm {recipe.algorithm!r} quantizes to integer or GGML grids, but "
-                f"rule {r.pattern!r} asks for {w.describe()}: use algorithm 'rtn' for NF4"
-            )
+        if w is not None and not allowed(w.format):
+            instead = "use algorithm 'gptq' or 'rtn' for GGML formats" if w.format.ggml else \
+                "use algorithm 'rtn' for NF4"
+            raise InvalidConfig(f"recipe {recipe.name!r}: algorithm {recipe.algorithm!r} quantizes to {grids}, but "
+                                f"rule {r.pattern!r} asks for {w.describe()}: {instead}")
+
+
+def integer_or_ggml_grids(recipe: "Recipe") -> None:
+    """The check of GPTQ: every weight spec is an ``int`` grid or one of llama.cpp's GGML block formats."""
+    _weight_formats(recipe, lambda f: f.value == "int" or f.ggml, "integer or GGML grids")
 
 
 def integer_grids_only(recipe: "Recipe") -> None:
     """The check of the algorithms that search integer codes: every weight spec is an ``int`` grid."""
-    for r in recipe.rules:
-        w = r.weight
-        if w is not None and w.format.value != "int":
-            raise InvalidConfig(
-                f"recipe {recipe.name!r}: algorithm {recipe.algorithm!r} quantizes to integer grids, but rule "
-                f"{r.pattern!r} asks for {w.describe()}: use algorithm 'rtn' for NF4"
-            )
+    _weight_formats(recipe, lambda f: f.value == "int", "integer grids")
