@@ -311,7 +311,7 @@ def block_params(t: GgmlType, x: torch.Tensor, observe) -> Blocks:
     gives each sub-block's (or legacy block's) range."""
     r, nb, _ = x.shape
     lo, hi = observe(x.reshape(r, nb, -1, t.sub))  # [R, nb, nsub]
-    if t.name in ("q8_0",):
+    if t.name == "q8_0":
         return Blocks(_fp16(torch.maximum(lo.abs(), hi.abs()).squeeze(-1) / 127, f"{t.name} scale"))
     if t.name in ("q4_0", "q5_0"):
         return Blocks(_fp16(_signed_extreme(lo, hi).squeeze(-1) / -(t.offset), f"{t.name} scale"))
