@@ -61,6 +61,7 @@ class NumberFormat(str, Enum):
     Q5_0 = "q5_0"
     IQ4_NL = "iq4_nl"
     Q2_K = "q2_k"
+    Q3_K = "q3_k"
     Q4_K = "q4_k"
     Q6_K = "q6_k"
 
@@ -104,12 +105,12 @@ class QuantSpec:
     Args:
         bits: 8, 4 or 2 for ``format='int'``; 4 for ``format='nf4'``.
         format: ``'int'`` (uniform grid), ``'nf4'`` (NormalFloat-4 code book), or one of llama.cpp's GGML
-            block formats (``'q8_0'``, ``'q4_0'``, ``'q4_1'``, ``'q5_0'``, ``'iq4_nl'``, ``'q2_k'``, ``'q4_k'``,
-            ``'q6_k'``; :mod:`qexport.ggml`). A GGML format sets ``bits``, ``group_size`` (its block: 32, or
+            block formats (``'q8_0'``, ``'q4_0'``, ``'q4_1'``, ``'q5_0'``, ``'iq4_nl'``, ``'q2_k'``, ``'q3_k'``,
+            ``'q4_k'``, ``'q6_k'``; :mod:`qexport.ggml`). A GGML format sets ``bits``, ``group_size`` (its block: 32, or
             256 for the K-quants) and ``symmetric`` itself; give them only with those values. It is a weight
             format: no activation, double-quantization or restricted-range options. A layer whose input size
             is not a multiple of a K-quant's 256 is stored in llama.cpp's fallback type (q4_k -> q5_0,
-            q6_k -> q8_0, q2_k -> q4_0). The observer chooses each sub-block's range.
+            q6_k -> q8_0, q2_k and q3_k -> q4_0). The observer chooses each sub-block's range.
         granularity: ``'per_tensor'``, ``'per_channel'`` or ``'group'``. Left out, it is ``'group'`` when
             ``group_size`` is given and ``'per_channel'`` otherwise.
         group_size: elements per group along the input dimension (any positive size; when it does not

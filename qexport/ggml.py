@@ -21,6 +21,8 @@ q5_0       32     22     fp16 d, 32 high bits, 32 low nibbles           S = d, c
 iq4_nl     32     18     fp16 d, 32 4-bit indices                       S = d, c = IQ4_NL_VALUES[q]
 q2_k       256    84     16 x (4-bit scale, 4-bit min), 2-bit codes,    S = d * sc, M = dmin * m, c = q
                          fp16 d, fp16 dmin                              (sub-blocks of 16)
+q3_k       256    110    high bits, 2-bit low codes, 16 6-bit scales    S = d * (sc - 32), c = q - 4
+                         in 12 bytes, fp16 d                            (sub-blocks of 16)
 q4_k       256    144    fp16 d, fp16 dmin, 8 x (6-bit scale, 6-bit     S = d * sc, M = dmin * m, c = q
                          min) in 12 bytes, 4-bit codes                  (sub-blocks of 32)
 q6_k       256    210    4-bit low codes, 2-bit high codes, 16 int8     S = d * sc, c = q - 32
@@ -36,7 +38,7 @@ as llama.cpp does. GPTQ uses :func:`block_params` and :func:`codes_for` to fix a
 reaches the block and to round each column against them.
 
 A row whose K is not a multiple of a K-quant's 256 cannot be stored in it; llama.cpp then writes the tensor
-in a fallback type (:data:`FALLBACK`: q4_k -> q5_0, q6_k -> q8_0, q2_k -> q4_0), and so does
+in a fallback type (:data:`FALLBACK`: q4_k -> q5_0, q6_k -> q8_0, q2_k and q3_k -> q4_0), and so does
 :func:`resolve`.
 """
 
@@ -93,13 +95,14 @@ GGML_TYPES: dict[str, GgmlType] = {t.name: t for t in (
     GgmlType("q5_0", 6, 32, 32, 5, 22, qmax=31, offset=16),
     GgmlType("iq4_nl", 20, 32, 32, 4, 18, qmax=15),
     GgmlType("q2_k", 10, 256, 16, 2, 84, qmax=3, has_min=True, scale_bits=4),
+    GgmlType("q3_k", 11, 256, 16, 3, 110, qmax=7, offset=4, scale_bits=6),
     GgmlType("q4_k", 12, 256, 32, 4, 144, qmax=15, has_min=True, scale_bits=6),
     GgmlType("q6_k", 14, 256, 16, 6, 210, qmax=63, offset=32, scale_bits=8),
 )}
 
 # llama.cpp's fallback for a tensor whose rows are not a multiple of 256 (tensor_type_fallback in
 # src/llama-quant.cpp of the llama.cpp llama-cpp-python 0.3.36 vendors; older ones sent q2_k to iq4_nl)
-FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0", "q2_k": "q4_0"}
+FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0", "q2_k": "q4_0", "q3_k": "q4_0"}
 
 
 def ggml_type(name: str) -> GgmlType:
@@ -210,6 +213,10 @@ def encode(t: GgmlType, blk: Blocks) -> torch.Tensor:
     elif t.name == "q2_k":
         scales = (blk.sc | (blk.m << 4)).to(torch.uint8)
         parts = [scales, _pack_fields(q, 2, 32), d, _f16_bytes(blk.dmin)]
+    elif t.name == "q3_k":
+        sc = blk.sc + 32  # 6-bit: low nibbles in bytes 0-7, high crumbs in bytes 8-11
+        parts = [_pack_fields(q >> 2, 1, 32), _pack_fields(q & 3, 2, 32), _pack_fields(sc & 0xF, 4, 8),
+                 _pack_fields(sc >> 4, 2, 4), d]
     elif t.name == "q6_k":
         parts = [_pack_fields(q & 0xF, 4, 64), _pack_fields(q >> 4, 2, 32), blk.sc.to(torch.int8).view(torch.uint8), d]
     else:  # pragma: no cover - GGML_TYPES and this function list the same types
@@ -242,6 +249,10 @@ def decode(t: GgmlType, data: torch.Tensor) -> Blocks:
         s = b[..., 0:16].to(torch.int32)
         return Blocks(_f16_value(b[..., 80:82]), _unpack_fields(b[..., 16:80], 2, 32), _f16_value(b[..., 82:84]),
                       s & 0xF, s >> 4)
+    if t.name == "q3_k":
+        q = _unpack_fields(b[..., 32:96], 2, 32) | (_unpack_fields(b[..., 0:32], 1, 32) << 2)
+        sc = _unpack_fields(b[..., 96:104], 4, 8) | (_unpack_fields(b[..., 104:108], 2, 4) << 4)
+        return Blocks(_f16_value(b[..., 108:110]), q, sc=sc - 32)
     if t.name == "q6_k":
         q = _unpack_fields(b[..., 0:128], 4, 64) | (_unpack_fields(b[..., 128:192], 2, 32) << 4)
         return Blocks(_f16_value(b[..., 208:210]), q, sc=b[..., 192:208].contiguous().view(torch.int8).to(torch.int32))
@@ -328,8 +339,12 @@ def block_params(t: GgmlType, x: torch.Tensor, observe) -> Blocks:
         dmin = _fp16(raw_m.amax(-1) / levels, f"{t.name} minimum")
         return Blocks(d, dmin=dmin, sc=_int_scales(raw_s, d.unsqueeze(-1), levels, 0),
                       m=_int_scales(raw_m, dmin.unsqueeze(-1), levels, 0))
-    # q6_k: signed codes with the sub-block's extreme at -32, int8 sub-block scales
-    raw_s = _signed_extreme(lo, hi) / -(t.offset)
+    raw_s = _signed_extreme(lo, hi) / -(t.offset)  # signed codes with the sub-block's extreme at -offset
+    if t.name == "q3_k":  # 6-bit scales in [-32, 31]: the block's extreme sub-block scale at -32, as llama.cpp
+        top = _signed_extreme(raw_s.amin(-1), raw_s.amax(-1))
+        d = _fp16(top / -32, f"{t.name} scale")
+        return Blocks(d, sc=_int_scales(raw_s, d.unsqueeze(-1), 31, -32))
+    # q6_k: int8 sub-block scales
     d = _fp16(raw_s.abs().amax(-1) / 127, f"{t.name} scale")
     return Blocks(d, sc=_int_scales(raw_s, d.unsqueeze(-1), 127, -127))
 

@@ -29,12 +29,20 @@ def _single(name: str, spec: QuantSpec, description: str) -> Recipe:
     return Recipe(name=name, rules=(Rule("*", spec),), description=description)
 
 
-def _gguf(name: str, fmt: str, observer: str, description: str, algorithm: str = "rtn") -> Recipe:
+def _gguf(name: str, fmt: str, observer: str, description: str, algorithm: str = "rtn",
+          wider: tuple[str, ...] = (), wider_fmt: str = "") -> Recipe:
+    """A GGML preset: ``fmt`` everywhere, ``wider_fmt`` on the ``wider`` patterns, the embedding and lm_head q8_0."""
     table = QuantSpec(format="q8_0")
     return Recipe(name=name, algorithm=algorithm, exclude=(),
                   description=f"{description}; embedding and lm_head q8_0 (a tied table stored once)",
                   rules=(Rule("*embed_tokens", table), Rule("lm_head", table), Rule("*.lm_head", table),
+                         *(Rule(p, QuantSpec(format=wider_fmt, observer=observer)) for p in wider),
                          Rule("*", QuantSpec(format=fmt, observer=observer))))
+
+
+# llama.cpp's Q2_K file type is a mix (llama_tensor_get_type): attn_v, attn_output and ffn_down in q3_k, the rest
+# in q2_k. (llama.cpp gives attn_v q4_k instead when 4 or more query heads share a KV head: not in this preset.)
+_Q2_K_MIX = ("*.self_attn.v_proj", "*.self_attn.o_proj", "*.mlp.down_proj")
 
 
 PRESETS: dict[str, Recipe] = {
@@ -134,17 +142,23 @@ PRESETS: dict[str, Recipe] = {
         # llama.cpp's GGML block formats (qexport.ggml; `qexport export --format gguf`). The embedding and lm_head
         # are q8_0, what llama.cpp's quantizer gives SmolLM2's tied 576-wide table (q6_k, which falls back to q8_0);
         # a K-quant on a layer whose input is not a multiple of 256 is stored in llama.cpp's fallback type
-        # (q4_k -> q5_0, q6_k -> q8_0, q2_k -> q4_0). The K-quants choose each sub-block's range by MSE search,
+        # (q4_k -> q5_0, q6_k -> q8_0, q2_k and q3_k -> q4_0). The K-quants choose each sub-block's range by MSE search,
         # the way llama.cpp searches its sub-block scales.
         *(_gguf(f"gguf-{t}", t, obs, f"llama.cpp {t.upper()} weights ({what}), round to nearest")
           for t, obs, what in (("q8_0", "minmax", "int8 blocks of 32, fp16 scales"),
                                ("q4_0", "minmax", "int4 blocks of 32, fp16 scales"),
                                ("q6_k", "mse", "6-bit, 256-blocks of 16 with int8 scales"),
                                ("q4_k", "mse", "4-bit, 256-blocks of 32 with 6-bit scales and mins"),
+                               ("q3_k", "mse", "3-bit, 256-blocks of 16 with 6-bit scales"),
                                ("q2_k", "mse", "2-bit, 256-blocks of 16 with 4-bit scales and mins"))),
         *(_gguf(f"gguf-{t}-gptq", t, "mse", f"llama.cpp {t.upper()} weights, GPTQ with act-order, sub-block ranges "
                 "by MSE search (needs calibration data)", algorithm="gptq")
           for t in ("q4_k", "q2_k")),
+        *(_gguf(f"gguf-q2_k-mix{suffix}", "q2_k", "mse", "llama.cpp's Q2_K file-type mix: Q2_K weights, Q3_K for "
+                f"attention's v_proj and o_proj and the MLP's down_proj, {how}", algorithm=algorithm,
+                wider=_Q2_K_MIX, wider_fmt="q3_k")
+          for suffix, algorithm, how in (("", "rtn", "round to nearest"),
+                                         ("-gptq", "gptq", "GPTQ with act-order (needs calibration data)"))),
     )
 }
 

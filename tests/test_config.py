@@ -34,7 +34,7 @@ PRESET_NAMES = list(PRESETS)
 # the presets that need calibration data: for their algorithm at quantize() time, or for static activations
 NEEDS_DATA = {"w8a8-static", "w8a8-static-hadamard", "w8a8-dynamic-sq", "w8a8-static-sq", "w4g128-gptq",
               "w4g64-gptq", "w2g64-gptq", "w2g64-gptq-hadamard", "w2g64-gptq-hadamard-attn4", "w4g128-awq",
-              "w4g128-awq-gptq", "gguf-q4_k-gptq", "gguf-q2_k-gptq"}
+              "w4g128-awq-gptq", "gguf-q4_k-gptq", "gguf-q2_k-gptq", "gguf-q2_k-mix-gptq"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def test_preset_names():
     assert set(PRESET_NAMES) == {"w8", "w4g128", "w4g128-sym", "w4g64", "w4g64-sym", "nf4-dq", "w2g64", "w2g64-mse",
                                  "w8a8-dynamic", "w8a8-llmint8", "w8a8-static", "w8-trt", "w4g128-trt",
                                  "w4g128-head8", "w4g64-sym-emb8", "gguf-q8_0", "gguf-q4_0", "gguf-q6_k",
-                                 "gguf-q4_k", "gguf-q2_k"} | NEEDS_DATA
+                                 "gguf-q4_k", "gguf-q3_k", "gguf-q2_k", "gguf-q2_k-mix"} | NEEDS_DATA
     for name, recipe in PRESETS.items():
         assert recipe.name == name
         assert get_preset(name) is recipe

@@ -52,7 +52,7 @@ def test_blocks_dequantize_bit_identical_to_gguf(name):
     # round to nearest is close: relative RMS error per type (Gaussian rows)
     err = float((ours - w)[6:].pow(2).mean().sqrt() / w[6:].std())
     assert err < {"q8_0": 0.012, "q6_k": 0.04, "q5_0": 0.07, "q4_0": 0.11, "q4_1": 0.12, "iq4_nl": 0.1,
-                  "q4_k": 0.12, "q2_k": 0.35}[name], err
+                  "q4_k": 0.12, "q3_k": 0.2, "q2_k": 0.35}[name], err
 
 
 @pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_1", "q5_0"])
@@ -89,6 +89,20 @@ def test_decoded_fields_follow_the_documented_formulas():
     assert int(blk.sc.max()) <= 63 and int(blk.m.max()) <= 63 and int(blk.q.max()) <= 15
 
 
+def test_q3_k_fields_follow_the_documented_formula():
+    """Q3_K by hand: ``w = d * (sc - 32) * (q - 4)`` per sub-block of 16; the block's extreme sub-block scale
+    takes the 6-bit scale's extra level, -32, as llama.cpp's quantizer puts it."""
+    t = ggml.ggml_type("q3_k")
+    w = _weight()[:, :256]
+    blk = ggml.decode(t, ggml.quantize(w, t))
+    q = blk.q.reshape(12, 1, 16, 16).float()
+    expect = (blk.d[..., None, None] * blk.sc[..., None].float()) * (q - 4)
+    assert torch.equal(expect.reshape(12, 256), ggml.dequantize(ggml.encode(t, blk), t))
+    assert int(blk.sc.min()) >= -32 and int(blk.sc.max()) <= 31 and int(blk.q.max()) <= 7
+    nonzero = blk.d.squeeze(-1) != 0
+    assert bool((blk.sc.amin((-2, -1))[nonzero] == -32).all())
+
+
 def test_specs_take_their_fields_from_the_type():
     s = QuantSpec(format="q4_k")
     assert (s.bits, s.group_size, s.symmetric, s.describe()) == (4, 256, False, "q4_k")
@@ -103,7 +117,8 @@ def test_specs_take_their_fields_from_the_type():
 
 
 @pytest.mark.parametrize("name, k, stored", [("q4_k", 512, "q4_k"), ("q4_k", 576, "q5_0"), ("q6_k", 576, "q8_0"),
-                                             ("q2_k", 576, "q4_0"), ("q4_0", 576, "q4_0")])
+                                             ("q2_k", 576, "q4_0"), ("q3_k", 576, "q4_0"),
+                                             ("q4_0", 576, "q4_0")])
 def test_k_quants_fall_back_as_llama_cpp_does(name, k, stored):
     w = _weight(k=1024)[:4, :k]
     qw = quantize_weight(w, QuantSpec(format=name, observer="mse"))
@@ -143,7 +158,7 @@ def test_gptq_with_an_identity_hessian_is_round_to_nearest(name, act_order):
     assert torch.equal(deq, qw.dequantize())
 
 
-@pytest.mark.parametrize("name", ["q4_k", "q2_k", "q6_k", "q4_0"])
+@pytest.mark.parametrize("name", ["q4_k", "q3_k", "q2_k", "q6_k", "q4_0"])
 def test_gptq_lowers_the_output_error_and_keeps_its_bytes_exact(name):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1024, 256, generator=g) @ (torch.randn(256, 256, generator=g) * 0.1 + torch.eye(256))

@@ -79,10 +79,17 @@ def names_index(reader, name: str) -> int:
     return [t.name for t in reader.tensors].index(name)
 
 
-def test_fallback_types_float_head_and_float_file(tmp_path):
-    model = quantize_model(_llama(vocab=320), "gguf-q2_k")
+def test_a_mixed_recipe_float_head_and_float_file(tmp_path):
+    """llama.cpp's Q2_K mix: q3_k for v_proj, o_proj and down_proj, q2_k for the rest; the file type is Q2_K."""
+    model = quantize_model(_llama(vocab=320), "gguf-q2_k-mix")
     res = export_gguf(model, tmp_path / "q2.gguf", tokenizer=_bpe_tokenizer())
-    assert res.report["tensor_types"]["q2_k"] == 14 and "f16" not in res.report["tensor_types"]
+    r = res.report
+    assert r["tensor_types"] == {"q2_k": 8, "q3_k": 6, "q8_0": 2, "f32": 5} and r["readback"]["bit_identical"]
+    reader = gguf.GGUFReader(str(res.path))
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["blk.1.attn_v.weight"] == kinds["blk.1.attn_output.weight"] == kinds["blk.1.ffn_down.weight"] == "Q3_K"
+    assert kinds["blk.1.attn_q.weight"] == kinds["blk.1.ffn_up.weight"] == "Q2_K"
+    assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q2_K)
     # an all-float file (what llama.cpp's own quantizer starts from)
     flt = export_gguf(_llama(), tmp_path / "f32.gguf", tokenizer=_bpe_tokenizer(), float_type="f32")
     assert set(flt.report["tensor_types"]) == {"f32"} and flt.report["readback"]["tensors"] == 0

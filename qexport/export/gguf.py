@@ -349,8 +349,9 @@ def export_gguf(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, c
     tmp = Path(tmp_name)
     try:
         writer = gguf.GGUFWriter(str(tmp), arch)
-        # the file type named after the type most weights are in (q4_k: llama.cpp's Q4_K_M, as it names such files)
-        _metadata(writer, qmodel, recipe_dict, llama_file_type("q4_k_m" if main == "q4_k" else main))
+        # the file type named after the type most weights are in (q4_k, q3_k: llama.cpp's Q4_K_M, Q3_K_M, as it
+        # names such files)
+        _metadata(writer, qmodel, recipe_dict, llama_file_type({"q4_k": "q4_k_m", "q3_k": "q3_k_m"}.get(main, main)))
         for key, value, vtype, sub in tok_fields:
             writer.add_key_value(key, value, vtype, sub_type=sub)
         for t in tensors:
