@@ -128,6 +128,11 @@ class SafetensorsFolder:
         for path in set(self._where.values()):
             self._open(path)
 
+    @property
+    def names(self) -> set[str]:
+        """The names of every tensor in the folder."""
+        return set(self._where)
+
     def _shard(self, file: object, index: str) -> Path:
         inside = isinstance(file, str) and file and Path(file).name == file and file not in (".", "..")
         if not inside or (self.folder / file).resolve().parent != self.folder.resolve():  # a link that leads out

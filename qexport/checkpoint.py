@@ -47,7 +47,7 @@ from qexport._io import OutputExists, replace_folder
 from qexport._safetensors import SafetensorsFolder, TensorEntry, shard_entries, write_safetensors
 from qexport.errors import CalibrationError, CheckpointError, InvalidConfig, QExportError
 
-__all__ = ["save_quantized", "load_quantized", "is_quantized_folder", "read_manifest", "SavedFolder",
+__all__ = ["save_quantized", "load_quantized", "is_quantized_folder", "read_manifest", "SavedFolder", "ShardWriter",
            "MANIFEST_FILE", "RECIPE_FILE", "FORMAT", "FORMAT_VERSION", "DEFAULT_SHARD_BYTES"]
 
 MANIFEST_FILE = "qexport_quantization.json"
@@ -157,16 +157,18 @@ def _layer_entry(mod) -> dict[str, Any]:
     }
 
 
-def _float_entries(model: nn.Module, quantized: dict[str, nn.Module]) -> tuple[list[TensorEntry], dict[str, str]]:
-    """Every tensor of the state dict outside the quantized layers' stored weights, each storage once: the
-    entries to write, and the names that alias a written one (tied embeddings, the shared online rotation)."""
+def _float_entries(model: nn.Module, quantized: dict[str, nn.Module], done: set[str] = frozenset()
+                   ) -> tuple[list[TensorEntry], dict[str, str]]:
+    """Every tensor of the state dict outside the quantized layers' stored weights and the names ``done``
+    (written already), each storage once: the entries to write, and the names that alias a written one (tied
+    embeddings, the shared online rotation)."""
     from qexport.api import _tensor_key
 
     prefixes = tuple(f"{name}." for name in quantized)
     seen: dict[tuple, str] = {}
     entries, aliases = [], {}
     for name, t in model.state_dict(keep_vars=False).items():
-        if name.startswith(prefixes):
+        if name.startswith(prefixes) or name in done:
             continue
         if t.device.type == "meta":
             raise CheckpointError(f"{name} is on the meta device: load or materialize the model before saving it")
@@ -206,25 +208,47 @@ def _check_saveable(model: nn.Module, quantized: dict[str, nn.Module]) -> None:
                                    "qexport.calibrate(model, batches) before saving")
 
 
-def _write_tensors(folder: Path, entries: list[TensorEntry], max_shard_bytes: int) -> list[str]:
-    shards = shard_entries(entries, max_shard_bytes)
-    if len(shards) == 1:
-        write_safetensors(folder / WEIGHTS_FILE, shards[0])
-        return [WEIGHTS_FILE]
-    files, weight_map, total = [], {}, 0
-    for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        total += write_safetensors(folder / file, shard)
-        weight_map.update({e.name: file for e in shard})
-        files.append(file)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return files + [INDEX_FILE]
+class ShardWriter:
+    """The safetensors shards of a folder being written into ``folder`` (a temporary one): :meth:`write` adds
+    shards as their tensors come (streamed quantization writes one block at a time), :meth:`finish` names
+    them ``model-0000i-of-0000N.safetensors`` with an index, or ``model.safetensors`` when there is one."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.folder, self.max_shard_bytes = folder, max_shard_bytes
+        self.shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+        self.total = 0
+
+    @property
+    def names(self) -> set[str]:
+        return {n for _, names in self.shards for n in names}
+
+    def write(self, entries: list[TensorEntry]) -> None:
+        for shard in shard_entries(entries, self.max_shard_bytes) if entries else []:
+            file = f".shard-{len(self.shards):05d}.safetensors"
+            self.total += write_safetensors(self.folder / file, shard)
+            self.shards.append((file, [e.name for e in shard]))
+
+    def finish(self) -> list[str]:
+        if len(self.shards) <= 1:
+            if self.shards:
+                os.replace(self.folder / self.shards[0][0], self.folder / WEIGHTS_FILE)
+            else:
+                write_safetensors(self.folder / WEIGHTS_FILE, [])
+            return [WEIGHTS_FILE]
+        files, weight_map = [], {}
+        for i, (tmp, names) in enumerate(self.shards, 1):
+            file = f"model-{i:05d}-of-{len(self.shards):05d}.safetensors"
+            os.replace(self.folder / tmp, self.folder / file)
+            weight_map.update({n: file for n in names})
+            files.append(file)
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return files + [INDEX_FILE]
 
 
 def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, force: bool = False,
                    provenance: dict[str, Any] | None = None, layout: str = "auto",
-                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> SavedFolder:
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, written: ShardWriter | None = None) -> SavedFolder:
     """Save a model quantized by :func:`qexport.quantize` as a folder (see the module docstring).
 
     Args:
@@ -239,6 +263,9 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, 
         layout: ``'auto'`` (compressed-tensors when every quantized layer has that form, else qexport's own),
             ``'compressed-tensors'`` (refused with the reason when it does not fit) or ``'qexport'``.
         max_shard_bytes: past this many bytes of tensors the weights are sharded with an index.
+        written: the shards already written into a temporary folder beside ``out`` (:mod:`qexport.stream`,
+            which writes each decoder block as it is quantized and leaves its tensors on the meta device):
+            the rest is added to them, and that folder becomes ``out``.
     """
     from qexport import compressed
 
@@ -257,9 +284,12 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, 
     if layout == "compressed-tensors" and why_not:
         raise InvalidConfig(f"this model has no compressed-tensors form: {why_not}")
     use_ct = layout != "qexport" and why_not is None
-    entries, aliases = _float_entries(model, quantized)
+    done = written.names if written is not None else set()
+    entries, aliases = _float_entries(model, quantized, done)
     shared = _shared_with(quantized)  # a tied lm_head's stored weight is its embedding's: written once
     for name, mod in quantized.items():
+        if any(n.startswith(f"{name}.") for n in done):
+            continue
         if name in shared:
             entries += [TensorEntry.of(f"{name}.bias", mod.bias)] if getattr(mod, "bias", None) is not None else []
         else:
@@ -286,10 +316,14 @@ def save_quantized(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, 
         config = {"model_type": QEXPORT_MODEL_TYPE, "architectures": ["QExportQuantizedModel"],
                   "qexport": f"quantized by qexport in its own layout ({reason}); load it with "
                              "qexport.load_quantized(DIR) or `qexport eval --model DIR`"}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    if written is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        written = ShardWriter(tmp, max_shard_bytes)
+    tmp = written.folder
     try:
-        _write_tensors(tmp, entries, max_shard_bytes)
+        written.write(entries)
+        written.finish()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if use_ct:
             compressed.write_quantization_config(tmp, quantized, model)

@@ -147,14 +147,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise InvalidConfig(f"{args.model!r} is quantized already; quantize its float source model instead")
     _threads()
     t0 = time.perf_counter()
-    model, tok = load_model(args.model)
-    model = quantize_model(model, recipe, tok, _calibration(args), progress=True)
-    quantize_s = time.perf_counter() - t0
-    saved = save_quantized(model, args.out, tok, force=args.force, layout=args.layout,
-                           provenance={"source_model": source_name(args.model), "quantize_s": round(quantize_s, 1)})
-    report = model.qexport_report
+    if args.stream:
+        from qexport.models import checkpoint_folder, load_tokenizer
+        from qexport.stream import quantize_streamed
+
+        path = checkpoint_folder(args.model)
+        tok = load_tokenizer(path)
+        res = quantize_streamed(path, recipe, args.out, tokenizer=tok, calibration=_calibration(args),
+                                force=args.force, layout=args.layout, progress=True,
+                                provenance={"source_model": source_name(args.model)})
+        saved, report, how = res.folder, res.report, f"streamed, {res.blocks} blocks"
+    else:
+        model, tok = load_model(args.model)
+        model = quantize_model(model, recipe, tok, _calibration(args), progress=True)
+        quantize_s = time.perf_counter() - t0
+        saved = save_quantized(model, args.out, tok, force=args.force, layout=args.layout,
+                               provenance={"source_model": source_name(args.model), "quantize_s": round(quantize_s, 1)})
+        report, how = model.qexport_report, "in memory"
+    from qexport.stream import peak_rss_bytes
+
+    peak = peak_rss_bytes()
     print(f"wrote {saved.path}: {mb(saved.bytes)} MB, layout {saved.layout}; {len(report.quantized)} layers "
-          f"quantized, {len(report.kept_float)} float; quantized in {quantize_s:.0f} s")
+          f"quantized, {len(report.kept_float)} float; quantized {how} in {time.perf_counter() - t0:.0f} s"
+          + (f", peak RSS {mb(peak)} MB" if peak else ""))
     for engine, status in saved.engines.items():
         print(f"  {engine:<13} {status}")
     return 0
@@ -450,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layout", choices=("auto", "compressed-tensors", "qexport"), default="auto",
                    help="tensor layout: compressed-tensors where every layer has that form (transformers and vLLM "
                         "load it), else qexport's own (default auto)")
+    q.add_argument("--stream", action="store_true",
+                   help="read one decoder block at a time from the model's safetensors files and write it when "
+                        "quantized: peak memory about one block, for models larger than memory (same result; rtn, "
+                        "gptq and awq recipes)")
     _finish(q, cmd_quantize, "calibration", force="replace the --out folder if it exists")
 
     d = sub.add_parser("demo", help="fp32 vs w8, w4g128, nf4-dq, w2g64 on SmolLM2: perplexity, size, generation")

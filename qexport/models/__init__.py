@@ -105,6 +105,18 @@ def _resolve(model: str | os.PathLike) -> Path:
     return path
 
 
+def checkpoint_folder(model: str | os.PathLike = "smollm2") -> Path:
+    """The local checkpoint folder of ``'smollm2'`` (converted once, then cached) or of a folder given."""
+    path = _resolve(model)
+    _offline()
+    return path
+
+
+def load_tokenizer(model: str | os.PathLike = "smollm2"):
+    """The tokenizer of ``'smollm2'`` or of a local checkpoint folder."""
+    return _tokenizer(checkpoint_folder(model))
+
+
 def load_model(model: str | os.PathLike = "smollm2"):
     """``(model, tokenizer)`` for ``'smollm2'`` or a local checkpoint directory, in fp32, in eval mode.
 

@@ -1,0 +1,377 @@
+"""Streamed quantization: a model whose float weights do not fit in memory, one decoder block at a time.
+
+:func:`quantize_streamed` builds the model's skeleton on the meta device (no weights, as accelerate's
+``init_empty_weights`` does), reads the tensors outside the decoder blocks (embedding, final norm,
+``lm_head``) from the checkpoint's safetensors files, then for each decoder block in turn:
+
+1. reads its tensors, one at a time (plain reads, no memory map), as float32;
+2. runs the recipe's algorithm on it, on the calibration activations at its input;
+3. runs it once more (quantized, as the in-memory algorithms do) to give the next block's inputs;
+4. writes its stored tensors to the output folder's next shard, and puts the block back on the meta device.
+
+The folder is then finished as :func:`qexport.checkpoint.save_quantized` finishes one (config, manifest,
+recipe, tokenizer), and renamed into place. Peak memory is about one block in float32, the calibration
+activations at one block boundary, and the tensors outside the blocks, whatever the depth.
+
+The result is bit-identical to loading the model, :func:`qexport.prepare.quantize_model` and
+:func:`~qexport.checkpoint.save_quantized`: the algorithms below already work block by block, and the same
+functions run here on the same inputs in the same order.
+
+Streamed: round to nearest, GPTQ and AWQ (weights, dynamic activations, a quantized KV cache) on the families
+of the architecture table (:mod:`qexport.models.architectures`). Not streamed (they need the whole model):
+SmoothQuant (its statistics and check are taken over the whole float model), rotation (fused across the
+embedding, every block and ``lm_head``) and static activation scales (calibrated after quantizing); those
+recipes are refused with the way to run them in memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qexport._io import OutputExists
+from qexport._safetensors import SafetensorsFolder, TensorEntry
+from qexport.checkpoint import _release_freed_memory
+from qexport.errors import CheckpointError, InvalidConfig, QExportError, UnsupportedOp
+
+__all__ = ["quantize_streamed", "StreamResult", "STREAMED_ALGORITHMS"]
+
+STREAMED_ALGORITHMS = ("rtn", "gptq", "awq")
+
+
+@dataclass
+class StreamResult:
+    """What :func:`quantize_streamed` did: the folder written and its report, and the time and peak memory."""
+
+    folder: Any  # qexport.checkpoint.SavedFolder
+    report: Any  # qexport.api.QuantizationReport
+    seconds: float
+    blocks: int
+    peak_rss_bytes: int | None
+
+
+def _check_recipe(recipe) -> None:
+    why = None
+    if recipe.algorithm not in STREAMED_ALGORITHMS:
+        why = f"algorithm {recipe.algorithm!r} (its statistics are taken over the whole float model)"
+    elif recipe.rotation != "none":
+        why = f"rotation {recipe.rotation!r} (fused across the embedding, every block and lm_head)"
+    elif recipe.needs_calibration:
+        why = "static activation scales (calibrated on the whole quantized model)"
+    if why:
+        raise UnsupportedOp(f"recipe {recipe.name!r} cannot be quantized block by block: {why}; quantize it in "
+                            f"memory (without --stream), or use an algorithm of {', '.join(STREAMED_ALGORITHMS)}")
+
+
+def _skeleton(path: Path):
+    """The model built from its config on the meta device: every module, no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many types; report one line
+        raise CheckpointError(f"could not read the config of {str(path)!r}: {str(e).splitlines()[0]}") from e
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, parameter: bool) -> None:
+    owner, _, leaf = name.rpartition(".")
+    mod = root.get_submodule(owner) if owner else root
+    if parameter:
+        mod._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[leaf] = value
+
+
+def _rebuild(root: nn.Module, owner: str, config) -> None:
+    """A module whose buffers are computed, not stored (rotary frequencies): built again, on the CPU."""
+    mod = root.get_submodule(owner)
+    try:
+        fresh = type(mod)(config=config)
+    except TypeError:
+        raise UnsupportedOp(f"{owner or type(root).__name__} ({type(mod).__name__}) has buffers the checkpoint does "
+                            "not store and that qexport cannot rebuild; quantize this model in memory") from None
+    parent, _, leaf = owner.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, fresh)
+
+
+def _materialize(model: nn.Module, source: SafetensorsFolder, want) -> None:
+    """Read the parameters and persistent buffers of ``model`` whose names ``want(name)`` accepts and that are
+    still on the meta device, as float32; rebuild the modules whose buffers are computed, not stored. A tied
+    ``lm_head`` is left to ``tie_weights``."""
+    stored = source.names
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    rebuild = set()
+    for kind, items in (("parameter", model.named_parameters(remove_duplicate=False)),
+                        ("buffer", model.named_buffers(remove_duplicate=False))):
+        for name, t in list(items):
+            if t is None or t.device.type != "meta" or not want(name):
+                continue
+            if name in stored:
+                value = source.get(name)
+                _set_tensor(model, name, value.to(torch.float32) if value.is_floating_point() else value,
+                            kind == "parameter")
+            elif kind == "buffer":
+                rebuild.add(name.rpartition(".")[0])
+            elif not (tied and name.endswith("lm_head.weight")):
+                raise CheckpointError(f"{str(source.folder)!r} lacks the tensor {name!r}")
+    for owner in sorted(rebuild):
+        _rebuild(model, owner, model.config)
+
+
+def _release(block: nn.Module) -> None:
+    """Every tensor of ``block`` back on the meta device (its bytes are in the output folder)."""
+    for mod in block.modules():
+        for store in (mod._parameters, mod._buffers):
+            for k, v in store.items():
+                if v is not None and v.device.type != "meta":
+                    meta = torch.empty_like(v, device="meta")
+                    store[k] = nn.Parameter(meta, requires_grad=False) if isinstance(v, nn.Parameter) else meta
+    gc.collect()
+    _release_freed_memory()
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory so far (``getrusage``: kilobytes on Linux)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@torch.no_grad()
+def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLike, *, tokenizer=None,
+                      calibration=None, force: bool = False, layout: str = "auto",
+                      provenance: dict[str, Any] | None = None, progress: bool = False,
+                      max_shard_bytes: int | None = None) -> StreamResult:
+    """Quantize the Hugging Face checkpoint folder ``model_dir`` (safetensors) block by block into the saved
+    folder ``out`` (see the module docstring); returns a :class:`StreamResult`.
+
+    Args are those of :func:`qexport.prepare.quantize_model` and :func:`qexport.checkpoint.save_quantized`;
+    ``calibration``: token ids ``[N, L]`` (or a :class:`~qexport.prepare.CalibrationSet`), for GPTQ and AWQ.
+    Each decoder block is written to a shard of its own (``max_shard_bytes`` splits one further).
+    """
+    from qexport.algorithms.common import LayerTask, capture_block_inputs, finite_tasks, run_block
+    from qexport.api import (LayerReport, QuantizationReport, _algorithm_batches, _excluded, _quantize_embedding,
+                             _tensor_key)
+    from qexport.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, save_quantized
+    from qexport.config import load_recipe
+    from qexport.models.architectures import architecture, describe
+    from qexport.prepare import _tokens
+
+    t0 = time.perf_counter()
+    recipe = load_recipe(recipe)
+    _check_recipe(recipe)
+    if layout not in ("auto", "compressed-tensors", "qexport"):
+        raise InvalidConfig(f"layout={layout!r} is not valid; allowed: 'auto', 'compressed-tensors', 'qexport'")
+    path = Path(model_dir).expanduser()
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise OutputExists(f"{str(out)!r} already exists; pass force=True / --force to replace it")
+    tokens, cal_provenance = (None, None)
+    if recipe.needs_data:
+        from qexport.prepare import CalibrationSet
+
+        tokens, cal_provenance = _tokens(calibration if calibration is not None else CalibrationSet(), tokenizer)
+    batches = _algorithm_batches(recipe, tokens if recipe.algorithm_needs_data else None)
+
+    source = SafetensorsFolder(path)
+    model = _skeleton(path)
+    arch = architecture(model, "streamed quantization", "quantize this model in memory (without --stream)")
+    blocks = model.get_submodule(arch.layers)
+    prefix = arch.layers + "."
+    _materialize(model, source, lambda name: not name.startswith(prefix))  # all but the blocks, on the CPU
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+    floats, candidates, embeddings = [], [], []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            rule = recipe.rule_for(name, embedding=True)
+            if rule is not None and rule.weight is not None:
+                embeddings.append((name, mod, rule))
+        elif isinstance(mod, nn.Linear):
+            rule = recipe.rule_for(name)
+            if rule is None or rule.weight is None:
+                reason = "excluded by recipe" if rule is None and _excluded(recipe, name) else (
+                    "recipe keeps it float" if rule is not None else "no rule matches")
+                floats.append(LayerReport(name, type(mod).__name__, "float", None, reason, tuple(mod.weight.shape)))
+            else:
+                candidates.append((name, mod, rule))
+    tables = {(_tensor_key(m.weight), r.weight) for _, m, r in embeddings}
+    tied = {name for name, mod, rule in candidates
+            if not name.startswith(prefix) and (_tensor_key(mod.weight), rule.weight) in tables}
+    by_block: dict[int, list] = {}
+    rest = []
+    for c in candidates:
+        head = c[0][len(prefix):].split(".")[0] if c[0].startswith(prefix) else ""
+        if head.isdigit():
+            by_block.setdefault(int(head), []).append(c)
+        elif c[0] not in tied:
+            rest.append(c)
+    if rest and recipe.algorithm == "gptq" and any(name != arch.lm_head for name, _, _ in rest):
+        raise UnsupportedOp(f"streamed GPTQ quantizes the decoder blocks and lm_head; {rest[0][0]} is outside them: "
+                            "quantize this model in memory (without --stream)")
+    facts = describe(model, arch) if recipe.algorithm == "awq" else None
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)),
+                         max_shard_bytes or DEFAULT_SHARD_BYTES)
+    results: dict[str, Any] = {}
+    done: dict[str, LayerReport] = {}  # linear -> its report line
+    emb_report = QuantizationReport(recipe=recipe.to_dict())
+    try:
+        n = len(blocks)
+        last = max(by_block, default=-1)
+        needs_inputs = recipe.algorithm != "rtn"
+        head_gptq = bool(rest) and recipe.algorithm == "gptq"
+        run_to = n - 1 if head_gptq else last  # the blocks whose outputs are needed
+        inputs, head_inputs, chosen = None, None, None
+        iterator = range(n)
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(iterator, desc=f"quantize {recipe.name}, streamed", unit="block", leave=False,
+                            disable=None)
+        for i in iterator:
+            block = blocks[i]
+            here = f"{prefix}{i}."
+            _materialize(model, source, lambda name: name.startswith(here))
+            if needs_inputs and i == 0:
+                inputs = capture_block_inputs(model, block, batches)
+            tasks = [LayerTask(name, mod, rule.weight) for name, mod, rule in by_block.get(i, [])]
+            given = None
+            if tasks and recipe.algorithm == "gptq":
+                from qexport.algorithms.gptq import gptq_block
+
+                gptq_block(block, finite_tasks(tasks, results), inputs, recipe.options, results)
+            elif tasks and recipe.algorithm == "awq":
+                from qexport.algorithms.awq import _awq_block
+
+                notes: set[str] = set()
+                given = _awq_block(block, facts, finite_tasks(tasks, results), inputs, recipe.options, results,
+                                   notes)
+                for note in sorted(notes):
+                    warnings.warn(f"qexport: awq: block {i}: {note}", stacklevel=2)
+            if needs_inputs and i < run_to:
+                inputs = given if given is not None else [inp.with_hidden(run_block(block, inp)) for inp in inputs]
+            elif head_gptq and i == n - 1:
+                final = model.get_submodule(arch.final_norm)
+                head_inputs = [final(run_block(block, inp)) for inp in inputs]
+            if i >= run_to:
+                inputs = None
+            quantized = {}
+            for name, mod, rule in by_block.get(i, []):
+                qmod = _swap(model, name, mod, rule, results.get(name) if needs_inputs else None, done)
+                if qmod is not None:
+                    quantized[name] = qmod
+            chosen = _check_layout(model, quantized, recipe, layout if chosen is None else chosen, embeddings, tied)
+            writer.write(_block_entries(block, here, quantized, chosen))
+            _release(block)
+        # outside the blocks: the embeddings (to nearest) and lm_head (GPTQ on the last block's outputs, or to
+        # nearest; a tied one shares its embedding's stored weight)
+        shared: dict[tuple, Any] = {}
+        for name, mod, rule in embeddings:
+            _quantize_embedding(model, name, mod, rule, shared, emb_report)
+        for name, mod, rule in [c for c in candidates if c[0] in tied or c in rest]:
+            result = None
+            if head_gptq and name not in tied:
+                result = _gptq_head(name, mod, rule, head_inputs, recipe.options)
+            _swap(model, name, mod, rule, result, done, shared)
+        report = QuantizationReport(recipe=recipe.to_dict(), calibration=cal_provenance,
+                                    layers=floats + emb_report.layers + [done[c[0]] for c in candidates
+                                                                          if c[0] in done])
+        model.qexport_report = report
+        seconds = time.perf_counter() - t0
+        folder = save_quantized(model, out, tokenizer, force=force, layout=chosen or layout,
+                                provenance={**(provenance or {}), "streamed": True, "quantize_s": round(seconds, 1)},
+                                written=writer)
+    finally:
+        shutil.rmtree(writer.folder, ignore_errors=True)
+    return StreamResult(folder, report, time.perf_counter() - t0, len(blocks), peak_rss_bytes())
+
+
+def _swap(model: nn.Module, name: str, mod: nn.Linear, rule, result, done: dict, shared: dict | None = None):
+    """Put the QLinear of ``mod`` in its place, as :func:`qexport.quantize` does: from the algorithm's
+    ``result``, or rounded to nearest when there is none (``shared``: weights stored once across modules).
+    Returns it, or None when the layer stays float (with a warning and its report line)."""
+    from qexport.api import LayerReport, _qlinear_from_result, _set_submodule, _shared_weight
+    from qexport.modules import QLinear
+
+    shape = tuple(mod.weight.shape)
+    note = ""
+    try:
+        if result is None:
+            qw, note = _shared_weight({} if shared is None else shared, mod.weight, rule.weight, name)
+            qmod = QLinear(qw, mod.bias, weight_dtype=mod.weight.dtype, act_spec=rule.activation)
+        else:
+            qmod = _qlinear_from_result(result, mod, name, rule)
+    except QExportError as e:
+        warnings.warn(f"qexport: {name} stays float: {e}", stacklevel=3)
+        done[name] = LayerReport(name, type(mod).__name__, "float", None, str(e), shape)
+        return None
+    _set_submodule(model, name, qmod)
+    if mod.weight is not getattr(qmod, "weight", None):  # the float weight is not needed any more
+        mod.weight = nn.Parameter(torch.empty_like(mod.weight, device="meta"), requires_grad=False)
+    desc = rule.weight.describe() + (f", act {rule.activation.describe()}" if rule.activation else "")
+    done[name] = LayerReport(name, "Linear", "quantized", desc, note, shape)
+    return qmod
+
+
+def _check_layout(model: nn.Module, quantized: dict, recipe, layout: str, embeddings: list, tied: set) -> str:
+    """The tensor layout of the folder, fixed by the first block (``layout`` 'auto' becomes what it allows)
+    and checked on every later one (a block the fixed layout cannot hold is an error naming the way out)."""
+    from qexport import compressed
+
+    if layout == "qexport":
+        return layout
+    why = compressed.why_not_expressible(model, quantized, recipe.to_dict())
+    if why is None and embeddings:
+        why = f"{embeddings[0][0]}: a quantized embedding (qexport's own)"
+    if why is None and tied:
+        why = f"{sorted(tied)[0]}: a quantized weight shared with another layer (qexport stores it once)"
+    if why is None:
+        return "compressed-tensors"
+    if layout == "compressed-tensors":
+        raise InvalidConfig(f"this model has no compressed-tensors form: {why}; pass layout='qexport' (--layout "
+                            "qexport), fixed before the first block is written")
+    return "qexport"
+
+
+def _block_entries(block: nn.Module, here: str, quantized: dict, layout: str) -> list[TensorEntry]:
+    """A block's tensors as the folder stores them: its quantized layers in ``layout``, the rest as they are."""
+    from qexport import compressed
+    from qexport.checkpoint import _native_entries
+
+    inside = tuple(f"{name}." for name in quantized)
+    entries = [TensorEntry.of(here + k, t) for k, t in block.state_dict().items() if not (here + k).startswith(inside)]
+    for name, mod in quantized.items():
+        entries += compressed.layer_entries(name, mod) if layout == "compressed-tensors" else _native_entries(name, mod)
+    return entries
+
+
+def _gptq_head(name: str, mod: nn.Linear, rule, inputs: list[torch.Tensor], options) -> Any:
+    """GPTQ of ``lm_head`` on its inputs (the final norm of the last block's outputs), as the in-memory pass."""
+    from qexport.algorithms.common import LayerTask
+    from qexport.algorithms.gptq import HessianAccumulator, _quantize_task
+
+    acc = HessianAccumulator(mod.in_features)
+    for x in inputs:
+        acc.add(x)
+    results: dict[str, Any] = {}
+    _quantize_task(LayerTask(name, mod, rule.weight), acc, options, results)
+    return results[name]
