@@ -32,7 +32,7 @@ from pathlib import Path
 
 NEEDS_LLAMA_CPP = True
 LLAMA_TYPES = "q8_0,q4_0,q4_k_s,q4_k_m,q2_k"
-QEXPORT_RECIPES = "gguf-q8_0,gguf-q4_0,gguf-q4_k,gguf-q4_k-gptq,gguf-q2_k,gguf-q2_k-gptq"
+QEXPORT_RECIPES = "gguf-q8_0,gguf-q4_0,gguf-q4_k,gguf-q4_k-gptq,gguf-q2_k-mix,gguf-q2_k-mix-gptq"
 
 
 def _types(path: Path) -> dict[str, int]:

@@ -133,6 +133,10 @@ class SafetensorsFolder:
         """The names of every tensor in the folder."""
         return set(self._where)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of the tensor ``name``, from its file's header (nothing read)."""
+        return tuple(self._open(self._where[name])[name]["shape"])
+
     def _shard(self, file: object, index: str) -> Path:
         inside = isinstance(file, str) and file and Path(file).name == file and file not in (".", "..")
         if not inside or (self.folder / file).resolve().parent != self.folder.resolve():  # a link that leads out

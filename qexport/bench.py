@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import gc
 import io
 import json
 import statistics
@@ -259,7 +260,44 @@ def measure(model, prompt: torch.Tensor, spec: dict[str, str], new_tokens: int,
         if quality is not None:
             row.update(quality(m, spec))
         del m  # the ONNX Runtime session holds the folder's files open
+    _free_compiled()
     return row
+
+
+def _free_compiled() -> None:
+    """Drop what compiling a variant keeps alive: dynamo's caches, and inductor's loaded modules, which hold a
+    frozen graph's constants (a copy of the weights). Without this each frozen variant kept about 3.6 GB of
+    SmolLM2 alive, and a long bench ran out of memory."""
+    from torch._inductor.codecache import PyCodeCache
+
+    from qexport.checkpoint import _release_freed_memory
+
+    torch._dynamo.reset()
+    PyCodeCache.cache_clear()
+    gc.collect()
+    _release_freed_memory()
+
+
+def _measure_isolated(model_name: str, prompt: torch.Tensor, spec: dict[str, str], new_tokens: int,
+                      calibration: torch.Tensor | None, quality: tuple[int, bool] | None) -> dict[str, Any]:
+    """:func:`measure` in a fresh spawned process, with this process's thread count."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure_child, model_name, prompt, spec, new_tokens, calibration, quality,
+                           torch.get_num_threads()).result()
+
+
+def _measure_child(model_name, prompt, spec, new_tokens, calibration, quality, threads) -> dict[str, Any]:
+    from qexport.models import bundled_text, load_model, read_text
+
+    torch.set_num_threads(threads)
+    model, tok = load_model(model_name)
+    fn = None
+    if quality is not None:
+        fn = _quality(model, tok, read_text(bundled_text("emma")), *quality)
+    return measure(model, prompt, spec, new_tokens, calibration, fn)
 
 
 def _quality(model, tok, text: str, tokens: int, bos: bool = False):
@@ -326,13 +364,16 @@ def summarize(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]
 def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tokens: int = 128,
               new_tokens: int = 64, progress: bool = True, ppl_tokens: int = 0,
               calib_samples: int = 16, rounds: int = 1, baseline: str | None = None, bos: bool | None = None,
-              on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              on_row: Callable[[dict[str, Any]], None] | None = None, isolate: bool = False) -> dict[str, Any]:
     """Measure every variant ``rounds`` times, round-robin (each round builds and times every variant
     again, so slow phases of a shared machine hit all variants alike); ``summary`` gives per-variant medians
     and per-round ratios against ``baseline`` (default: ``onnx:fp32``, else ``inductor-fp32``, else the first
     variant). ``bos``: perplexity and calibration windows start with BOS (True), not (False), or as the
     tokenizer does by default (None). ``on_row(row)`` is called with each variant's row as soon as it is
-    measured (the CLI appends it to ``bench.rows.jsonl``, so a run that is stopped keeps what it measured)."""
+    measured (the CLI appends it to ``bench.rows.jsonl``, so a run that is stopped keeps what it measured).
+    ``isolate``: measure each row in a fresh process (spawned; it loads the model again), so that no variant
+    inherits another's compiled state or memory: a compiled, frozen variant keeps gigabytes alive that torch's
+    resets do not all release, and a long in-process run was stopped by the kernel for lack of memory."""
     from qexport.config import load_recipe
     from qexport.eval import resolve_bos, tokenize
     from qexport.models import bundled_text, load_model, read_text
@@ -368,8 +409,13 @@ def run_bench(model_name: str = "smollm2", variants=DEFAULT_VARIANTS, prompt_tok
         if progress:
             print(f"bench: {name}", flush=True)
         seen[name] = seen.get(name, 0) + 1
-        row = {"variant": name, "round": seen[name],  # quality (perplexity, size) once, in round 1
-               **measure(model, prompt, spec, new_tokens, calibration, quality if seen[name] == 1 else None)}
+        with_quality = bool(ppl_tokens) and seen[name] == 1  # quality (perplexity, size) once, in round 1
+        if isolate:
+            measured = _measure_isolated(model_name, prompt, spec, new_tokens, calibration,
+                                         (ppl_tokens, bos) if with_quality else None)
+        else:
+            measured = measure(model, prompt, spec, new_tokens, calibration, quality if with_quality else None)
+        row = {"variant": name, "round": seen[name], **measured}
         rows.append(row)
         if on_row is not None:
             on_row(row)

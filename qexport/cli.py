@@ -366,7 +366,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        _positive_int("--new-tokens", args.new_tokens), ppl_tokens=args.ppl_tokens,
                        calib_samples=_positive_int("--calib-samples", args.calib_samples),
                        rounds=_positive_int("--rounds", args.rounds), baseline=args.baseline, bos=args.bos,
-                       on_row=on_row)
+                       on_row=on_row, isolate=args.isolate)
     print(to_markdown(result))
     if args.out:
         for path in write_results(result, args.out, args.force):
@@ -502,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=1,
                    help="measure the variant list this many times, round-robin, and summarize medians and "
                         "per-round ratios (default 1)")
+    b.add_argument("--isolate", action="store_true",
+                   help="measure each variant in a fresh process (loads the model again each time): no variant "
+                        "inherits another's compiled state or memory; for long runs of many rounds")
     b.add_argument("--baseline", help="the variant the summary's ratios are against (default: onnx:fp32, else "
                                       "inductor-fp32-frozen, else inductor-fp32, else the first variant)")
     b.add_argument("--out", help="folder for bench.json, bench.csv, bench.md (and bench.png with --ppl-tokens)")

@@ -27,6 +27,7 @@ recipes are refused with the way to run them in memory.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import shutil
 import tempfile
@@ -44,7 +45,7 @@ from qexport._safetensors import SafetensorsFolder, TensorEntry
 from qexport.checkpoint import _release_freed_memory
 from qexport.errors import CheckpointError, InvalidConfig, QExportError, UnsupportedOp
 
-__all__ = ["quantize_streamed", "StreamResult", "STREAMED_ALGORITHMS"]
+__all__ = ["quantize_streamed", "StreamResult", "STREAMED_ALGORITHMS", "write_random_llama", "peak_rss_bytes"]
 
 STREAMED_ALGORITHMS = ("rtn", "gptq", "awq")
 
@@ -375,3 +376,41 @@ def _gptq_head(name: str, mod: nn.Linear, rule, inputs: list[torch.Tensor], opti
     results: dict[str, Any] = {}
     _quantize_task(LayerTask(name, mod, rule.weight), acc, options, results)
     return results[name]
+
+
+def write_random_llama(folder: str | os.PathLike, layers: int, hidden: int = 2048, intermediate: int = 5632,
+                       vocab: int = 32000, head_dim: int = 64, kv_heads: int | None = None) -> int:
+    """A random-initialized Llama checkpoint written straight to one bf16 safetensors file, a tensor at a time
+    (never whole in memory), with its ``config.json``: what the streaming tests and bench quantize. The
+    defaults are TinyLlama-1.1B's shape (22 layers of them: 1.1B parameters). Returns the parameter count."""
+    from transformers import LlamaConfig
+
+    from qexport._safetensors import write_safetensors
+
+    heads = hidden // head_dim
+    kv_heads = kv_heads or max(1, heads // 8)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=False)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    kv = kv_heads * head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+                       p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (intermediate, hidden),
+                       p + "mlp.up_proj.weight": (intermediate, hidden),
+                       p + "mlp.down_proj.weight": (hidden, intermediate)})
+    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+
+    def make(i: int, shape: tuple[int, ...]):
+        if len(shape) == 1:
+            return lambda: torch.ones(shape, dtype=torch.bfloat16)
+        return lambda: (torch.randn(shape, generator=torch.Generator().manual_seed(i)) * 0.02).to(torch.bfloat16)
+
+    write_safetensors(folder / "model.safetensors", [TensorEntry(n, torch.bfloat16, s, make(i, s))
+                                                     for i, (n, s) in enumerate(shapes.items())])
+    cfg.save_pretrained(folder)
+    return sum(math.prod(s) for s in shapes.values())

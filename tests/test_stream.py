@@ -16,7 +16,7 @@ from qexport.checkpoint import load_quantized, save_quantized
 from qexport.errors import UnsupportedOp
 from qexport.modules import QEmbedding, QLinear
 from qexport.prepare import quantize_model
-from qexport.stream import quantize_streamed
+from qexport.stream import quantize_streamed, write_random_llama
 
 from tiny import tiny_llama, word_tokenizer
 
@@ -84,7 +84,7 @@ def test_recipes_that_need_the_whole_model_are_refused(tmp_path):
 
 _CHILD = textwrap.dedent("""
     import json, sys
-    from qexport.stream import quantize_streamed
+    from qexport.stream import quantize_streamed, write_random_llama
 
     def kb(key):
         return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
@@ -95,40 +95,6 @@ _CHILD = textwrap.dedent("""
     res = quantize_streamed(sys.argv[1], sys.argv[2], sys.argv[3])
     print(json.dumps({"base": base * 1024, "peak": kb("VmHWM") * 1024, "blocks": res.blocks}))
 """)
-
-
-def _synthetic(folder: Path, layers: int, hidden: int = 1024, inter: int = 2816, vocab: int = 8192) -> int:
-    """A random Llama written straight to bf16 safetensors, one tensor at a time (never whole in memory);
-    returns its parameter count."""
-    from transformers import LlamaConfig
-
-    from qexport._safetensors import TensorEntry, write_safetensors
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
-                      tie_word_embeddings=False)
-    folder.mkdir(parents=True)
-    cfg.save_pretrained(folder)
-    kv = cfg.num_key_value_heads * 64
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-                       p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
-                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-                       p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-                       p + "mlp.down_proj.weight": (hidden, inter)})
-
-    def make(name, shape):
-        g = torch.Generator().manual_seed(hash(name) % 2**31)
-        if len(shape) == 1:
-            return lambda: torch.ones(shape, dtype=torch.bfloat16)
-        return lambda: (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
-
-    write_safetensors(folder / "model.safetensors", [TensorEntry(n, torch.bfloat16, s, make(n, s))
-                                                     for n, s in shapes.items()])
-    return sum(int(torch.Size(s).numel()) for s in shapes.values())
 
 
 def _quantize_in_child(folder: Path, out: Path, warm: Path) -> dict:
@@ -146,9 +112,9 @@ def test_peak_memory_is_one_block_whatever_the_depth(tmp_path):
     float32 size: one block, the embedding and lm_head, the output being written (a larger model's share is
     smaller: the bench's 1.1B model). Measured: 54 and 60 MB added, on a process of about 550 MB."""
     runs = {}
-    _synthetic(tmp_path / "warm", layers=1, hidden=128, inter=256, vocab=512)
+    write_random_llama(tmp_path / "warm", layers=1, hidden=128, intermediate=256, vocab=512)
     for layers in (4, 16):
-        params = _synthetic(tmp_path / f"m{layers}", layers=layers, hidden=512, inter=1408, vocab=4096)
+        params = write_random_llama(tmp_path / f"m{layers}", layers=layers, hidden=512, intermediate=1408, vocab=4096)
         out = _quantize_in_child(tmp_path / f"m{layers}", tmp_path / f"q{layers}", tmp_path / "warm")
         assert out["blocks"] == layers
         runs[layers] = (out["peak"], out["peak"] - out["base"], 4 * params)
