@@ -92,30 +92,8 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", calibration
 
         report.rotation = rotate_model(model, recipe.rotation, recipe.options["rotate_seed"]).to_dict()
 
-    candidates, embeddings = [], []
-    for name, mod in model.named_modules():
-        if isinstance(mod, (QLinear, QEmbedding)):
-            report.layers.append(LayerReport(name, type(mod).__name__, "quantized", mod.spec.describe(),
-                                             "already quantized", tuple(mod.quantized_weight().shape)))
-        elif isinstance(mod, nn.Embedding):
-            rule = recipe.rule_for(name, embedding=True)
-            if rule is not None and rule.weight is not None:  # embeddings no rule names are not listed
-                embeddings.append((name, mod, rule))
-        elif isinstance(mod, nn.Linear):
-            rule = recipe.rule_for(name)
-            shape = tuple(mod.weight.shape)
-            if rule is None or rule.weight is None:
-                reason = "excluded by recipe" if rule is None and _excluded(recipe, name) else (
-                    "recipe keeps it float" if rule is not None else "no rule matches")
-                report.layers.append(LayerReport(name, type(mod).__name__, "float", None, reason, shape))
-            else:
-                candidates.append((name, mod, rule))
-
+    candidates, embeddings, tied = plan_layers(model, recipe, report)
     computed = None
-    # a linear tied to an embedding quantized in the same format (a tied lm_head) shares the table's stored
-    # weight, rounded to nearest, whatever the algorithm: the table is stored once
-    tables = {(_tensor_key(m.weight), r.weight) for _, m, r in embeddings}
-    tied = {name for name, mod, rule in candidates if (_tensor_key(mod.weight), rule.weight) in tables}
     if recipe.algorithm != "rtn":
         from qexport.algorithms import get_algorithm
         from qexport.algorithms.common import LayerTask
@@ -137,23 +115,60 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", calibration
 
         iterator = tqdm(candidates, desc=f"quantize {recipe.name}", unit="layer", leave=False, disable=None)
     for name, mod, rule in iterator:
-        shape = tuple(mod.weight.shape)
-        try:
-            if computed is None or name in tied:
-                qw, note = _shared_weight(shared, mod.weight, rule.weight, name)
-                qmod = QLinear(qw, mod.bias, weight_dtype=mod.weight.dtype, act_spec=rule.activation)
-            else:
-                qmod = _qlinear_from_result(computed.get(name), mod, name, rule)
-        except QExportError as e:
-            warnings.warn(f"qexport: {name} stays float: {e}", stacklevel=2)
-            report.layers.append(LayerReport(name, type(mod).__name__, "float", None, str(e), shape))
-            continue
-        _set_submodule(model, name, qmod)
-        desc = rule.weight.describe() + (f", act {rule.activation.describe()}" if rule.activation else "")
-        report.layers.append(LayerReport(name, "Linear", "quantized", desc,
-                                         note if computed is None or name in tied else "", shape))
+        rounded = computed is None or name in tied
+        report.layers.append(install_linear(model, name, mod, rule, shared if rounded else None,
+                                            None if rounded else computed.get(name), stacklevel=3)[1])
     model.qexport_report = report
     return model
+
+
+def install_linear(model: nn.Module, name: str, mod: nn.Linear, rule, shared: dict | None, result=None,
+                   stacklevel: int = 2) -> tuple[QLinear | None, LayerReport]:
+    """Put the QLinear of ``mod`` in its place: rounded to nearest when ``shared`` is given (the weights stored
+    once across modules, :func:`_shared_weight`), else from an algorithm's ``result``. Returns it and its report
+    line; a layer that cannot be quantized stays float (None), with a warning."""
+    shape = tuple(mod.weight.shape)
+    note = ""
+    try:
+        if shared is not None:
+            qw, note = _shared_weight(shared, mod.weight, rule.weight, name)
+            qmod = QLinear(qw, mod.bias, weight_dtype=mod.weight.dtype, act_spec=rule.activation)
+        else:
+            qmod = _qlinear_from_result(result, mod, name, rule)
+    except QExportError as e:
+        warnings.warn(f"qexport: {name} stays float: {e}", stacklevel=stacklevel + 1)
+        return None, LayerReport(name, type(mod).__name__, "float", None, str(e), shape)
+    _set_submodule(model, name, qmod)
+    desc = rule.weight.describe() + (f", act {rule.activation.describe()}" if rule.activation else "")
+    return qmod, LayerReport(name, "Linear", "quantized", desc, note, shape)
+
+
+def plan_layers(model: nn.Module, recipe: Recipe, report: QuantizationReport) -> tuple[list, list, set[str]]:
+    """What ``recipe`` does to ``model``'s layers: the linears to quantize and the embeddings a rule names, as
+    ``(name, module, rule)``, and the names of the linears tied to such an embedding in the same format (a tied
+    lm_head shares the table's stored weight, rounded to nearest, whatever the algorithm: the table is stored
+    once). The linears that stay float, and the layers quantized already, get their lines in ``report``."""
+    candidates, embeddings = [], []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (QLinear, QEmbedding)):
+            report.layers.append(LayerReport(name, type(mod).__name__, "quantized", mod.spec.describe(),
+                                             "already quantized", tuple(mod.quantized_weight().shape)))
+        elif isinstance(mod, nn.Embedding):
+            rule = recipe.rule_for(name, embedding=True)
+            if rule is not None and rule.weight is not None:  # embeddings no rule names are not listed
+                embeddings.append((name, mod, rule))
+        elif isinstance(mod, nn.Linear):
+            rule = recipe.rule_for(name)
+            shape = tuple(mod.weight.shape)
+            if rule is None or rule.weight is None:
+                reason = "excluded by recipe" if rule is None and _excluded(recipe, name) else (
+                    "recipe keeps it float" if rule is not None else "no rule matches")
+                report.layers.append(LayerReport(name, type(mod).__name__, "float", None, reason, shape))
+            else:
+                candidates.append((name, mod, rule))
+    tables = {(_tensor_key(m.weight), r.weight) for _, m, r in embeddings}
+    tied = {name for name, mod, rule in candidates if (_tensor_key(mod.weight), rule.weight) in tables}
+    return candidates, embeddings, tied
 
 
 def _shared_weight(shared: dict, weight: torch.Tensor, spec, name: str):

@@ -43,7 +43,7 @@ from torch import nn
 from qexport._io import OutputExists
 from qexport._safetensors import SafetensorsFolder, TensorEntry
 from qexport.checkpoint import _release_freed_memory
-from qexport.errors import CheckpointError, InvalidConfig, QExportError, UnsupportedOp
+from qexport.errors import CheckpointError, InvalidConfig, UnsupportedOp
 
 __all__ = ["quantize_streamed", "StreamResult", "STREAMED_ALGORITHMS", "write_random_llama", "peak_rss_bytes"]
 
@@ -167,8 +167,7 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
     Each decoder block is written to a shard of its own (``max_shard_bytes`` splits one further).
     """
     from qexport.algorithms.common import LayerTask, capture_block_inputs, finite_tasks, run_block
-    from qexport.api import (LayerReport, QuantizationReport, _algorithm_batches, _excluded, _quantize_embedding,
-                             _tensor_key)
+    from qexport.api import QuantizationReport, _algorithm_batches, _quantize_embedding, plan_layers
     from qexport.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, save_quantized
     from qexport.config import load_recipe
     from qexport.models.architectures import architecture, describe
@@ -199,23 +198,8 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
 
-    floats, candidates, embeddings = [], [], []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Embedding):
-            rule = recipe.rule_for(name, embedding=True)
-            if rule is not None and rule.weight is not None:
-                embeddings.append((name, mod, rule))
-        elif isinstance(mod, nn.Linear):
-            rule = recipe.rule_for(name)
-            if rule is None or rule.weight is None:
-                reason = "excluded by recipe" if rule is None and _excluded(recipe, name) else (
-                    "recipe keeps it float" if rule is not None else "no rule matches")
-                floats.append(LayerReport(name, type(mod).__name__, "float", None, reason, tuple(mod.weight.shape)))
-            else:
-                candidates.append((name, mod, rule))
-    tables = {(_tensor_key(m.weight), r.weight) for _, m, r in embeddings}
-    tied = {name for name, mod, rule in candidates
-            if not name.startswith(prefix) and (_tensor_key(mod.weight), rule.weight) in tables}
+    report = QuantizationReport(recipe=recipe.to_dict(), calibration=cal_provenance)
+    candidates, embeddings, tied = plan_layers(model, recipe, report)  # block linears on meta are never tied
     by_block: dict[int, list] = {}
     rest = []
     for c in candidates:
@@ -233,8 +217,7 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
     writer = ShardWriter(Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)),
                          max_shard_bytes or DEFAULT_SHARD_BYTES)
     results: dict[str, Any] = {}
-    done: dict[str, LayerReport] = {}  # linear -> its report line
-    emb_report = QuantizationReport(recipe=recipe.to_dict())
+    done: dict[str, Any] = {}  # linear -> its report line, added after the embeddings', as quantize() does
     try:
         n = len(blocks)
         last = max(by_block, default=-1)
@@ -287,15 +270,13 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
         # nearest; a tied one shares its embedding's stored weight)
         shared: dict[tuple, Any] = {}
         for name, mod, rule in embeddings:
-            _quantize_embedding(model, name, mod, rule, shared, emb_report)
+            _quantize_embedding(model, name, mod, rule, shared, report)
         for name, mod, rule in [c for c in candidates if c[0] in tied or c in rest]:
             result = None
             if head_gptq and name not in tied:
                 result = _gptq_head(name, mod, rule, head_inputs, recipe.options)
             _swap(model, name, mod, rule, result, done, shared)
-        report = QuantizationReport(recipe=recipe.to_dict(), calibration=cal_provenance,
-                                    layers=floats + emb_report.layers + [done[c[0]] for c in candidates
-                                                                          if c[0] in done])
+        report.layers += [done[c[0]] for c in candidates if c[0] in done]
         model.qexport_report = report
         seconds = time.perf_counter() - t0
         folder = save_quantized(model, out, tokenizer, force=force, layout=chosen or layout,
@@ -307,29 +288,15 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
 
 
 def _swap(model: nn.Module, name: str, mod: nn.Linear, rule, result, done: dict, shared: dict | None = None):
-    """Put the QLinear of ``mod`` in its place, as :func:`qexport.quantize` does: from the algorithm's
-    ``result``, or rounded to nearest when there is none (``shared``: weights stored once across modules).
-    Returns it, or None when the layer stays float (with a warning and its report line)."""
-    from qexport.api import LayerReport, _qlinear_from_result, _set_submodule, _shared_weight
-    from qexport.modules import QLinear
+    """:func:`qexport.api.install_linear` (rounded to nearest when there is no ``result``), its report line kept
+    in ``done``, and the float weight dropped. Returns the QLinear, or None when the layer stays float."""
+    from qexport.api import install_linear
 
-    shape = tuple(mod.weight.shape)
-    note = ""
-    try:
-        if result is None:
-            qw, note = _shared_weight({} if shared is None else shared, mod.weight, rule.weight, name)
-            qmod = QLinear(qw, mod.bias, weight_dtype=mod.weight.dtype, act_spec=rule.activation)
-        else:
-            qmod = _qlinear_from_result(result, mod, name, rule)
-    except QExportError as e:
-        warnings.warn(f"qexport: {name} stays float: {e}", stacklevel=3)
-        done[name] = LayerReport(name, type(mod).__name__, "float", None, str(e), shape)
-        return None
-    _set_submodule(model, name, qmod)
-    if mod.weight is not getattr(qmod, "weight", None):  # the float weight is not needed any more
+    rounded = result is None
+    qmod, done[name] = install_linear(model, name, mod, rule, ({} if shared is None else shared) if rounded else None,
+                                      result, stacklevel=3)
+    if qmod is not None and mod.weight is not getattr(qmod, "weight", None):  # not needed any more
         mod.weight = nn.Parameter(torch.empty_like(mod.weight, device="meta"), requires_grad=False)
-    desc = rule.weight.describe() + (f", act {rule.activation.describe()}" if rule.activation else "")
-    done[name] = LayerReport(name, "Linear", "quantized", desc, note, shape)
     return qmod
 
 
