@@ -117,6 +117,21 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert code == 2 and err.strip().count("\n") == 0 and "--text" in err
 
 
+def test_bench_isolate_measures_in_fresh_processes(tiny_dir, tmp_path, monkeypatch):
+    """With --isolate no row is measured in this process: measure() here fails, the spawned children's does not."""
+    import qexport.bench
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("measured in the parent process")
+
+    monkeypatch.setattr(qexport.bench, "measure", not_here)
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tiny_dir), "--variants", "eager-fp32", "--prompt-tokens", "8",
+                 "--new-tokens", "3", "--isolate", "--out", str(out)]) == 0
+    row = json.loads((out / "bench.json").read_text())["results"][0]
+    assert row["variant"] == "eager-fp32" and row["decode_tok_s"] > 0
+
+
 def test_bench_on_tiny_checkpoint_writes_results(tiny_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["bench", "--model", str(tiny_dir), "--variants", "eager-fp32,eager:w4g128,qexport:w8:eager",
@@ -564,6 +579,7 @@ FLAG_TESTS = {
         "--calib-samples": "test_cli.py::test_quantize_layout_kv_cache_and_calibration_then_eval",
         "--kv-cache": "test_cli.py::test_quantize_layout_kv_cache_and_calibration_then_eval",
         "--layout": "test_cli.py::test_quantize_layout_kv_cache_and_calibration_then_eval",
+        "--stream": "test_stream.py::test_cli_quantize_stream",
         "--bos": "test_bos.py::test_cli_quantize_records_bos_in_recipe_provenance",
         "--force": "test_cli.py::test_quantize_layout_kv_cache_and_calibration_then_eval",
     },
@@ -577,6 +593,7 @@ FLAG_TESTS = {
         "--ppl-tokens": "test_cli.py::test_bench_quality_columns_and_plot",
         "--calib-samples": "test_cli.py::test_bench_flags_reach_the_result",
         "--rounds": "test_cli.py::test_bench_on_tiny_checkpoint_writes_results",
+        "--isolate": "test_cli.py::test_bench_isolate_measures_in_fresh_processes",
         "--baseline": "test_cli.py::test_bench_flags_reach_the_result",
         "--bos": "test_cli.py::test_bench_flags_reach_the_result",
         "--out": "test_cli.py::test_bench_on_tiny_checkpoint_writes_results",
