@@ -1,17 +1,19 @@
 """Streamed quantization: a model whose float weights do not fit in memory, one decoder block at a time.
 
 :func:`quantize_streamed` builds the model's skeleton on the meta device (no weights, as accelerate's
-``init_empty_weights`` does), reads the tensors outside the decoder blocks (embedding, final norm,
-``lm_head``) from the checkpoint's safetensors files, then for each decoder block in turn:
+``init_empty_weights`` does), reads the small tensors outside the decoder blocks (final norm, rotary
+frequencies) from the checkpoint's safetensors files, then for each decoder block in turn:
 
 1. reads its tensors, one at a time (plain reads, no memory map), as float32;
 2. runs the recipe's algorithm on it, on the calibration activations at its input;
 3. runs it once more (quantized, as the in-memory algorithms do) to give the next block's inputs;
 4. writes its stored tensors to the output folder's next shard, and puts the block back on the meta device.
 
-The folder is then finished as :func:`qexport.checkpoint.save_quantized` finishes one (config, manifest,
-recipe, tokenizer), and renamed into place. Peak memory is about one block in float32, the calibration
-activations at one block boundary, and the tensors outside the blocks, whatever the depth.
+The embedding and ``lm_head`` are read only when they are needed: to compute the first block's calibration
+inputs, and at the end, to be quantized. The folder is then finished as
+:func:`qexport.checkpoint.save_quantized` finishes one (config, manifest,
+recipe, tokenizer), and renamed into place. Peak memory is about the larger of one block in float32 (with the
+calibration activations at one block boundary) and the embedding with ``lm_head``, whatever the depth.
 
 The result is bit-identical to loading the model, :func:`qexport.prepare.quantize_model` and
 :func:`~qexport.checkpoint.save_quantized`: the algorithms below already work block by block, and the same
@@ -200,6 +202,18 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
 
     report = QuantizationReport(recipe=recipe.to_dict(), calibration=cal_provenance)
     candidates, embeddings, tied = plan_layers(model, recipe, report)  # block linears on meta are never tied
+
+    # the embedding and lm_head (a vocabulary x hidden table each) wait on the meta device until they are needed
+    tables = [model.get_submodule(n) for n in dict.fromkeys((arch.embed, arch.lm_head))]
+    in_tables = tuple(f"{n}." for n in (arch.embed, arch.lm_head))
+
+    def load_tables() -> None:
+        _materialize(model, source, lambda name: name.startswith(in_tables))
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+
+    for t in tables:
+        _release(t)
     by_block: dict[int, list] = {}
     rest = []
     for c in candidates:
@@ -236,7 +250,10 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
             here = f"{prefix}{i}."
             _materialize(model, source, lambda name: name.startswith(here))
             if needs_inputs and i == 0:
+                load_tables()
                 inputs = capture_block_inputs(model, block, batches)
+                for t in tables:
+                    _release(t)
             tasks = [LayerTask(name, mod, rule.weight) for name, mod, rule in by_block.get(i, [])]
             given = None
             if tasks and recipe.algorithm == "gptq":
@@ -268,6 +285,7 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
             _release(block)
         # outside the blocks: the embeddings (to nearest) and lm_head (GPTQ on the last block's outputs, or to
         # nearest; a tied one shares its embedding's stored weight)
+        load_tables()
         shared: dict[tuple, Any] = {}
         for name, mod, rule in embeddings:
             _quantize_embedding(model, name, mod, rule, shared, report)
