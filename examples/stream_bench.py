@@ -29,11 +29,12 @@ CHILD = textwrap.dedent("""
         from qexport.stream import quantize_streamed
         quantize_streamed(folder, recipe, out)
     else:
+        import torch
+        from transformers import AutoModelForCausalLM
         from qexport.checkpoint import save_quantized
-        from qexport.models import load_model
         from qexport.prepare import quantize_model
-        model, tok = load_model(folder)
-        save_quantized(quantize_model(model, recipe, tok), out, tok)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # as load_model, no tokenizer
+        save_quantized(quantize_model(model, recipe), out)
     print(json.dumps({"seconds": time.perf_counter() - t0,
                       "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """)
