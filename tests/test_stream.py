@@ -52,11 +52,11 @@ def _tensors(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("recipe, tie", [("w4g128", False), ("w4g128-gptq", False), ("w4g128-awq", False),
                                          ("gguf-q4_k-gptq", True), ("w8a8-dynamic", True)])
 def test_streamed_is_bit_identical_to_in_memory(recipe, tie, tmp_path):
-    folder = _checkpoint(tmp_path, tie=tie, hidden_size=128, intermediate_size=256, num_hidden_layers=3)
+    folder = _checkpoint(tmp_path, tie=tie, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
     ref = _in_memory(folder, recipe, tmp_path / "mem")
     res = quantize_streamed(folder, recipe, tmp_path / "stream", tokenizer=word_tokenizer(),
                             calibration=CALIB if "gptq" in recipe or "awq" in recipe else None)
-    assert res.blocks == 3 and res.report.to_dict()["layers"] == ref.qexport_report.to_dict()["layers"]
+    assert res.blocks == 2 and res.report.to_dict()["layers"] == ref.qexport_report.to_dict()["layers"]
     got = load_quantized(res.folder.path)
     a, b = _tensors(got), _tensors(ref)
     assert a.keys() == b.keys()
@@ -69,7 +69,7 @@ def test_streamed_is_bit_identical_to_in_memory(recipe, tie, tmp_path):
     assert recipe_file["provenance"]["streamed"] is True
     # one shard per block and one for the rest, each block's tensors together
     index = json.loads((res.folder.path / "model.safetensors.index.json").read_text())["weight_map"]
-    assert len(set(index.values())) == 4
+    assert len(set(index.values())) == 3
     assert len({f for k, f in index.items() if k.startswith("model.layers.1.")}) == 1
 
 
@@ -84,40 +84,39 @@ def test_recipes_that_need_the_whole_model_are_refused(tmp_path):
 
 _CHILD = textwrap.dedent("""
     import json, sys
-    from qexport.stream import quantize_streamed, write_random_llama
+    from qexport.stream import quantize_streamed
 
     def kb(key):
         return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
 
-    quantize_streamed(sys.argv[4], sys.argv[2], sys.argv[3] + "-warm")  # imports and first calls, on a small model
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-    base = kb("VmRSS")
-    res = quantize_streamed(sys.argv[1], sys.argv[2], sys.argv[3])
-    print(json.dumps({"base": base * 1024, "peak": kb("VmHWM") * 1024, "blocks": res.blocks}))
+    warm, out, *folders = sys.argv[1:]
+    quantize_streamed(warm, "w4g128", out + "-warm")  # imports and first calls, on a small model
+    runs = []
+    for i, folder in enumerate(folders):
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+        base = kb("VmRSS")
+        res = quantize_streamed(folder, "w4g128", f"{out}-{i}")
+        runs.append({"base": base * 1024, "peak": kb("VmHWM") * 1024, "blocks": res.blocks})
+    print(json.dumps(runs))
 """)
-
-
-def _quantize_in_child(folder: Path, out: Path, warm: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), "w4g128", str(out), str(warm)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resets the peak RSS through Linux's /proc")
 def test_peak_memory_is_one_block_whatever_the_depth(tmp_path):
-    """The same random Llama at 4 and 16 blocks (hidden 512; 188 MB in fp32 at 16), quantized in child processes
-    (Linux: the peak is reset through /proc after a first run has imported everything): their peak RSS is the
-    same within 10%, and at 16 blocks what the peak adds to the process's resident memory is under 40% of the
-    float32 size: one block, the embedding and lm_head, the output being written (a larger model's share is
-    smaller: the bench's 1.1B model). Measured: 54 and 60 MB added, on a process of about 550 MB."""
-    runs = {}
+    """The same random Llama at 4 and 16 blocks (hidden 512; 188 MB in fp32 at 16), quantized one after the
+    other in a child process (Linux: the peak is reset through /proc before each, after a first run has
+    imported everything): their peak RSS is the same within 10%, and at 16 blocks what the peak adds to the
+    process's resident memory is under 40% of the float32 size: one block, the embedding and lm_head, the
+    output being written (a larger model's share is smaller: docs/streaming.md's 1.2B model)."""
     write_random_llama(tmp_path / "warm", layers=1, hidden=128, intermediate=256, vocab=512)
-    for layers in (4, 16):
-        params = write_random_llama(tmp_path / f"m{layers}", layers=layers, hidden=512, intermediate=1408, vocab=4096)
-        out = _quantize_in_child(tmp_path / f"m{layers}", tmp_path / f"q{layers}", tmp_path / "warm")
-        assert out["blocks"] == layers
-        runs[layers] = (out["peak"], out["peak"] - out["base"], 4 * params)
+    params = {n: write_random_llama(tmp_path / f"m{n}", layers=n, hidden=512, intermediate=1408, vocab=4096)
+              for n in (4, 16)}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "warm"), str(tmp_path / "q"),
+                           str(tmp_path / "m4"), str(tmp_path / "m16")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = dict(zip((4, 16), json.loads(proc.stdout.strip().splitlines()[-1])))
+    assert [out[n]["blocks"] for n in (4, 16)] == [4, 16]
+    runs = {n: (out[n]["peak"], out[n]["peak"] - out[n]["base"], 4 * params[n]) for n in (4, 16)}
     (peak4, _, _), (peak16, added, fp32) = runs[4], runs[16]
     assert peak16 < 1.1 * peak4 and added < 0.4 * fp32, {k: [v / 2**20 for v in r] for k, r in runs.items()}
 
