@@ -265,9 +265,10 @@ def measure(model, prompt: torch.Tensor, spec: dict[str, str], new_tokens: int,
 
 
 def _free_compiled() -> None:
-    """Drop what compiling a variant keeps alive: dynamo's caches, and inductor's loaded modules, which hold a
-    frozen graph's constants (a copy of the weights). Without this each frozen variant kept about 3.6 GB of
-    SmolLM2 alive, and a long bench ran out of memory."""
+    """Drop what compiling a variant keeps alive, as far as torch lets go of it: dynamo's caches and inductor's
+    loaded modules (which hold a frozen graph's constants), then trim the heap. This stopped the torchao rows'
+    growth on SmolLM2; a frozen inductor build still keeps about 3.6 GB, which only a fresh process per row
+    (``isolate``) gives back."""
     from torch._inductor.codecache import PyCodeCache
 
     from qexport.checkpoint import _release_freed_memory
