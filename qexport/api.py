@@ -360,6 +360,10 @@ class SizeReport:
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
+    """Equal for tensors that are views of the same memory (tied weights). A tensor on the meta device has no
+    memory to compare: it is equal only to itself, as a tie on a model built without weights is one tensor."""
+    if t.device.type == "meta":
+        return ("meta", id(t), tuple(t.shape), t.dtype)
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
 
 

@@ -168,7 +168,8 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
     ``calibration``: token ids ``[N, L]`` (or a :class:`~qexport.prepare.CalibrationSet`), for GPTQ and AWQ.
     Each decoder block is written to a shard of its own (``max_shard_bytes`` splits one further).
     """
-    from qexport.algorithms.common import LayerTask, capture_block_inputs, finite_tasks, run_block
+    from qexport.algorithms.common import (Blocks, LayerTask, capture_block_inputs, finite_tasks, run_block,
+                                           split_by_block)
     from qexport.api import QuantizationReport, _algorithm_batches, _quantize_embedding, plan_layers
     from qexport.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, save_quantized
     from qexport.config import load_recipe
@@ -196,35 +197,26 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
     arch = architecture(model, "streamed quantization", "quantize this model in memory (without --stream)")
     blocks = model.get_submodule(arch.layers)
     prefix = arch.layers + "."
-    _materialize(model, source, lambda name: not name.startswith(prefix))  # all but the blocks, on the CPU
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-
-    report = QuantizationReport(recipe=recipe.to_dict(), calibration=cal_provenance)
-    candidates, embeddings, tied = plan_layers(model, recipe, report)  # block linears on meta are never tied
-
-    # the embedding and lm_head (a vocabulary x hidden table each) wait on the meta device until they are needed
-    tables = [model.get_submodule(n) for n in dict.fromkeys((arch.embed, arch.lm_head))]
-    in_tables = tuple(f"{n}." for n in (arch.embed, arch.lm_head))
+    # the embedding and lm_head (a vocabulary x hidden table each) stay on the meta device until they are needed
+    tables = [model.get_submodule(arch.embed), model.get_submodule(arch.lm_head)]
+    in_tables = (f"{arch.embed}.", f"{arch.lm_head}.")
 
     def load_tables() -> None:
         _materialize(model, source, lambda name: name.startswith(in_tables))
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
 
-    for t in tables:
-        _release(t)
-    by_block: dict[int, list] = {}
-    rest = []
-    for c in candidates:
-        head = c[0][len(prefix):].split(".")[0] if c[0].startswith(prefix) else ""
-        if head.isdigit():
-            by_block.setdefault(int(head), []).append(c)
-        elif c[0] not in tied:
-            rest.append(c)
-    if rest and recipe.algorithm == "gptq" and any(name != arch.lm_head for name, _, _ in rest):
-        raise UnsupportedOp(f"streamed GPTQ quantizes the decoder blocks and lm_head; {rest[0][0]} is outside them: "
-                            "quantize this model in memory (without --stream)")
+    # the rest outside the blocks (final norm, rotary frequencies) now, on the CPU
+    _materialize(model, source, lambda name: not name.startswith((prefix, *in_tables)))
+    report = QuantizationReport(recipe=recipe.to_dict(), calibration=cal_provenance)
+    candidates, embeddings, tied = plan_layers(model, recipe, report)  # on the skeleton: a tie is one tensor
+    rule_of = {name: rule for name, _, rule in candidates}
+    by_block, rest = split_by_block(Blocks(prefix, list(blocks)), [LayerTask(name, mod, rule.weight)
+                                                                     for name, mod, rule in candidates
+                                                                     if name not in tied])
+    if rest and recipe.algorithm == "gptq" and any(t.name != arch.lm_head for t in rest):
+        raise UnsupportedOp(f"streamed GPTQ quantizes the decoder blocks and lm_head; {rest[0].name} is outside "
+                            "them: quantize this model in memory (without --stream)")
     facts = describe(model, arch) if recipe.algorithm == "awq" else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +246,7 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
                 inputs = capture_block_inputs(model, block, batches)
                 for t in tables:
                     _release(t)
-            tasks = [LayerTask(name, mod, rule.weight) for name, mod, rule in by_block.get(i, [])]
+            tasks = by_block.get(i, [])
             given = None
             if tasks and recipe.algorithm == "gptq":
                 from qexport.algorithms.gptq import gptq_block
@@ -276,10 +268,10 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
             if i >= run_to:
                 inputs = None
             quantized = {}
-            for name, mod, rule in by_block.get(i, []):
-                qmod = _swap(model, name, mod, rule, results.get(name) if needs_inputs else None, done)
+            for t in tasks:  # nothing in a block is tied: no shared table (it would keep the block's bytes alive)
+                qmod = _swap(model, t.name, t.module, rule_of[t.name], results.get(t.name), done, {})
                 if qmod is not None:
-                    quantized[name] = qmod
+                    quantized[t.name] = qmod
             chosen = _check_layout(model, quantized, recipe, layout if chosen is None else chosen, embeddings, tied)
             writer.write(_block_entries(block, here, quantized, chosen))
             _release(block)
@@ -289,7 +281,8 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
         shared: dict[tuple, Any] = {}
         for name, mod, rule in embeddings:
             _quantize_embedding(model, name, mod, rule, shared, report)
-        for name, mod, rule in [c for c in candidates if c[0] in tied or c in rest]:
+        outside = tied | {t.name for t in rest}
+        for name, mod, rule in [c for c in candidates if c[0] in outside]:
             result = None
             if head_gptq and name not in tied:
                 result = _gptq_head(name, mod, rule, head_inputs, recipe.options)
@@ -305,14 +298,14 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
     return StreamResult(folder, report, time.perf_counter() - t0, len(blocks), peak_rss_bytes())
 
 
-def _swap(model: nn.Module, name: str, mod: nn.Linear, rule, result, done: dict, shared: dict | None = None):
-    """:func:`qexport.api.install_linear` (rounded to nearest when there is no ``result``), its report line kept
-    in ``done``, and the float weight dropped. Returns the QLinear, or None when the layer stays float."""
+def _swap(model: nn.Module, name: str, mod: nn.Linear, rule, result, done: dict, shared: dict):
+    """:func:`qexport.api.install_linear` (rounded to nearest, through ``shared``, when there is no ``result``),
+    its report line kept in ``done``, and the float weight dropped. Returns the QLinear, or None when the layer
+    stays float."""
     from qexport.api import install_linear
 
-    rounded = result is None
-    qmod, done[name] = install_linear(model, name, mod, rule, ({} if shared is None else shared) if rounded else None,
-                                      result, stacklevel=3)
+    qmod, done[name] = install_linear(model, name, mod, rule, shared if result is None else None, result,
+                                      stacklevel=3)
     if qmod is not None and mod.weight is not getattr(qmod, "weight", None):  # not needed any more
         mod.weight = nn.Parameter(torch.empty_like(mod.weight, device="meta"), requires_grad=False)
     return qmod
