@@ -40,7 +40,6 @@ FLOAT_TYPES = ("f16", "f32")
 _USE_INSTEAD = "a gguf-* recipe (qexport recipes lists them: gguf-q8_0, gguf-q4_k, gguf-q4_k-gptq, ...)"
 
 
-
 @dataclass
 class GgufResult:
     path: Path

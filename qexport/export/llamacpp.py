@@ -27,7 +27,6 @@ LLAMA_FTYPES = ("f32", "f16", "q4_0", "q4_1", "q8_0", "q5_0", "q2_k", "q3_k_m", 
                 "q6_k", "iq4_nl")
 
 
-
 class LlamaCppMissing(QExportError):
     """llama-cpp-python is not installed."""
 
