@@ -154,11 +154,15 @@ PRESETS: dict[str, Recipe] = {
         *(_gguf(f"gguf-{t}-gptq", t, "mse", f"llama.cpp {t.upper()} weights, GPTQ with act-order, sub-block ranges "
                 "by MSE search (needs calibration data)", algorithm="gptq")
           for t in ("q4_k", "q2_k")),
+        _gguf("gguf-q4_k-awq", "q4_k", "mse", "llama.cpp Q4_K weights, AWQ scales folded into the model, then rounded "
+              "by the format (needs calibration data)", algorithm="awq"),
         *(_gguf(f"gguf-q2_k-mix{suffix}", "q2_k", "mse", "llama.cpp's Q2_K file-type mix: Q2_K weights, Q3_K for "
                 f"attention's v_proj and o_proj and the MLP's down_proj, {how}", algorithm=algorithm,
                 wider=_Q2_K_MIX, wider_fmt="q3_k")
           for suffix, algorithm, how in (("", "rtn", "round to nearest"),
-                                         ("-gptq", "gptq", "GPTQ with act-order (needs calibration data)"))),
+                                         ("-gptq", "gptq", "GPTQ with act-order (needs calibration data)"),
+                                         ("-awq", "awq", "AWQ scales folded into the model, then rounded by the "
+                                                         "formats (needs calibration data)"))),
     )
 }
 

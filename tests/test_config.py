@@ -34,7 +34,8 @@ PRESET_NAMES = list(PRESETS)
 # the presets that need calibration data: for their algorithm at quantize() time, or for static activations
 NEEDS_DATA = {"w8a8-static", "w8a8-static-hadamard", "w8a8-dynamic-sq", "w8a8-static-sq", "w4g128-gptq",
               "w4g64-gptq", "w2g64-gptq", "w2g64-gptq-hadamard", "w2g64-gptq-hadamard-attn4", "w4g128-awq",
-              "w4g128-awq-gptq", "gguf-q4_k-gptq", "gguf-q2_k-gptq", "gguf-q2_k-mix-gptq"}
+              "w4g128-awq-gptq", "gguf-q4_k-gptq", "gguf-q2_k-gptq", "gguf-q2_k-mix-gptq",
+              "gguf-q4_k-awq", "gguf-q2_k-mix-awq"}
 
 
 # ------------------------------------------------------------------------------------------------

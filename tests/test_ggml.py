@@ -132,9 +132,10 @@ def test_k_quants_fall_back_as_llama_cpp_does(name, k, stored):
 def test_algorithms_that_search_integer_grids_refuse_ggml_formats_and_say_which_take_them():
     from qexport.config import Recipe, Rule
 
-    Recipe("g", rules=(Rule("*", QuantSpec(format="q4_k")),), algorithm="gptq")  # GPTQ takes them
-    with pytest.raises(InvalidConfig, match="use algorithm 'gptq' or 'rtn' for GGML formats"):
-        Recipe("a", rules=(Rule("*", QuantSpec(format="q4_k")),), algorithm="awq")
+    for algorithm in ("gptq", "awq"):  # they take them
+        Recipe("g", rules=(Rule("*", QuantSpec(format="q4_k")),), algorithm=algorithm)
+    with pytest.raises(InvalidConfig, match="use algorithm 'gptq', 'awq' or 'rtn' for GGML formats"):
+        Recipe("s", rules=(Rule("*", QuantSpec(format="q4_k")),), algorithm="smoothquant")
 
 
 def test_a_row_no_type_fits_is_refused_with_the_way_out():
@@ -175,6 +176,55 @@ def _llama256():
     from tiny import tiny_llama
 
     return tiny_llama(hidden_size=256, intermediate_size=512, num_hidden_layers=1)
+
+
+def test_awq_under_a_block_format_folds_its_scales_and_rounds_with_the_formats_codec(monkeypatch):
+    """AWQ with q4_k: the scales it folds leave the float model unchanged, each stored layer holds exactly the
+    format's own round-to-nearest of its scaled weight, and block 0's output error is below plain q4_k's."""
+    import copy
+
+    import qexport
+    from qexport.algorithms import awq
+    from qexport.config import Recipe, Rule
+
+    model = _llama256()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a few hidden channels 8x larger, as real LLMs' activations are
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.copy_(0.5 + torch.rand(256, generator=g))
+                norm.weight[torch.randperm(256, generator=g)[:8]] *= 8.0
+    spec = QuantSpec(format="q4_k", observer="mse")
+    rules = (Rule("model.layers.0.*", spec),)
+    folded = {}
+    fold = awq.fold_scales
+    monkeypatch.setattr(awq, "fold_scales", lambda group, s: (folded.setdefault(group.key, group.full(s)),
+                                                             fold(group, s)))
+    calib = torch.randint(4, 512, (16, 32), generator=torch.Generator().manual_seed(1))
+    out = qexport.quantize(copy.deepcopy(model), Recipe("a", rules=rules, algorithm="awq"), calibration=calib)
+    rtn = qexport.quantize(copy.deepcopy(model), Recipe("r", rules=rules))
+    assert set(folded) == {"attn_in", "attn_out", "mlp_in", "mlp_out"}
+
+    block, ref_block = out.model.layers[0], model.model.layers[0]
+    q = block.self_attn.q_proj  # scaled once, by the attention-input scales
+    expected = quantize_weight(ref_block.self_attn.q_proj.weight.detach() * folded["attn_in"][None, :], spec)
+    assert q.spec.format.value == "q4_k" and torch.equal(q.qdata, expected.qdata)
+    assert not torch.equal(folded["attn_in"], torch.ones(256))
+
+    x = torch.randint(4, 512, (8, 32), generator=torch.Generator().manual_seed(2))
+
+    def block0_out(m):
+        seen = {}
+        h = m.model.layers[0].register_forward_hook(lambda mod, a, o: seen.setdefault("y", o[0] if isinstance(o, tuple)
+                                                                                      else o))
+        with torch.no_grad():
+            m(x)
+        h.remove()
+        return seen["y"]
+
+    ref = block0_out(model)
+    e_awq, e_rtn = (float((block0_out(m) - ref).pow(2).mean()) for m in (out, rtn))
+    assert e_awq < e_rtn, (e_awq, e_rtn)
 
 
 @torch.no_grad()

@@ -75,6 +75,39 @@ def test_transformers_reads_the_file_back_as_the_quantized_model(tie, tmp_path):
     torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@torch.no_grad()
+def test_qwen_families_read_back_in_transformers(family, tmp_path):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k norms, head_dim 128 > hidden / heads) under their own GGUF
+    architectures; their q/k rows stay in Hugging Face's layout, as llama.cpp runs them with rotate-half RoPE.
+    (transformers' GGUF reader takes Qwen3's head_dim from its default, 128, not from the file's key length.)"""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    sizes = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    cfg = transformers.Qwen2Config(**sizes) if family == "qwen2" else transformers.Qwen3Config(**sizes, head_dim=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    for name, p in model.named_parameters():  # not the constants transformers initializes them to
+        if "norm" in name or name.endswith("bias"):
+            p.add_(0.2 * torch.randn_like(p))
+    model = quantize_model(model, "gguf-q8_0")
+    res = export_gguf(model, tmp_path / "m.gguf", tokenizer=_bpe_tokenizer(), float_type="f32")
+    assert res.report["architecture"] == family and res.report["readback"]["bit_identical"]
+    reader = gguf.GGUFReader(str(res.path))
+    names = {t.name for t in reader.tensors}
+    own = ({"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} if family == "qwen2"
+           else {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"})
+    assert own <= names and reader.fields[f"{family}.attention.head_count_kv"].contents() == 2
+    q_rows = torch.from_numpy(np.array(reader.get_tensor(names_index(reader, "blk.1.attn_q.weight")).data))
+    assert torch.equal(q_rows, model.model.layers[1].self_attn.q_proj.qdata)  # not permuted
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+    assert loaded.config.model_type == family
+    torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, atol=2e-5, rtol=2e-5)
+
+
 def names_index(reader, name: str) -> int:
     return [t.name for t in reader.tensors].index(name)
 

@@ -42,6 +42,10 @@ the reference): for each weight group, the range of the spec's observer is shrun
 search tokens (exact, through the group's block of X^T X) is kept. Scales and zero points come from the
 clipped range and the codes are rounded (and clamped) to it, which is exactly qexport's stored layout.
 
+llama.cpp's block formats (``gguf-*`` presets): the scale search rounds each candidate with the format's own
+codec, and the layers are then rounded by it (its two-level scales are chosen per block, as llama.cpp's
+quantizer does), without the clipping search; ``rounding="gptq"`` works as for integer grids.
+
 Rounding (``rounding``): ``"rtn"`` (default) is the clipping search and round to nearest above;
 ``"gptq"`` quantizes the scaled block with GPTQ instead (its default options: act-order, damping 1%,
 true-sequential stages; Hessians from the block's inputs after the folds), without the clipping search.
@@ -70,6 +74,7 @@ from qexport.algorithms.common import (
     LayerTask,
     build_quantized_weight,
     check_weight,
+    counted_forward,
     fake_quantize_fast,
     find_blocks,
     finite_tasks,
@@ -84,7 +89,7 @@ from qexport.algorithms.common import (
 )
 from qexport.algorithms.gptq import OPTIONS as GPTQ_OPTIONS
 from qexport.algorithms.gptq import gptq_block
-from qexport.algorithms.registry import Option, integer_grids_only, register
+from qexport.algorithms.registry import Option, integer_or_ggml_grids, register
 from qexport.config import Granularity, QuantSpec
 from qexport.errors import QExportError, UnsupportedOp
 from qexport.formats import QuantizedWeight, qparams_from_range
@@ -274,11 +279,12 @@ def _collect(block: nn.Module, groups: list[ScaleGroup], attn: nn.Module, inputs
 
 def _inspect(target: tuple[nn.Module, str], batch: dict[str, Any]) -> torch.Tensor:
     module, key = target
-    if key == "attn":
-        args, kwargs = batch["attn"]
-        out = module(*args, **kwargs)
-    else:
-        out = module(batch[key])
+    with counted_forward():
+        if key == "attn":
+            args, kwargs = batch["attn"]
+            out = module(*args, **kwargs)
+        else:
+            out = module(batch[key])
     return (out[0] if isinstance(out, (tuple, list)) else out).to(torch.float32)
 
 
@@ -486,12 +492,13 @@ def _awq_block(block: nn.Module, facts: ModelFacts, tasks: list[LayerTask], inpu
         return nxt
     # 3. clipping and rounding, layer by layer; inputs are those the search saw, divided by the folded scales
     key_of = {id(lin): g.key for g in groups for lin in g.linears}
-    # q and k are not clipped (the softmax amplifies their errors); a fused qkv_proj holds both
+    # q and k are not clipped (the softmax amplifies their errors); a fused qkv_proj holds both. llama.cpp's
+    # block formats choose their own scales (as llama.cpp's quantizer does): rounded to nearest
     no_clip = {id(lin) for lin in groups[0].linears[:2]}
     for t in tasks:
         lin, spec = t.module, t.spec
         key = key_of.get(id(lin))
-        if (not options["clip"] or key is None or id(lin) in no_clip
+        if (not options["clip"] or key is None or id(lin) in no_clip or spec.format.ggml
                 or spec.granularity is Granularity.PER_TENSOR):
             round_to_nearest(t, results)
             continue
@@ -510,7 +517,7 @@ def _awq_block(block: nn.Module, facts: ModelFacts, tasks: list[LayerTask], inpu
     return nxt
 
 
-@register("awq", options=OPTIONS, needs_data=True, check=integer_grids_only,
+@register("awq", options=OPTIONS, needs_data=True, check=integer_or_ggml_grids,
           doc="AWQ: activation-aware per-channel scales folded into the model, then clipping (calibration data)")
 @torch.no_grad()
 def quantize_model_awq(model: nn.Module, tasks: list[LayerTask], batches: list[torch.Tensor],

@@ -174,14 +174,14 @@ def _weight_formats(recipe: "Recipe", allowed, grids: str) -> None:
     for r in recipe.rules:
         w = r.weight
         if w is not None and not allowed(w.format):
-            instead = "use algorithm 'gptq' or 'rtn' for GGML formats" if w.format.ggml else \
+            instead = "use algorithm 'gptq', 'awq' or 'rtn' for GGML formats" if w.format.ggml else \
                 "use algorithm 'rtn' for NF4"
             raise InvalidConfig(f"recipe {recipe.name!r}: algorithm {recipe.algorithm!r} quantizes to {grids}, but "
                                 f"rule {r.pattern!r} asks for {w.describe()}: {instead}")
 
 
 def integer_or_ggml_grids(recipe: "Recipe") -> None:
-    """The check of GPTQ: every weight spec is an ``int`` grid or one of llama.cpp's GGML block formats."""
+    """The check of GPTQ and AWQ: every weight spec is an ``int`` grid or one of llama.cpp's GGML block formats."""
     _weight_formats(recipe, lambda f: f.value == "int" or f.ggml, "integer or GGML grids")
 
 

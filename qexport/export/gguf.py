@@ -5,13 +5,16 @@ one GGUF file with the ``gguf`` package (llama.cpp's own writer). The quantized 
 are stored, so llama.cpp dequantizes exactly qexport's dequantized weights; :func:`read_back` checks that
 with gguf's reader and dequantizer. What stays float is written as ``float_type`` (f16 or f32), norms as f32.
 
-Conventions (llama.cpp's ``convert_hf_to_gguf.py``): tensor names from ``gguf.TensorNameMap``; the rows of
-``q_proj`` and ``k_proj`` permuted from Hugging Face's rotate-half RoPE layout to GGML's (a permutation of
-whole rows, so a quantized row moves with its blocks unchanged); a tied ``lm_head`` is not written (llama.cpp
-reads ``token_embd``); the tokenizer's fields copied from the GGUF file the model was converted from
-(``qexport-source.json``, as for ``smollm2``) or built from a byte-level BPE ``tokenizer.json``.
+Conventions (llama.cpp's ``convert_hf_to_gguf.py``): tensor names from ``gguf.TensorNameMap``; for the GGUF
+``llama`` architecture the rows of ``q_proj`` and ``k_proj`` permuted from Hugging Face's rotate-half RoPE
+layout to GGML's (a permutation of whole rows, so a quantized row moves with its blocks unchanged; llama.cpp
+runs ``qwen2`` and ``qwen3`` with the rotate-half layout, so their rows stay as they are); biases and Qwen3's
+q/k norms f32; a tied ``lm_head`` is not written (llama.cpp reads ``token_embd``); the tokenizer's fields
+copied from the GGUF file the model was converted from (``qexport-source.json``, as for ``smollm2``) or built
+from a byte-level BPE ``tokenizer.json``.
 
-Architectures: Hugging Face ``llama`` and ``mistral`` (GGUF ``llama``) without RoPE scaling. Refused, with
+Architectures (Hugging Face ``model_type`` -> GGUF): ``llama`` and ``mistral`` -> ``llama``, ``qwen2`` ->
+``qwen2``, ``qwen3`` -> ``qwen3``, without RoPE scaling. Refused, with
 the layer and what to use: integer, NF4 or other non-GGML weights, quantized activations (W8A8, LLM.int8()),
 online rotations and a quantized KV cache, none of which a GGUF tensor type states.
 """
@@ -35,7 +38,9 @@ from qexport.errors import InvalidConfig, UnsupportedOp
 __all__ = ["export_gguf", "read_back", "GgufResult", "ARCHITECTURES", "FLOAT_TYPES", "hf_to_gguf_names",
            "llama_file_type"]
 
-ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # Hugging Face model_type -> GGUF architecture
+# Hugging Face model_type -> GGUF architecture
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_PERMUTED = {"llama"}  # the GGUF architectures whose q/k rows llama.cpp stores permuted (GGML's RoPE layout)
 FLOAT_TYPES = ("f16", "f32")
 _USE_INSTEAD = "a gguf-* recipe (qexport recipes lists them: gguf-q8_0, gguf-q4_k, gguf-q4_k-gptq, ...)"
 
@@ -104,8 +109,8 @@ def hf_to_gguf_names(model: nn.Module) -> dict[str, str]:
     import gguf
 
     cfg = model.config
-    _architecture(cfg)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[_architecture(cfg)]
+    name_map = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     out = {}
     for name, _ in model.named_parameters(remove_duplicate=False):
         stem, dot, suffix = name.rpartition(".")
@@ -225,6 +230,7 @@ def _tensors(model: nn.Module, float_type: str) -> list[_Tensor]:
 
     cfg = model.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    permuted = _architecture(cfg) in _PERMUTED
     names = hf_to_gguf_names(model)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     out, seen = [], set()
@@ -240,9 +246,9 @@ def _tensors(model: nn.Module, float_type: str) -> list[_Tensor]:
             continue  # llama.cpp reads the tied embedding
         seen.add(gname)
         rows = heads if mod_name.endswith("q_proj") else kv_heads if mod_name.endswith("k_proj") else None
-        permute = (lambda t, rows=rows: _permute_rows(t, rows)) if rows and hf_name.endswith(".weight") else (
-            lambda t: t)
-        if isinstance(mod, (QLinear, QEmbedding)):
+        permute = (lambda t, rows=rows: _permute_rows(t, rows)) if permuted and rows and hf_name.endswith(
+            ".weight") else (lambda t: t)
+        if isinstance(mod, (QLinear, QEmbedding)) and hf_name.endswith(".weight"):  # not its bias
             qw = mod.quantized_weight()
             gtype = gguf.GGMLQuantizationType(_ggml_type(qw).ggml_id)
             out.append(_Tensor(gname, permute(qw.qdata).numpy(), gtype, qw.shape[0] * qw.shape[1],
