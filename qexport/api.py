@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
@@ -33,6 +34,7 @@ class QuantizationReport:
     layers: list[LayerReport] = field(default_factory=list)
     rotation: dict[str, Any] | None = None  # what the recipe's rotation did (RotationReport.to_dict())
     calibration: dict[str, Any] | None = None  # where calibration windows came from (qexport.prepare)
+    algorithm: dict[str, Any] | None = None  # an algorithm's time and work (CalibrationWork.to_dict(), its name)
 
     @property
     def quantized(self) -> list[LayerReport]:
@@ -48,7 +50,18 @@ class QuantizationReport:
             d["rotation"] = self.rotation
         if self.calibration is not None:
             d["calibration"] = self.calibration
+        if self.algorithm is not None:
+            d["algorithm"] = self.algorithm
         return d
+
+    def algorithm_summary(self) -> str:
+        """One line: the algorithm's time and its calibration forwards' work (empty for round to nearest)."""
+        a = self.algorithm
+        if not a:
+            return ""
+        rate = f", {a['forward_gflop_per_s']:g} GFLOP/s" if a["forward_gflop_per_s"] else ""
+        return (f"{a['name']}: {a['seconds']:.0f} s, of which {a['forward_seconds']:.0f} s in {a['forwards']} "
+                f"calibration forwards ({a['forward_flops'] / 1e9:.1f} GFLOP{rate})")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -96,15 +109,18 @@ def quantize(model: nn.Module, recipe: "Recipe | str | os.PathLike", calibration
     computed = None
     if recipe.algorithm != "rtn":
         from qexport.algorithms import get_algorithm
-        from qexport.algorithms.common import LayerTask
+        from qexport.algorithms.common import LayerTask, counting_work
 
         tasks = [LayerTask(name, mod, rule.weight) for name, mod, rule in candidates if name not in tied]
         was_training = model.training
         model.eval()  # no dropout while calibrating
+        t0 = time.perf_counter()
         try:
-            computed = get_algorithm(recipe.algorithm)(model, tasks, batches, recipe.options, progress=progress)
+            with counting_work() as work:
+                computed = get_algorithm(recipe.algorithm)(model, tasks, batches, recipe.options, progress=progress)
         finally:
             model.train(was_training)
+        report.algorithm = {"name": recipe.algorithm, **work.to_dict(time.perf_counter() - t0)}
 
     shared: dict[tuple, Any] = {}  # (float weight, spec) -> its QuantizedWeight: tied weights quantized once
     for name, mod, rule in embeddings:

@@ -515,7 +515,7 @@ def _report(folder: Path):
         layers = [LayerReport(**{**row, "shape": tuple(row["shape"]) if row.get("shape") else None})
                   for row in report["layers"]]
         return QuantizationReport(recipe=report["recipe"], layers=layers, rotation=report.get("rotation"),
-                                  calibration=report.get("calibration"))
+                                  calibration=report.get("calibration"), algorithm=report.get("algorithm"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{str(path)!r} is missing or has no readable quantization report: {e}") from None
 

@@ -170,6 +170,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     print(f"wrote {saved.path}: {mb(saved.bytes)} MB, layout {saved.layout}; {len(report.quantized)} layers "
           f"quantized, {len(report.kept_float)} float; quantized {how} in {time.perf_counter() - t0:.0f} s"
           + (f", peak RSS {mb(peak)} MB" if peak else ""))
+    if report.algorithm_summary():
+        print(f"  {report.algorithm_summary()}")
     for engine, status in saved.engines.items():
         print(f"  {engine:<13} {status}")
     return 0

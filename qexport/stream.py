@@ -168,8 +168,8 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
     ``calibration``: token ids ``[N, L]`` (or a :class:`~qexport.prepare.CalibrationSet`), for GPTQ and AWQ.
     Each decoder block is written to a shard of its own (``max_shard_bytes`` splits one further).
     """
-    from qexport.algorithms.common import (Blocks, LayerTask, capture_block_inputs, finite_tasks, run_block,
-                                           split_by_block)
+    from qexport.algorithms.common import (Blocks, CalibrationWork, LayerTask, capture_block_inputs, counting_work,
+                                           finite_tasks, run_block, split_by_block)
     from qexport.api import QuantizationReport, _algorithm_batches, _quantize_embedding, plan_layers
     from qexport.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, save_quantized
     from qexport.config import load_recipe
@@ -218,12 +218,17 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
         raise UnsupportedOp(f"streamed GPTQ quantizes the decoder blocks and lm_head; {rest[0].name} is outside "
                             "them: quantize this model in memory (without --stream)")
     facts = describe(model, arch) if recipe.algorithm == "awq" else None
+    if recipe.algorithm == "gptq":  # as quantize_model_gptq batches them
+        from qexport.algorithms.gptq import one_batch, widest
+
+        batches = one_batch(batches, widest([t for ts in by_block.values() for t in ts]))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)),
                          max_shard_bytes or DEFAULT_SHARD_BYTES)
     results: dict[str, Any] = {}
     done: dict[str, Any] = {}  # linear -> its report line, added after the embeddings', as quantize() does
+    work = CalibrationWork()
     try:
         n = len(blocks)
         last = max(by_block, default=-1)
@@ -237,34 +242,39 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
 
             iterator = tqdm(iterator, desc=f"quantize {recipe.name}, streamed", unit="block", leave=False,
                             disable=None)
+        algorithm_s = 0.0  # time in the algorithm and its forwards, not in reading and writing
         for i in iterator:
             block = blocks[i]
             here = f"{prefix}{i}."
             _materialize(model, source, lambda name: name.startswith(here))
-            if needs_inputs and i == 0:
-                load_tables()
-                inputs = capture_block_inputs(model, block, batches)
-                for t in tables:
-                    _release(t)
-            tasks = by_block.get(i, [])
-            given = None
-            if tasks and recipe.algorithm == "gptq":
-                from qexport.algorithms.gptq import gptq_block
+            t1 = time.perf_counter()
+            with counting_work(work):
+                if needs_inputs and i == 0:
+                    load_tables()
+                    inputs = capture_block_inputs(model, block, batches)
+                    for t in tables:
+                        _release(t)
+                tasks = by_block.get(i, [])
+                given = None
+                if tasks and recipe.algorithm == "gptq":
+                    from qexport.algorithms.gptq import gptq_block
 
-                gptq_block(block, finite_tasks(tasks, results), inputs, recipe.options, results)
-            elif tasks and recipe.algorithm == "awq":
-                from qexport.algorithms.awq import _awq_block
+                    given = gptq_block(block, finite_tasks(tasks, results), inputs, recipe.options, results)
+                elif tasks and recipe.algorithm == "awq":
+                    from qexport.algorithms.awq import _awq_block
 
-                notes: set[str] = set()
-                given = _awq_block(block, facts, finite_tasks(tasks, results), inputs, recipe.options, results,
-                                   notes)
-                for note in sorted(notes):
-                    warnings.warn(f"qexport: awq: block {i}: {note}", stacklevel=2)
-            if needs_inputs and i < run_to:
-                inputs = given if given is not None else [inp.with_hidden(run_block(block, inp)) for inp in inputs]
-            elif head_gptq and i == n - 1:
-                final = model.get_submodule(arch.final_norm)
-                head_inputs = [final(run_block(block, inp)) for inp in inputs]
+                    notes: set[str] = set()
+                    given = _awq_block(block, facts, finite_tasks(tasks, results), inputs, recipe.options, results,
+                                       notes)
+                    for note in sorted(notes):
+                        warnings.warn(f"qexport: awq: block {i}: {note}", stacklevel=2)
+                if needs_inputs and i < run_to:
+                    inputs = given if given is not None else [inp.with_hidden(run_block(block, inp))
+                                                              for inp in inputs]
+                elif head_gptq and i == n - 1:
+                    final = model.get_submodule(arch.final_norm)
+                    head_inputs = [final(run_block(block, inp)) for inp in inputs]
+            algorithm_s += time.perf_counter() - t1
             if i >= run_to:
                 inputs = None
             quantized = {}
@@ -285,9 +295,14 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
         for name, mod, rule in [c for c in candidates if c[0] in outside]:
             result = None
             if head_gptq and name not in tied:
-                result = _gptq_head(name, mod, rule, head_inputs, recipe.options)
+                t1 = time.perf_counter()
+                with counting_work(work):
+                    result = _gptq_head(name, mod, rule, head_inputs, recipe.options)
+                algorithm_s += time.perf_counter() - t1
             _swap(model, name, mod, rule, result, done, shared)
         report.layers += [done[c[0]] for c in candidates if c[0] in done]
+        if recipe.algorithm != "rtn":
+            report.algorithm = {"name": recipe.algorithm, **work.to_dict(algorithm_s)}
         model.qexport_report = report
         seconds = time.perf_counter() - t0
         folder = save_quantized(model, out, tokenizer, force=force, layout=chosen or layout,

@@ -217,6 +217,95 @@ def test_gptq_tiny_llama_end_to_end_and_deterministic():
         assert torch.isfinite(a(ids).logits).all()
 
 
+def test_calibration_work_counts_a_blocks_matmuls_and_attention():
+    """The work quantize() reports: every linear's 2 T K N and attention's two S x S products, once per forward."""
+    from qexport.algorithms.common import capture_block_inputs, counting_work, run_block
+
+    model = tiny_llama()  # hidden 64, MLP 160, 4 query heads and 2 KV heads of 16
+    block = model.model.layers[0]
+    (inp,) = capture_block_inputs(model, block, [calib_ids(2, 24)])
+    with counting_work() as work:
+        run_block(block, inp)
+        run_block(block, inp)
+    tokens = 2 * 24
+    linears = 2 * tokens * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 160)
+    attention = 2 * (2 * 2 * 4 * 24 * 24 * 16)  # Q K^T and P V per batch row and query head
+    assert work.forwards == 2 and work.flops == 2 * (linears + attention) and work.seconds > 0
+    d = work.to_dict(1.0)
+    assert d["forward_flops"] == work.flops and d["forward_gflop_per_s"] > 0
+
+
+def test_quantize_reports_the_algorithms_time_and_work():
+    calib = calib_ids(4, 16)
+    q = qexport.quantize(tiny_llama(), "w4g128-gptq", calibration=calib)
+    a = q.qexport_report.algorithm
+    assert a["name"] == "gptq" and a["seconds"] >= a["forward_seconds"] > 0 and a["forward_flops"] > 0
+    # the capture of block 0's inputs, then one forward per block (the calibration windows fit one batch)
+    assert a["forwards"] == 1 + 2
+    assert q.qexport_report.to_dict()["algorithm"] == a and "gptq: " in q.qexport_report.algorithm_summary()
+    assert qexport.quantize(tiny_llama(), "w4g128").qexport_report.algorithm is None
+
+
+def _codes(model) -> dict[str, torch.Tensor]:
+    return {n: m.quantized_weight().codes() for n, m in model.named_modules() if isinstance(m, QLinear)}
+
+
+def test_gptq_in_one_forward_per_block_is_the_staged_order(monkeypatch):
+    """Quantizing each linear in its own pre-hook, in one forward, is true-sequential GPTQ: the same codes as
+    running the block once per stage (up to float rounding of the differently batched forwards)."""
+    from qexport.algorithms import gptq
+
+    calib = calib_ids(16, 32)
+    one = qexport.quantize(tiny_llama(), "w4g128-gptq", calibration=calib)
+    assert one.qexport_report.algorithm["forwards"] == 1 + 2
+    monkeypatch.setattr(gptq, "ONE_PASS_BYTES", 0)  # the windows stay in batches of 8: stages
+    staged = qexport.quantize(tiny_llama(), "w4g128-gptq", calibration=calib)
+    # 2 batches: their capture; per block a probe and 4 stages on each batch; block 1's inputs
+    assert staged.qexport_report.algorithm["forwards"] == 2 + 2 * (1 + 4 * 2) + 2
+    a, b = _codes(one), _codes(staged)
+    assert a.keys() == b.keys() and len(a) == LINEARS
+    differ = sum(int((a[k] != b[k]).sum()) for k in a) / sum(v.numel() for v in a.values())
+    assert differ < 0.01, differ
+    # and without true_sequential (one Hessian pass over the float block) the codes are not these
+    flat = Recipe("flat", rules=PRESETS["w4g128-gptq"].rules, algorithm="gptq", options={"true_sequential": False})
+    c = _codes(qexport.quantize(tiny_llama(), flat, calibration=calib))
+    assert sum(int((c[k] != b[k]).sum()) for k in c) / sum(v.numel() for v in c.values()) > 5 * differ
+
+
+def test_gptq_falls_back_to_stages_when_a_linear_runs_twice(monkeypatch):
+    from qexport.algorithms import gptq
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return x + self.fc(torch.relu(self.fc(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(64, 32)
+            self.layers = nn.ModuleList([Twice(), Twice()])
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            for layer in self.layers:
+                h = layer(h)
+            return h
+
+    recipe = Recipe("g", rules=(Rule("layers.*", QuantSpec(bits=4, group_size=16, symmetric=False)),),
+                    algorithm="gptq")
+    calib = torch.randint(0, 64, (16, 8), generator=torch.Generator().manual_seed(0))
+    got = _codes(qexport.quantize(Net(), recipe, calibration=calib))
+    monkeypatch.setattr(gptq, "_gptq_one_forward", lambda *a: None)  # the stages, on the same one batch
+    ref = _codes(qexport.quantize(Net(), recipe, calibration=calib))
+    assert got.keys() == ref.keys() == {"layers.0.fc", "layers.1.fc"}
+    assert all(torch.equal(got[k], ref[k]) for k in got)
+
+
 def test_gptq_keeps_a_nan_layer_float_with_a_warning():
     model = tiny_llama(seed=3)
     with torch.no_grad():

@@ -19,7 +19,9 @@ Block-by-block execution
 from __future__ import annotations
 
 import math
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -55,6 +57,10 @@ __all__ = [
     "capture_block_inputs",
     "run_block",
     "StopForward",
+    "CalibrationWork",
+    "counting_work",
+    "counted_forward",
+    "not_counted",
 ]
 
 
@@ -150,7 +156,11 @@ def build_quantized_weight(spec: QuantSpec, codes: torch.Tensor, scale: torch.Te
 
 
 def fake_quantize_fast(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """``quantize_weight(w, spec).dequantize()`` without packing (float32 ``[N, K]`` in and out)."""
+    """``quantize_weight(w, spec).dequantize()`` without packing (float32 ``[N, K]`` in and out).
+
+    llama.cpp's block formats go through their own codec (their two-level scales have no shortcut)."""
+    if spec.format.ggml:
+        return quantize_weight(w, spec).dequantize()
     scale, zero = qparams_from_range(*group_ranges(w, spec), spec.bits, spec.symmetric, spec.restricted_range)
     return quantize_with_qparams(w, spec, scale, zero)[1]
 
@@ -188,14 +198,102 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass early (its data has been collected)."""
 
 
+@dataclass
+class CalibrationWork:
+    """What an algorithm's calibration forwards cost: their floating-point operations (as torch's
+    ``FlopCounterMode`` counts them: matmuls and attention, the hooks' Hessian products included)
+    and the seconds spent in them. The rest of an algorithm's time (GPTQ's column loop, AWQ's search) is not in
+    ``seconds``."""
+
+    flops: int = 0
+    seconds: float = 0.0
+    forwards: int = 0
+
+    def to_dict(self, total_seconds: float) -> dict[str, Any]:
+        """The summary ``quantize()`` reports: total time, the forwards' share, and the rate they reached."""
+        return {"seconds": round(total_seconds, 2), "forward_seconds": round(self.seconds, 2),
+                "forwards": self.forwards, "forward_flops": self.flops,
+                "forward_gflop_per_s": round(self.flops / 1e9 / self.seconds, 1) if self.seconds > 0 else None}
+
+
+_WORK: list[CalibrationWork] = []  # the counter of the algorithm running, if any
+_IN_FORWARD = [False]  # a forward inside a counted one is counted once
+
+
+@contextmanager
+def counting_work(work: CalibrationWork | None = None) -> Iterator[CalibrationWork]:
+    """Count the calibration forwards (:func:`run_block`, whole-model runs) made inside the block, into ``work``
+    (a new one by default)."""
+    work = CalibrationWork() if work is None else work
+    _WORK.append(work)
+    try:
+        yield work
+    finally:
+        _WORK.pop()
+
+
+def _cpu_attention_flops() -> dict:
+    """torch counts the attention kernels it has formulas for; its CPU flash attention gets the same formula."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def formula(query, key, value, *args, out_shape=None, **kwargs):  # shapes, as FlopCounterMode passes them
+        return sdpa_flop_count(query, key, value)
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {op: formula} if op is not None else {}
+
+
+@contextmanager
+def counted_forward() -> Iterator[None]:
+    if not _WORK or _IN_FORWARD[0]:
+        yield
+        return
+    from torch.utils.flop_counter import FlopCounterMode  # imports triton: not at qexport's import
+
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops())
+    _IN_FORWARD[0] = True
+    _PAUSED[0] = 0.0
+    t0 = time.perf_counter()
+    try:
+        with counter:
+            yield
+    finally:
+        _IN_FORWARD[0] = False
+        work = _WORK[-1]
+        work.seconds += time.perf_counter() - t0 - _PAUSED[0]
+        work.flops += counter.get_total_flops()
+        work.forwards += 1
+
+
+_PAUSED = [0.0]  # seconds of the counted forward running spent in not_counted()
+
+
+@contextmanager
+def not_counted() -> Iterator[None]:
+    """Inside a counted forward, work that is not the forward's (a hook quantizing a layer): neither counted nor
+    timed as the forward's, and not slowed by the counter."""
+    if not _IN_FORWARD[0]:
+        yield
+        return
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    t0 = time.perf_counter()
+    try:
+        with _disable_current_modes():
+            yield
+    finally:
+        _PAUSED[0] += time.perf_counter() - t0
+
+
 def _call_model(model: nn.Module, batch: torch.Tensor) -> Any:
     param = next(model.parameters(), None)
     if param is not None and batch.device != param.device:
         batch = batch.to(param.device)
     config = getattr(model, "config", None)
-    if batch.dtype in (torch.int64, torch.int32) and config is not None and hasattr(config, "use_cache"):
-        return model(input_ids=batch, use_cache=False)  # a Hugging Face model: no KV cache to build
-    return model(batch)
+    with counted_forward():
+        if batch.dtype in (torch.int64, torch.int32) and config is not None and hasattr(config, "use_cache"):
+            return model(input_ids=batch, use_cache=False)  # a Hugging Face model: no KV cache to build
+        return model(batch)
 
 
 def model_logits(model: nn.Module, batch: torch.Tensor, who: str | None = None) -> torch.Tensor:
@@ -244,6 +342,14 @@ def find_blocks(model: nn.Module, names: Iterable[str], probe: torch.Tensor) -> 
     input is block i's output.
     """
     names = set(names)
+    _WORK.append(CalibrationWork())  # finding the blocks is not calibration work
+    try:
+        return _find_blocks(model, names, probe)
+    finally:
+        _WORK.pop()
+
+
+def _find_blocks(model: nn.Module, names: set[str], probe: torch.Tensor) -> Blocks | None:
     for cname, mods in _block_candidates(model, names)[:1]:
         calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         hooks = []
@@ -316,7 +422,8 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
 
 @torch.no_grad()
 def run_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
-    out = block(*inp.args, **inp.kwargs)
+    with counted_forward():
+        out = block(*inp.args, **inp.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 

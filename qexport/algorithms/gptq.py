@@ -30,6 +30,13 @@ linears of a block are quantized in the order they run, in stages of linears tha
 (q/k/v, then o, then gate/up, then down in a Llama block), each stage calibrated on the inputs produced by
 the stages already quantized. Models without recognisable blocks (a plain ``nn.Sequential`` of linears is
 recognised: each child is a block) are calibrated in one pass over the float model.
+
+One forward per block: when the calibration windows fit one batch (:func:`one_batch`: all of a block's
+activations for them under :data:`ONE_PASS_BYTES`), each block runs once, and each linear is quantized in its
+own forward pre-hook from the Hessian of the input it is being called with; the forward then goes on with the
+quantized weight. A linear's input at that moment is produced by the linears before it, already quantized, so
+this is the true-sequential order without running the block again for each stage, and the forward's output is
+the next block's input. Otherwise (the windows in several batches) each stage runs the block on every batch.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from qexport.algorithms.common import (
     for_each_block,
     group_ranges,
     group_size,
+    not_counted,
     run_block,
     run_model,
     set_weight,
@@ -72,9 +80,12 @@ from qexport.formats import (
     quantize_weight,
 )
 
-__all__ = ["gptq_quantize", "gptq_block", "quantize_model_gptq", "HessianAccumulator", "OPTIONS"]
+__all__ = ["gptq_quantize", "gptq_block", "quantize_model_gptq", "HessianAccumulator", "OPTIONS", "one_batch",
+           "widest"]
 
 MAX_DAMP_TRIES = 12
+ONE_PASS_BYTES = 4 * 2**30  # estimated activations of one block's forward over every calibration window at once
+HESSIAN_ROWS = 4096  # rows of X per float32 X^T X product, summed in float64
 
 # The recipe options of algorithm 'gptq' (a recipe stores all of them, defaults filled in)
 OPTIONS: dict[str, Option] = {
@@ -103,7 +114,8 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        self.add_xtx((x.T @ x).to(torch.float64), x.shape[0])
+        for rows in x.split(HESSIAN_ROWS):
+            self.add_xtx((rows.T @ rows).to(torch.float64), rows.shape[0])
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -250,8 +262,9 @@ class _Collector:
             x = args[0]
             cached = self._xtx.get(id(x))
             if cached is None or cached[0] is not x:  # layers fed the same tensor (q/k/v) share one X^T X
-                x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-                cached = (x, (x2.T @ x2).to(torch.float64), x2.shape[0])
+                acc = HessianAccumulator(x.shape[-1])
+                acc.add(x.detach())
+                cached = (x, acc.sum, acc.tokens)
                 self._xtx[id(x)] = cached
             self.acc[name].add_xtx(cached[1], cached[2])
             if stop:
@@ -321,9 +334,75 @@ def _quantize_task(task: LayerTask, acc: HessianAccumulator, options: Mapping[st
     results[task.name] = qw
 
 
+def widest(tasks: list[LayerTask]) -> int:
+    """The largest input or output size of the tasks' linears (what :func:`one_batch` sizes a forward by)."""
+    return max((max(t.module.in_features, t.module.out_features) for t in tasks), default=0)
+
+
+def one_batch(batches: list[torch.Tensor], width: int) -> list[torch.Tensor]:
+    """The calibration batches of token ids as one batch, when they stack and a block's forward over all of them
+    fits :data:`ONE_PASS_BYTES` (estimated as four float32 activations of ``width``, the widest layer, per
+    token); otherwise as they are."""
+    if len(batches) < 2 or any(b.dtype not in (torch.int64, torch.int32) or b.dim() != 2 or
+                               b.shape[1:] != batches[0].shape[1:] for b in batches):
+        return batches
+    tokens = sum(b.numel() for b in batches)
+    return [torch.cat(batches)] if tokens * width * 4 * 4 <= ONE_PASS_BYTES else batches
+
+
+class _RanTwice(Exception):
+    """A linear ran twice in one forward: its second input was not in its Hessian (the block is staged instead)."""
+
+
+def _gptq_one_forward(block: nn.Module, tasks: list[LayerTask], inp: BlockInput, options: Mapping[str, Any],
+                      results: dict) -> list[BlockInput] | None:
+    """GPTQ of the block's tasks in one forward (see the module docstring); returns the next block's input, or
+    None, with the block as it was, when a linear runs twice in a forward."""
+    seen: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}  # id(input) -> (input, its Hessian)
+    ran: set[str] = set()
+    originals = {t.name: t.module.weight for t in tasks}  # set_weight gives a module a new parameter
+
+    def hook(task: LayerTask):
+        def fn(mod, args):
+            if task.name in ran:
+                raise _RanTwice
+            x = args[0]
+            cached = seen.get(id(x))
+            if cached is None or cached[0] is not x:  # layers fed the same tensor (q/k/v) share one X^T X
+                acc = HessianAccumulator(mod.in_features)
+                acc.add(x.detach())
+                cached = (x, acc)
+                seen[id(x)] = cached
+            ran.add(task.name)
+            with not_counted():
+                _quantize_task(task, cached[1], options, results)
+        return fn
+
+    hooks = [t.module.register_forward_pre_hook(hook(t)) for t in tasks]
+    try:
+        out = run_block(block, inp)
+    except _RanTwice:
+        for t in tasks:
+            t.module.weight = originals[t.name]
+            results.pop(t.name, None)
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    for t in tasks:  # never ran on calibration data
+        if t.name not in ran:
+            _quantize_task(t, HessianAccumulator(t.module.in_features), options, results)
+    return [inp.with_hidden(out)]
+
+
 def gptq_block(block: nn.Module, tasks: list[LayerTask], inputs: list[BlockInput], options: Mapping[str, Any],
-               results: dict) -> None:
-    """GPTQ of one decoder block's tasks on its calibration inputs (also AWQ's ``rounding="gptq"``)."""
+               results: dict) -> list[BlockInput] | None:
+    """GPTQ of one decoder block's tasks on its calibration inputs (also AWQ's ``rounding="gptq"``). Returns the
+    next block's inputs when the block ran once on all of them (one batch), else None."""
+    if options["true_sequential"] and len(inputs) == 1:
+        given = _gptq_one_forward(block, tasks, inputs[0], options, results)
+        if given is not None:
+            return given
     if options["true_sequential"]:
         stages, once = _stages(block, tasks, inputs[0])
     else:
@@ -345,11 +424,12 @@ def gptq_block(block: nn.Module, tasks: list[LayerTask], inputs: list[BlockInput
     for t in tasks:  # never ran on calibration data
         if t.name not in staged:
             _quantize_task(t, HessianAccumulator(t.module.in_features), options, results)
+    return None
 
 
 def _one_pass(model: nn.Module, tasks: list[LayerTask], batches: list[torch.Tensor], options: Mapping[str, Any],
-              results: dict) -> None:
-    collector = _Collector(tasks)
+              results: dict, stop_after: str | None = None) -> None:
+    collector = _Collector(tasks, stop_after)
     try:
         for _ in run_model(model, batches):
             collector.next_batch()
@@ -380,9 +460,14 @@ def quantize_model_gptq(model: nn.Module, tasks: list[LayerTask], batches: list[
         _one_pass(model, todo, batches, options, results)
         return results
     by_block, rest = split_by_block(blocks, todo)
-    for_each_block(model, blocks, by_block, batches,
+    merged = one_batch(batches, widest([t for ts in by_block.values() for t in ts]))
+    for_each_block(model, blocks, by_block, merged,
                    lambda block, block_tasks, inputs: gptq_block(block, block_tasks, inputs, options, results),
                    "gptq", progress)
     if rest:  # layers outside the blocks (e.g. a quantized lm_head): one pass over the partly quantized model
-        _one_pass(model, rest, batches, options, results)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if len(rest) == 1 and head is not None and rest[0].module is head:  # it runs last: stop at its input,
+            _one_pass(model, rest, merged, options, results, stop_after=rest[0].name)  # never the logits
+        else:
+            _one_pass(model, rest, batches, options, results)
     return results
