@@ -196,9 +196,11 @@ def test_bench_summary_takes_the_median_of_per_round_ratios():
     assert "| b | 3 | 60 | 50 - 80 | 2 | 1.5 - 2.5 |" in md
 
 
-def test_bench_onnx_variants_compare_with_the_fp32_export(tiny_dir, tmp_path, capsys):
+def test_bench_onnx_variants_compare_with_the_fp32_export(tiny_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "bench"
     folder = tmp_path / "w8"
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # only this test's temporary folders
     leftovers = set(Path(tempfile.gettempdir()).glob("qexport-bench-*"))
     assert main(["export", "--model", str(tiny_dir), "--recipe", "w8", "--out", str(folder)]) == 0
     assert main(["bench", "--model", str(tiny_dir), "--variants", f"onnx:fp32,onnx:w4g128,onnx-dir:{folder}",
