@@ -218,6 +218,7 @@ class CalibrationWork:
 
 _WORK: list[CalibrationWork] = []  # the counter of the algorithm running, if any
 _IN_FORWARD = [False]  # a forward inside a counted one is counted once
+_PAUSED = [0.0]  # seconds of the counted forward running spent in not_counted()
 
 
 @contextmanager
@@ -263,9 +264,6 @@ def counted_forward() -> Iterator[None]:
         work.seconds += time.perf_counter() - t0 - _PAUSED[0]
         work.flops += counter.get_total_flops()
         work.forwards += 1
-
-
-_PAUSED = [0.0]  # seconds of the counted forward running spent in not_counted()
 
 
 @contextmanager

@@ -122,6 +122,18 @@ class HessianAccumulator:
         return self.sum * (2.0 / max(self.tokens, 1))
 
 
+def _shared_xtx(cache: dict[int, tuple[torch.Tensor, HessianAccumulator]], x: torch.Tensor) -> HessianAccumulator:
+    """X^T X of a layer's input ``x``, computed once for the layers fed the same tensor (q/k/v); ``cache`` maps
+    id(x) to (x, its accumulator)."""
+    cached = cache.get(id(x))
+    if cached is None or cached[0] is not x:
+        acc = HessianAccumulator(x.shape[-1])
+        acc.add(x.detach())
+        cached = (x, acc)
+        cache[id(x)] = cached
+    return cached[1]
+
+
 def _inverse_cholesky(h: torch.Tensor, percdamp: float, name: str) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp I)^-1`` (float32), with more damping when needed (warned)."""
     mean_diag = float(h.diagonal().mean())
@@ -254,19 +266,13 @@ class _Collector:
 
     def __init__(self, tasks: list[LayerTask], stop_after: str | None = None):
         self.acc = {t.name: HessianAccumulator(t.module.in_features) for t in tasks}
-        self._xtx: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # id(input) -> (input, X^T X, rows)
+        self._xtx: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}  # a batch's inputs: _shared_xtx
         self._hooks = [t.module.register_forward_pre_hook(self._hook(t.name, t.name == stop_after)) for t in tasks]
 
     def _hook(self, name: str, stop: bool):
         def fn(mod, args):
-            x = args[0]
-            cached = self._xtx.get(id(x))
-            if cached is None or cached[0] is not x:  # layers fed the same tensor (q/k/v) share one X^T X
-                acc = HessianAccumulator(x.shape[-1])
-                acc.add(x.detach())
-                cached = (x, acc.sum, acc.tokens)
-                self._xtx[id(x)] = cached
-            self.acc[name].add_xtx(cached[1], cached[2])
+            xtx = _shared_xtx(self._xtx, args[0])
+            self.acc[name].add_xtx(xtx.sum, xtx.tokens)
             if stop:
                 raise StopForward
         return fn
@@ -358,7 +364,7 @@ def _gptq_one_forward(block: nn.Module, tasks: list[LayerTask], inp: BlockInput,
                       results: dict) -> list[BlockInput] | None:
     """GPTQ of the block's tasks in one forward (see the module docstring); returns the next block's input, or
     None, with the block as it was, when a linear runs twice in a forward."""
-    seen: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}  # id(input) -> (input, its Hessian)
+    seen: dict[int, tuple[torch.Tensor, HessianAccumulator]] = {}  # the inputs' Hessians: _shared_xtx
     ran: set[str] = set()
     originals = {t.name: t.module.weight for t in tasks}  # set_weight gives a module a new parameter
 
@@ -366,16 +372,10 @@ def _gptq_one_forward(block: nn.Module, tasks: list[LayerTask], inp: BlockInput,
         def fn(mod, args):
             if task.name in ran:
                 raise _RanTwice
-            x = args[0]
-            cached = seen.get(id(x))
-            if cached is None or cached[0] is not x:  # layers fed the same tensor (q/k/v) share one X^T X
-                acc = HessianAccumulator(mod.in_features)
-                acc.add(x.detach())
-                cached = (x, acc)
-                seen[id(x)] = cached
+            acc = _shared_xtx(seen, args[0])
             ran.add(task.name)
             with not_counted():
-                _quantize_task(task, cached[1], options, results)
+                _quantize_task(task, acc, options, results)
         return fn
 
     hooks = [t.module.register_forward_pre_hook(hook(t)) for t in tasks]
