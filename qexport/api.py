@@ -13,7 +13,7 @@ from torch import nn
 
 from qexport.config import Recipe, load_recipe
 from qexport.errors import CalibrationError, InvalidConfig, QExportError
-from qexport.modules import QEmbedding, QLinear
+from qexport.modules import QEmbedding, QLinear, embed_scale_of
 
 __all__ = ["quantize", "calibrate", "LayerReport", "QuantizationReport", "SizeReport", "model_size"]
 
@@ -205,9 +205,7 @@ def _quantize_embedding(model: nn.Module, name: str, mod: nn.Embedding, rule, sh
                         report: QuantizationReport) -> None:
     shape = tuple(mod.weight.shape)
     try:
-        if type(mod) is not nn.Embedding:  # a subclass (a scaled embedding ...) computes more than a lookup
-            raise QExportError(f"{type(mod).__name__} is a subclass of nn.Embedding whose forward qexport does "
-                               "not reproduce")
+        embed_scale_of(mod)  # a subclass other than a scaled embedding computes what qexport does not know
         if not (rule.weight.format.value == "int" or rule.weight.format.ggml) or rule.weight.double_quant:
             raise QExportError(f"embeddings are stored as integer grids or GGML blocks, not {rule.weight.describe()}")
         qw, note = _shared_weight(shared, mod.weight, rule.weight, name)

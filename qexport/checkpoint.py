@@ -144,7 +144,8 @@ def _layer_entry(mod) -> dict[str, Any]:
     if isinstance(mod, QEmbedding):
         return {"kind": "embedding", "shape": [mod.num_embeddings, mod.embedding_dim], "group": mod.group,
                 "weight": mod.spec.to_dict(), "padding_idx": mod.padding_idx,
-                "weight_dtype": _DTYPE_NAMES[mod.weight_dtype]}
+                "weight_dtype": _DTYPE_NAMES[mod.weight_dtype],
+                "embed_scale": None if mod.embed_scale is None else float(mod.embed_scale)}
     return {
         "shape": [mod.out_features, mod.in_features],
         "group": mod.group,
@@ -438,7 +439,8 @@ def _build_layer(name: str, entry: dict[str, Any], tensors: SafetensorsFolder, l
     if entry.get("kind") == "embedding":
         if source is None:
             qw = _read_weight(name, spec, (n, k), group, tensors, layout)
-        return QEmbedding(qw, weight_dtype=dtype, padding_idx=entry.get("padding_idx"))
+        return QEmbedding(qw, weight_dtype=dtype, padding_idx=entry.get("padding_idx"),
+                          embed_scale=entry.get("embed_scale"))
     if source is None:
         qw = _read_weight(name, spec, (n, k), group, tensors, layout, int_quantized=act is not None)
     bias = tensors.get(f"{name}.bias", dtype, (n,)) if entry.get("bias") else None

@@ -153,11 +153,13 @@ class QEmbedding(nn.Module):
     row per token, groups along the hidden dimension (the layout of a ``QLinear`` weight ``[N, K]``, so a tied
     ``lm_head`` reads the very same tensors: :func:`qexport.quantize` shares one :class:`QuantizedWeight`
     between them). The forward pass gathers the codes, scales and zero points of the rows asked for and
-    dequantizes only those rows (``qexport::qembedding``), in the table's original dtype.
+    dequantizes only those rows (``qexport::qembedding``), in the table's original dtype. ``embed_scale``: the
+    factor a scaled embedding (Gemma's ``sqrt(hidden_size)``, transformers' ``*ScaledWordEmbedding``) multiplies
+    the looked-up rows by, applied as it does (a float32 scalar cast to the table's dtype).
     """
 
     def __init__(self, qweight: QuantizedWeight, weight_dtype: torch.dtype = torch.float32,
-                 padding_idx: int | None = None):
+                 padding_idx: int | None = None, embed_scale: float | None = None):
         super().__init__()
         fmt = qweight.spec.format
         if not (fmt is NumberFormat.INT or fmt.ggml) or qweight.double_quant is not None:
@@ -170,6 +172,8 @@ class QEmbedding(nn.Module):
         self.padding_idx = padding_idx
         for name, t in qweight.tensors().items():
             self.register_buffer(name, t)
+        self.register_buffer("embed_scale", None if embed_scale is None else torch.tensor(float(embed_scale)),
+                             persistent=False)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, spec: QuantSpec, name: str = "embedding",
@@ -179,7 +183,7 @@ class QEmbedding(nn.Module):
             raise InvalidTensor(f"{name}: an embedding with max_norm renormalizes its weight when looked up; "
                                 "it has no fixed quantized form")
         qw = qweight if qweight is not None else quantize_weight(emb.weight, spec, name=name)
-        return cls(qw, weight_dtype=emb.weight.dtype, padding_idx=emb.padding_idx)
+        return cls(qw, weight_dtype=emb.weight.dtype, padding_idx=emb.padding_idx, embed_scale=embed_scale_of(emb))
 
     def quantized_weight(self) -> QuantizedWeight:
         """The stored table as a :class:`QuantizedWeight` view on this module's buffers."""
@@ -194,10 +198,25 @@ class QEmbedding(nn.Module):
         s = self.spec
         y = ops.qembedding(indices, self.qdata, self.quantized_weight().scales(), getattr(self, "zero_point", None),
                            s.format.value, s.bits, self.group, self.embedding_dim, s.symmetric)
-        return y.to(self.weight_dtype)
+        y = y.to(self.weight_dtype)
+        return y if self.embed_scale is None else y * self.embed_scale.to(self.weight_dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, {self.spec.describe()}"
+        scaled = "" if self.embed_scale is None else f", scaled by {float(self.embed_scale):g}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.spec.describe()}{scaled}"
+
+
+def embed_scale_of(emb: nn.Embedding) -> float | None:
+    """The factor of a scaled embedding (transformers' ``*ScaledWordEmbedding``: the lookup times a scalar
+    ``embed_scale``), None for a plain ``nn.Embedding``; InvalidTensor for another subclass, whose forward
+    qexport does not know."""
+    if type(emb) is nn.Embedding:
+        return None
+    scale = getattr(emb, "embed_scale", None)
+    if type(emb).__name__.endswith("ScaledWordEmbedding") and isinstance(scale, torch.Tensor) and scale.dim() == 0:
+        return float(scale.to(torch.float32))
+    raise InvalidTensor(f"{type(emb).__name__} is a subclass of nn.Embedding whose forward qexport does not "
+                        "reproduce")
 
 
 def tied_groups(modules) -> list[list[str]]:

@@ -100,8 +100,12 @@ def _set_tensor(root: nn.Module, name: str, value: torch.Tensor, parameter: bool
 
 
 def _rebuild(root: nn.Module, owner: str, config) -> None:
-    """A module whose buffers are computed, not stored (rotary frequencies): built again, on the CPU."""
+    """A module whose buffers are computed, not stored (rotary frequencies, a scaled embedding's factor): built
+    again, on the CPU."""
     mod = root.get_submodule(owner)
+    if isinstance(getattr(mod, "scalar_embed_scale", None), float):  # transformers' *ScaledWordEmbedding
+        mod._buffers["embed_scale"] = torch.tensor(mod.scalar_embed_scale)  # as its __init__ makes it
+        return
     try:
         fresh = type(mod)(config=config)
     except TypeError:

@@ -15,7 +15,7 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attent
 def _configs():
     import transformers as T
 
-    gemma = dict(intermediate_size=128, num_key_value_heads=1, head_dim=32, sliding_window=8,
+    gemma = dict(intermediate_size=128, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
                  layer_types=["sliding_attention", "full_attention"])
     return {
         "llama": lambda: T.LlamaConfig(**_COMMON, intermediate_size=128, num_key_value_heads=2),

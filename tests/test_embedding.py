@@ -248,3 +248,46 @@ def test_compiled_model_matches_eager_with_a_quantized_tied_table():
         assert counts["convert"]["qlinear"] == 15  # lm_head included, on the table's constants
     finally:
         torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scaled embeddings (Gemma)
+# ----------------------------------------------------------------------------------------------------
+def test_a_scaled_embedding_is_quantized_with_its_scale_everywhere(tmp_path):
+    """Gemma's embedding multiplies the rows by sqrt(hidden_size): the quantized table keeps that factor in
+    eager, in a saved folder and in the ONNX export; another nn.Embedding subclass still stays float."""
+    from families import tiny_model
+
+    from qexport.export import export_onnx, verify
+
+    model = tiny_model("gemma3")
+    recipe = emb_recipe(QuantSpec(bits=8))
+    q = qexport.quantize(copy.deepcopy(model), recipe)
+    emb = q.model.embed_tokens
+    assert isinstance(emb, QEmbedding) and float(emb.embed_scale) == float(model.model.embed_tokens.embed_scale) == 8.0
+    assert q.lm_head.qdata is emb.qdata
+    ref = copy.deepcopy(model)
+    ref.model.embed_tokens.weight.data = emb.dequantized_weight()  # tied: the lm_head reads it too
+    for name, m in q.named_modules():
+        if isinstance(m, QLinear) and name != "lm_head":
+            ref.get_submodule(name).weight = nn.Parameter(m.dequantized_weight())
+    ids = IDS % model.config.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(q(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+        saved = save_quantized(q, tmp_path / "q", word_tokenizer())
+        assert json.loads((saved.path / MANIFEST_FILE).read_text())["layers"]["model.embed_tokens"]["embed_scale"] == 8.0
+        assert torch.equal(load_quantized(saved.path)(ids).logits, q(ids).logits)
+    pytest.importorskip("onnxruntime")
+    res = export_onnx(copy.deepcopy(model), tmp_path / "onnx", recipe, word_tokenizer(), ort_accuracy_level=0)
+    out = verify(res.path, reference=q, session_config={"session.qdq_matmulnbits_accuracy_level": "0"},
+                 decode_steps=2)
+    assert out["max_abs"] < 1e-4 and out["top1_agreement"] == 1.0, out
+
+    class Doubled(nn.Embedding):
+        def forward(self, ids):
+            return 2 * super().forward(ids)
+
+    other = tiny_llama(tie=False)
+    other.model.embed_tokens.__class__ = Doubled
+    with pytest.warns(UserWarning, match="embed_tokens stays float: Doubled is a subclass of nn.Embedding"):
+        qexport.quantize(other, emb_recipe(QuantSpec(bits=8)))

@@ -146,10 +146,20 @@ def _saved_folder(fam, tok, tmp_path):
     return 0.0, 0.0
 
 
+def _gguf(fam, tok, tmp_path):
+    from qexport.export.gguf import export_gguf
+
+    from tiny import bpe_tokenizer
+
+    res = export_gguf(quantize_model(tiny_model(fam), "gguf-q8_0"), tmp_path / "m.gguf", tokenizer=bpe_tokenizer())
+    assert res.report["readback"]["bit_identical"] and res.report["readback"]["tensors"] >= 10
+    return 0.0, 0.0
+
+
 CHECKS = {"rtn": _rtn, "gptq": _gptq, "awq": _awq, "smoothquant": _smoothquant, "rotation": _rotation,
           "kv_cache": _kv_cache, "compile_inductor": _compile("inductor", 1e-2),
           "compile_onnxruntime": _compile("onnxruntime", 0.03), "onnx_ort": _onnx_ort,
-          "onnx_tensorrt": _onnx_tensorrt, "saved_folder": _saved_folder}
+          "onnx_tensorrt": _onnx_tensorrt, "saved_folder": _saved_folder, "gguf": _gguf}
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -157,7 +167,7 @@ CHECKS = {"rtn": _rtn, "gptq": _gptq, "awq": _awq, "smoothquant": _smoothquant, 
 def test_cell(fam, path, tok, tmp_path):
     status, note = support(find_architecture(tiny_model(fam)))[path]
     check = CHECKS[path]
-    args = (fam, tok, tmp_path) if path in ("onnx_ort", "onnx_tensorrt", "saved_folder") else (fam, tok)
+    args = (fam, tok, tmp_path) if path in ("onnx_ort", "onnx_tensorrt", "saved_folder", "gguf") else (fam, tok)
     if status == "refused":
         with pytest.raises(UnsupportedOp, match=re.escape(note[:60])):
             check(*args)

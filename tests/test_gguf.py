@@ -15,25 +15,11 @@ from qexport.export.gguf import _permute_rows, _unpermute_rows, export_gguf
 from qexport.modules import QLinear
 from qexport.prepare import quantize_model
 
-from tiny import EMMA, tiny_llama
+from tiny import EMMA, bpe_tokenizer as _bpe_tokenizer, tiny_llama
 
 gguf = pytest.importorskip("gguf")
 
 IDS = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(1))
-
-
-def _bpe_tokenizer():
-    """A byte-level BPE tokenizer trained on a page of Emma (llama.cpp's 'gpt2' tokenizer model)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([EMMA.read_text(encoding="utf-8")[:20000]], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 def _llama(tie: bool = False, vocab: int = 320):
@@ -184,3 +170,119 @@ def test_a_saved_folder_exports_as_it_is(tmp_path):
     reader = gguf.GGUFReader(str(res.path))
     down = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
     assert torch.equal(torch.from_numpy(np.array(down.data)), loaded.model.layers[0].mlp.down_proj.qdata)
+
+
+def _gemma_or_phi(family: str):
+    """Tiny Gemma 2 / Gemma 3 / Phi-3 models as transformers' GGUF loader rebuilds them: what it does not read
+    from the file (Gemma's query_pre_attn_scalar, its layer types, its soft-capping) left at the defaults, so
+    head_dim is Gemma's 256."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    sizes = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    cfg = {"gemma2": lambda: transformers.Gemma2Config(**sizes, num_key_value_heads=1, head_dim=256, sliding_window=8),
+           "gemma3": lambda: transformers.Gemma3TextConfig(**sizes, num_key_value_heads=1, head_dim=256,
+                                                            sliding_window=8),
+           "phi3": lambda: transformers.Phi3Config(**sizes, num_key_value_heads=2, pad_token_id=0)}[family]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # not the constants transformers initializes them to
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3"])
+@torch.no_grad()
+def test_gemma_and_phi3_read_back_in_transformers(family, tmp_path):
+    """Gemma's (1 + w) norms stored as 1 + w, its soft-capping and sliding-window layers in the metadata, the tied
+    table read for the logits; Phi-3's fused qkv_proj and gate_up_proj stored fused. transformers' GGUF loader
+    (which subtracts Gemma's 1 again) rebuilds the quantized model."""
+    from transformers import AutoModelForCausalLM
+
+    model = quantize_model(_gemma_or_phi(family), "gguf-q8_0")
+    tokenizer = _bpe_tokenizer()
+    tokenizer.pad_token = "<unk>"  # Phi-3's loader takes its pad id from the file (its default is out of range)
+    res = export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer, float_type="f32")
+    arch = res.report["architecture"]
+    assert arch == family and res.report["readback"]["bit_identical"]
+    reader = gguf.GGUFReader(str(res.path))
+    names = {t.name for t in reader.tensors}
+    fields = reader.fields
+    assert ("output.weight" in names) == (family == "phi3")  # Gemma ties its lm_head to the embedding
+    layer = model.model.layers[0]
+    if family == "phi3":
+        assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= names and "blk.0.attn_q.weight" not in names
+        assert fields["phi3.rope.dimension_count"].contents() == 16
+        assert fields["phi3.attention.sliding_window"].contents() == 0
+    else:
+        norm = np.array(reader.get_tensor(names_index(reader, "blk.0.post_attention_norm.weight")).data)
+        torch.testing.assert_close(torch.from_numpy(norm), layer.post_attention_layernorm.weight + 1, atol=0, rtol=0)
+        assert fields[f"{arch}.attention.key_length"].contents() == 256
+        assert fields[f"{arch}.attention.sliding_window"].contents() == 8
+        assert fields[f"{arch}.attention.sliding_window_pattern"].contents() == [
+            t == "sliding_attention" for t in model.config.layer_types]
+        if family == "gemma2":
+            assert fields["gemma2.attn_logit_softcapping"].contents() == 50.0
+            assert fields["gemma2.final_logit_softcapping"].contents() == 30.0
+        else:
+            assert "blk.0.attn_q_norm.weight" in names
+            assert fields["gemma3.rope.freq_base"].contents() == 1e6
+            assert fields["gemma3.rope.freq_base_swa"].contents() == 1e4
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+    torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, atol=2e-5, rtol=2e-5)
+
+
+def test_what_llama_cpp_would_run_differently_is_refused(tmp_path):
+    """llama.cpp derives Gemma's query scale from head_dim and always soft-caps Gemma 2; Phi-3's long-context
+    RoPE needs factor tensors the export does not write: each refused before a file is written."""
+    gemma = _gemma_or_phi("gemma2")
+    gemma.config.query_pre_attn_scalar = 128
+    with pytest.raises(UnsupportedOp, match="query_pre_attn_scalar=128.*1/sqrt\\(256\\)"):
+        export_gguf(quantize_model(gemma, "gguf-q8_0"), tmp_path / "g.gguf", tokenizer=_bpe_tokenizer())
+    gemma.config.query_pre_attn_scalar, gemma.config.final_logit_softcapping = 256, None
+    with pytest.raises(UnsupportedOp, match="soft-cap"):
+        export_gguf(quantize_model(gemma, "gguf-q8_0"), tmp_path / "g.gguf", tokenizer=_bpe_tokenizer())
+    phi = _gemma_or_phi("phi3")
+    phi.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
+                                  "long_factor": [1.0] * 8, "original_max_position_embeddings": 128}
+    with pytest.raises(UnsupportedOp, match="'longrope'"):
+        export_gguf(quantize_model(phi, "gguf-q8_0"), tmp_path / "p.gguf", tokenizer=_bpe_tokenizer())
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_sentencepiece_tokenizer_is_written_as_llama_cpps_llama_tokenizer(tmp_path):
+    """A folder with a SentencePiece tokenizer.model (Gemma's, Llama 2's, Phi-3's): the fields gguf's
+    SentencePieceVocab reads, padded with unused tokens to the model's vocabulary, Gemma's no-space-prefix flag,
+    and the special tokens."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    n = 316  # 256 byte pieces, the text's characters and a few merges
+    model_file = io.BytesIO()
+    text = EMMA.read_text(encoding="utf-8")[:20000].splitlines()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model_file, vocab_size=n,
+                                   model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2)
+    folder = tmp_path / "gemma"
+    _gemma_or_phi("gemma2").save_pretrained(folder)
+    (folder / "tokenizer.model").write_bytes(model_file.getvalue())
+    model = quantize_model(_gemma_or_phi("gemma2"), "gguf-q8_0")
+    model.config._name_or_path = str(folder)
+    res = export_gguf(model, tmp_path / "m.gguf")
+    assert res.report["tokenizer"] == "from tokenizer.model"
+    fields = gguf.GGUFReader(str(res.path)).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    proc = spm.SentencePieceProcessor(model_proto=model_file.getvalue())
+    assert len(tokens) == 320 and tokens[:n] == [proc.id_to_piece(i) for i in range(n)]
+    assert tokens[n:] == [f"[PAD{i}]" for i in range(n, 320)]
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[0] == gguf.TokenType.UNKNOWN and types[1] == types[2] == gguf.TokenType.CONTROL
+    assert types[3] == gguf.TokenType.BYTE and types[n] == gguf.TokenType.UNUSED  # <0x00>, padding
+    assert fields["tokenizer.ggml.scores"].contents()[:n] == pytest.approx([proc.get_score(i) for i in range(n)])
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == 1
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is False

@@ -80,6 +80,25 @@ def test_streamed_is_bit_identical_to_in_memory(recipe, tie, tmp_path):
     assert len({f for k, f in index.items() if k.startswith("model.layers.1.")}) == 1
 
 
+def test_a_gemma_with_its_scaled_embedding_streams_bit_identical(tmp_path):
+    """Gemma 3: (1 + w) norms, sliding-window layers, q/k norms, and the scaled embedding, whose factor the
+    checkpoint does not store (rebuilt from the module), quantized with the table."""
+    from families import tiny_model
+
+    folder = tmp_path / "float"
+    tiny_model("gemma3").to(torch.bfloat16).save_pretrained(folder, max_shard_size="100KB")
+    word_tokenizer().save_pretrained(folder)
+    ref = _in_memory(folder, "w4g64-sym-emb8", tmp_path / "mem")
+    res = quantize_streamed(folder, "w4g64-sym-emb8", tmp_path / "stream", tokenizer=word_tokenizer())
+    got = load_quantized(res.folder.path)
+    assert float(got.model.embed_tokens.embed_scale) == 8.0
+    a, b = _tensors(got), _tensors(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = CALIB[:2, :12]
+    with torch.no_grad():
+        assert torch.equal(got(ids).logits, ref(ids).logits)
+
+
 def test_recipes_that_need_the_whole_model_are_refused(tmp_path):
     folder = _checkpoint(tmp_path)
     for recipe, words in (("w8a8-static", "static activation scales"), ("w8a8-dynamic-sq", "smoothquant"),

@@ -44,6 +44,20 @@ def word_tokenizer(vocab: int = 512, text_path: Path = EMMA):
                                    eos_token="[EOS]", unk_token="[UNK]")
 
 
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer trained on a page of Emma (llama.cpp's 'gpt2' tokenizer model)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([EMMA.read_text(encoding="utf-8")[:20000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
 def save_tiny_checkpoint(path: Path) -> Path:
     model = tiny_llama()
     tok = word_tokenizer()

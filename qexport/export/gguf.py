@@ -8,15 +8,22 @@ with gguf's reader and dequantizer. What stays float is written as ``float_type`
 Conventions (llama.cpp's ``convert_hf_to_gguf.py``): tensor names from ``gguf.TensorNameMap``; for the GGUF
 ``llama`` architecture the rows of ``q_proj`` and ``k_proj`` permuted from Hugging Face's rotate-half RoPE
 layout to GGML's (a permutation of whole rows, so a quantized row moves with its blocks unchanged; llama.cpp
-runs ``qwen2`` and ``qwen3`` with the rotate-half layout, so their rows stay as they are); biases and Qwen3's
-q/k norms f32; a tied ``lm_head`` is not written (llama.cpp reads ``token_embd``); the tokenizer's fields
-copied from the GGUF file the model was converted from (``qexport-source.json``, as for ``smollm2``) or built
-from a byte-level BPE ``tokenizer.json``.
+runs the other architectures with the rotate-half layout, so their rows stay as they are); biases and q/k norms
+f32; Gemma's norms, which scale by ``1 + w``, stored as ``1 + w``; a tied ``lm_head`` is not written (llama.cpp
+reads ``token_embd``); Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` written fused, as llama.cpp runs them.
+The tokenizer's fields are copied from the GGUF file the model was converted from (``qexport-source.json``, as
+for ``smollm2``), else taken from the model folder's SentencePiece ``tokenizer.model`` (gguf's
+``SentencePieceVocab``, llama.cpp's ``llama`` tokenizer), else built from ``tokenizer.json``: byte-level BPE as
+llama.cpp's ``gpt2`` tokenizer, SentencePiece-style BPE (byte fallback) with gguf's ``LlamaHfVocab``.
 
 Architectures (Hugging Face ``model_type`` -> GGUF): ``llama`` and ``mistral`` -> ``llama``, ``qwen2`` ->
-``qwen2``, ``qwen3`` -> ``qwen3``, without RoPE scaling. Refused, with
-the layer and what to use: integer, NF4 or other non-GGML weights, quantized activations (W8A8, LLM.int8()),
-online rotations and a quantized KV cache, none of which a GGUF tensor type states.
+``qwen2``, ``qwen3`` -> ``qwen3``, ``gemma2`` -> ``gemma2`` (attention and final soft-capping, sliding-window
+layers), ``gemma3_text`` -> ``gemma3`` (sliding-window layers with their own RoPE base), ``phi3`` -> ``phi3``;
+RoPE unscaled or linearly scaled. What llama.cpp would run differently is refused with the reason: a Gemma
+whose ``query_pre_attn_scalar`` is not the one llama.cpp derives, Phi-3's long-context RoPE (its factor tensors
+are not written). Refused, with the layer and what to use: integer, NF4 or other non-GGML weights, quantized
+activations (W8A8, LLM.int8()), online rotations and a quantized KV cache, none of which a GGUF tensor type
+states.
 """
 
 from __future__ import annotations
@@ -39,8 +46,11 @@ __all__ = ["export_gguf", "read_back", "GgufResult", "ARCHITECTURES", "FLOAT_TYP
            "llama_file_type"]
 
 # Hugging Face model_type -> GGUF architecture
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+                 "gemma3_text": "gemma3", "phi3": "phi3"}
 _PERMUTED = {"llama"}  # the GGUF architectures whose q/k rows llama.cpp stores permuted (GGML's RoPE layout)
+_NORM_PLUS_ONE = {"gemma2", "gemma3"}  # Gemma's RMSNorm scales by (1 + w); llama.cpp's files hold 1 + w
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # where llama.cpp scales queries by hidden / heads, not head_dim
 FLOAT_TYPES = ("f16", "f32")
 _USE_INSTEAD = "a gguf-* recipe (qexport recipes lists them: gguf-q8_0, gguf-q4_k, gguf-q4_k-gptq, ...)"
 
@@ -67,7 +77,8 @@ def _architecture(config) -> str:
     """The GGUF architecture of a Hugging Face config; UnsupportedOp for a family with no GGUF export."""
     arch = ARCHITECTURES.get(getattr(config, "model_type", None))
     if arch is None:
-        raise UnsupportedOp(f"model type {getattr(config, 'model_type', None)!r} has no GGUF export yet; supported: "
+        raise UnsupportedOp(f"model type {getattr(config, 'model_type', None)!r} has no GGUF export: llama.cpp has "
+                            "no such architecture, or qexport does not write it; supported: "
                             f"{', '.join(ARCHITECTURES)}")
     return arch
 
@@ -92,16 +103,54 @@ def _unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, n // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise UnsupportedOp(f"RoPE scaling {kind!r}: the GGUF export writes unscaled RoPE only")
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+def _rope_settings(config) -> dict[str, dict]:
+    """The RoPE parameters by layer type (Gemma 3's ``sliding_attention`` / ``full_attention``), or under
+    ``'all'`` where one setting covers every layer."""
+    params = getattr(config, "rope_parameters", None)
+    if not params:  # configs from before rope_parameters
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", None))
+    if params and all(isinstance(v, dict) for v in params.values()):
+        return params
+    return {"all": params}
+
+
+def _rope(params: dict) -> tuple[float, float | None]:
+    """(theta, linear scaling factor or None) of one RoPE setting; UnsupportedOp for what llama.cpp would run
+    differently from the file's metadata."""
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in ("default", "linear"):
+        raise UnsupportedOp(f"RoPE scaling {kind!r}: the GGUF export writes unscaled or linearly scaled RoPE only "
+                            "(Phi-3's long-context RoPE needs its factor tensors, which it does not write)")
+    theta = params.get("rope_theta")
     if theta is None:
         raise UnsupportedOp("the model's config has no rope_theta")
-    return float(theta)
+    return float(theta), float(params["factor"]) if kind == "linear" else None
+
+
+def _check_llama_cpp_runs_it_the_same(config) -> None:
+    """What llama.cpp derives rather than reads, checked against the config: RoPE, Gemma's query scale and
+    sliding-window layers."""
+    arch = _architecture(config)
+    settings = _rope_settings(config)
+    for where, params in settings.items():
+        _rope(params)
+        if where == "sliding_attention" and params.get("rope_type", "default") != "default":
+            raise UnsupportedOp("gemma3: llama.cpp runs the sliding-window layers with unscaled RoPE; this "
+                                f"config scales them ({params.get('rope_type')!r})")
+    if arch in _NORM_PLUS_ONE:
+        head_dim = config.head_dim
+        big = config.num_hidden_layers == _GEMMA_27B_LAYERS[arch]
+        want = config.hidden_size // config.num_attention_heads if big else head_dim
+        if config.query_pre_attn_scalar != want:
+            raise UnsupportedOp(f"{arch}: query_pre_attn_scalar={config.query_pre_attn_scalar}, but llama.cpp "
+                                f"scales queries by 1/sqrt({want}) for this model ({config.num_hidden_layers} "
+                                "layers); its file would not run as this model")
+    if arch == "gemma2" and (config.attn_logit_softcapping is None or config.final_logit_softcapping is None):
+        raise UnsupportedOp("gemma2: llama.cpp always soft-caps attention and final logits; this config "
+                            "turns soft-capping off")
+    if arch == "gemma3" and getattr(config, "attn_logit_softcapping", None) is not None:
+        raise UnsupportedOp("gemma3: llama.cpp does not soft-cap attention logits; this config does")
 
 
 def hf_to_gguf_names(model: nn.Module) -> dict[str, str]:
@@ -111,16 +160,18 @@ def hf_to_gguf_names(model: nn.Module) -> dict[str, str]:
     cfg = model.config
     arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[_architecture(cfg)]
     name_map = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    head = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
     out = {}
     for name, _ in model.named_parameters(remove_duplicate=False):
         stem, dot, suffix = name.rpartition(".")
-        gname = name_map.get_name(stem)
+        # gguf maps no lm_head for an architecture whose output is always the embedding (gemma2)
+        gname = name_map.get_name(stem) or ("output" if stem == head else None)
         if gname is None:
             raise UnsupportedOp(f"{name}: no llama.cpp tensor name for it")
         out[name] = f"{gname}.{suffix}"
     for mod_name, mod in model.named_modules():
         if hasattr(mod, "qdata") and mod_name + ".weight" not in out:  # quantized layers have buffers, no weight
-            gname = name_map.get_name(mod_name)
+            gname = name_map.get_name(mod_name) or ("output" if mod_name == head else None)
             if gname is None:
                 raise UnsupportedOp(f"{mod_name}: no llama.cpp tensor name for it")
             out[mod_name + ".weight"] = f"{gname}.weight"
@@ -150,7 +201,7 @@ def _check_expressible(model: nn.Module) -> None:
                                 f"{_USE_INSTEAD}")
 
 
-def _tokenizer_fields(source: str | None, tokenizer) -> tuple[list[tuple[str, Any, Any, Any]], str]:
+def _tokenizer_fields(source: str | None, tokenizer, config) -> tuple[list[tuple[str, Any, Any, Any]], str]:
     """``[(key, value, type, sub_type)]`` of the ``tokenizer.*`` fields, and where they came from."""
     import gguf
 
@@ -163,13 +214,53 @@ def _tokenizer_fields(source: str | None, tokenizer) -> tuple[list[tuple[str, An
                 sub = f.types[1] if len(f.types) > 1 else None
                 fields.append((key, f.contents(), f.types[0], sub))
         return fields, f"copied from {gguf_file.name}"
+    folder = _model_folder(source)
+    if folder is not None and (folder / "tokenizer.model").is_file():
+        return _vocab_fields(gguf.vocab.SentencePieceVocab(folder), folder, config), "from tokenizer.model"
     if tokenizer is None:
         raise InvalidConfig("the GGUF export needs the model's tokenizer: give a model name or folder, or tokenizer=")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
+    if (spec.get("model") or {}).get("byte_fallback"):  # SentencePiece-style BPE, kept as tokenizer.json only
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            vocab = gguf.vocab.LlamaHfVocab(Path(tmp))
+            return _vocab_fields(vocab, Path(tmp), config), "from tokenizer.json (SentencePiece-style BPE)"
     return _bpe_fields(tokenizer), "built from tokenizer.json (byte-level BPE)"
 
 
-def _source_gguf(source: str | None) -> Path | None:
-    """The GGUF file a model was converted from (``qexport-source.json`` in its folder), if any."""
+def _vocab_fields(vocab, folder: Path, config) -> list[tuple[str, Any, Any, Any]]:
+    """llama.cpp's ``llama`` (SentencePiece) tokenizer fields from one of gguf's vocabularies, padded with
+    unused tokens to the model's vocabulary size as llama.cpp's converter does, and the special tokens and
+    flags gguf's ``SpecialVocab`` reads from the folder."""
+    import gguf
+
+    size = config.vocab_size
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    scores = [-10000.0] * size
+    types = [int(gguf.TokenType.UNUSED)] * size
+    for i, (text, score, kind) in enumerate(vocab.all_tokens()):
+        if i >= size:
+            raise UnsupportedOp(f"the tokenizer has more tokens than the model's vocabulary ({size})")
+        tokens[i], scores[i], types[i] = text.decode("utf-8"), float(score), int(kind)
+    V = gguf.GGUFValueType
+    fields = [("tokenizer.ggml.model", "llama", V.STRING, None), ("tokenizer.ggml.pre", "default", V.STRING, None),
+              ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
+              ("tokenizer.ggml.scores", scores, V.ARRAY, V.FLOAT32),
+              ("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32)]
+    special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=size)
+    for kind, value in special.special_token_ids.items():
+        fields.append((f"tokenizer.ggml.{kind}_token_id", int(value), V.UINT32, None))
+    for kind, value in special.add_special_token.items():
+        fields.append((f"tokenizer.ggml.add_{kind}_token", bool(value), V.BOOL, None))
+    if isinstance(special.chat_template, str):
+        fields.append(("tokenizer.chat_template", special.chat_template, V.STRING, None))
+    if _architecture(config) in _NORM_PLUS_ONE:  # llama.cpp's converter: Gemma adds no leading space
+        fields.append(("tokenizer.ggml.add_space_prefix", False, V.BOOL, None))
+    return fields
+
+
+def _model_folder(source: str | None) -> Path | None:
+    """The local folder of a model name or path (a saved quantized folder: the model it was quantized from)."""
     if source is None:
         return None
     from qexport.models import MODEL_ALIASES, smollm2_checkpoint
@@ -177,12 +268,18 @@ def _source_gguf(source: str | None) -> Path | None:
     folder = smollm2_checkpoint(progress=False) if source in MODEL_ALIASES else Path(source)
     if not folder.is_dir():
         return None
-    if (folder / "recipe.json").is_file():  # a saved quantized folder: the model it was quantized from
+    if (folder / "recipe.json").is_file():
         from qexport.checkpoint import read_provenance
 
-        return _source_gguf(read_provenance(folder).get("source_model"))
-    marker = folder / "qexport-source.json"
-    if not marker.is_file():
+        return _model_folder(read_provenance(folder).get("source_model"))
+    return folder
+
+
+def _source_gguf(source: str | None) -> Path | None:
+    """The GGUF file a model was converted from (``qexport-source.json`` in its folder), if any."""
+    folder = _model_folder(source)
+    marker = folder / "qexport-source.json" if folder is not None else None
+    if marker is None or not marker.is_file():
         return None
     path = Path(json.loads(marker.read_text()).get("source", ""))
     return path if path.suffix == ".gguf" and path.is_file() else None
@@ -230,7 +327,9 @@ def _tensors(model: nn.Module, float_type: str) -> list[_Tensor]:
 
     cfg = model.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    permuted = _architecture(cfg) in _PERMUTED
+    arch = _architecture(cfg)
+    permuted = arch in _PERMUTED
+    has_output = gguf.MODEL_TENSOR.OUTPUT in gguf.MODEL_TENSORS[{v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]]
     names = hf_to_gguf_names(model)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     out, seen = [], set()
@@ -244,6 +343,10 @@ def _tensors(model: nn.Module, float_type: str) -> list[_Tensor]:
         mod = modules[mod_name]
         if tied and mod is model.get_output_embeddings() and _shares_table(mod, embedding):
             continue  # llama.cpp reads the tied embedding
+        if mod is model.get_output_embeddings() and not has_output:
+            raise UnsupportedOp(f"{mod_name}: llama.cpp's {arch} computes the logits with token_embd, so "
+                                f"{mod_name} must share the embedding's table; use {_USE_INSTEAD}, which round "
+                                "both alike")
         seen.add(gname)
         rows = heads if mod_name.endswith("q_proj") else kv_heads if mod_name.endswith("k_proj") else None
         permute = (lambda t, rows=rows: _permute_rows(t, rows)) if permuted and rows and hf_name.endswith(
@@ -255,6 +358,8 @@ def _tensors(model: nn.Module, float_type: str) -> list[_Tensor]:
                                lambda qw=qw, permute=permute: permute(qw.dequantize())))
             continue
         t = dict(mod.named_parameters(recurse=False))[hf_name.rpartition(".")[2]].detach().to(torch.float32)
+        if arch in _NORM_PLUS_ONE and hf_name.endswith("norm.weight"):
+            t = t + 1
         if t.dim() == 1:  # norms and biases: f32, as llama.cpp writes them
             out.append(_Tensor(gname, t.numpy(), gguf.GGMLQuantizationType.F32, t.numel()))
         else:
@@ -282,6 +387,7 @@ def _metadata(writer, model: nn.Module, recipe_dict, file_type: int) -> None:
     import qexport
 
     cfg = model.config
+    arch = _architecture(cfg)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer.add_name(getattr(cfg, "_name_or_path", "") or "model")
     writer.add_context_length(cfg.max_position_embeddings)
@@ -290,12 +396,32 @@ def _metadata(writer, model: nn.Module, recipe_dict, file_type: int) -> None:
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(_rope_theta(cfg))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads or arch in _NORM_PLUS_ONE:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    settings = _rope_settings(cfg)
+    theta, factor = _rope(settings.get("full_attention", settings.get("all", {})))
+    writer.add_rope_freq_base(theta)
+    if factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    rotary = float(settings.get("all", {}).get("partial_rotary_factor", 1.0))
+    writer.add_rope_dimension_count(int(head_dim * rotary))
+    layer_types = list(getattr(cfg, "layer_types", None) or [])
+    if arch == "gemma2" or (arch == "gemma3" and "sliding_attention" in layer_types):
+        # llama.cpp's default layer patterns are Gemma's; the file states each layer all the same
+        if cfg.sliding_window is not None:
+            writer.add_sliding_window(cfg.sliding_window)
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
+        if "sliding_attention" in settings:
+            writer.add_rope_freq_base_swa(_rope(settings["sliding_attention"])[0])
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+    if arch in ("gemma2", "gemma3") and getattr(cfg, "final_logit_softcapping", None) is not None:
+        writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if arch == "phi3":  # as llama.cpp's converter: 0 for none (llama.cpp runs Phi-3 without a window today)
+        writer.add_sliding_window(cfg.sliding_window or 0)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -333,11 +459,11 @@ def export_gguf(model, out: str | os.PathLike, recipe=None, tokenizer=None, *, c
     t0 = time.perf_counter()
     qmodel, tokenizer, source = _prepare(model, recipe, tokenizer, calibration)
     arch = _architecture(qmodel.config)
-    _rope_theta(qmodel.config)
+    _check_llama_cpp_runs_it_the_same(qmodel.config)
     _check_expressible(qmodel)
     # a module remembers the folder it was loaded from (its config's _name_or_path)
     tok_fields, tok_source = _tokenizer_fields(source or getattr(qmodel.config, "_name_or_path", None) or None,
-                                               tokenizer)
+                                               tokenizer, qmodel.config)
     tensors = _tensors(qmodel, float_type)
     counts: dict[str, int] = {}
     params: dict[str, int] = {}

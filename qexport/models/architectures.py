@@ -204,8 +204,10 @@ PATHS = {  # path -> (column title, what the tests compare, with the tolerance)
     "onnx_ort": ("ONNX: ORT", "w8 export, prefill + decode vs eager, max relative error < 1e-5"),
     "onnx_tensorrt": ("ONNX: TensorRT", "w8 export, TensorRT QDQ lint clean (no engine built: TensorRT absent)"),
     "saved_folder": ("saved folder", "w4g64-sym save + load: logits bit-identical"),
+    "gguf": ("GGUF", "gguf-q8_0 file for llama.cpp: every quantized tensor read back by gguf's dequantizer "
+                     "bit-identical"),
 }
-EXACT_PATHS = ("rotation", "compile_inductor", "onnx_ort", "saved_folder")  # float rounding or bit-identical
+EXACT_PATHS = ("rotation", "compile_inductor", "onnx_ort", "saved_folder", "gguf")  # float rounding or bit-identical
 
 
 def support(arch: Architecture) -> dict[str, tuple[str, str]]:
@@ -220,10 +222,22 @@ def support(arch: Architecture) -> dict[str, tuple[str, str]]:
         elif path == "onnx_ort":
             fused = [what for what, why in onnx_fusions(arch).items() if why is None]
             note = "fused: " + ", ".join(fused) if fused else "nothing fused"
+        elif path == "gguf" and gguf_refusal(arch):
+            status, note = "refused", gguf_refusal(arch)
         elif path == "awq" and not arch.gated:
             note = "no MLP-output group (ungated MLP)"
         out[path] = (status, note)
     return out
+
+
+def gguf_refusal(arch: Architecture) -> str | None:
+    """Why a family has no GGUF export (None when it has one): llama.cpp runs no such architecture, or qexport
+    does not write it yet."""
+    from qexport.export.gguf import ARCHITECTURES as GGUF
+
+    if any(t in GGUF for t in arch.model_types):
+        return None
+    return f"model type {arch.model_types[0]!r} has no GGUF export: llama.cpp has no such architecture"
 
 
 def support_markdown() -> str:
