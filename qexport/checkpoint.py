@@ -169,6 +169,8 @@ def _float_entries(model: nn.Module, quantized: dict[str, nn.Module], done: set[
     seen: dict[tuple, str] = {}
     entries, aliases = [], {}
     for name, t in model.state_dict(keep_vars=False).items():
+        if name in done and t.device.type != "meta":  # written already; what shares it is an alias of it
+            seen.setdefault(_tensor_key(t), name)
         if name.startswith(prefixes) or name in done:
             continue
         if t.device.type == "meta":

@@ -20,10 +20,12 @@ The result is bit-identical to loading the model, :func:`qexport.prepare.quantiz
 functions run here on the same inputs in the same order.
 
 Streamed: round to nearest, GPTQ and AWQ (weights, dynamic activations, a quantized KV cache) on the families
-of the architecture table (:mod:`qexport.models.architectures`). Not streamed (they need the whole model):
-SmoothQuant (its statistics and check are taken over the whole float model), rotation (fused across the
-embedding, every block and ``lm_head``) and static activation scales (calibrated after quantizing); those
-recipes are refused with the way to run them in memory.
+of the architecture table (:mod:`qexport.models.architectures`), and rotation before round to nearest or GPTQ
+(:class:`qexport.algorithms.rotate.RotationPlan`: its matrices made from the skeleton's shapes, each block
+rotated as it is read, the embedding and ``lm_head`` when they are, the shared online rotation stored once).
+Not streamed (they need the whole model): SmoothQuant (its statistics and check are taken over the whole
+float model) and static activation scales (calibrated after quantizing); those recipes are refused with the
+way to run them in memory.
 """
 
 from __future__ import annotations
@@ -67,8 +69,6 @@ def _check_recipe(recipe) -> None:
     why = None
     if recipe.algorithm not in STREAMED_ALGORITHMS:
         why = f"algorithm {recipe.algorithm!r} (its statistics are taken over the whole float model)"
-    elif recipe.rotation != "none":
-        why = f"rotation {recipe.rotation!r} (fused across the embedding, every block and lm_head)"
     elif recipe.needs_calibration:
         why = "static activation scales (calibrated on the whole quantized model)"
     if why:
@@ -115,12 +115,11 @@ def _rebuild(root: nn.Module, owner: str, config) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, fresh)
 
 
-def _materialize(model: nn.Module, source: SafetensorsFolder, want) -> None:
+def _materialize(model: nn.Module, source: SafetensorsFolder, want, tied: bool = False) -> None:
     """Read the parameters and persistent buffers of ``model`` whose names ``want(name)`` accepts and that are
     still on the meta device, as float32; rebuild the modules whose buffers are computed, not stored. A tied
-    ``lm_head`` is left to ``tie_weights``."""
+    ``lm_head`` (``tied``: the checkpoint stores the embedding only) is left to the caller."""
     stored = source.names
-    tied = getattr(model.config, "tie_word_embeddings", False)
     rebuild = set()
     for kind, items in (("parameter", model.named_parameters(remove_duplicate=False)),
                         ("buffer", model.named_buffers(remove_duplicate=False))):
@@ -140,8 +139,13 @@ def _materialize(model: nn.Module, source: SafetensorsFolder, want) -> None:
 
 
 def _release(block: nn.Module) -> None:
-    """Every tensor of ``block`` back on the meta device (its bytes are in the output folder)."""
+    """Every tensor of ``block`` back on the meta device (its bytes are in the output folder), but the online
+    rotation that every block shares."""
+    from qexport.algorithms.rotate import OnlineRotation
+
     for mod in block.modules():
+        if isinstance(mod, OnlineRotation):
+            continue
         for store in (mod._parameters, mod._buffers):
             for k, v in store.items():
                 if v is not None and v.device.type != "meta":
@@ -201,18 +205,25 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
     arch = architecture(model, "streamed quantization", "quantize this model in memory (without --stream)")
     blocks = model.get_submodule(arch.layers)
     prefix = arch.layers + "."
+    source_tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    rotation = _rotation_plan(model, recipe)
     # the embedding and lm_head (a vocabulary x hidden table each) stay on the meta device until they are needed
-    tables = [model.get_submodule(arch.embed), model.get_submodule(arch.lm_head)]
     in_tables = (f"{arch.embed}.", f"{arch.lm_head}.")
 
     def load_tables() -> None:
-        _materialize(model, source, lambda name: name.startswith(in_tables))
-        if getattr(model.config, "tie_word_embeddings", False):
-            model.tie_weights()
+        _materialize(model, source, lambda name: name.startswith(in_tables), tied=source_tied)
+        embed, head = model.get_submodule(arch.embed), model.get_submodule(arch.lm_head)
+        if source_tied:
+            head.weight = embed.weight
+        if rotation is not None:
+            rotation.rotate_tables(model)
 
     # the rest outside the blocks (final norm, rotary frequencies) now, on the CPU
     _materialize(model, source, lambda name: not name.startswith((prefix, *in_tables)))
     report = QuantizationReport(recipe=recipe.to_dict(), calibration=cal_provenance)
+    if rotation is not None:
+        rotation.fold_final_norm(model)
+        report.rotation = rotation.report().to_dict()
     candidates, embeddings, tied = plan_layers(model, recipe, report)  # on the skeleton: a tie is one tensor
     rule_of = {name: rule for name, _, rule in candidates}
     by_block, rest = split_by_block(Blocks(prefix, list(blocks)), [LayerTask(name, mod, rule.weight)
@@ -232,6 +243,7 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
                          max_shard_bytes or DEFAULT_SHARD_BYTES)
     results: dict[str, Any] = {}
     done: dict[str, Any] = {}  # linear -> its report line, added after the embeddings', as quantize() does
+    written_once: set[int] = set()  # the online rotation every block shares: written with the first
     work = CalibrationWork()
     try:
         n = len(blocks)
@@ -251,12 +263,14 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
             block = blocks[i]
             here = f"{prefix}{i}."
             _materialize(model, source, lambda name: name.startswith(here))
+            if rotation is not None:
+                rotation.rotate_layer(block)
             t1 = time.perf_counter()
             with counting_work(work):
                 if needs_inputs and i == 0:
                     load_tables()
                     inputs = capture_block_inputs(model, block, batches)
-                    for t in tables:
+                    for t in (model.get_submodule(arch.embed), model.get_submodule(arch.lm_head)):
                         _release(t)
                 tasks = by_block.get(i, [])
                 given = None
@@ -287,7 +301,7 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
                 if qmod is not None:
                     quantized[t.name] = qmod
             chosen = _check_layout(model, quantized, recipe, layout if chosen is None else chosen, embeddings, tied)
-            writer.write(_block_entries(block, here, quantized, chosen))
+            writer.write(_block_entries(block, here, quantized, chosen, written_once))
             _release(block)
         # outside the blocks: the embeddings (to nearest) and lm_head (GPTQ on the last block's outputs, or to
         # nearest; a tied one shares its embedding's stored weight)
@@ -315,6 +329,22 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
     finally:
         shutil.rmtree(writer.folder, ignore_errors=True)
     return StreamResult(folder, report, time.perf_counter() - t0, len(blocks), peak_rss_bytes())
+
+
+def _rotation_plan(model: nn.Module, recipe):
+    """The recipe's rotation made from the skeleton's shapes (None without one), its online rotation installed
+    and a tied ``lm_head`` untied, as :func:`qexport.algorithms.rotate.rotate_model` leaves the model."""
+    if recipe.rotation == "none":
+        return None
+    from qexport.algorithms.rotate import RotationPlan
+
+    plan = RotationPlan(model, recipe.rotation, recipe.options["rotate_seed"])
+    if plan.untie:
+        head = model.get_submodule(plan.arch.lm_head)
+        head.weight = nn.Parameter(torch.empty_like(head.weight, device="meta"), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    plan.install(model)
+    return plan
 
 
 def _swap(model: nn.Module, name: str, mod: nn.Linear, rule, result, done: dict, shared: dict):
@@ -350,13 +380,22 @@ def _check_layout(model: nn.Module, quantized: dict, recipe, layout: str, embedd
     return "qexport"
 
 
-def _block_entries(block: nn.Module, here: str, quantized: dict, layout: str) -> list[TensorEntry]:
-    """A block's tensors as the folder stores them: its quantized layers in ``layout``, the rest as they are."""
+def _block_entries(block: nn.Module, here: str, quantized: dict, layout: str, shared: set[int]
+                   ) -> list[TensorEntry]:
+    """A block's tensors as the folder stores them: its quantized layers in ``layout``, the rest as they are,
+    but for the online rotation every block shares, written with the first (``shared``: the ids of the
+    modules written; the folder's manifest names the others aliases of it)."""
     from qexport import compressed
+    from qexport.algorithms.rotate import OnlineRotation
     from qexport.checkpoint import _native_entries
 
-    inside = tuple(f"{name}." for name in quantized)
-    entries = [TensorEntry.of(here + k, t) for k, t in block.state_dict().items() if not (here + k).startswith(inside)]
+    skip = tuple(f"{name}." for name in quantized)
+    for name, mod in block.named_modules():
+        if isinstance(mod, OnlineRotation):
+            if id(mod) in shared:
+                skip += (f"{here}{name}.",)
+            shared.add(id(mod))
+    entries = [TensorEntry.of(here + k, t) for k, t in block.state_dict().items() if not (here + k).startswith(skip)]
     for name, mod in quantized.items():
         entries += compressed.layer_entries(name, mod) if layout == "compressed-tensors" else _native_entries(name, mod)
     return entries

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from qexport import QuantSpec, Recipe, Rule
 from qexport.checkpoint import load_quantized, save_quantized
 from qexport.errors import UnsupportedOp
 from qexport.modules import QEmbedding, QLinear
@@ -35,9 +36,14 @@ def _in_memory(folder: Path, recipe: str, out: Path):
     from qexport.models import load_model
 
     model, tok = load_model(folder)
-    quantize_model(model, recipe, tok, CALIB if "gptq" in recipe or "awq" in recipe else None)
+    quantize_model(model, recipe, tok, CALIB if _calibrated(recipe) else None)
     save_quantized(model, out, tok)
     return load_quantized(out)
+
+
+def _calibrated(recipe) -> bool:
+    name = recipe if isinstance(recipe, str) else recipe.name
+    return "gptq" in name or "awq" in name
 
 
 def _tensors(model) -> dict[str, torch.Tensor]:
@@ -49,13 +55,21 @@ def _tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
+ROTATED_RTN = Recipe(name="w4g32-random", rules=(Rule("*", QuantSpec(bits=4, group_size=32)),),
+                     options={"rotate": "random", "rotate_seed": 3})
+
+
 @pytest.mark.parametrize("recipe, tie", [("w4g128", False), ("w4g128-gptq", False), ("w4g128-awq", False),
-                                         ("gguf-q4_k-gptq", True), ("w8a8-dynamic", True)])
+                                         ("gguf-q4_k-gptq", True), ("w8a8-dynamic", True),
+                                         ("w2g64-gptq-hadamard", True), (ROTATED_RTN, False)])
 def test_streamed_is_bit_identical_to_in_memory(recipe, tie, tmp_path):
+    """Every stored tensor, the report and the manifest the same. Rotated recipes too: the rotation made from
+    the skeleton, each block rotated as it is read, a tied lm_head untied, the shared online rotation written
+    once (the others its aliases)."""
     folder = _checkpoint(tmp_path, tie=tie, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
     ref = _in_memory(folder, recipe, tmp_path / "mem")
     res = quantize_streamed(folder, recipe, tmp_path / "stream", tokenizer=word_tokenizer(),
-                            calibration=CALIB if "gptq" in recipe or "awq" in recipe else None)
+                            calibration=CALIB if _calibrated(recipe) else None)
     assert res.blocks == 2 and res.report.to_dict()["layers"] == ref.qexport_report.to_dict()["layers"]
     got = load_quantized(res.folder.path)
     a, b = _tensors(got), _tensors(ref)
@@ -64,13 +78,16 @@ def test_streamed_is_bit_identical_to_in_memory(recipe, tie, tmp_path):
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     mem = json.loads((tmp_path / "mem" / "qexport_quantization.json").read_text())
     st = json.loads((res.folder.path / "qexport_quantization.json").read_text())
-    assert st["layout"] == mem["layout"] and st["layers"] == mem["layers"]
+    for key in ("layout", "layers", "aliases", "rotation"):
+        assert st[key] == mem[key], key
+    if not isinstance(recipe, str) or "hadamard" in recipe:  # one stored online rotation, the rest aliases
+        assert st["rotation"] and len(st["aliases"]) == 1
     recipe_file = json.loads((res.folder.path / "recipe.json").read_text())
     assert recipe_file["provenance"]["streamed"] is True
-    if "gptq" in recipe or "awq" in recipe:  # the same calibration forwards, whichever way the model is read
+    if _calibrated(recipe):  # the same calibration forwards, whichever way the model is read
         a = recipe_file["report"]["algorithm"]
         b = json.loads((tmp_path / "mem" / "recipe.json").read_text())["report"]["algorithm"]
-        assert a["name"] == b["name"] == recipe.split("-")[-1]
+        assert a["name"] == b["name"] and f"-{a['name']}" in recipe
         assert a["forwards"] == b["forwards"] > 0 and a["forward_flops"] == b["forward_flops"] > 0
     else:
         assert "algorithm" not in recipe_file["report"]
@@ -101,8 +118,7 @@ def test_a_gemma_with_its_scaled_embedding_streams_bit_identical(tmp_path):
 
 def test_recipes_that_need_the_whole_model_are_refused(tmp_path):
     folder = _checkpoint(tmp_path)
-    for recipe, words in (("w8a8-static", "static activation scales"), ("w8a8-dynamic-sq", "smoothquant"),
-                          ("w2g64-gptq-hadamard", "rotation")):
+    for recipe, words in (("w8a8-static", "static activation scales"), ("w8a8-dynamic-sq", "smoothquant")):
         with pytest.raises(UnsupportedOp, match=words):
             quantize_streamed(folder, recipe, tmp_path / "x")
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))

@@ -51,7 +51,7 @@ from qexport.algorithms.registry import Option
 from qexport.errors import InvalidConfig, UnsupportedOp
 from qexport.models.architectures import architecture, describe, find_architecture, rotation_refusal
 
-__all__ = ["rotate_model", "install_online_rotation", "RotationReport", "RotatedMLP", "OnlineRotation",
+__all__ = ["rotate_model", "RotationPlan", "install_online_rotation", "RotationReport", "RotatedMLP", "OnlineRotation",
            "hadamard_matrix", "orthogonal_matrix", "ROTATIONS", "ROTATE_OPTIONS"]
 
 ROTATIONS = ("none", "hadamard", "random")  # values of the recipe option ``rotate``
@@ -251,39 +251,59 @@ def _rotate_output(linear: nn.Linear, q: torch.Tensor) -> None:
         _assign(linear, "bias", _f64(linear.bias) @ q)
 
 
-@torch.no_grad()
-def rotate_model(model: nn.Module, method: str = "hadamard", seed: int = 0) -> RotationReport:
-    """Rotate a float decoder in place (see the module docstring); returns what was done.
+class RotationPlan:
+    """The rotation of one model, made from its shapes only (a skeleton on the meta device will do), applied
+    part by part: :meth:`fold_final_norm` and :meth:`rotate_tables` outside the decoder blocks,
+    :meth:`rotate_layer` to each block, :meth:`install` for the online rotation. :func:`rotate_model` applies
+    them all at once; :mod:`qexport.stream` applies each as its part of the model is read. The matrices come
+    from one generator seeded with ``seed``, in the same order, so both give the same rotated weights."""
 
-    The same ``method`` and ``seed`` give the same rotated weights. Raises
-    :class:`~qexport.errors.UnsupportedOp` for another architecture and
-    :class:`~qexport.errors.InvalidConfig` for a model rotated or quantized already.
-    """
-    if method not in ROTATIONS or method == "none":
-        raise InvalidConfig(f"rotation method {method!r} is not valid; allowed: 'hadamard', 'random'")
-    arch = _check_rotatable(model)
-    cfg = model.config
-    facts = describe(model, arch)
-    hidden, heads, kv_heads, head_dim = facts.hidden, facts.heads, facts.kv_heads, facts.head_dim
-    gen = torch.Generator().manual_seed(int(seed))
-    q, q_kind = orthogonal_matrix(hidden, method, gen)
-    hv, hv_kind = orthogonal_matrix(head_dim, method, gen)
-    layers = list(model.get_submodule(arch.layers))
-    inter = arch.linear(layers[0], "mlp", arch.mlp_out).in_features if layers else 0
-    qm, qm_kind = orthogonal_matrix(inter, method, gen) if layers else (None, "none")
+    def __init__(self, model: nn.Module, method: str = "hadamard", seed: int = 0):
+        if method not in ROTATIONS or method == "none":
+            raise InvalidConfig(f"rotation method {method!r} is not valid; allowed: 'hadamard', 'random'")
+        self.arch = arch = _check_rotatable(model)
+        self.method, self.seed = method, int(seed)
+        self.facts = describe(model, arch)
+        gen = torch.Generator().manual_seed(self.seed)
+        self.q, self.q_kind = orthogonal_matrix(self.facts.hidden, method, gen)
+        self.hv, self.hv_kind = orthogonal_matrix(self.facts.head_dim, method, gen)
+        layers = list(model.get_submodule(arch.layers))
+        self.layers = len(layers)
+        self.online = None
+        self.qm, self.qm_kind, self.inter = None, "none", 0
+        if layers:
+            down = arch.linear(layers[0], "mlp", arch.mlp_out)
+            self.inter = down.in_features
+            self.qm, self.qm_kind = orthogonal_matrix(self.inter, method, gen)
+            self.online = OnlineRotation(self.qm.to(down.weight.dtype))
+        self.untie = model.get_submodule(arch.lm_head).weight is model.get_submodule(arch.embed).weight
+        self.final_norm: torch.Tensor | None = None
 
-    embed, lm_head = model.get_submodule(arch.embed), model.get_submodule(arch.lm_head)
-    untie = lm_head.weight is embed.weight
-    if untie:
-        lm_head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
-        cfg.tie_word_embeddings = False
-        if hasattr(cfg, "get_text_config"):
-            cfg.get_text_config().tie_word_embeddings = False
-    _assign(embed, "weight", _f64(embed.weight) @ q)
+    def fold_final_norm(self, model: nn.Module) -> None:
+        """Keep the final norm's weight for ``lm_head`` and set it to 1."""
+        norm = model.get_submodule(self.arch.final_norm)
+        self.final_norm = _f64(norm.weight).clone()
+        norm.weight.fill_(1.0)
 
-    folded = []
-    online = OnlineRotation(qm.to(arch.linear(layers[0], "mlp", arch.mlp_out).weight.dtype)) if layers else None
-    for i, layer in enumerate(layers):
+    def rotate_tables(self, model: nn.Module) -> None:
+        """The embedding's rows by ``Q``; ``lm_head`` (untied first when it shares the embedding's weight) with
+        the final norm folded in (:meth:`fold_final_norm` first)."""
+        embed, lm_head = model.get_submodule(self.arch.embed), model.get_submodule(self.arch.lm_head)
+        if lm_head.weight is embed.weight:
+            lm_head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+        cfg = model.config
+        if self.untie:
+            cfg.tie_word_embeddings = False
+            if hasattr(cfg, "get_text_config"):
+                cfg.get_text_config().tie_word_embeddings = False
+        _assign(embed, "weight", _f64(embed.weight) @ self.q)
+        _rotate_input(lm_head, self.q, self.final_norm)
+
+    def rotate_layer(self, layer: nn.Module) -> None:
+        """One decoder layer: its norms folded into the linears that read them, the residual stream by ``Q``,
+        each head's values by ``H_v``, ``down_proj``'s input by the online rotation's matrix."""
+        arch, q, hv = self.arch, self.q, self.hv
+        heads, kv_heads, head_dim = self.facts.heads, self.facts.kv_heads, self.facts.head_dim
         attn, mlp = arch.attention(layer), arch.mlp_module(layer)
         norm1, norm2 = layer.get_submodule(arch.attn_norm), layer.get_submodule(arch.mlp_norm)
         g = _f64(norm1.weight)
@@ -307,20 +327,37 @@ def rotate_model(model: nn.Module, method: str = "hadamard", seed: int = 0) -> R
         norm2.weight.fill_(1.0)
         down = mlp.get_submodule(arch.mlp_out)
         _rotate_output(down, q)
-        _rotate_input(down, qm)
-        folded += [f"{arch.layers}.{i}.{arch.attn_norm}", f"{arch.layers}.{i}.{arch.mlp_norm}"]
+        _rotate_input(down, self.qm)
 
-    install_online_rotation(model, online)
-    final_norm = model.get_submodule(arch.final_norm)
-    _rotate_input(lm_head, q, _f64(final_norm.weight))
-    final_norm.weight.fill_(1.0)
-    folded.append(arch.final_norm)
+    def install(self, model: nn.Module) -> None:
+        """Every layer's MLP replaced by a :class:`RotatedMLP` sharing the online rotation."""
+        install_online_rotation(model, self.online)
 
-    report = RotationReport(
-        method=method, seed=int(seed), residual=f"{q_kind} {hidden}",
-        heads=f"{hv_kind} {head_dim} (v_proj -> o_proj, folded)",
-        online=f"{qm_kind} {inter} before down_proj (one shared matrix)" if layers else "none",
-        online_rotations=len(layers), untied_lm_head=untie, folded_norms=folded,
-    )
+    def report(self) -> RotationReport:
+        arch = self.arch
+        folded = [f"{arch.layers}.{i}.{n}" for i in range(self.layers) for n in (arch.attn_norm, arch.mlp_norm)]
+        return RotationReport(
+            method=self.method, seed=self.seed, residual=f"{self.q_kind} {self.facts.hidden}",
+            heads=f"{self.hv_kind} {self.facts.head_dim} (v_proj -> o_proj, folded)",
+            online=f"{self.qm_kind} {self.inter} before down_proj (one shared matrix)" if self.layers else "none",
+            online_rotations=self.layers, untied_lm_head=self.untie, folded_norms=folded + [arch.final_norm],
+        )
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, method: str = "hadamard", seed: int = 0) -> RotationReport:
+    """Rotate a float decoder in place (see the module docstring); returns what was done.
+
+    The same ``method`` and ``seed`` give the same rotated weights. Raises
+    :class:`~qexport.errors.UnsupportedOp` for another architecture and
+    :class:`~qexport.errors.InvalidConfig` for a model rotated or quantized already.
+    """
+    plan = RotationPlan(model, method, seed)
+    plan.fold_final_norm(model)
+    plan.rotate_tables(model)
+    for layer in model.get_submodule(plan.arch.layers):
+        plan.rotate_layer(layer)
+    plan.install(model)
+    report = plan.report()
     model.qexport_rotation = report
     return report
