@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--stream", action="store_true",
                    help="read one decoder block at a time from the model's safetensors files and write it when "
                         "quantized: peak memory about one block, for models larger than memory (same result; rtn, "
-                        "gptq and awq recipes)")
+                        "gptq, awq and smoothquant recipes, rotated or not)")
     _finish(q, cmd_quantize, "calibration", force="replace the --out folder if it exists")
 
     d = sub.add_parser("demo", help="fp32 vs w8, w4g128, nf4-dq, w2g64 on SmolLM2: perplexity, size, generation")

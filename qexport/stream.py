@@ -23,9 +23,11 @@ Streamed: round to nearest, GPTQ and AWQ (weights, dynamic activations, a quanti
 of the architecture table (:mod:`qexport.models.architectures`), and rotation before round to nearest or GPTQ
 (:class:`qexport.algorithms.rotate.RotationPlan`: its matrices made from the skeleton's shapes, each block
 rotated as it is read, the embedding and ``lm_head`` when they are, the shared online rotation stored once).
-Not streamed (they need the whole model): SmoothQuant (its statistics and check are taken over the whole
-float model) and static activation scales (calibrated after quantizing); those recipes are refused with the
-way to run them in memory.
+SmoothQuant in two passes over the blocks: the first runs each float block on the calibration
+activations for its statistics, folds its scales and runs the folded block on the probe window, and
+checks the logits at the end as :func:`qexport.algorithms.smoothquant.smooth_model` does; the second reads
+each block again, folds the same scales and rounds it. Not streamed: static activation scales (calibrated
+on the whole quantized model after quantizing), refused with the way to run them in memory.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from qexport.errors import CheckpointError, InvalidConfig, UnsupportedOp
 
 __all__ = ["quantize_streamed", "StreamResult", "STREAMED_ALGORITHMS", "write_random_llama", "peak_rss_bytes"]
 
-STREAMED_ALGORITHMS = ("rtn", "gptq", "awq")
+STREAMED_ALGORITHMS = ("rtn", "gptq", "awq", "smoothquant")
 
 
 @dataclass
@@ -68,7 +70,7 @@ class StreamResult:
 def _check_recipe(recipe) -> None:
     why = None
     if recipe.algorithm not in STREAMED_ALGORITHMS:
-        why = f"algorithm {recipe.algorithm!r} (its statistics are taken over the whole float model)"
+        why = f"algorithm {recipe.algorithm!r}"
     elif recipe.needs_calibration:
         why = "static activation scales (calibrated on the whole quantized model)"
     if why:
@@ -232,7 +234,15 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
     if rest and recipe.algorithm == "gptq" and any(t.name != arch.lm_head for t in rest):
         raise UnsupportedOp(f"streamed GPTQ quantizes the decoder blocks and lm_head; {rest[0].name} is outside "
                             "them: quantize this model in memory (without --stream)")
-    facts = describe(model, arch) if recipe.algorithm == "awq" else None
+    facts = describe(model, arch) if recipe.algorithm in ("awq", "smoothquant") else None
+    work = CalibrationWork()
+    smooth = None  # SmoothQuant's scales, block by block (its first pass)
+    if recipe.algorithm == "smoothquant":
+        t1 = time.perf_counter()
+        with counting_work(work):
+            smooth = _smoothquant_scales(model, source, arch, blocks, by_block, batches, recipe.options["alpha"],
+                                         load_tables)
+        smooth_s = time.perf_counter() - t1
     if recipe.algorithm == "gptq":  # as quantize_model_gptq batches them
         from qexport.algorithms.gptq import one_batch, widest
 
@@ -244,11 +254,10 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
     results: dict[str, Any] = {}
     done: dict[str, Any] = {}  # linear -> its report line, added after the embeddings', as quantize() does
     written_once: set[int] = set()  # the online rotation every block shares: written with the first
-    work = CalibrationWork()
     try:
         n = len(blocks)
         last = max(by_block, default=-1)
-        needs_inputs = recipe.algorithm != "rtn"
+        needs_inputs = recipe.algorithm not in ("rtn", "smoothquant")
         head_gptq = bool(rest) and recipe.algorithm == "gptq"
         run_to = n - 1 if head_gptq else last  # the blocks whose outputs are needed
         inputs, head_inputs, chosen = None, None, None
@@ -258,13 +267,20 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
 
             iterator = tqdm(iterator, desc=f"quantize {recipe.name}, streamed", unit="block", leave=False,
                             disable=None)
-        algorithm_s = 0.0  # time in the algorithm and its forwards, not in reading and writing
+        algorithm_s = smooth_s if smooth is not None else 0.0  # in the algorithm and its forwards, not in I/O
         for i in iterator:
             block = blocks[i]
             here = f"{prefix}{i}."
             _materialize(model, source, lambda name: name.startswith(here))
             if rotation is not None:
                 rotation.rotate_layer(block)
+            if smooth is not None and smooth.get(i):
+                from qexport.algorithms.awq import fold_scales
+                from qexport.algorithms.smoothquant import block_groups
+
+                for g, s in zip(block_groups(block, facts, i, _finite_ids(by_block.get(i, [])), warn=False), smooth[i]):
+                    if s is not None:
+                        fold_scales(g, s)
             t1 = time.perf_counter()
             with counting_work(work):
                 if needs_inputs and i == 0:
@@ -329,6 +345,54 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
     finally:
         shutil.rmtree(writer.folder, ignore_errors=True)
     return StreamResult(folder, report, time.perf_counter() - t0, len(blocks), peak_rss_bytes())
+
+
+def _finite_ids(tasks) -> set[int]:
+    """The ids of the modules of ``tasks`` that have finite weights (those SmoothQuant smooths)."""
+    from qexport.algorithms.common import finite_tasks
+
+    return {id(t.module) for t in finite_tasks(tasks, {})}
+
+
+def _hidden(inp) -> torch.Tensor:
+    return inp.args[0] if inp.args else inp.kwargs["hidden_states"]
+
+
+def _smoothquant_scales(model: nn.Module, source: SafetensorsFolder, arch, blocks, by_block: dict, batches: list,
+                        alpha: float, load_tables) -> dict[int, list] | None:
+    """SmoothQuant's first pass (see the module docstring): each block's scales, in the order of its groups,
+    folded as :func:`qexport.algorithms.smoothquant.smooth_model` folds them; None when the folds changed the
+    float logits on the probe window beyond float rounding (the model is then left unsmoothed, as there)."""
+    from qexport.algorithms.common import capture_block_inputs, run_block
+    from qexport.algorithms.smoothquant import AbsMax, block_groups, changed_too_much, fold_block, relative_change
+    from qexport.models.architectures import describe
+
+    facts = describe(model, arch)
+    prefix = arch.layers + "."
+    tables = (model.get_submodule(arch.embed), model.get_submodule(arch.lm_head))
+    load_tables()
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    probe = capture_block_inputs(model, blocks[0], [batches[0][:1]])[0]
+    for t in tables:
+        _release(t)
+    plain, folded = probe, probe  # the probe window through the float blocks, and through the folded ones
+    scales: dict[int, list] = {}
+    for i, block in enumerate(blocks):
+        _materialize(model, source, lambda name: name.startswith(f"{prefix}{i}."))
+        groups = block_groups(block, facts, i, _finite_ids(by_block.get(i, [])))
+        with AbsMax([g.linears[0] for g in groups]) as stats:
+            outs = [run_block(block, inp) for inp in inputs]
+        plain = plain.with_hidden(run_block(block, plain))
+        scales[i] = fold_block(groups, stats, alpha)
+        folded = folded.with_hidden(run_block(block, folded))
+        inputs = [inp.with_hidden(o) for inp, o in zip(inputs, outs)]
+        _release(block)
+    load_tables()
+    final = model.get_submodule(arch.final_norm)
+    change = relative_change(tables[1](final(_hidden(plain))), tables[1](final(_hidden(folded))))
+    for t in tables:
+        _release(t)
+    return None if changed_too_much(change) else scales
 
 
 def _rotation_plan(model: nn.Module, recipe):

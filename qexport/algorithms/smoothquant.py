@@ -46,7 +46,8 @@ from qexport.errors import InvalidConfig, QExportError
 from qexport.formats import QuantizedWeight
 from qexport.models.architectures import architecture, describe
 
-__all__ = ["smooth_scales", "smooth_model", "quantize_model_smoothquant", "SMOOTH_RTOL", "OPTIONS"]
+__all__ = ["smooth_scales", "smooth_model", "block_groups", "fold_block", "AbsMax", "quantize_model_smoothquant",
+           "SMOOTH_RTOL", "OPTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -87,25 +88,89 @@ def _per_prev_channel_max(group: ScaleGroup, per_input: torch.Tensor) -> torch.T
     return out.scatter_reduce(0, index, per_input, reduce="amax", include_self=True)
 
 
+class AbsMax:
+    """max |x| of each input channel of ``linears``, over every forward while it is entered (hooks)."""
+
+    def __init__(self, linears: list[nn.Module]):
+        self.linears, self.stats, self.hooks = linears, {}, []
+
+    def _hook(self, mod, args):
+        x = args[0].detach()
+        m = x.reshape(-1, x.shape[-1]).abs().amax(0).to(torch.float32).cpu()
+        prev = self.stats.get(id(mod))
+        self.stats[id(mod)] = m if prev is None else torch.maximum(prev, m)
+
+    def __enter__(self) -> dict[int, torch.Tensor]:
+        self.hooks = [lin.register_forward_pre_hook(self._hook) for lin in self.linears]
+        return self.stats
+
+    def __exit__(self, *exc) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def _input_absmax(model: nn.Module, linears: list[nn.Linear], batches: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     """max |x| of each input channel of each linear in ``linears`` over all calibration batches."""
-    stats: dict[int, torch.Tensor] = {}
-
-    def hook(mod, args):
-        x = args[0].detach()
-        m = x.reshape(-1, x.shape[-1]).abs().amax(0).to(torch.float32).cpu()
-        prev = stats.get(id(mod))
-        stats[id(mod)] = m if prev is None else torch.maximum(prev, m)
-
-    hooks = [lin.register_forward_pre_hook(hook) for lin in linears]
-    try:
+    with AbsMax(linears) as stats:
         for b in batches:
             _call_model(model, b)
-    finally:
-        for h in hooks:
-            h.remove()
     return stats
+
+
+def block_groups(block: nn.Module, facts, i: int, linears: set[int] | None = None, warn: bool = True
+                 ) -> list[ScaleGroup]:
+    """The scale groups of decoder block ``i`` to smooth (those holding a linear whose ``id`` is in ``linears``;
+    all when None), row folds first: they rescale output rows of v_proj / up_proj, which the norm-fed groups
+    also read, so those groups' weight maxima are taken after them (the activation maxima do not depend on
+    the order)."""
+    groups, notes = scale_groups(block, facts)
+    for note in notes if warn else ():
+        warnings.warn(f"qexport: smoothquant: block {i}: {note}", stacklevel=4)
+    groups = [g for g in groups if linears is None or any(id(lin) in linears for lin in g.linears)]
+    return sorted(groups, key=lambda g: g.prev_kind != "rows")
+
+
+def fold_block(groups: list[ScaleGroup], x_stats: dict[int, torch.Tensor], alpha: float
+               ) -> list[torch.Tensor | None]:
+    """Each group's scales from its activation maxima (``x_stats``) and its weights' (after the folds before
+    it), folded in order; returns them (None for a group that never ran on the calibration data)."""
+    out: list[torch.Tensor | None] = []
+    for g in groups:
+        x_max = x_stats.get(id(g.linears[0]))
+        if x_max is None:
+            out.append(None)
+            continue
+        w_max = torch.stack([lin.weight.detach().abs().amax(0).to(torch.float32).cpu() for lin in g.linears]).amax(0)
+        s = smooth_scales(_per_prev_channel_max(g, x_max), _per_prev_channel_max(g, w_max), alpha)
+        fold_scales(g, s.to(g.prev.weight.device))
+        out.append(s)
+        log.debug("smoothquant %s: scales in [%.3g, %.3g]", g.key, float(s.min()), float(s.max()))
+    return out
+
+
+def summarize(alpha: float, scales: list[torch.Tensor | None], change: float | None) -> dict[str, Any]:
+    summary: dict[str, Any] = {"alpha": alpha, "groups": 0, "max_scale": 1.0, "min_scale": 1.0}
+    done = [s for s in scales if s is not None]
+    if done:
+        flat = torch.cat(done)
+        summary.update(groups=len(done), max_scale=float(flat.max()), min_scale=float(flat.min()),
+                       relative_change=change)
+    return summary
+
+
+def changed_too_much(change: float) -> bool:
+    """Whether the folds changed the float logits beyond float rounding (then they are undone, with a warning)."""
+    if change <= SMOOTH_RTOL:
+        return False
+    warnings.warn(f"qexport: smoothquant: the folded scales changed the float model's output by {change:.2g} "
+                  "(relative); left unsmoothed", stacklevel=4)
+    return True
+
+
+def relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
+    before, after = before.detach().to(torch.float32), after.detach().to(torch.float32)
+    return float((after - before).norm() / before.norm().clamp_min(1e-30))
 
 
 @torch.no_grad()
@@ -117,50 +182,25 @@ def smooth_model(model: nn.Module, blocks: list[nn.Module], batches: list[torch.
     when None). The float model's output on ``batches[0]`` is checked before and after; when it moved
     beyond float rounding (:data:`SMOOTH_RTOL`) all folds are undone and a warning says so.
     """
-    plan: list[tuple[int, ScaleGroup]] = []
     facts = describe(model, architecture(model, "algorithm 'smoothquant'", "use algorithm 'rtn' for this model"))
-    for i, block in enumerate(blocks):
-        groups, notes = scale_groups(block, facts)
-        for note in notes:
-            warnings.warn(f"qexport: smoothquant: block {i}: {note}", stacklevel=3)
-        plan += [(i, g) for g in groups if linears is None or any(id(lin) in linears for lin in g.linears)]
-    # Row folds first: they rescale output rows of v_proj / up_proj, which are also read by the norm-fed groups,
-    # so those groups' weight maxima are taken after them (the activation maxima do not depend on the order).
-    plan.sort(key=lambda t: t[1].prev_kind != "rows")
-    summary: dict[str, Any] = {"alpha": alpha, "groups": 0, "max_scale": 1.0, "min_scale": 1.0}
-    if not plan:
-        return summary
-    x_stats = _input_absmax(model, [g.linears[0] for _, g in plan], batches)
+    plan = [block_groups(block, facts, i, linears) for i, block in enumerate(blocks)]
+    if not any(plan):
+        return summarize(alpha, [], None)
+    x_stats = _input_absmax(model, [g.linears[0] for groups in plan for g in groups], batches)
     probe = batches[0][:1]
-    before = model_logits(model, probe).detach().to(torch.float32)
+    before = model_logits(model, probe)
     touched = []
-    for _, g in plan:
+    for g in (g for groups in plan for g in groups):
         touched += [g.prev.weight] + ([g.prev.bias] if getattr(g.prev, "bias", None) is not None else [])
         touched += [lin.weight for lin in g.linears]
     saved = [t.detach().clone() for t in touched]
-    scales = []
-    for i, g in plan:
-        x_max = x_stats.get(id(g.linears[0]))
-        if x_max is None:  # the group never ran on the calibration data
-            continue
-        w_max = torch.stack([lin.weight.detach().abs().amax(0).to(torch.float32).cpu() for lin in g.linears]).amax(0)
-        s = smooth_scales(_per_prev_channel_max(g, x_max), _per_prev_channel_max(g, w_max), alpha)
-        fold_scales(g, s.to(g.prev.weight.device))
-        scales.append(s)
-        log.debug("smoothquant block %d %s: scales in [%.3g, %.3g]", i, g.key, float(s.min()), float(s.max()))
-    after = model_logits(model, probe).detach().to(torch.float32)
-    change = float((after - before).norm() / before.norm().clamp_min(1e-30))
-    if not change <= SMOOTH_RTOL:
+    scales = [s for groups in plan for s in fold_block(groups, x_stats, alpha)]
+    change = relative_change(before, model_logits(model, probe))
+    if changed_too_much(change):
         for t, v in zip(touched, saved):
             t.copy_(v)
-        warnings.warn(f"qexport: smoothquant: the folded scales changed the float model's output by {change:.2g} "
-                      "(relative); left unsmoothed", stacklevel=3)
-        return summary
-    if scales:
-        flat = torch.cat(scales)
-        summary.update(groups=len(scales), max_scale=float(flat.max()), min_scale=float(flat.min()),
-                       relative_change=change)
-    return summary
+        return summarize(alpha, [], None)
+    return summarize(alpha, scales, change)
 
 
 def check_recipe(recipe) -> None:
