@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ def round_like_llama_cpp(x: torch.Tensor, block: int, k_quant: bool) -> torch.Te
 
 
 def main() -> None:
+    from qexport.bench import cpu_features
     from qexport.eval import perplexity
     from qexport.export.gguf import export_gguf
     from qexport.export.llamacpp import LlamaCppLM
@@ -64,7 +64,7 @@ def main() -> None:
 
     calib = CalibrationSet(samples=args.calib_samples) if load_recipe(args.recipe).needs_data else None
     qmodel = quantize_model(model, args.recipe, tok, calib)
-    row = {"recipe": args.recipe, "tokens": args.tokens, "cpu": platform.processor() or platform.machine()}
+    row = {"recipe": args.recipe, "tokens": args.tokens, "cpu": cpu_features()}
     t0 = time.perf_counter()
     row["eager"] = perplexity(qmodel, tok, text, tokens=args.tokens).ppl
     hooks = []

@@ -147,16 +147,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise InvalidConfig(f"{args.model!r} is quantized already; quantize its float source model instead")
     _threads()
     t0 = time.perf_counter()
+    if args.max_activation_gb is not None and not args.stream:
+        raise InvalidConfig("--max-activation-gb is for --stream")
+    if args.max_activation_gb is not None and args.max_activation_gb < 0:
+        raise InvalidConfig(f"--max-activation-gb {args.max_activation_gb}: give 0 (always spill) or more")
     if args.stream:
         from qexport.models import checkpoint_folder, load_tokenizer
         from qexport.stream import quantize_streamed
 
         path = checkpoint_folder(args.model)
         tok = load_tokenizer(path)
+        limit = None if args.max_activation_gb is None else int(args.max_activation_gb * 2**30)
         res = quantize_streamed(path, recipe, args.out, tokenizer=tok, calibration=_calibration(args),
                                 force=args.force, layout=args.layout, progress=True,
-                                provenance={"source_model": source_name(args.model)})
-        saved, report, how = res.folder, res.report, f"streamed, {res.blocks} blocks"
+                                provenance={"source_model": source_name(args.model)}, max_activation_bytes=limit)
+        spilled = f", {mb(res.spilled_bytes)} MB of activations spilled to disk" if res.spilled_bytes else ""
+        saved, report, how = res.folder, res.report, f"streamed, {res.blocks} blocks{spilled}"
     else:
         model, tok = load_model(args.model)
         model = quantize_model(model, recipe, tok, _calibration(args), progress=True)
@@ -471,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read one decoder block at a time from the model's safetensors files and write it when "
                         "quantized: peak memory about one block, for models larger than memory (same result; rtn, "
                         "gptq, awq and smoothquant recipes, rotated or not)")
+    q.add_argument("--max-activation-gb", type=float, default=None, metavar="GB",
+                   help="with --stream: keep the calibration activations at a block boundary in memory up to this "
+                        "size and spill them to disk beyond (0: always; default: a quarter of the available "
+                        "memory)")
     _finish(q, cmd_quantize, "calibration", force="replace the --out folder if it exists")
 
     d = sub.add_parser("demo", help="fp32 vs w8, w4g128, nf4-dq, w2g64 on SmolLM2: perplexity, size, generation")

@@ -39,6 +39,7 @@ import shutil
 import tempfile
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class StreamResult:
     seconds: float
     blocks: int
     peak_rss_bytes: int | None
+    spilled_bytes: int = 0  # calibration activations written to disk (0: kept in memory)
 
 
 def _check_recipe(recipe) -> None:
@@ -170,15 +172,17 @@ def peak_rss_bytes() -> int | None:
 def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLike, *, tokenizer=None,
                       calibration=None, force: bool = False, layout: str = "auto",
                       provenance: dict[str, Any] | None = None, progress: bool = False,
-                      max_shard_bytes: int | None = None) -> StreamResult:
+                      max_shard_bytes: int | None = None, max_activation_bytes: int | None = None) -> StreamResult:
     """Quantize the Hugging Face checkpoint folder ``model_dir`` (safetensors) block by block into the saved
     folder ``out`` (see the module docstring); returns a :class:`StreamResult`.
 
     Args are those of :func:`qexport.prepare.quantize_model` and :func:`qexport.checkpoint.save_quantized`;
     ``calibration``: token ids ``[N, L]`` (or a :class:`~qexport.prepare.CalibrationSet`), for GPTQ and AWQ.
-    Each decoder block is written to a shard of its own (``max_shard_bytes`` splits one further).
+    Each decoder block is written to a shard of its own (``max_shard_bytes`` splits one further). The
+    calibration activations at a block boundary stay in memory up to ``max_activation_bytes`` (by default a
+    quarter of the memory available when it starts) and are spilled to disk beyond (0: always).
     """
-    from qexport.algorithms.common import (Blocks, CalibrationWork, LayerTask, capture_block_inputs, counting_work,
+    from qexport.algorithms.common import (Blocks, CalibrationWork, LayerTask, counting_work,
                                            finite_tasks, run_block, split_by_block)
     from qexport.api import QuantizationReport, _algorithm_batches, _quantize_embedding, plan_layers
     from qexport.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, save_quantized
@@ -236,38 +240,42 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
                             "them: quantize this model in memory (without --stream)")
     facts = describe(model, arch) if recipe.algorithm in ("awq", "smoothquant") else None
     work = CalibrationWork()
-    smooth = None  # SmoothQuant's scales, block by block (its first pass)
-    if recipe.algorithm == "smoothquant":
-        t1 = time.perf_counter()
-        with counting_work(work):
-            smooth = _smoothquant_scales(model, source, arch, blocks, by_block, batches, recipe.options["alpha"],
-                                         load_tables)
-        smooth_s = time.perf_counter() - t1
-    if recipe.algorithm == "gptq":  # as quantize_model_gptq batches them
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spill = None  # the calibration activations on disk, when they do not fit the budget
+    budget = _spill_budget(max_activation_bytes)
+    if batches and budget is not None and sum(b.numel() for b in batches) * model.config.hidden_size * 4 > budget:
+        spill = ActivationSpill(Path(tempfile.mkdtemp(prefix=f".{out.name}.activations.", dir=out.parent)))
+    if recipe.algorithm == "gptq" and spill is None:  # as quantize_model_gptq batches them (all in memory)
         from qexport.algorithms.gptq import one_batch, widest
 
         batches = one_batch(batches, widest([t for ts in by_block.values() for t in ts]))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)),
                          max_shard_bytes or DEFAULT_SHARD_BYTES)
     results: dict[str, Any] = {}
     done: dict[str, Any] = {}  # linear -> its report line, added after the embeddings', as quantize() does
     written_once: set[int] = set()  # the online rotation every block shares: written with the first
     try:
+        smooth, smooth_s = None, 0.0  # SmoothQuant's scales, block by block (its first pass)
+        if recipe.algorithm == "smoothquant":
+            t1 = time.perf_counter()
+            with counting_work(work):
+                smooth = _smoothquant_scales(model, source, arch, blocks, by_block, batches,
+                                             recipe.options["alpha"], load_tables, spill)
+            smooth_s = time.perf_counter() - t1
         n = len(blocks)
         last = max(by_block, default=-1)
         needs_inputs = recipe.algorithm not in ("rtn", "smoothquant")
         head_gptq = bool(rest) and recipe.algorithm == "gptq"
         run_to = n - 1 if head_gptq else last  # the blocks whose outputs are needed
-        inputs, head_inputs, chosen = None, None, None
+        inputs, head_acc, chosen = None, None, None
         iterator = range(n)
         if progress:
             from tqdm.auto import tqdm
 
             iterator = tqdm(iterator, desc=f"quantize {recipe.name}, streamed", unit="block", leave=False,
                             disable=None)
-        algorithm_s = smooth_s if smooth is not None else 0.0  # in the algorithm and its forwards, not in I/O
+        algorithm_s = smooth_s  # time in the algorithm and its forwards, not in reading and writing
         for i in iterator:
             block = blocks[i]
             here = f"{prefix}{i}."
@@ -285,7 +293,7 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
             with counting_work(work):
                 if needs_inputs and i == 0:
                     load_tables()
-                    inputs = capture_block_inputs(model, block, batches)
+                    inputs = _capture(model, block, batches, spill)
                     for t in (model.get_submodule(arch.embed), model.get_submodule(arch.lm_head)):
                         _release(t)
                 tasks = by_block.get(i, [])
@@ -307,7 +315,7 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
                                                               for inp in inputs]
                 elif head_gptq and i == n - 1:
                     final = model.get_submodule(arch.final_norm)
-                    head_inputs = [final(run_block(block, inp)) for inp in inputs]
+                    head_acc = _head_hessian(model.get_submodule(arch.lm_head), final, block, inputs)
             algorithm_s += time.perf_counter() - t1
             if i >= run_to:
                 inputs = None
@@ -331,7 +339,7 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
             if head_gptq and name not in tied:
                 t1 = time.perf_counter()
                 with counting_work(work):
-                    result = _gptq_head(name, mod, rule, head_inputs, recipe.options)
+                    result = _gptq_head(name, mod, rule, head_acc, recipe.options)
                 algorithm_s += time.perf_counter() - t1
             _swap(model, name, mod, rule, result, done, shared)
         report.layers += [done[c[0]] for c in candidates if c[0] in done]
@@ -344,7 +352,87 @@ def quantize_streamed(model_dir: str | os.PathLike, recipe, out: str | os.PathLi
                                 written=writer)
     finally:
         shutil.rmtree(writer.folder, ignore_errors=True)
-    return StreamResult(folder, report, time.perf_counter() - t0, len(blocks), peak_rss_bytes())
+        if spill is not None:
+            shutil.rmtree(spill.folder, ignore_errors=True)
+    return StreamResult(folder, report, time.perf_counter() - t0, len(blocks), peak_rss_bytes(),
+                        spill.bytes_written if spill is not None else 0)
+
+
+class SpilledInput:
+    """A calibration batch's block input (:class:`qexport.algorithms.common.BlockInput`'s interface) whose hidden
+    states live in a file of :class:`ActivationSpill`, read back each time they are used (the rest, small: the
+    position embeddings and masks, stays in memory). Its file is deleted with it."""
+
+    def __init__(self, spill: "ActivationSpill", h: torch.Tensor, rest: tuple, kwargs: dict, positional: bool):
+        self.spill, self.rest, self._kwargs, self.positional = spill, rest, kwargs, positional
+        self.shape, self.dtype = tuple(h.shape), h.dtype
+        self.path = spill.write(h)
+        weakref.finalize(self, self.path.unlink, missing_ok=True)
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.spill.read(self.path, self.shape, self.dtype)
+
+    @property
+    def args(self) -> tuple:
+        return (self.hidden, *self.rest) if self.positional else ()
+
+    @property
+    def kwargs(self) -> dict:
+        return self._kwargs if self.positional else {**self._kwargs, "hidden_states": self.hidden}
+
+    def with_hidden(self, h: torch.Tensor) -> "SpilledInput":
+        return SpilledInput(self.spill, h, self.rest, self._kwargs, self.positional)
+
+
+class ActivationSpill:
+    """The calibration activations at a block boundary, on disk: raw tensor bytes, one file per batch, in a
+    temporary folder (no pickling). :meth:`wrap` turns in-memory block inputs into :class:`SpilledInput`."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.count, self.bytes_written = folder, 0, 0
+
+    def write(self, h: torch.Tensor) -> Path:
+        path = self.folder / f"{self.count:06d}.bin"
+        self.count += 1
+        h.detach().contiguous().view(torch.uint8).numpy().tofile(path)
+        self.bytes_written += h.numel() * h.element_size()
+        return path
+
+    def read(self, path: Path, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        import numpy as np
+
+        return torch.from_numpy(np.fromfile(path, dtype=np.uint8)).view(dtype).reshape(shape)
+
+    def wrap(self, inputs: list) -> list[SpilledInput]:
+        out = []
+        for inp in inputs:
+            if isinstance(inp, SpilledInput):
+                out.append(inp)
+            elif inp.args:
+                out.append(SpilledInput(self, inp.args[0], tuple(inp.args[1:]), dict(inp.kwargs), True))
+            else:
+                kwargs = {k: v for k, v in inp.kwargs.items() if k != "hidden_states"}
+                out.append(SpilledInput(self, inp.kwargs["hidden_states"], (), kwargs, False))
+        return out
+
+
+def activation_bytes(inputs: list) -> int:
+    """The bytes of the hidden states of ``inputs`` (one block boundary)."""
+    return sum(inp.hidden.numel() * inp.hidden.element_size() for inp in inputs)
+
+
+def _spill_budget(max_activation_bytes: int | None) -> int | None:
+    """The activation bytes kept in memory before spilling: ``max_activation_bytes``, or by default a quarter of
+    the memory available now (``/proc/meminfo``; None, never spilling, where that cannot be read)."""
+    if max_activation_bytes is not None:
+        return max_activation_bytes
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kb * 1024 // 4
 
 
 def _finite_ids(tasks) -> set[int]:
@@ -354,12 +442,8 @@ def _finite_ids(tasks) -> set[int]:
     return {id(t.module) for t in finite_tasks(tasks, {})}
 
 
-def _hidden(inp) -> torch.Tensor:
-    return inp.args[0] if inp.args else inp.kwargs["hidden_states"]
-
-
 def _smoothquant_scales(model: nn.Module, source: SafetensorsFolder, arch, blocks, by_block: dict, batches: list,
-                        alpha: float, load_tables) -> dict[int, list] | None:
+                        alpha: float, load_tables, spill: ActivationSpill | None) -> dict[int, list] | None:
     """SmoothQuant's first pass (see the module docstring): each block's scales, in the order of its groups,
     folded as :func:`qexport.algorithms.smoothquant.smooth_model` folds them; None when the folds changed the
     float logits on the probe window beyond float rounding (the model is then left unsmoothed, as there)."""
@@ -371,7 +455,7 @@ def _smoothquant_scales(model: nn.Module, source: SafetensorsFolder, arch, block
     prefix = arch.layers + "."
     tables = (model.get_submodule(arch.embed), model.get_submodule(arch.lm_head))
     load_tables()
-    inputs = capture_block_inputs(model, blocks[0], batches)
+    inputs = _capture(model, blocks[0], batches, spill)
     probe = capture_block_inputs(model, blocks[0], [batches[0][:1]])[0]
     for t in tables:
         _release(t)
@@ -380,16 +464,15 @@ def _smoothquant_scales(model: nn.Module, source: SafetensorsFolder, arch, block
     for i, block in enumerate(blocks):
         _materialize(model, source, lambda name: name.startswith(f"{prefix}{i}."))
         groups = block_groups(block, facts, i, _finite_ids(by_block.get(i, [])))
-        with AbsMax([g.linears[0] for g in groups]) as stats:
-            outs = [run_block(block, inp) for inp in inputs]
+        with AbsMax([g.linears[0] for g in groups]) as stats:  # the float block's outputs: the next inputs
+            inputs = [inp.with_hidden(run_block(block, inp)) for inp in inputs]
         plain = plain.with_hidden(run_block(block, plain))
         scales[i] = fold_block(groups, stats, alpha)
         folded = folded.with_hidden(run_block(block, folded))
-        inputs = [inp.with_hidden(o) for inp, o in zip(inputs, outs)]
         _release(block)
     load_tables()
     final = model.get_submodule(arch.final_norm)
-    change = relative_change(tables[1](final(_hidden(plain))), tables[1](final(_hidden(folded))))
+    change = relative_change(tables[1](final(plain.hidden)), tables[1](final(folded.hidden)))
     for t in tables:
         _release(t)
     return None if changed_too_much(change) else scales
@@ -465,14 +548,31 @@ def _block_entries(block: nn.Module, here: str, quantized: dict, layout: str, sh
     return entries
 
 
-def _gptq_head(name: str, mod: nn.Linear, rule, inputs: list[torch.Tensor], options) -> Any:
-    """GPTQ of ``lm_head`` on its inputs (the final norm of the last block's outputs), as the in-memory pass."""
-    from qexport.algorithms.common import LayerTask
-    from qexport.algorithms.gptq import HessianAccumulator, _quantize_task
+def _capture(model: nn.Module, block: nn.Module, batches: list, spill: ActivationSpill | None) -> list:
+    """The first block's inputs, batch by batch, each on disk at once when ``spill`` is given."""
+    from qexport.algorithms.common import capture_block_inputs
 
-    acc = HessianAccumulator(mod.in_features)
-    for x in inputs:
-        acc.add(x)
+    if spill is None:
+        return capture_block_inputs(model, block, batches)
+    return [inp for b in batches for inp in spill.wrap(capture_block_inputs(model, block, [b]))]
+
+
+def _head_hessian(head: nn.Module, final: nn.Module, block: nn.Module, inputs: list):
+    """The Hessian of ``lm_head``'s inputs (the final norm of the last block's outputs), batch by batch."""
+    from qexport.algorithms.common import run_block
+    from qexport.algorithms.gptq import HessianAccumulator
+
+    acc = HessianAccumulator(head.in_features)
+    for inp in inputs:
+        acc.add(final(run_block(block, inp)))
+    return acc
+
+
+def _gptq_head(name: str, mod: nn.Linear, rule, acc, options) -> Any:
+    """GPTQ of ``lm_head`` on the Hessian of its inputs, as the in-memory pass."""
+    from qexport.algorithms.common import LayerTask
+    from qexport.algorithms.gptq import _quantize_task
+
     results: dict[str, Any] = {}
     _quantize_task(LayerTask(name, mod, rule.weight), acc, options, results)
     return results[name]

@@ -123,6 +123,29 @@ def test_a_gemma_with_its_scaled_embedding_streams_bit_identical(tmp_path):
         assert torch.equal(got(ids).logits, ref(ids).logits)
 
 
+@pytest.mark.parametrize("recipe", ["w4g128-gptq", "w4g128-awq", "w8a8-dynamic-sq"])
+def test_activations_spilled_to_disk_give_the_same_folder(recipe, tmp_path, monkeypatch):
+    """max_activation_bytes=0: every block boundary's calibration activations on disk, read back batch by
+    batch; the folder is the in-memory one (GPTQ then keeps its batches apart, in memory too:
+    ONE_PASS_BYTES=0), and the spill files are gone afterwards."""
+    from qexport.algorithms import gptq
+
+    monkeypatch.setattr(gptq, "ONE_PASS_BYTES", 0)
+    folder = _checkpoint(tmp_path, hidden_size=128, intermediate_size=256, num_hidden_layers=2)
+    calib = torch.randint(4, 512, (12, 32), generator=torch.Generator().manual_seed(0))  # two batches of 8 and 4
+    from qexport.models import load_model
+
+    model, tok = load_model(folder)
+    quantize_model(model, recipe, tok, calib)
+    save_quantized(model, tmp_path / "mem", tok)
+    res = quantize_streamed(folder, recipe, tmp_path / "stream", tokenizer=word_tokenizer(), calibration=calib,
+                            max_activation_bytes=0)
+    assert res.spilled_bytes >= 2 * 12 * 32 * 128 * 4  # the first block's inputs and outputs at least
+    a, b = _tensors(load_quantized(res.folder.path)), _tensors(load_quantized(tmp_path / "mem"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float", "mem", "stream"]  # no spill folder left
+
+
 def test_recipes_that_need_the_whole_model_are_refused(tmp_path):
     folder = _checkpoint(tmp_path)
     for recipe, words in (("w8a8-static", "static activation scales"), ("w8a8-static-sq", "static activation")):
@@ -181,3 +204,9 @@ def test_cli_quantize_stream(tmp_path, capsys):
     assert main(["quantize", "--model", str(folder), "--recipe", "w8a8-static", "--out", str(tmp_path / "s"),
                  "--stream"]) == 2
     assert "cannot be quantized block by block: static activation scales" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(folder), "--recipe", "w4g128-gptq", "--out", str(tmp_path / "g"),
+                 "--stream", "--max-activation-gb", "0", "--calib-samples", "2"]) == 0
+    assert "MB of activations spilled to disk" in capsys.readouterr().out
+    assert main(["quantize", "--model", str(folder), "--recipe", "w4g128", "--out", str(tmp_path / "m"),
+                 "--max-activation-gb", "1"]) == 2
+    assert "--max-activation-gb is for --stream" in capsys.readouterr().err
