@@ -200,13 +200,24 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _export_gguf(args, recipe)
     if args.float_type is not None:
         raise InvalidConfig("--float-type is for --format gguf (an ONNX export keeps float32)")
+    if args.triton_name is not None and args.layout != "triton-repo":
+        raise InvalidConfig("--triton-name names the model in a --layout triton-repo repository")
     if recipe is not None:  # a bad recipe fails before the model loads
         recipe = resolve_recipe(recipe, args.kv_cache)
-    _check_output(args.out, args.force)
-    _threads()
-    res = export_onnx(args.model, args.out, recipe, target=args.target, force=args.force,
-                      calibration=_calibration(args), fuse=args.fuse, ort_accuracy_level=args.ort_accuracy_level,
-                      embedding_form=args.embedding_form, attention_form=args.attention_form)
+    options = dict(target=args.target, force=args.force, calibration=_calibration(args), fuse=args.fuse,
+                   ort_accuracy_level=args.ort_accuracy_level, embedding_form=args.embedding_form,
+                   attention_form=args.attention_form)
+    if args.layout == "triton-repo":
+        from qexport.export.triton_repo import export_triton_repository
+
+        name = args.triton_name or _triton_name(args.model, recipe)
+        _check_output(str(Path(args.out) / name), args.force)
+        _threads()
+        res = export_triton_repository(args.model, args.out, name, recipe, **options)
+    else:
+        _check_output(args.out, args.force)
+        _threads()
+        res = export_onnx(args.model, args.out, recipe, **options)
     r = res.report
     quantized = sum(1 for layer in r["layers"] if layer["status"] == "quantized")
     print(f"wrote {res.path}: {', '.join(f'{f} {mb(n)} MB' for f, n in r['files'].items())}; opset {r['opset']}, "
@@ -216,6 +227,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _triton_name(model: str, recipe) -> str:
+    """A Triton model name from the model and the recipe: ``smollm2-w4g128``."""
+    import re
+
+    stem = Path(str(model).rstrip("/")).name
+    parts = [stem] + ([recipe.name] if recipe is not None and hasattr(recipe, "name") else [])
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(parts)).strip("-.") or "model"
+
+
 def _export_gguf(args: argparse.Namespace, recipe) -> int:
     from qexport.export.gguf import export_gguf
 
@@ -223,7 +243,8 @@ def _export_gguf(args: argparse.Namespace, recipe) -> int:
                                        ("--ort-accuracy-level", args.ort_accuracy_level is not None),
                                        ("--embedding-form", args.embedding_form != "auto"),
                                        ("--attention-form", args.attention_form != "auto"),
-                                       ("--no-fuse", not args.fuse)) if on]
+                                       ("--no-fuse", not args.fuse), ("--layout", args.layout != "folder"),
+                                       ("--triton-name", args.triton_name is not None)) if on]
     if onnx_only:
         raise InvalidConfig(f"{', '.join(onnx_only)}: ONNX export options, not for --format gguf")
     if recipe is not None:
@@ -554,6 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "buffer past and present share: faster in onnxruntime-genai and OnnxCausalLM; no left "
                         "padding), standard (opset 23 Attention, a growing cache), auto (gqa where it applies; "
                         "default)")
+    x.add_argument("--layout", choices=("folder", "triton-repo"), default="folder",
+                   help="folder (default): the export folder at --out; triton-repo: --out is a Triton Inference "
+                        "Server model repository, and the export becomes its model --triton-name (config.pbtxt "
+                        "for the ONNX Runtime backend, the graph in version 1)")
+    x.add_argument("--triton-name", default=None, help="--layout triton-repo: the model's name in the repository "
+                                                       "(default: the model's and the recipe's names)")
     x.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="ONNX Runtime target: write attention, rotary embeddings and RMSNorm out in elementwise ops "
                         "(opset 21) instead of opset 23's Attention / RotaryEmbedding / RMSNormalization")
