@@ -417,11 +417,6 @@ class ActivationSpill:
         return out
 
 
-def activation_bytes(inputs: list) -> int:
-    """The bytes of the hidden states of ``inputs`` (one block boundary)."""
-    return sum(inp.hidden.numel() * inp.hidden.element_size() for inp in inputs)
-
-
 def _spill_budget(max_activation_bytes: int | None) -> int | None:
     """The activation bytes kept in memory before spilling: ``max_activation_bytes``, or by default a quarter of
     the memory available now (``/proc/meminfo``; None, never spilling, where that cannot be read)."""
