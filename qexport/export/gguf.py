@@ -220,18 +220,33 @@ def _tokenizer_fields(source: str | None, tokenizer, config) -> tuple[list[tuple
     if tokenizer is None:
         raise InvalidConfig("the GGUF export needs the model's tokenizer: give a model name or folder, or tokenizer=")
     spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
-    if (spec.get("model") or {}).get("byte_fallback"):  # SentencePiece-style BPE, kept as tokenizer.json only
+    model = spec.get("model") or {}
+    if model.get("byte_fallback"):  # SentencePiece-style BPE, kept as tokenizer.json only
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)
             vocab = gguf.vocab.LlamaHfVocab(Path(tmp))
-            return _vocab_fields(vocab, Path(tmp), config), "from tokenizer.json (SentencePiece-style BPE)"
+            fields = _vocab_fields(vocab, Path(tmp), config, _merge_scores(model))
+            return fields, "from tokenizer.json (SentencePiece-style BPE)"
     return _bpe_fields(tokenizer), "built from tokenizer.json (byte-level BPE)"
 
 
-def _vocab_fields(vocab, folder: Path, config) -> list[tuple[str, Any, Any, Any]]:
+def _merge_scores(model: dict) -> dict[str, float]:
+    """Scores for llama.cpp's SentencePiece tokenizer from a BPE model's merges: ``-rank`` of the merge that makes
+    each token, so that it merges in the BPE's order (gguf's ``LlamaHfVocab`` scores every token -1000, and
+    llama.cpp then merges left to right: other tokens than the Hugging Face tokenizer's)."""
+    scores: dict[str, float] = {}
+    for rank, merge in enumerate(model.get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        scores.setdefault(left + right, -float(rank))
+    return scores
+
+
+def _vocab_fields(vocab, folder: Path, config, scores_by_token: dict[str, float] | None = None
+                  ) -> list[tuple[str, Any, Any, Any]]:
     """llama.cpp's ``llama`` (SentencePiece) tokenizer fields from one of gguf's vocabularies, padded with
     unused tokens to the model's vocabulary size as llama.cpp's converter does, and the special tokens and
-    flags gguf's ``SpecialVocab`` reads from the folder."""
+    flags gguf's ``SpecialVocab`` reads from the folder. ``scores_by_token`` replaces the vocabulary's scores
+    (0 for a token no merge makes)."""
     import gguf
 
     size = config.vocab_size
@@ -241,7 +256,8 @@ def _vocab_fields(vocab, folder: Path, config) -> list[tuple[str, Any, Any, Any]
     for i, (text, score, kind) in enumerate(vocab.all_tokens()):
         if i >= size:
             raise UnsupportedOp(f"the tokenizer has more tokens than the model's vocabulary ({size})")
-        tokens[i], scores[i], types[i] = text.decode("utf-8"), float(score), int(kind)
+        tokens[i], types[i] = text.decode("utf-8"), int(kind)
+        scores[i] = float(score) if scores_by_token is None else scores_by_token.get(tokens[i], 0.0)
     V = gguf.GGUFValueType
     fields = [("tokenizer.ggml.model", "llama", V.STRING, None), ("tokenizer.ggml.pre", "default", V.STRING, None),
               ("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
