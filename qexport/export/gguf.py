@@ -14,7 +14,8 @@ reads ``token_embd``); Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` written f
 The tokenizer's fields are copied from the GGUF file the model was converted from (``qexport-source.json``, as
 for ``smollm2``), else taken from the model folder's SentencePiece ``tokenizer.model`` (gguf's
 ``SentencePieceVocab``, llama.cpp's ``llama`` tokenizer), else built from ``tokenizer.json``: byte-level BPE as
-llama.cpp's ``gpt2`` tokenizer, SentencePiece-style BPE (byte fallback) with gguf's ``LlamaHfVocab``.
+llama.cpp's ``gpt2`` tokenizer, SentencePiece-style BPE (byte fallback) with gguf's ``LlamaHfVocab`` and
+scores in the order of its merges.
 
 Architectures (Hugging Face ``model_type`` -> GGUF): ``llama`` and ``mistral`` -> ``llama``, ``qwen2`` ->
 ``qwen2``, ``qwen3`` -> ``qwen3``, ``gemma2`` -> ``gemma2`` (attention and final soft-capping, sliding-window
