@@ -15,13 +15,16 @@ rounded that way, and llama.cpp on the exported file. Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+NEEDS_LLAMA_CPP = True
 K_QUANTS = {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
 
 
@@ -41,7 +44,7 @@ def round_like_llama_cpp(x: torch.Tensor, block: int, k_quant: bool) -> torch.Te
     return (q * d).reshape(x.shape).to(x.dtype)
 
 
-def main() -> None:
+def main() -> int:
     from qexport.bench import cpu_features
     from qexport.eval import perplexity
     from qexport.export.gguf import export_gguf
@@ -57,6 +60,9 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("needs llama-cpp-python: pip install llama-cpp-python (builds llama.cpp; docs/gguf.md)", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     text = read_text(bundled_text("emma"))
@@ -84,7 +90,8 @@ def main() -> None:
                                       tokens=args.tokens).ppl
     row["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(row))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -275,7 +275,8 @@ def test_a_scaled_embedding_is_quantized_with_its_scale_everywhere(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(q(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
         saved = save_quantized(q, tmp_path / "q", word_tokenizer())
-        assert json.loads((saved.path / MANIFEST_FILE).read_text())["layers"]["model.embed_tokens"]["embed_scale"] == 8.0
+        manifest = json.loads((saved.path / MANIFEST_FILE).read_text())
+        assert manifest["layers"]["model.embed_tokens"]["embed_scale"] == 8.0
         assert torch.equal(load_quantized(saved.path)(ids).logits, q(ids).logits)
     pytest.importorskip("onnxruntime")
     res = export_onnx(copy.deepcopy(model), tmp_path / "onnx", recipe, word_tokenizer(), ort_accuracy_level=0)
