@@ -243,7 +243,9 @@ class _BlockData:
 
 @torch.no_grad()
 def _collect(block: nn.Module, groups: list[ScaleGroup], attn: nn.Module, inputs: list[BlockInput],
-             search_batches: int) -> _BlockData:
+             search_batches: int, outputs: list | None = None) -> _BlockData:
+    """The groups' input statistics and search windows, from one forward of the float block over ``inputs``
+    (its outputs, as the next block's inputs, appended to ``outputs`` when given)."""
     data = _BlockData()
     state = {"batch": 0}
     hooks = []
@@ -270,7 +272,9 @@ def _collect(block: nn.Module, groups: list[ScaleGroup], attn: nn.Module, inputs
             state["batch"] = i
             if i < search_batches:
                 data.search.append({"block_in": inp.hidden})
-            run_block(block, inp)
+            out = run_block(block, inp)
+            if outputs is not None:
+                outputs.append(inp.with_hidden(out))
     finally:
         for h in hooks:
             h.remove()
@@ -463,13 +467,13 @@ _GPTQ_DEFAULTS = {name: opt.default for name, opt in GPTQ_OPTIONS.items()}
 def _awq_block(block: nn.Module, facts: ModelFacts, tasks: list[LayerTask], inputs: list[BlockInput],
                options: Mapping[str, Any], results: dict, notes: set[str]) -> list[BlockInput] | None:
     """AWQ of one block; returns the next block's inputs when they are the float block's outputs."""
-    nxt = [inp.with_hidden(run_block(block, inp)) for inp in inputs] if options["block_inputs"] == "float" else None
+    nxt = [] if options["block_inputs"] == "float" else None  # the float block's outputs, from the same forward
     spec_of = {id(t.module): t for t in tasks}
     groups, group_notes = scale_groups(block, facts)
     notes.update(group_notes)
     tokens_per_batch = inputs[0].hidden.shape[:-1].numel()
     search_batches = min(len(inputs), max(1, math.ceil(options["search_tokens"] / tokens_per_batch)))
-    data = _collect(block, groups, facts.arch.attention(block), inputs, search_batches)
+    data = _collect(block, groups, facts.arch.attention(block), inputs, search_batches, nxt)
 
     # 1. scales, searched on the float block; 2. folded (each fold checked)
     input_scale: dict[int, torch.Tensor] = {}  # id(linear) -> per-input-channel scale applied to its weight
