@@ -232,7 +232,7 @@ def _triton_name(model: str, recipe) -> str:
     import re
 
     stem = Path(str(model).rstrip("/")).name
-    parts = [stem] + ([recipe.name] if recipe is not None and hasattr(recipe, "name") else [])
+    parts = [stem] + ([recipe.name] if recipe is not None else [])
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(parts)).strip("-.") or "model"
 
 

@@ -443,7 +443,8 @@ def _smoothquant_scales(model: nn.Module, source: SafetensorsFolder, arch, block
     folded as :func:`qexport.algorithms.smoothquant.smooth_model` folds them; None when the folds changed the
     float logits on the probe window beyond float rounding (the model is then left unsmoothed, as there)."""
     from qexport.algorithms.common import capture_block_inputs, run_block
-    from qexport.algorithms.smoothquant import AbsMax, block_groups, changed_too_much, fold_block, relative_change
+    from qexport.algorithms.awq import _relative_change
+    from qexport.algorithms.smoothquant import AbsMax, block_groups, changed_too_much, fold_block
     from qexport.models.architectures import describe
 
     facts = describe(model, arch)
@@ -467,7 +468,7 @@ def _smoothquant_scales(model: nn.Module, source: SafetensorsFolder, arch, block
         _release(block)
     load_tables()
     final = model.get_submodule(arch.final_norm)
-    change = relative_change(tables[1](final(plain.hidden)), tables[1](final(folded.hidden)))
+    change = _relative_change(tables[1](final(folded.hidden)).float(), tables[1](final(plain.hidden)).float())
     for t in tables:
         _release(t)
     return None if changed_too_much(change) else scales
@@ -481,10 +482,7 @@ def _rotation_plan(model: nn.Module, recipe):
     from qexport.algorithms.rotate import RotationPlan
 
     plan = RotationPlan(model, recipe.rotation, recipe.options["rotate_seed"])
-    if plan.untie:
-        head = model.get_submodule(plan.arch.lm_head)
-        head.weight = nn.Parameter(torch.empty_like(head.weight, device="meta"), requires_grad=False)
-        model.config.tie_word_embeddings = False
+    plan.untie_head(model)  # on the meta device: lm_head gets a weight of its own, read when the tables are
     plan.install(model)
     return plan
 

@@ -285,17 +285,23 @@ class RotationPlan:
         self.final_norm = _f64(norm.weight).clone()
         norm.weight.fill_(1.0)
 
-    def rotate_tables(self, model: nn.Module) -> None:
-        """The embedding's rows by ``Q``; ``lm_head`` (untied first when it shares the embedding's weight) with
-        the final norm folded in (:meth:`fold_final_norm` first)."""
+    def untie_head(self, model: nn.Module) -> None:
+        """A ``lm_head`` that shares the embedding's weight gets a copy of its own (on the meta device for a
+        skeleton), and the config says it is untied: the two are rotated differently."""
         embed, lm_head = model.get_submodule(self.arch.embed), model.get_submodule(self.arch.lm_head)
         if lm_head.weight is embed.weight:
             lm_head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
-        cfg = model.config
         if self.untie:
+            cfg = model.config
             cfg.tie_word_embeddings = False
             if hasattr(cfg, "get_text_config"):
                 cfg.get_text_config().tie_word_embeddings = False
+
+    def rotate_tables(self, model: nn.Module) -> None:
+        """The embedding's rows by ``Q``; ``lm_head`` (untied first when it shares the embedding's weight) with
+        the final norm folded in (:meth:`fold_final_norm` first)."""
+        self.untie_head(model)
+        embed, lm_head = model.get_submodule(self.arch.embed), model.get_submodule(self.arch.lm_head)
         _assign(embed, "weight", _f64(embed.weight) @ self.q)
         _rotate_input(lm_head, self.q, self.final_norm)
 

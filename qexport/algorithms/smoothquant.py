@@ -39,7 +39,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from qexport.algorithms.awq import ScaleGroup, decoder_blocks, fold_scales, scale_groups, warn_outside_blocks
+from qexport.algorithms.awq import (ScaleGroup, _relative_change, decoder_blocks, fold_scales, scale_groups,
+                                    warn_outside_blocks)
 from qexport.algorithms.common import LayerTask, _call_model, finite_tasks, model_logits, round_to_nearest
 from qexport.algorithms.registry import Option, integer_grids_only, register
 from qexport.errors import InvalidConfig, QExportError
@@ -168,11 +169,6 @@ def changed_too_much(change: float) -> bool:
     return True
 
 
-def relative_change(before: torch.Tensor, after: torch.Tensor) -> float:
-    before, after = before.detach().to(torch.float32), after.detach().to(torch.float32)
-    return float((after - before).norm() / before.norm().clamp_min(1e-30))
-
-
 @torch.no_grad()
 def smooth_model(model: nn.Module, blocks: list[nn.Module], batches: list[torch.Tensor], alpha: float,
                  linears: set[int] | None = None) -> dict[str, Any]:
@@ -195,7 +191,7 @@ def smooth_model(model: nn.Module, blocks: list[nn.Module], batches: list[torch.
         touched += [lin.weight for lin in g.linears]
     saved = [t.detach().clone() for t in touched]
     scales = [s for groups in plan for s in fold_block(groups, x_stats, alpha)]
-    change = relative_change(before, model_logits(model, probe))
+    change = _relative_change(model_logits(model, probe).float(), before.float())
     if changed_too_much(change):
         for t, v in zip(touched, saved):
             t.copy_(v)

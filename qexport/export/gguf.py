@@ -228,7 +228,7 @@ def _tokenizer_fields(source: str | None, tokenizer, config) -> tuple[list[tuple
             vocab = gguf.vocab.LlamaHfVocab(Path(tmp))
             fields = _vocab_fields(vocab, Path(tmp), config, _merge_scores(model))
             return fields, "from tokenizer.json (SentencePiece-style BPE)"
-    return _bpe_fields(tokenizer), "built from tokenizer.json (byte-level BPE)"
+    return _bpe_fields(tokenizer, spec), "built from tokenizer.json (byte-level BPE)"
 
 
 def _merge_scores(model: dict) -> dict[str, float]:
@@ -302,11 +302,11 @@ def _source_gguf(source: str | None) -> Path | None:
     return path if path.suffix == ".gguf" and path.is_file() else None
 
 
-def _bpe_fields(tokenizer) -> list[tuple[str, Any, Any, Any]]:
-    """llama.cpp's ``gpt2`` tokenizer fields from a Hugging Face fast tokenizer with a byte-level BPE model."""
+def _bpe_fields(tokenizer, spec: dict) -> list[tuple[str, Any, Any, Any]]:
+    """llama.cpp's ``gpt2`` tokenizer fields from a Hugging Face fast tokenizer with a byte-level BPE model
+    (``spec``: its ``tokenizer.json``, parsed)."""
     import gguf
 
-    spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise UnsupportedOp(f"tokenizer model {model.get('type')!r}: the GGUF export builds byte-level BPE "
